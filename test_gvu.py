@@ -1,0 +1,331 @@
+"""Tests for gvu.py on tiny models, CPU only. Each test names the invariant it checks and compares
+against an independent computation (a slow loop, a hand formula, or the unwrapped base model)."""
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+
+import gvu
+from tiny_umm import TinyUMM
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROMPTS = ["a photo of a red circle", "a photo of two squares",
+           "a photo of a blue triangle left of a large circle", "a photo of a circle and a square"]
+LORA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def umm():
+    return TinyUMM.random(seed=0, hidden=64, layers=2)
+
+
+@pytest.fixture
+def lora_umm():
+    u = TinyUMM.random(seed=1, hidden=64, layers=2)
+    u.lm.requires_grad_(False)
+    policy = get_peft_model(u.lm, LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, target_modules=LORA))
+    return u, policy
+
+
+def images_for(umm, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return umm.decode_images(torch.randint(0, umm.image_vocab_size, (n, 16), generator=g), g)
+
+
+def write(tmp_path, name, data):
+    p = tmp_path / name
+    p.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return str(p)
+
+
+def run_main(*argv):
+    """Run gvu.main in-process; return the SystemExit message (None if it finished)."""
+    try:
+        gvu.main(list(argv))
+    except SystemExit as e:
+        return e.code
+    return None
+
+
+# --- 2. intrinsic reward ------------------------------------------------------------------
+def official_reward(umm, image, prompt, instruction):
+    """The official method: one uncached forward of the full LM per prompt token, one image at a time."""
+    tok = umm.tokenizer
+    ctx = tok(umm.caption_prompt(image, instruction), add_special_tokens=False).input_ids
+    ans = tok(prompt + umm.answer_suffix, add_special_tokens=False).input_ids
+    logps = []
+    for j in range(len(ans)):
+        logits = umm.lm(input_ids=torch.tensor([ctx + ans[:j]])).logits[0, -1]  # full vocabulary
+        logps.append(torch.log_softmax(logits[:umm.image_offset].double(), -1)[ans[j]])  # text mode
+    return torch.exp(torch.stack(logps).mean()).item()
+
+
+def test_reward_equals_per_token_loop_and_ignores_padding_and_batching(umm):
+    """Batched single-forward reward == the official one-forward-per-token loop, at any micro-batch."""
+    images = images_for(umm, 4)
+    prompts = PROMPTS  # different lengths, so the batch is padded
+    with torch.no_grad():
+        lp, mask = gvu.prompt_token_logprobs(umm, images, prompts, "Describe the image in detail.")
+        batched = gvu.intrinsic_reward(lp, mask)
+        lp1, mask1 = gvu.prompt_token_logprobs(umm, images, prompts, "Describe the image in detail.", micro_batch=1)
+        single = gvu.intrinsic_reward(lp1, mask1)
+        slow = torch.tensor([official_reward(umm, im, p, "Describe the image in detail.") for im, p in zip(images, prompts)], dtype=torch.float64)
+    assert torch.allclose(batched.double(), slow, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(batched, single, atol=1e-6)
+    assert mask.sum(1).tolist() == [len(umm.tokenizer(p + "<|im_end|>").input_ids) for p in prompts]
+
+
+def test_reward_is_geometric_mean_of_token_probs():
+    """exp(mean log p) equals the L-th root of the product of the probabilities, padding ignored."""
+    p = torch.tensor([[0.5, 0.25, 0.8, 0.3], [0.9, 0.1, 0.0, 0.0]])  # 2nd row: 2 tokens + padding
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    r = gvu.intrinsic_reward(torch.log(p.clamp_min(1e-30)) * mask, mask)
+    assert r.tolist() == pytest.approx([(0.5 * 0.25 * 0.8 * 0.3) ** 0.25, (0.9 * 0.1) ** 0.5], rel=1e-6)
+
+
+# --- 3. group advantage -------------------------------------------------------------------
+def test_equal_rewards_give_zero_advantage():
+    """A group whose rewards are all equal gets exactly zero advantage, never NaN."""
+    adv = gvu.group_advantages(torch.tensor([0.3, 0.3, 0.3, 0.1, 0.5, 0.9]), G=3)
+    assert adv[:3].tolist() == [0.0, 0.0, 0.0]
+    assert torch.isfinite(adv).all()
+
+
+def test_advantages_are_standardised_within_each_group():
+    """Advantages have zero mean within a group and match (R - mean) / stdev, by the statistics module."""
+    groups = [[1.0, 3.0, 10.0], [20.0, 30.0, 40.0]]
+    adv = gvu.group_advantages(torch.tensor(sum(groups, [])), G=3, eps=0.0)
+    want = [(r - statistics.mean(g)) / statistics.stdev(g) for g in groups for r in g]
+    assert adv.tolist() == pytest.approx(want, rel=1e-5)
+    assert adv.view(2, 3).sum(1).abs().max() < 1e-6
+
+
+# --- 4. GRPO loss -------------------------------------------------------------------------
+def test_first_step_grpo_gradient_is_reinforce_plus_beta_kl():
+    """With ratio 1, d loss / d logp = (-A + beta * (1 - exp(ref - logp))) / (N * T), by hand."""
+    torch.manual_seed(0)
+    N, T, beta = 4, 6, 0.03
+    logp = (-torch.rand(N, T) * 3).requires_grad_()
+    ref, adv = -torch.rand(N, T) * 3, torch.randn(N)
+    loss, stats = gvu.grpo_loss(logp, logp.detach(), ref, adv, clip_eps=0.2, beta=beta)
+    loss.backward()
+    expected = (-adv[:, None] + beta * (1 - torch.exp(ref - logp.detach()))) / (N * T)
+    assert torch.allclose(logp.grad, expected, atol=1e-7)
+    assert stats["ratio"] == pytest.approx(1.0) and stats["clip_frac"] == 0.0
+
+
+def test_clipping_stops_gradients_exactly_where_the_clip_says():
+    """Only tokens whose ratio left [1-eps, 1+eps] in the direction of the advantage get zero pg gradient."""
+    ratios = torch.tensor([0.5, 0.9, 1.1, 1.5])
+    old = torch.zeros(2, 4)
+    logp = torch.log(ratios).repeat(2, 1).requires_grad_()
+    adv = torch.tensor([1.0, -1.0])
+    loss, stats = gvu.grpo_loss(logp, old, logp.detach(), adv, clip_eps=0.2, beta=0.0)
+    loss.backward()
+    clipped = torch.tensor([[False, False, False, True],   # A > 0: clipped above 1 + eps
+                            [True, False, False, False]])  # A < 0: clipped below 1 - eps
+    assert (logp.grad[clipped] == 0).all() and (logp.grad[~clipped] != 0).all()
+    # unclipped gradient is -A * ratio / (N * T) by hand
+    assert torch.allclose(logp.grad[~clipped], (-adv[:, None] * ratios / 8).expand(2, 4)[~clipped])
+    assert stats["clip_frac"] == pytest.approx(0.5)
+
+
+def test_rollout_old_logprobs_equal_teacher_forced_logprobs(umm):
+    """The KV-cached rollout's log-probs equal the padded teacher-forced ones (untruncated, same temperature)."""
+    g = torch.Generator().manual_seed(0)
+    ro = gvu.rollout(umm, PROMPTS, G=3, temperature=0.7, top_k=20, min_p=0.05, generator=g)
+    assert ro["codes"].shape == (12, 16) and ro["prefix_mask"].eq(0).any()  # prompts were left-padded
+    with torch.no_grad():
+        tf = gvu.token_logprobs(umm, ro["prefix_ids"], ro["prefix_mask"], ro["codes"], temperature=0.7)
+    assert torch.allclose(ro["old_logp"], tf, atol=1e-5)
+
+
+def test_rollout_keeps_the_kv_cache_with_gradient_checkpointing_enabled(umm):
+    """With checkpointing on, sampling still feeds one token per step into a growing cache."""
+    u = copy.copy(umm)
+    u.lm = copy.deepcopy(umm.lm)
+    gvu.enable_checkpointing(u.lm)
+    u.lm.train()  # rollout must switch to eval itself
+    seen, real = [], u.hidden_states
+
+    def spy(ids, mask, pos=None, cache=None):
+        before = cache.get_seq_length() if cache is not None else None
+        out = real(ids, mask, pos, cache)
+        seen.append((ids.shape[1], before, cache.get_seq_length()))
+        return out
+    u.hidden_states = spy
+    gvu.rollout(u, PROMPTS[:2], G=2, generator=torch.Generator().manual_seed(0))
+    prefill, steps = seen[0], seen[1:]
+    assert len(steps) == 15 and all(n == 1 for n, _, _ in steps)
+    assert [b for _, b, _ in steps] == list(range(prefill[2], prefill[2] + 15))
+
+
+def test_cfg_scale_one_samples_the_same_codes_as_no_guidance(umm):
+    """Guidance with scale 1 is the conditional policy itself; scale 3 changes the samples."""
+    codes = [gvu.rollout(umm, PROMPTS, G=2, cfg_scale=s, generator=torch.Generator().manual_seed(5))["codes"]
+             for s in (1.0, 3.0)]
+    ro = gvu.rollout(umm, PROMPTS, G=2, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(codes[0], ro["codes"]) and not torch.equal(codes[0], codes[1])
+
+
+def test_only_lora_params_get_gradients_and_they_change(lora_umm):
+    """Backward reaches LoRA weights only; one AdamW step changes them and nothing else."""
+    u, policy = lora_umm
+    ro = gvu.rollout(u, PROMPTS[:2], G=2, generator=torch.Generator().manual_seed(0))
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    u.lm.train()
+    logp = gvu.token_logprobs(u, ro["prefix_ids"], ro["prefix_mask"], ro["codes"])
+    loss, _ = gvu.grpo_loss(logp, ro["old_logp"], ro["old_logp"], torch.tensor([1.0, -1.0, 0.5, -0.5]))
+    loss.backward()
+    grads = {n for n, p in policy.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads)
+    torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2).step()
+    changed = {n for n, p in policy.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {n for n in grads}
+
+
+def test_reference_with_adapter_disabled_equals_base_model():
+    """Inside disable_adapter() the LoRA'd model computes exactly what the untouched base does."""
+    u = TinyUMM.random(seed=2, hidden=64, layers=2)
+    base = copy.deepcopy(u.lm)
+    policy = get_peft_model(u.lm, LoraConfig(r=4, lora_alpha=16, target_modules=LORA))
+    for n, p in policy.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)  # make the adapter matter
+    ids = torch.randint(0, len(u.tokenizer), (2, 9))
+    with torch.no_grad():
+        with policy.disable_adapter():
+            ref = u.lm(input_ids=ids).logits
+        on = u.lm(input_ids=ids).logits
+        want = base(input_ids=ids).logits
+    assert torch.equal(ref, want) and not torch.allclose(on, want)
+
+
+def test_kl_is_zero_before_any_update_and_positive_after_one(lora_umm):
+    """LoRA starts as the identity (B = 0), so KL(pi || pi_ref) = 0; after one step it is > 0."""
+    u, policy = lora_umm
+    ro = gvu.rollout(u, PROMPTS, G=2, generator=torch.Generator().manual_seed(1))
+    args = (ro["prefix_ids"], ro["prefix_mask"], ro["codes"])
+    with torch.no_grad(), policy.disable_adapter():
+        ref = gvu.token_logprobs(u, *args)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    u.lm.train()
+    adv = torch.randn(8)
+    loss, stats = gvu.grpo_loss(gvu.token_logprobs(u, *args), ro["old_logp"], ref, adv)
+    assert stats["kl"] == pytest.approx(0.0, abs=1e-6)
+    loss.backward()
+    opt.step()
+    _, stats = gvu.grpo_loss(gvu.token_logprobs(u, *args), ro["old_logp"], ref, adv)
+    assert stats["kl"] > 1e-6
+
+
+def test_prompt_stream_is_a_function_of_step_and_covers_each_epoch():
+    """Each epoch visits every prompt once, in a seeded order that does not depend on history."""
+    prompts = [f"p{i}" for i in range(10)]
+    epoch = sum((gvu.prompt_batch(prompts, s, 2, seed=3) for s in range(5)), [])
+    assert sorted(epoch) == sorted(prompts)
+    assert gvu.prompt_batch(prompts, 7, 2, seed=3) == gvu.prompt_batch(prompts, 7, 2, seed=3)
+
+
+# --- end to end -----------------------------------------------------------------------------
+def common(prompt_file, out, *extra):
+    return ["--model", "tiny-random", "--prompts", prompt_file, "--out", out, "--batch-prompts", "2",
+            "--group-size", "2", "--micro-batch", "3", "--sample-every", "1", *extra]
+
+
+def test_end_to_end_run_writes_log_adapter_and_sample_grid(tmp_path):
+    """A tiny run writes config, one log line per step, a loadable peft adapter and sample grids."""
+    pf, out = write(tmp_path, "p.txt", "\n".join(PROMPTS) + "\n"), str(tmp_path / "run")
+    assert run_main(*common(pf, out, "--steps", "2")) is None
+    rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert [r["step"] for r in rows] == [0, 1]
+    for key in "step reward_mean reward_std frac_zero_std loss kl clip_frac grad_norm seconds".split():
+        assert all(key in r for r in rows)
+    assert 0 < rows[0]["reward_mean"] < 1
+    assert json.load(open(os.path.join(out, "config.json")))["group_size"] == 2
+    state = torch.load(os.path.join(out, "state.pt"), weights_only=True)
+    loaded = PeftModel.from_pretrained(TinyUMM.random(0).lm, os.path.join(out, "adapter"))
+    lora = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
+    assert lora and any(p.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n)  # trained, not the init
+    assert all(torch.equal(p, state["lora"][n.replace(".default", "")]) for n, p in lora.items())
+    from PIL import Image
+    assert Image.open(os.path.join(out, "samples", "step_00001.png")).size[0] == 2 * 96
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    """Stopping at step 2 and resuming reproduces the uninterrupted run's log lines, timings aside."""
+    pf = write(tmp_path, "p.txt", "\n".join(PROMPTS) + "\n")
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert run_main(*common(pf, a, "--steps", "4", "--save-every", "2")) is None
+    assert run_main(*common(pf, b, "--steps", "2", "--save-every", "2")) is None
+    with open(os.path.join(b, "log.jsonl"), "a") as f:  # a step logged after the last save, then killed
+        f.write(json.dumps({"step": 2, "reward_mean": -1}) + "\n")
+    assert run_main(*common(pf, b, "--steps", "4", "--save-every", "2", "--resume")) is None
+    strip = lambda path: [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in open(path)]
+    assert strip(os.path.join(a, "log.jsonl")) == strip(os.path.join(b, "log.jsonl"))
+
+
+def test_non_finite_reward_stops_cleanly_and_keeps_the_saved_state(tmp_path, monkeypatch):
+    """A NaN reward is a one-line error, and the state saved before it is byte-for-byte intact."""
+    pf, out = write(tmp_path, "p.txt", "\n".join(PROMPTS) + "\n"), str(tmp_path / "run")
+    assert run_main(*common(pf, out, "--steps", "1")) is None
+    saved = open(os.path.join(out, "state.pt"), "rb").read()
+    monkeypatch.setattr(gvu, "intrinsic_reward", lambda lp, m: torch.full((len(lp),), float("nan")))
+    msg = run_main(*common(pf, out, "--steps", "2", "--resume"))
+    assert msg.startswith("error: non-finite reward at step 1") and "\n" not in msg
+    assert open(os.path.join(out, "state.pt"), "rb").read() == saved
+    assert "already holds a run" in run_main(*common(pf, out, "--steps", "2"))  # no silent overwrite
+
+
+@pytest.mark.parametrize("content, extra, expect", [
+    (None, [], "prompt file not found"),
+    ("\n  \n", [], "has no prompts"),
+    (b"a photo of a \xff circle\n", [], "not UTF-8"),
+    ("a photo of a circle\n", ["--group-size", "1"], "--group-size must be >= 2"),
+    ("a photo of a circle\na photo of a zebra and a Dog\n", [], "line 2 has words the model does not know: Dog, zebra"),
+])
+def test_bad_input_gives_one_line_error(tmp_path, content, extra, expect):
+    """Missing, empty or non-UTF-8 prompt files, G < 2 and unknown words: one line, non-zero exit."""
+    pf = str(tmp_path / "missing.txt") if content is None else write(tmp_path, "p.txt", content)
+    msg = run_main("--model", "tiny-random", "--prompts", pf, "--out", str(tmp_path / "o"), *extra)
+    assert isinstance(msg, str) and msg.startswith("error: ") and expect in msg and "\n" not in msg
+
+
+def test_cli_error_has_no_traceback_and_unknown_flags_are_rejected(tmp_path):
+    """As a real process: a bad prompt file exits 1 with one stderr line; an unknown flag exits 2."""
+    r = subprocess.run([sys.executable, os.path.join(HERE, "gvu.py"), "--prompts", str(tmp_path / "nope.txt"),
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=HERE)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: prompt file not found")
+    with pytest.raises(SystemExit) as e:
+        gvu.parse_args(["--bogus", "1"])
+    assert e.value.code == 2
+
+
+def test_tiny_umm_round_trips_through_save_pretrained(tmp_path, umm):
+    """save_pretrained/from_pretrained (safetensors) restores the LM, tokenizer and vision parts."""
+    umm.save_pretrained(str(tmp_path / "m"))
+    v = TinyUMM.from_pretrained(str(tmp_path / "m"))
+    assert torch.equal(v.lm.lm_head.weight, umm.lm.lm_head.weight)
+    assert v.tokenizer.tokenize(v.t2i_prompt("a photo of a circle")) == \
+        ["a", "photo", "of", "a", "circle", "<SOM>", "4", "4", "<IMAGE>"]
+    codes = torch.randint(0, 64, (2, 16))
+    g = lambda: torch.Generator().manual_seed(0)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(v.decode_images(codes, g()), umm.decode_images(codes, g())))
+    assert sorted(os.listdir(tmp_path / "m" / "decoder")) == ["config.json", "diffusion_pytorch_model.safetensors"]
+
+
+def test_tokenize_image_follows_x_omni_format(umm):
+    """tokenize_image gives <SOM>h w<IMAGE>, h*w <MM-Token-k>, <EOM>; ids are offset + k."""
+    s = umm.tokenize_image(images_for(umm, 1)[0])
+    assert s.startswith("<SOM>4 4<IMAGE><MM-Token-") and s.endswith("<EOM>") and s.count("<MM-Token-") == 16
+    k = int(s.split("<MM-Token-")[1].split(">")[0])
+    assert umm.tokenizer.convert_tokens_to_ids(f"<MM-Token-{k}>") == umm.image_offset + k

@@ -1,0 +1,234 @@
+"""
+A tiny unified multimodal model (UMM) of X-Omni's shape, built only from stock parts.
+
+    text  --Qwen2ForCausalLM-->  <SOM>4 4<IMAGE><MM-Token-k>...   (generation: T2I)
+    image --ImageTokenizer----->  <MM-Token-k>...  --Qwen2-->  text (understanding: I2T)
+    codes --TinyDecoder + DDIMScheduler (diffusers)-->  pixels      (the diffusion head)
+
+Like X-Omni it is one autoregressive LM over words *and* discrete image codes, an image
+tokenizer that turns pixels into codes on an h x w grid, and a diffusion decoder that turns
+codes back into pixels. It exposes the same small API that gvu.py drives on the real model:
+`set_generation_mode`, the `<SOM>{h} {w}<IMAGE>` prefix, `tokenize_image(PIL) -> str`,
+image codes as token ids >= `image_offset` printed as `<MM-Token-k>`, batched decoding, and
+a chat template for captioning.
+
+Parts:
+- LM: transformers `Qwen2ForCausalLM`; vocabulary = words, then K image codes.
+- Text tokenizer: a word-level tokenizer from the `tokenizers` library, wrapped as a
+  transformers fast tokenizer with a chat template. Unknown words are reported by name.
+- Image tokenizer: one learned feature per 12x12 cell, quantised to the nearest of K codes.
+- Decoder: a diffusers `UNet2DModel` (no self-attention) that sees the noisy image
+  concatenated with the upsampled code embeddings, sampled with a diffusers `DDIMScheduler`.
+
+    python tiny_umm.py random --out /tmp/tiny   # save a random-init model folder (safetensors)
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, ModelMixin, UNet2DModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from PIL import Image
+from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from shapes import GRID, IMAGE_SIZE, PROMPT_WORDS  # 48 px canvas, 4x4 cells: one image code per 12x12 cell
+
+WORDS = list(PROMPT_WORDS) + "describe image in detail user assistant 1 2 3 4 5 6 7 8 9".split()  # + instruction, chat, grid
+SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<SOM>", "<EOM>", "<IMAGE>"]
+CHAT_TEMPLATE = (  # Qwen's chat format, on one line (the word-level tokenizer drops newlines)
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+
+
+def build_tokenizer(num_codes):
+    """Word-level tokenizer: ids [0, n_text) are words and specials, then <MM-Token-0..K-1>."""
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # words, and punctuation split off
+    tok.add_special_tokens([AddedToken(t, normalized=False) for t in SPECIALS])
+    tok.add_tokens([AddedToken(f"<MM-Token-{k}>", normalized=False) for k in range(num_codes)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>",
+        chat_template=CHAT_TEMPLATE)
+
+
+class ImageTokenizer(ModelMixin, ConfigMixin):
+    """Pixels -> codes: one learned feature per grid cell, snapped to the nearest codebook entry."""
+
+    @register_to_config
+    def __init__(self, num_codes=64, image_size=IMAGE_SIZE, grid=GRID, dim=32):
+        super().__init__()
+        cell = image_size // grid
+        self.proj = nn.Conv2d(3, dim, kernel_size=cell, stride=cell)  # (N, dim, grid, grid)
+        self.codebook = nn.Parameter(torch.randn(num_codes, dim))
+
+    def features(self, pixels):  # pixels (N, 3, H, W) in [-1, 1]
+        return self.proj(pixels).flatten(2).transpose(1, 2)  # (N, h*w, dim)
+
+    @torch.no_grad()
+    def encode(self, pixels):
+        z = self.features(pixels)  # (N, h*w, dim)
+        return torch.cdist(z, self.codebook.expand(len(z), -1, -1)).argmin(-1)  # (N, h*w)
+
+
+class TinyDecoder(ModelMixin, ConfigMixin):
+    """The diffusion head's denoiser: a small UNet2D conditioned by concatenating code embeddings."""
+
+    @register_to_config
+    def __init__(self, num_codes=64, image_size=IMAGE_SIZE, grid=GRID, cond_dim=16, channels=(16, 32)):
+        super().__init__()
+        self.code_embed = nn.Embedding(num_codes, cond_dim)
+        self.unet = UNet2DModel(
+            sample_size=image_size, in_channels=3 + cond_dim, out_channels=3,
+            block_out_channels=tuple(channels), layers_per_block=1, norm_num_groups=8,
+            down_block_types=("DownBlock2D",) * len(channels), up_block_types=("UpBlock2D",) * len(channels))
+
+    def forward(self, noisy, t, codes):  # noisy (N, 3, H, W), codes (N, h*w)
+        g, s = self.config.grid, self.config.image_size
+        cond = self.code_embed(codes).transpose(1, 2).reshape(len(codes), -1, g, g)  # (N, C, h, w)
+        cond = F.interpolate(cond, size=(s, s), mode="nearest")  # (N, C, H, W)
+        return self.unet(torch.cat([noisy, cond], 1), t).sample  # predicted noise
+
+
+def to_pixels(images, device="cpu"):
+    """list of PIL -> (N, 3, H, W) in [-1, 1]."""
+    arr = np.stack([np.asarray(im.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE)), dtype=np.float32) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).to(device) / 127.5 - 1
+
+
+def to_pil(pixels):
+    """(N, 3, H, W) in [-1, 1] -> list of PIL."""
+    arr = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+class TinyUMM:
+    """The X-Omni-shaped API gvu.py needs, over the tiny parts above."""
+
+    def __init__(self, lm, tokenizer, image_tokenizer, decoder, scheduler, decode_steps=10):
+        self.lm, self.tokenizer = lm, tokenizer
+        self.image_tokenizer, self.decoder, self.scheduler = image_tokenizer, decoder, scheduler
+        self.decode_steps = decode_steps  # DDIM steps when decoding codes to pixels
+        self.image_offset = tokenizer.convert_tokens_to_ids("<MM-Token-0>")  # X-Omni: config.vocab_size
+        self.image_vocab_size = image_tokenizer.config.num_codes
+        self.grid = (image_tokenizer.config.grid,) * 2  # (h, w) codes
+        self.generation_mode = "text"
+        for m in (image_tokenizer, decoder):
+            m.requires_grad_(False).eval()  # frozen: GvU trains the LM only
+
+    # --- construction and persistence -------------------------------------------------
+    @classmethod
+    def random(cls, seed=0, hidden=128, layers=4, heads=4, num_codes=64):
+        """A randomly initialised tiny UMM (deterministic given seed)."""
+        torch.manual_seed(seed)
+        tokenizer = build_tokenizer(num_codes)
+        cfg = Qwen2Config(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden,
+            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+            max_position_embeddings=256, tie_word_embeddings=False,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True)
+        return cls(Qwen2ForCausalLM(cfg), tokenizer, ImageTokenizer(num_codes), TinyDecoder(num_codes), scheduler)
+
+    def save_pretrained(self, path):
+        self.lm.save_pretrained(os.path.join(path, "lm"))  # safetensors
+        self.tokenizer.save_pretrained(os.path.join(path, "lm"))
+        self.image_tokenizer.save_pretrained(os.path.join(path, "image_tokenizer"))
+        self.decoder.save_pretrained(os.path.join(path, "decoder"))
+        self.scheduler.save_pretrained(os.path.join(path, "scheduler"))
+        with open(os.path.join(path, "tiny_umm.json"), "w") as f:
+            json.dump({"decode_steps": self.decode_steps}, f)
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu"):
+        with open(os.path.join(path, "tiny_umm.json")) as f:
+            extra = json.load(f)
+        return cls(
+            Qwen2ForCausalLM.from_pretrained(os.path.join(path, "lm")).to(device),
+            PreTrainedTokenizerFast.from_pretrained(os.path.join(path, "lm")),
+            ImageTokenizer.from_pretrained(os.path.join(path, "image_tokenizer")).to(device),
+            TinyDecoder.from_pretrained(os.path.join(path, "decoder")).to(device),
+            DDIMScheduler.from_pretrained(os.path.join(path, "scheduler")), **extra)
+
+    @staticmethod
+    def is_tiny_umm(path):
+        return os.path.isfile(os.path.join(path, "tiny_umm.json"))
+
+    def to(self, device):
+        for m in (self.lm, self.image_tokenizer, self.decoder):
+            m.to(device)
+        return self
+
+    # --- X-Omni's API ------------------------------------------------------------------
+    def set_generation_mode(self, mode):
+        assert mode in ("text", "image"), mode
+        self.generation_mode = mode
+
+    def t2i_prompt(self, prompt):
+        h, w = self.grid
+        return f"{prompt}<SOM>{h} {w}<IMAGE>"
+
+    @torch.no_grad()
+    def tokenize_image(self, image):
+        codes = self.image_tokenizer.encode(to_pixels([image], self.lm.device))[0]
+        h, w = self.grid
+        return f"<SOM>{h} {w}<IMAGE>" + "".join(f"<MM-Token-{k}>" for k in codes.tolist()) + "<EOM>"
+
+    def caption_prompt(self, image, instruction):
+        """Chat context for understanding: the image, then the instruction, then the assistant's turn."""
+        msgs = [{"role": "user", "content": self.tokenize_image(image) + " " + instruction}]
+        return self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+    answer_suffix = "<|im_end|>"  # what ends an assistant turn
+
+    @torch.no_grad()
+    def decode_images(self, codes, generator=None, batch_size=64):
+        """codes (N, h*w) in [0, K) -> N PIL images, DDIM-sampled in batches from seeded noise."""
+        device, s = self.decoder.device, self.decoder.config.image_size
+        self.scheduler.set_timesteps(self.decode_steps)
+        images = []
+        for chunk in codes.to(device).split(batch_size):
+            x = torch.randn(len(chunk), 3, s, s, generator=generator, device="cpu").to(device)
+            for t in self.scheduler.timesteps:
+                x = self.scheduler.step(self.decoder(x, t, chunk), t, x).prev_sample
+            images += to_pil(x)
+        return images
+
+    # --- what gvu.py reads off the LM ------------------------------------------------------
+    def hidden_states(self, input_ids, attention_mask, position_ids=None, cache=None):
+        """Final-layer hidden states (B, T, D). `cache` (a DynamicCache) is updated in place."""
+        # positional: transformers 4.x calls the 4th argument past_key_values, 5.x calls it cache
+        out = self.lm.model(input_ids, attention_mask, position_ids, cache, use_cache=cache is not None)
+        return out.last_hidden_state
+
+    def logits(self, hidden):
+        """Logits over the current mode's vocabulary only: image codes [0, K) or text ids [0, offset)."""
+        w = self.lm.lm_head.weight  # (V, D); LoRA never touches the head, so slicing it is exact
+        w = w[self.image_offset:self.image_offset + self.image_vocab_size] if self.generation_mode == "image" \
+            else w[:self.image_offset]
+        return F.linear(hidden, w)
+
+    def unknown_words(self, text):
+        """Words of `text` the tokenizer does not know (they would silently become <unk>)."""
+        enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+        unk = self.tokenizer.unk_token_id
+        return [text[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == unk]
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("random", help="save a randomly initialised tiny UMM")
+    r.add_argument("--out", required=True, help="folder to write")
+    r.add_argument("--seed", type=int, default=0, help="init seed")
+    a = p.parse_args()
+    if a.cmd == "random":
+        TinyUMM.random(a.seed).save_pretrained(a.out)
+        print(f"saved a random tiny UMM to {a.out}")
