@@ -1,0 +1,595 @@
+"""Score generated images the GenEval way, with transformers models (no mmdet).
+
+GenEval (Ghosh et al., 2023) checks whether an image contains what its prompt
+asks for: the right objects, the right number of them, their colours and their
+relative positions.  It detects objects with Mask2Former (COCO classes), names
+each object's colour with CLIP zero-shot, and applies simple geometric rules.
+This file re-implements that pipeline with Hugging Face models:
+
+    OUT/<00000>/metadata.jsonl      one line: the prompt's metadata dict
+    OUT/<00000>/samples/<0000>.png  the generated images for that prompt
+
+Subcommands:
+    score FOLDER     detect, apply the rules, write results.jsonl + summary.{md,json}
+    compare A B      per-tag accuracies of two runs side by side, with deltas
+    prompts          GenEval-style training prompts over the 80 COCO classes
+
+The rules (`select_detections`, `relative_position`, `evaluate`, ...) are pure
+functions over `Detection` records, so they can be tested without any model.
+A scorer is any function `scorer(image, meta) -> (correct, reason)`.
+GenEval++ fields `region` and `size` have no official rule here: we score them
+with a simple rule-based proxy (box centre's half of the image; box areas).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# GenEval's 80 class names, in COCO index order (note its renames:
+# "computer mouse", "tv remote", "computer keyboard").
+GENEVAL_CLASSES = [
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich",
+    "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "computer mouse",
+    "tv remote", "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
+    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+]
+COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white"]
+COLOR_TEMPLATES = ["a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", "a photo of a {c} object"]
+RELATIONS = ["left of", "right of", "above", "below"]
+REGIONS = ["left", "right", "above", "below"]  # GenEval++: "above" = top half, "below" = bottom half
+SIZES = ["larger", "smaller"]
+GENEVAL_TAGS = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
+GENEVAL_PP_TAGS = ["color_count_attr", "size_spatial_attr", "multi_object_count_attr",
+                   "spatial_count_attr", "color_spatial_attr"]
+KNOWN_TAGS = set(GENEVAL_TAGS + GENEVAL_PP_TAGS)
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
+PROXY_NOTE = "region/size (GenEval++) are scored by a rule-based proxy, not an official GenEval rule"
+
+
+class GenEvalError(Exception):
+    """A user-facing problem (bad input); main() prints it as one line."""
+
+
+@dataclass
+class Detection:
+    """One detected object: class name, confidence, box (x1, y1, x2, y2), optional mask/colour."""
+    cls: str
+    score: float
+    box: tuple
+    mask: np.ndarray | None = None
+    color: str | None = None
+
+
+# --------------------------------------------------------------------------- metadata & folders
+
+def validate_meta(meta, where: str) -> dict:
+    """Check one GenEval metadata dict; raise GenEvalError naming `where` if malformed."""
+    def bad(msg):
+        raise GenEvalError(f"{where}: {msg}")
+    if not isinstance(meta, dict):
+        bad("metadata must be a JSON object")
+    if meta.get("tag") not in KNOWN_TAGS:
+        bad(f"unknown tag {meta.get('tag')!r}")
+    if not isinstance(meta.get("prompt"), str):
+        bad("missing 'prompt' string")
+    include = meta.get("include")
+    if not isinstance(include, list) or not include:
+        bad("'include' must be a non-empty list")
+    exclude = meta.get("exclude", [])
+    if not isinstance(exclude, list):
+        bad("'exclude' must be a list")
+    allowed = {"class", "count", "color", "position", "region", "size"}
+    for i, req in enumerate(include + exclude):
+        if not isinstance(req, dict) or req.get("class") not in GENEVAL_CLASSES:
+            bad(f"unknown class {req.get('class') if isinstance(req, dict) else req!r}")
+        if not isinstance(req.get("count"), int) or req["count"] < 1:
+            bad(f"{req['class']}: 'count' must be a positive integer")
+        extra = set(req) - (allowed if i < len(include) else {"class", "count"})
+        if extra:
+            bad(f"{req['class']}: unknown field(s) {sorted(extra)}")
+        for key, choices in (("color", COLORS), ("region", REGIONS), ("size", SIZES)):
+            if key in req and req[key] not in choices:
+                bad(f"unknown {key} {req[key]!r}")
+        if "position" in req:
+            pos = req["position"]
+            if (not isinstance(pos, list) or len(pos) != 2 or pos[0] not in RELATIONS
+                    or not isinstance(pos[1], int) or not 0 <= pos[1] < i):
+                bad(f"bad position {pos!r} (want [relation, index of an earlier include])")
+    return meta
+
+
+def read_metadata(path) -> list[dict]:
+    """Read a GenEval metadata .jsonl file (one dict per line), validating every line."""
+    path = Path(path)
+    if not path.is_file():
+        raise GenEvalError(f"metadata file not found: {path}")
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise GenEvalError(f"cannot read metadata {path}: {e}") from None
+    metas = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            meta = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise GenEvalError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        metas.append(validate_meta(meta, f"{path}:{lineno}"))
+    return metas
+
+
+def write_prompt_folder(out, index: int, meta: dict, images) -> Path:
+    """Write OUT/<index:05d>/metadata.jsonl and samples/<j:04d>.png; return the prompt folder."""
+    folder = Path(out) / f"{index:05d}"
+    (folder / "samples").mkdir(parents=True, exist_ok=True)
+    (folder / "metadata.jsonl").write_text(json.dumps(meta) + "\n")
+    for j, image in enumerate(images):
+        image.save(folder / "samples" / f"{j:04d}.png")
+    return folder
+
+
+def iter_samples(folder, metadata: list[dict] | None = None) -> Iterator[tuple[int, dict, Path]]:
+    """Yield (prompt index, metadata, image path) for every sample of a GenEval folder.
+
+    If `metadata` is given, the folder must hold exactly one prompt dir per entry,
+    with matching prompts.  Everything is validated before the first yield.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise GenEvalError(f"image folder not found: {folder}")
+    prompt_dirs = sorted((p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()),
+                         key=lambda p: int(p.name))
+    if not prompt_dirs:
+        raise GenEvalError(f"no prompt folders (00000, 00001, ...) in {folder}")
+    if metadata is not None and len(metadata) != len(prompt_dirs):
+        raise GenEvalError(f"{folder} has {len(prompt_dirs)} prompt folders but the metadata "
+                           f"file has {len(metadata)} prompts")
+    items = []
+    for k, pdir in enumerate(prompt_dirs):
+        metas = read_metadata(pdir / "metadata.jsonl")
+        if len(metas) != 1:
+            raise GenEvalError(f"{pdir / 'metadata.jsonl'}: expected 1 line, found {len(metas)}")
+        if metadata is not None and metadata[k]["prompt"] != metas[0]["prompt"]:
+            raise GenEvalError(f"{pdir}: prompt {metas[0]['prompt']!r} differs from metadata "
+                               f"line {k + 1} ({metadata[k]['prompt']!r})")
+        samples = sorted(p for p in (pdir / "samples").glob("*.png") if re.fullmatch(r"\d+\.png", p.name))
+        if not samples:
+            raise GenEvalError(f"no samples/<0000>.png images in {pdir}")
+        items += [(int(pdir.name), metas[0], s) for s in samples]
+    yield from items
+
+
+def check_image(path) -> None:
+    """Cheap header check (no decoding) so unreadable files fail before models load."""
+    try:
+        Image.open(path).close()  # opening parses the header only
+    except OSError as e:
+        raise GenEvalError(f"cannot read image {path}: {e}") from None
+
+
+def load_image(path) -> Image.Image:
+    """Open an image as RGB (applying EXIF rotation); GenEvalError if unreadable."""
+    try:
+        with Image.open(path) as im:
+            return ImageOps.exif_transpose(im).convert("RGB")
+    except OSError as e:
+        raise GenEvalError(f"cannot read image {path}: {e}") from None
+
+
+# --------------------------------------------------------------------------- rules (pure)
+
+def select_detections(raw: list[Detection], tag: str, threshold=0.3, counting_threshold=0.9,
+                      max_per_class=16) -> dict[str, list[Detection]]:
+    """Group detections by class, best first: score > threshold (0.9 for 'counting'), <= 16 each, no NMS."""
+    thr = counting_threshold if tag == "counting" else threshold
+    groups: dict[str, list[Detection]] = {}
+    for det in sorted(raw, key=lambda d: -d.score):
+        kept = groups.setdefault(det.cls, [])
+        if det.score > thr and len(kept) < max_per_class:
+            kept.append(det)
+    return {cls: dets for cls, dets in groups.items() if dets}
+
+
+def relative_position(box_a, box_b, margin=0.1) -> set[str]:
+    """Relations of box A to box B (GenEval rule): centre offset shrunk by margin*(sum of sizes)."""
+    a, b = np.asarray(box_a[:4], float), np.asarray(box_b[:4], float)
+    offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
+    dims = (a[2:] - a[:2]) + (b[2:] - b[:2])
+    revised = np.maximum(np.abs(offset) - margin * dims, 0) * np.sign(offset)
+    if np.all(np.abs(revised) < 1e-3):
+        return set()
+    dx, dy = revised / np.linalg.norm(offset)
+    rels = {"left of"} if dx < -0.5 else {"right of"} if dx > 0.5 else set()
+    return rels | ({"above"} if dy < -0.5 else {"below"} if dy > 0.5 else set())
+
+
+def image_regions(box, image_size) -> set[str]:
+    """GenEval++ proxy: which halves of the image (width, height) contain the box centre."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    w, h = image_size
+    horiz = {"left"} if cx < w / 2 else {"right"} if cx > w / 2 else set()
+    return horiz | ({"above"} if cy < h / 2 else {"below"} if cy > h / 2 else set())
+
+
+def mean_area(group: list[Detection]) -> float:
+    """Mean (x1, y1, x2, y2) box area of a group of detections."""
+    return float(np.mean([(d.box[2] - d.box[0]) * (d.box[3] - d.box[1]) for d in group]))
+
+
+def evaluate(meta: dict, detected: dict[str, list[Detection]], image_size,
+             color_fn: Callable | None = None, margin=0.1) -> tuple[bool, str]:
+    """Apply GenEval's rules (+ GenEval++ proxies) to grouped detections -> (correct, reason).
+
+    `color_fn(objects, class_name) -> list[colour]` names the objects' colours;
+    by default each Detection's own `.color` is used.
+    """
+    color_fn = color_fn or (lambda objs, cls: [d.color for d in objs])
+    reasons, groups = [], []
+    for req in meta["include"]:
+        cls, n = req["class"], req["count"]
+        found = detected.get(cls, [])[:n]
+        ok = len(found) >= n
+        if not ok:
+            reasons.append(f"expected {cls}>={n}, found {len(found)}")
+        if ok and "color" in req:
+            colors = color_fn(found, cls)
+            if colors.count(req["color"]) < n:
+                ok = False
+                seen = ", ".join(f"{colors.count(c)} {c}" for c in COLORS if c in colors)
+                reasons.append(f"expected {req['color']} {cls}>={n}, found {seen}")
+        if ok and "position" in req:
+            rel, target = req["position"]
+            if target >= len(groups) or groups[target] is None:
+                ok = False
+                reasons.append(f"no target for {cls} to be {rel}")
+            else:
+                for obj in found:
+                    wrong = [relative_position(obj.box, t.box, margin) for t in groups[target]]
+                    wrong = [r for r in wrong if rel not in r]
+                    if wrong:
+                        ok = False
+                        reasons.append(f"expected {cls} {rel} target, found "
+                                       f"{' and '.join(sorted(wrong[0])) or 'no relation'}")
+                        break
+        if ok and "region" in req:  # GenEval++ proxy
+            if any(req["region"] not in image_regions(d.box, image_size) for d in found):
+                ok = False
+                reasons.append(f"expected {cls} in the {req['region']} half (proxy)")
+        groups.append(found if ok else None)
+    # GenEval++ proxy: a "larger" group's mean box area must beat every other sized group's.
+    sized = [i for i, r in enumerate(meta["include"]) if "size" in r]
+    for i in sized:
+        req, others = meta["include"][i], [j for j in sized if j != i]
+        if groups[i] is None or not others:
+            continue
+        if any(groups[j] is None for j in others):
+            reasons.append(f"no size reference for {req['class']} (proxy)")
+            continue
+        area, refs = mean_area(groups[i]), [mean_area(groups[j]) for j in others]
+        if not (area > max(refs) if req["size"] == "larger" else area < min(refs)):
+            reasons.append(f"expected {req['class']} {req['size']} (box area {area:.0f}, proxy)")
+    for req in meta.get("exclude", []):
+        found = len(detected.get(req["class"], []))
+        if found >= req["count"]:
+            reasons.append(f"expected {req['class']}<{req['count']}, found {found}")
+    return not reasons, "; ".join(reasons)
+
+
+def crop_on_grey(image: Image.Image, mask, box, bgcolor="#999999") -> Image.Image:
+    """Paste the masked object onto a plain grey image and crop to its box (GenEval's colour crop)."""
+    blank = Image.new("RGB", image.size, bgcolor)
+    if mask is not None:
+        image = Image.composite(image, blank, Image.fromarray(np.asarray(mask, np.uint8) * 255))
+    return image.crop(tuple(int(round(v)) for v in box[:4]))
+
+
+# --------------------------------------------------------------------------- models
+
+def _features(out):
+    """transformers 5 returns a model output from get_*_features; older versions a tensor."""
+    feats = out if hasattr(out, "norm") else out.pooler_output
+    return feats / feats.norm(dim=-1, keepdim=True)
+
+
+class GenEvalScorer:
+    """Mask2Former detector + CLIP colour classifier; call it as scorer(image, meta)."""
+
+    def __init__(self, detector: str, clip: str, device: str, threshold=0.3, counting_threshold=0.9,
+                 max_per_class=16, top_k=100):
+        import torch
+        from transformers import (AutoImageProcessor, AutoProcessor, CLIPModel,
+                                  Mask2FormerForUniversalSegmentation)
+        self.torch, self.device = torch, device
+        self.det_proc = AutoImageProcessor.from_pretrained(detector)
+        self.det = Mask2FormerForUniversalSegmentation.from_pretrained(detector).to(device).eval()
+        if self.det.config.num_labels != len(GENEVAL_CLASSES):
+            raise GenEvalError(f"{detector}: expected 80 COCO classes, got {self.det.config.num_labels}")
+        self.clip_proc = AutoProcessor.from_pretrained(clip)
+        self.clip = CLIPModel.from_pretrained(clip).to(device).eval()
+        self.opts = dict(threshold=threshold, counting_threshold=counting_threshold, max_per_class=max_per_class)
+        self.top_k, self.min_score = top_k, min(threshold, counting_threshold)
+        self._classifiers = {}
+
+    def detect(self, image: Image.Image) -> list[Detection]:
+        """Top-k (query, class) pairs by class probability, scored class prob x mean mask prob."""
+        torch, F = self.torch, self.torch.nn.functional
+        inputs = self.det_proc(images=image, return_tensors="pt").to(self.device)
+        with torch.no_grad():
+            out = self.det(**inputs)
+        probs = out.class_queries_logits[0].softmax(-1)[:, :-1]  # drop the no-object column
+        num_classes = probs.shape[1]
+        cls_scores, flat = probs.flatten().topk(min(self.top_k, probs.numel()))
+        keep = cls_scores > self.min_score  # final score <= class prob, so nothing else can pass
+        cls_scores, flat = cls_scores[keep], flat[keep]
+        if not len(flat):
+            return []
+        # Mask logits -> padded input size -> valid (unpadded) region -> original image size.
+        logits = out.masks_queries_logits[0][flat // num_classes][None]
+        logits = F.interpolate(logits, size=inputs["pixel_values"].shape[-2:], mode="bilinear", align_corners=False)
+        if "pixel_mask" in inputs:
+            valid = inputs["pixel_mask"][0].bool()
+            logits = logits[..., : int(valid.any(1).sum()), : int(valid.any(0).sum())]
+        logits = F.interpolate(logits, size=image.size[::-1], mode="bilinear", align_corners=False)[0]
+        masks = logits > 0
+        mask_scores = (logits.sigmoid() * masks).flatten(1).sum(1) / (masks.flatten(1).sum(1) + 1e-6)
+        dets = []
+        for label, score, mask in zip((flat % num_classes).tolist(), (cls_scores * mask_scores).tolist(), masks):
+            ys, xs = torch.where(mask)
+            box = (0, 0, 0, 0) if not len(xs) else (xs.min().item(), ys.min().item(),
+                                                     xs.max().item() + 1, ys.max().item() + 1)
+            dets.append(Detection(GENEVAL_CLASSES[label], score, box, mask.cpu().numpy()))
+        return dets
+
+    def color_classifier(self, cls: str):
+        """Zero-shot colour weights (10 x D): mean of normalised template embeddings, renormalised."""
+        if cls not in self._classifiers:
+            rows = []
+            for c in COLORS:
+                texts = [t.format(c=c, cls=cls) for t in COLOR_TEMPLATES]
+                tok = self.clip_proc(text=texts, return_tensors="pt", padding=True).to(self.device)
+                with self.torch.no_grad():
+                    emb = _features(self.clip.get_text_features(**tok)).mean(0)
+                rows.append(emb / emb.norm())
+            self._classifiers[cls] = self.torch.stack(rows)
+        return self._classifiers[cls]
+
+    def colors(self, image: Image.Image, objects: list[Detection], cls: str) -> list[str]:
+        """Name the colour of each object from its grey-background crop."""
+        crops = [crop_on_grey(image, d.mask, d.box) for d in objects]
+        pix = self.clip_proc(images=crops, return_tensors="pt").to(self.device)
+        with self.torch.no_grad():
+            feats = _features(self.clip.get_image_features(**pix))
+        return [COLORS[i] for i in (feats @ self.color_classifier(cls).T).argmax(1).tolist()]
+
+    def __call__(self, image: Image.Image, meta: dict) -> tuple[bool, str]:
+        detected = select_detections(self.detect(image), meta["tag"], **self.opts)
+        return evaluate(meta, detected, image.size, lambda objs, cls: self.colors(image, objs, cls))
+
+
+def make_scorer(args) -> Callable[[Image.Image, dict], tuple[bool, str]]:
+    """Build the scorer named by --scorer."""
+    if args.scorer == "shapes":
+        import shapes  # written elsewhere in this repo; imported only when asked for
+        return shapes.oracle
+    import torch
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return GenEvalScorer(args.detector, args.clip, device, args.threshold, args.counting_threshold,
+                             args.max_objects)
+    except (OSError, ValueError) as e:  # missing path / hub id not cached: keep the first line of the message
+        raise GenEvalError(f"cannot load models ({args.detector}, {args.clip}): {str(e).splitlines()[0]}") from None
+
+
+# --------------------------------------------------------------------------- summaries
+
+def summarize(results: list[dict]) -> dict:
+    """Per-tag accuracy, overall = unweighted mean of tag means, share of prompts with >= 1 correct image."""
+    by_tag, by_prompt = {}, {}
+    for r in results:
+        by_tag.setdefault(r["tag"], []).append(r["correct"])
+        by_prompt[r["index"]] = by_prompt.get(r["index"], False) or r["correct"]
+    tags = {t: {"images": len(v), "accuracy": sum(v) / len(v)} for t, v in sorted(by_tag.items())}
+    return {"tags": tags,
+            "overall": float(np.mean([t["accuracy"] for t in tags.values()])) if tags else 0.0,
+            "prompts_any_correct": sum(by_prompt.values()) / max(len(by_prompt), 1),
+            "images": len(results), "prompts": len(by_prompt)}
+
+
+def format_table(summary: dict) -> str:
+    """Markdown table of a summary."""
+    lines = ["| tag | images | accuracy |", "|---|---:|---:|"]
+    lines += [f"| {t} | {v['images']} | {v['accuracy']:.4f} |" for t, v in summary["tags"].items()]
+    lines += [f"| **overall** (mean of tag means) | {summary['images']} | {summary['overall']:.4f} |",
+              f"| prompts with >=1 correct image | {summary['prompts']} | {summary['prompts_any_correct']:.4f} |"]
+    return "\n".join(lines + [f"\nNote: {n}" for n in summary.get("notes", [])])
+
+
+def load_summary(path) -> dict:
+    """Read summary.json from a file or a score output folder."""
+    path = Path(path)
+    path = path / "summary.json" if path.is_dir() else path
+    if not path.is_file():
+        raise GenEvalError(f"no summary.json at {path}")
+    return json.loads(path.read_text())
+
+
+def compare_table(a: dict, b: dict) -> str:
+    """Markdown table: per-tag accuracy of run A (base) vs run B (trained), with deltas."""
+    def cell(s, tag):
+        return s["tags"][tag]["accuracy"] if tag in s["tags"] else None
+    rows = [(t, cell(a, t), cell(b, t)) for t in sorted(set(a["tags"]) | set(b["tags"]))]
+    rows += [("**overall**", a["overall"], b["overall"]),
+             ("prompts with >=1 correct", a["prompts_any_correct"], b["prompts_any_correct"])]
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    lines = ["| tag | base (A) | trained (B) | delta |", "|---|---:|---:|---:|"]
+    return "\n".join(lines + [f"| {t} | {fmt(x)} | {fmt(y)} | "
+                              f"{'-' if x is None or y is None else f'{y - x:+.4f}'} |" for t, x, y in rows])
+
+
+# --------------------------------------------------------------------------- prompts
+
+def with_article(phrase: str) -> str:
+    """'an apple', 'a blue umbrella' (article chosen by the next word, as in GenEval)."""
+    return f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
+
+
+def plural(name: str) -> str:
+    """GenEval's naive plural: 'clocks', 'buses', 'sheeps', 'benchs'."""
+    return name + ("es" if name.endswith("s") else "s")
+
+
+# Size of each tag's prompt space as mixed-radix digits (class, other class, colour, ...).
+TAG_SPACES = {"single_object": (80,), "counting": (80, 3), "colors": (80, 10), "two_object": (80, 79),
+              "position": (80, 79, 4), "color_attr": (80, 79, 10, 9)}
+
+
+def make_meta(tag: str, index: int) -> dict:
+    """The index-th prompt (GenEval format and phrasing) of a tag's space; pairs are distinct."""
+    digits = []
+    for size in reversed(TAG_SPACES[tag]):
+        index, d = divmod(index, size)
+        digits.insert(0, d)
+    a, k = GENEVAL_CLASSES[digits[0]], (digits + [0])[1]
+    b = GENEVAL_CLASSES[k if k < digits[0] else k + 1]  # second class, never equal to the first
+    if tag == "single_object":
+        return {"tag": tag, "include": [{"class": a, "count": 1}], "prompt": f"a photo of {with_article(a)}"}
+    if tag == "counting":
+        n = k + 2
+        return {"tag": tag, "include": [{"class": a, "count": n}], "exclude": [{"class": a, "count": n + 1}],
+                "prompt": f"a photo of {NUMBER_WORDS[n]} {plural(a)}"}
+    if tag == "colors":
+        c = COLORS[k]
+        return {"tag": tag, "include": [{"class": a, "count": 1, "color": c}],
+                "prompt": f"a photo of {with_article(f'{c} {a}')}"}
+    if tag == "two_object":
+        return {"tag": tag, "include": [{"class": a, "count": 1}, {"class": b, "count": 1}],
+                "prompt": f"a photo of {with_article(a)} and {with_article(b)}"}
+    if tag == "position":
+        rel = RELATIONS[digits[2]]
+        return {"tag": tag, "include": [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [rel, 0]}],
+                "prompt": f"a photo of {with_article(a)} {rel} {with_article(b)}"}
+    c1 = COLORS[digits[2]]
+    c2 = COLORS[digits[3] if digits[3] < digits[2] else digits[3] + 1]  # two different colours
+    return {"tag": tag, "include": [{"class": a, "count": 1, "color": c1}, {"class": b, "count": 1, "color": c2}],
+            "prompt": f"a photo of {with_article(f'{c1} {a}')} and {with_article(f'{c2} {b}')}"}
+
+
+def generate_prompts(n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
+    """n distinct GenEval-style prompts, tags balanced (small tags first, leftovers go to larger ones)."""
+    rng = random.Random(seed)
+    tags = sorted(TAG_SPACES, key=lambda t: math.prod(TAG_SPACES[t]))
+    metas = []
+    for left, tag in zip(range(len(tags), 0, -1), tags):
+        share = math.ceil((n - len(metas)) / left)
+        pool = math.prod(TAG_SPACES[tag])
+        picks = (make_meta(tag, i) for i in rng.sample(range(pool), min(pool, share + len(exclude))))
+        metas += [m for m in picks if m["prompt"] not in exclude][:share]
+    rng.shuffle(metas)
+    return metas[:n]
+
+
+# --------------------------------------------------------------------------- CLI
+
+def cmd_score(args) -> None:
+    """score: run a scorer over a folder, write results.jsonl, summary.md, summary.json."""
+    metadata = read_metadata(args.metadata) if args.metadata else None
+    samples = list(iter_samples(args.folder, metadata))  # validate everything before loading models
+    for _, _, path in samples:
+        check_image(path)
+    scorer = make_scorer(args)
+    out = Path(args.out or args.folder)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    with open(out / "results.jsonl", "w") as f:
+        for index, meta, path in samples:
+            correct, reason = scorer(load_image(path), meta)
+            row = {"index": index, "sample": path.stem, "tag": meta["tag"], "prompt": meta["prompt"],
+                   "correct": bool(correct), "reason": reason}
+            f.write(json.dumps(row) + "\n")
+            results.append(row)
+    summary = summarize(results) | {"scorer": args.scorer}
+    if args.scorer == "geneval" and any("region" in r or "size" in r for _, m, _ in samples for r in m["include"]):
+        summary["notes"] = [PROXY_NOTE]
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.md").write_text(format_table(summary) + "\n")
+    print(format_table(summary))
+
+
+def cmd_compare(args) -> None:
+    """compare: print two runs' per-tag accuracies side by side."""
+    print(compare_table(load_summary(args.run_a), load_summary(args.run_b)))
+
+
+def cmd_prompts(args) -> None:
+    """prompts: write <out>.txt and <out>.jsonl of GenEval-style training prompts."""
+    exclude = {m["prompt"] for m in read_metadata(args.exclude)} if args.exclude else set()
+    metas = generate_prompts(args.n, args.seed, exclude)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_name(out.name + ".txt").write_text("".join(m["prompt"] + "\n" for m in metas))
+    out.with_name(out.name + ".jsonl").write_text("".join(json.dumps(m) + "\n" for m in metas))
+    counts = {t: sum(m["tag"] == t for m in metas) for t in GENEVAL_TAGS}
+    print(f"wrote {len(metas)} prompts to {out}.txt/.jsonl: {counts}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse CLI."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("score", help="score a GenEval image folder")
+    s.add_argument("folder", help="folder with <00000>/metadata.jsonl and <00000>/samples/<0000>.png")
+    s.add_argument("--metadata", help="GenEval metadata .jsonl; the folder must match it prompt by prompt")
+    s.add_argument("--out", help="where to write results.jsonl, summary.md, summary.json (default: FOLDER)")
+    s.add_argument("--scorer", choices=["geneval", "shapes"], default="geneval",
+                   help="geneval: Mask2Former + CLIP rules (GenEval++ region/size via a rule-based proxy); "
+                        "shapes: the synthetic-shapes oracle shapes.oracle")
+    s.add_argument("--detector", default="facebook/mask2former-swin-small-coco-instance",
+                   help="Mask2Former COCO instance model (hub id or local path)")
+    s.add_argument("--clip", default="openai/clip-vit-large-patch14", help="CLIP model (hub id or local path)")
+    s.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    s.add_argument("--threshold", type=float, default=0.3, help="detection score threshold")
+    s.add_argument("--counting-threshold", type=float, default=0.9, help="threshold for the 'counting' tag")
+    s.add_argument("--max-objects", type=int, default=16, help="max detections kept per class")
+    s.set_defaults(func=cmd_score)
+    c = sub.add_parser("compare", help="compare two runs' summaries per tag")
+    c.add_argument("run_a", help="base run: summary.json or its score output folder")
+    c.add_argument("run_b", help="trained run: summary.json or its score output folder")
+    c.set_defaults(func=cmd_compare)
+    g = sub.add_parser("prompts", help="generate GenEval-style training prompts")
+    g.add_argument("--seed", type=int, default=0, help="random seed (output is deterministic given it)")
+    g.add_argument("--n", type=int, default=50000, help="number of prompts")
+    g.add_argument("--exclude", help="GenEval metadata .jsonl whose prompts must not be generated")
+    g.add_argument("--out", default="prompts/geneval_train", help="output path prefix (.txt and .jsonl)")
+    g.set_defaults(func=cmd_prompts)
+    return p
+
+
+def main(argv=None) -> int:
+    """Entry point; project errors become a one-line message and a non-zero exit."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except GenEvalError as e:
+        sys.exit(f"error: {e}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()
