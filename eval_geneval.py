@@ -10,7 +10,9 @@ This file re-implements that pipeline with Hugging Face models:
     OUT/<00000>/samples/<0000>.png  the generated images for that prompt
 
 Subcommands:
+    generate         sample N images per prompt from a gvu.py model (+ adapter) into that layout
     score FOLDER     detect, apply the rules, write results.jsonl + summary.{md,json}
+    audit            per tag, does the model's own intrinsic reward rank its images like the scorer?
     compare A B      per-tag accuracies of two runs side by side, with deltas
     prompts          GenEval-style training prompts over the 80 COCO classes
 
@@ -53,7 +55,7 @@ COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown",
 COLOR_TEMPLATES = ["a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", "a photo of a {c} object"]
 RELATIONS = ["left of", "right of", "above", "below"]
 REGIONS = ["left", "right", "above", "below"]  # GenEval++: "above" = top half, "below" = bottom half
-SIZES = ["larger", "smaller"]
+SIZES = ["larger", "smaller", "small", "large"]  # GenEval++ comparatives; the shapes world's absolutes
 GENEVAL_TAGS = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
 GENEVAL_PP_TAGS = ["color_count_attr", "size_spatial_attr", "multi_object_count_attr",
                    "spatial_count_attr", "color_spatial_attr"]
@@ -78,7 +80,7 @@ class Detection:
 
 # --------------------------------------------------------------------------- metadata & folders
 
-def validate_meta(meta, where: str) -> dict:
+def validate_meta(meta, where: str, classes=GENEVAL_CLASSES) -> dict:
     """Check one GenEval metadata dict; raise GenEvalError naming `where` if malformed."""
     def bad(msg):
         raise GenEvalError(f"{where}: {msg}")
@@ -96,7 +98,7 @@ def validate_meta(meta, where: str) -> dict:
         bad("'exclude' must be a list")
     allowed = {"class", "count", "color", "position", "region", "size"}
     for i, req in enumerate(include + exclude):
-        if not isinstance(req, dict) or req.get("class") not in GENEVAL_CLASSES:
+        if not isinstance(req, dict) or (classes is not None and req.get("class") not in classes):
             bad(f"unknown class {req.get('class') if isinstance(req, dict) else req!r}")
         if not isinstance(req.get("count"), int) or req["count"] < 1:
             bad(f"{req['class']}: 'count' must be a positive integer")
@@ -114,7 +116,7 @@ def validate_meta(meta, where: str) -> dict:
     return meta
 
 
-def read_metadata(path) -> list[dict]:
+def read_metadata(path, classes=GENEVAL_CLASSES) -> list[dict]:
     """Read a GenEval metadata .jsonl file (one dict per line), validating every line."""
     path = Path(path)
     if not path.is_file():
@@ -131,7 +133,7 @@ def read_metadata(path) -> list[dict]:
             meta = json.loads(line)
         except json.JSONDecodeError as e:
             raise GenEvalError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-        metas.append(validate_meta(meta, f"{path}:{lineno}"))
+        metas.append(validate_meta(meta, f"{path}:{lineno}", classes))
     return metas
 
 
@@ -145,7 +147,7 @@ def write_prompt_folder(out, index: int, meta: dict, images) -> Path:
     return folder
 
 
-def iter_samples(folder, metadata: list[dict] | None = None) -> Iterator[tuple[int, dict, Path]]:
+def iter_samples(folder, metadata: list[dict] | None = None, classes=GENEVAL_CLASSES) -> Iterator[tuple[int, dict, Path]]:
     """Yield (prompt index, metadata, image path) for every sample of a GenEval folder.
 
     If `metadata` is given, the folder must hold exactly one prompt dir per entry,
@@ -163,7 +165,7 @@ def iter_samples(folder, metadata: list[dict] | None = None) -> Iterator[tuple[i
                            f"file has {len(metadata)} prompts")
     items = []
     for k, pdir in enumerate(prompt_dirs):
-        metas = read_metadata(pdir / "metadata.jsonl")
+        metas = read_metadata(pdir / "metadata.jsonl", classes)
         if len(metas) != 1:
             raise GenEvalError(f"{pdir / 'metadata.jsonl'}: expected 1 line, found {len(metas)}")
         if metadata is not None and metadata[k]["prompt"] != metas[0]["prompt"]:
@@ -383,6 +385,14 @@ class GenEvalScorer:
         return evaluate(meta, detected, image.size, lambda objs, cls: self.colors(image, objs, cls))
 
 
+def scorer_classes(name):
+    """The class names a scorer knows: GenEval's 80 COCO names, or the shapes world's three shapes."""
+    if name == "shapes":
+        import shapes
+        return shapes.SHAPES
+    return GENEVAL_CLASSES
+
+
 def make_scorer(args) -> Callable[[Image.Image, dict], tuple[bool, str]]:
     """Build the scorer named by --scorer."""
     if args.scorer == "shapes":
@@ -505,12 +515,113 @@ def generate_prompts(n: int, seed: int, exclude: set[str] = frozenset()) -> list
     return metas[:n]
 
 
+
+# --------------------------------------------------------------------------- generate / audit (the model side)
+
+def load_model(args):
+    """Any model gvu.py trains (+ an optional peft adapter saved by gvu.py), in eval mode."""
+    import gvu
+    from peft import PeftModel
+    try:
+        umm = gvu.load_umm(args.model, args.seed)
+    except gvu.InputError as e:
+        raise GenEvalError(str(e)) from None
+    if args.adapter:
+        PeftModel.from_pretrained(umm.lm, args.adapter)  # injects the LoRA layers into umm.lm in place
+    umm.lm.eval()
+    return umm
+
+
+def sample_groups(umm, metas, n, args):
+    """Yield (index, meta, images) with n images per prompt, batched; seeds depend only on the batch index,
+    so a base and a trained model are compared on the same noise."""
+    import torch
+    import gvu
+    prompts = [m["prompt"] for m in metas]
+    try:
+        gvu.check_vocabulary(umm, prompts)
+    except gvu.InputError as e:
+        raise GenEvalError(str(e)) from None
+    from tqdm import tqdm
+    for b in tqdm(range(0, len(metas), args.batch), desc="sampling", unit="batch" if args.batch > 1 else "prompt"):
+        gen = torch.Generator().manual_seed(args.seed * 100_003 + b)
+        ro = gvu.rollout(umm, prompts[b:b + args.batch], n, args.temperature, args.top_k, args.min_p, args.cfg_scale, gen)
+        images = umm.decode_images(ro["codes"], gen)
+        for k, meta in enumerate(metas[b:b + args.batch]):
+            yield b + k, meta, images[k * n:(k + 1) * n]
+
+
+def cmd_generate(args) -> None:
+    """generate: n images per metadata line into GenEval's folder layout."""
+    metas = read_metadata(args.metadata, classes=None if args.any_class else GENEVAL_CLASSES)
+    umm = load_model(args)
+    for index, meta, images in sample_groups(umm, metas, args.n, args):
+        write_prompt_folder(args.out, index, meta, images)
+    print(f"wrote {len(metas)} prompts x {args.n} images to {args.out}")
+
+
+def group_auc(rewards, correct):
+    """P(reward of a correct image > reward of a wrong one) within one group, ties count half; None if undefined."""
+    pos = [r for r, c in zip(rewards, correct) if c]
+    neg = [r for r, c in zip(rewards, correct) if not c]
+    if not pos or not neg:
+        return None
+    return sum((p > q) + 0.5 * (p == q) for p in pos for q in neg) / (len(pos) * len(neg))
+
+
+def audit_table(rows):
+    """Per tag: within-group AUC, share of groups the scorer cannot split, mean reward of correct vs wrong."""
+    by_tag = {}
+    for r in rows:
+        by_tag.setdefault(r["tag"], []).append(r)
+    out = {}
+    for tag, groups in sorted(by_tag.items()):
+        aucs = [a for g in groups if (a := group_auc(g["rewards"], g["correct"])) is not None]
+        good = [x for g in groups for x, c in zip(g["rewards"], g["correct"]) if c]
+        bad = [x for g in groups for x, c in zip(g["rewards"], g["correct"]) if not c]
+        out[tag] = {"groups": len(groups), "auc": float(np.mean(aucs)) if aucs else None,
+                    "no_difference": 1 - len(aucs) / len(groups),
+                    "reward_correct": float(np.mean(good)) if good else None,
+                    "reward_wrong": float(np.mean(bad)) if bad else None,
+                    "accuracy": len(good) / (len(good) + len(bad))}
+    return out
+
+
+def cmd_audit(args) -> None:
+    """audit: does the model's own reward rank its images the way the scorer does?"""
+    import torch
+    import gvu
+    classes = scorer_classes(args.scorer)
+    metas = read_metadata(args.metadata, classes)
+    umm, scorer, rows = load_model(args), make_scorer(args), []
+    for index, meta, images in sample_groups(umm, metas, args.group_size, args):
+        with torch.no_grad():
+            rewards = gvu.intrinsic_reward(*gvu.prompt_token_logprobs(umm, images, [meta["prompt"]] * len(images),
+                                                                      args.instruction))
+        verdicts = [scorer(im, meta) for im in images]
+        rows.append({"index": index, "tag": meta["tag"], "prompt": meta["prompt"], "rewards": rewards.tolist(),
+                     "correct": [bool(c) for c, _ in verdicts]})
+    table = audit_table(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "audit_groups.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "audit.json").write_text(json.dumps(table, indent=2) + "\n")
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
+    md = ["| tag | groups | accuracy | within-group AUC | groups with no difference | reward correct | reward wrong |",
+          "|---|---:|---:|---:|---:|---:|---:|"]
+    md += [f"| {t} | {v['groups']} | {v['accuracy']:.3f} | {fmt(v['auc'])} | {v['no_difference']:.2f} | "
+           f"{fmt(v['reward_correct'])} | {fmt(v['reward_wrong'])} |" for t, v in table.items()]
+    (out / "audit.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
 # --------------------------------------------------------------------------- CLI
 
 def cmd_score(args) -> None:
     """score: run a scorer over a folder, write results.jsonl, summary.md, summary.json."""
-    metadata = read_metadata(args.metadata) if args.metadata else None
-    samples = list(iter_samples(args.folder, metadata))  # validate everything before loading models
+    classes = scorer_classes(args.scorer)
+    metadata = read_metadata(args.metadata, classes) if args.metadata else None
+    samples = list(iter_samples(args.folder, metadata, classes))  # validate everything before loading models
     for _, _, path in samples:
         check_image(path)
     scorer = make_scorer(args)
@@ -578,6 +689,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exclude", help="GenEval metadata .jsonl whose prompts must not be generated")
     g.add_argument("--out", default="prompts/geneval_train", help="output path prefix (.txt and .jsonl)")
     g.set_defaults(func=cmd_prompts)
+    def model_flags(q, n_default, n_help):
+        q.add_argument("--model", default="tiny-random", help="a model gvu.py loads (tiny UMM folder or 'tiny-random')")
+        q.add_argument("--adapter", help="a LoRA adapter folder written by gvu.py (its --out/adapter)")
+        q.add_argument("--metadata", required=True, help="GenEval-format metadata .jsonl")
+        q.add_argument("--out", required=True, help="output folder")
+        q.add_argument(n_default[0], type=int, default=n_default[1], help=n_help)
+        q.add_argument("--batch", type=int, default=8, help="prompts per sampling batch")
+        q.add_argument("--seed", type=int, default=0, help="sampling seed (same seed -> same noise for any model)")
+        q.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+        q.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
+        q.add_argument("--min-p", type=float, default=0.0, help="min-p sampling (0 = off)")
+        q.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
+    gn = sub.add_parser("generate", help="sample images for a metadata file into GenEval's folder layout")
+    model_flags(gn, ("--n", 4), "images per prompt")
+    gn.add_argument("--any-class", action="store_true", help="accept classes outside GenEval's 80 (e.g. shapes)")
+    gn.set_defaults(func=cmd_generate)
+    au = sub.add_parser("audit", help="within-group agreement of the intrinsic reward with a scorer, per tag")
+    model_flags(au, ("--group-size", 8), "G: images per prompt, as in training")
+    au.add_argument("--scorer", choices=["geneval", "shapes"], default="shapes", help="who decides correctness")
+    au.add_argument("--instruction", default="Describe the image in detail.", help="as gvu.py --instruction")
+    for flag, kw in [("--detector", dict(default="facebook/mask2former-swin-small-coco-instance")),
+                     ("--clip", dict(default="openai/clip-vit-large-patch14")), ("--device", {}),
+                     ("--threshold", dict(type=float, default=0.3)), ("--counting-threshold", dict(type=float, default=0.9)),
+                     ("--max-objects", dict(type=int, default=16))]:
+        au.add_argument(flag, help="as in score", **kw)
+    au.set_defaults(func=cmd_audit)
     return p
 
 

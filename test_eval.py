@@ -292,3 +292,38 @@ def test_score_cli_writes_results_and_summaries_on_tiny_models(tmp_path, tiny_mo
     assert summary["prompts"] == 2 and summary["notes"] == [E.PROXY_NOTE]
     assert "| **overall** (mean of tag means) |" in (tmp_path / "scores" / "summary.md").read_text()
     assert "| colors | 2 |" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- generate / audit on a tiny model
+
+def test_group_auc_counts_pairs_where_correct_images_score_higher():
+    """AUC = share of (correct, wrong) pairs ordered right, ties half; undefined when the scorer sees no difference."""
+    assert E.group_auc([0.9, 0.2, 0.5, 0.5], [True, False, True, False]) == pytest.approx((1 + 1 + 1 + 0.5) / 4)
+    assert E.group_auc([0.1, 0.2], [True, True]) is None
+
+
+def test_generate_then_score_and_audit_on_a_tiny_model(tmp_path):
+    """generate writes GenEval's layout that score --scorer shapes reads; audit reports every tag it saw."""
+    metas = [{"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "red"}], "prompt": "a photo of a red circle"},
+             {"tag": "counting", "include": [{"class": "square", "count": 2}], "exclude": [{"class": "square", "count": 3}],
+              "prompt": "a photo of two squares"}]
+    meta_file = write_jsonl(tmp_path / "m.jsonl", metas)
+    E.main(["generate", "--metadata", str(meta_file), "--out", str(tmp_path / "gen"), "--n", "2", "--any-class"])
+    assert sorted(p.name for p in (tmp_path / "gen" / "00001" / "samples").iterdir()) == ["0000.png", "0001.png"]
+    assert json.loads((tmp_path / "gen" / "00001" / "metadata.jsonl").read_text()) == metas[1]
+    E.main(["score", str(tmp_path / "gen"), "--scorer", "shapes", "--metadata", str(meta_file)])
+    summary = json.loads((tmp_path / "gen" / "summary.json").read_text())
+    assert summary["images"] == 4 and set(summary["tags"]) == {"colors", "counting"}
+    E.main(["audit", "--metadata", str(meta_file), "--out", str(tmp_path / "audit"), "--group-size", "2"])
+    table = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert set(table) == {"colors", "counting"} and all(v["groups"] == 1 for v in table.values())
+    groups = [json.loads(line) for line in (tmp_path / "audit" / "audit_groups.jsonl").read_text().splitlines()]
+    assert all(len(g["rewards"]) == 2 and all(0 < r < 1 for r in g["rewards"]) for g in groups)
+
+
+def test_generate_names_words_the_model_does_not_know(tmp_path):
+    """Prompts outside the tiny vocabulary fail with one line naming the words."""
+    meta_file = write_jsonl(tmp_path / "m.jsonl", [{"tag": "single_object", "include": [{"class": "dog", "count": 1}],
+                                                    "prompt": "a photo of a dog"}])
+    msg = run_error(["generate", "--metadata", str(meta_file), "--out", str(tmp_path / "gen")])
+    assert "dog" in msg and "\n" not in msg
