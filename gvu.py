@@ -33,7 +33,6 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -229,10 +228,9 @@ def check_vocabulary(umm, prompts):
 
 def prompt_batch(prompts, step, B, seed):
     """The B prompts of `step`: a fresh seeded shuffle per epoch, so the stream is a function of step."""
-    @lru_cache(maxsize=2)
-    def perm(epoch):
-        return torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    return [prompts[perm(k // len(prompts))[k % len(prompts)]] for k in range(step * B, (step + 1) * B)]
+    n, ks = len(prompts), range(step * B, (step + 1) * B)
+    perms = {e: torch.randperm(n, generator=torch.Generator().manual_seed(seed + e)).tolist() for e in {k // n for k in ks}}
+    return [prompts[perms[k // n][k % n]] for k in ks]
 
 
 def enable_checkpointing(lm):
