@@ -13,6 +13,8 @@ Subcommands:
     generate         sample N images per prompt from a gvu.py model (+ adapter) into that layout
     score FOLDER     detect, apply the rules, write results.jsonl + summary.{md,json}
     audit            per tag, does the model's own intrinsic reward rank its images like the scorer?
+    curve, grid      the README's figures: reward vs step; before/after samples
+    oracle-train     gvu.py with the shapes oracle as the reward: an upper bound for the intrinsic reward
     compare A B      per-tag accuracies of two runs side by side, with deltas
     prompts          GenEval-style training prompts over the 80 COCO classes
 
@@ -59,7 +61,7 @@ SIZES = ["larger", "smaller", "small", "large"]  # GenEval++ comparatives; the s
 GENEVAL_TAGS = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
 GENEVAL_PP_TAGS = ["color_count_attr", "size_spatial_attr", "multi_object_count_attr",
                    "spatial_count_attr", "color_spatial_attr"]
-KNOWN_TAGS = set(GENEVAL_TAGS + GENEVAL_PP_TAGS)
+KNOWN_TAGS = set(GENEVAL_TAGS + GENEVAL_PP_TAGS) | {"size"}  # + the shapes world's train-only "size" tag
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
 PROXY_NOTE = "region/size (GenEval++) are scored by a rule-based proxy, not an official GenEval rule"
 
@@ -615,6 +617,82 @@ def cmd_audit(args) -> None:
     print("\n".join(md))
 
 
+
+# --------------------------------------------------------------------------- figures for the README
+
+def cmd_curve(args) -> None:
+    """curve: reward (and KL) vs step from gvu.py log.jsonl files, as a PNG (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise GenEvalError("curve needs matplotlib: pip install matplotlib") from None
+    fig, (ax_r, ax_k) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for log in args.logs:
+        label, _, path = log.rpartition("=") if "=" in log else (Path(log).parent.name, "", log)
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+        steps = [r["step"] for r in rows]
+        smooth = lambda xs, k=args.smooth: [float(np.mean(xs[max(0, i - k + 1):i + 1])) for i in range(len(xs))]
+        ax_r.plot(steps, smooth([r["reward_mean"] for r in rows]), label=label)
+        ax_k.plot(steps, smooth([r["kl"] for r in rows]), label=label)
+    ax_r.set(xlabel="step", ylabel=f"mean intrinsic reward ({args.smooth}-step mean)")
+    ax_k.set(xlabel="step", ylabel="KL to the base (k3, per token)")
+    ax_r.legend()
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+
+
+def cmd_grid(args) -> None:
+    """grid: the same prompts and seeds from two generate folders side by side, with the scorer's verdicts."""
+    from PIL import ImageDraw
+    classes = scorer_classes(args.scorer)
+    runs = [list(iter_samples(folder, classes=classes)) for folder in (args.run_a, args.run_b)]
+    scorer, px, n = make_scorer(args), 96, args.images
+    by_prompt = [{} for _ in runs]
+    for d, run in zip(by_prompt, runs):
+        for index, meta, path in run:
+            d.setdefault(index, (meta, []))[1].append(path)
+    indices = sorted(by_prompt[0])[:: max(1, len(by_prompt[0]) // args.prompts)][: args.prompts]
+    grid = Image.new("RGB", (2 * n * px + 12, len(indices) * (px + 14)), "white")
+    draw = ImageDraw.Draw(grid)
+    for row, index in enumerate(indices):
+        y = row * (px + 14)
+        draw.text((2, y), by_prompt[0][index][0]["prompt"], fill="black")
+        for side, d in enumerate(by_prompt):
+            meta, paths = d[index]
+            for j, path in enumerate(paths[:n]):
+                image = load_image(path)
+                ok, _ = scorer(image, meta)
+                x = side * (n * px + 12) + j * px
+                grid.paste(image.resize((px - 4, px - 4), Image.NEAREST), (x + 2, y + 12))
+                draw.rectangle([x + 1, y + 11, x + px - 2, y + px - 2], outline="green" if ok else "red", width=2)
+    grid.save(args.out)
+    print(f"wrote {args.out}: left {args.run_a}, right {args.run_b}; green = correct, red = wrong")
+
+
+
+# --------------------------------------------------------------------------- oracle-reward upper bound
+
+def cmd_oracle_train(args, gvu_argv) -> None:
+    """oracle-train: gvu.py unchanged except that the reward is the pixel oracle's verdict (1 or 0).
+    Same RL, a perfect judge: the gap to GvU separates "the reward is weak" from "the RL cannot learn this"."""
+    import torch
+    import gvu
+    import shapes
+    by_prompt = {m["prompt"]: m for m in read_metadata(args.train_metadata, classes=shapes.SHAPES)}
+
+    def oracle_logprobs(umm, images, prompts, instruction, micro_batch=64):  # replaces gvu.prompt_token_logprobs
+        missing = sorted({p for p in prompts if p not in by_prompt})
+        if missing:
+            raise gvu.InputError(f"no metadata for prompt {missing[0]!r} in {args.train_metadata}")
+        ok = torch.tensor([[float(shapes.oracle(im, by_prompt[p])[0])] for im, p in zip(images, prompts)])
+        return ok.clamp_min(1e-6).log(), torch.ones_like(ok)  # one "token": exp(mean log p) = the verdict
+    gvu.prompt_token_logprobs = oracle_logprobs
+    gvu.main(gvu_argv)
+
+
 # --------------------------------------------------------------------------- CLI
 
 def cmd_score(args) -> None:
@@ -715,14 +793,33 @@ def build_parser() -> argparse.ArgumentParser:
                      ("--max-objects", dict(type=int, default=16))]:
         au.add_argument(flag, help="as in score", **kw)
     au.set_defaults(func=cmd_audit)
+    cv = sub.add_parser("curve", help="plot reward and KL vs step from gvu.py logs (matplotlib)")
+    cv.add_argument("logs", nargs="+", help="log.jsonl files, optionally LABEL=path")
+    cv.add_argument("--out", default="reward_curve.png", help="PNG to write")
+    cv.add_argument("--smooth", type=int, default=10, help="running-mean window in steps")
+    cv.set_defaults(func=cmd_curve)
+    gr = sub.add_parser("grid", help="before/after sample grid from two generate folders (same prompts and seeds)")
+    gr.add_argument("run_a", help="generate folder of the base model")
+    gr.add_argument("run_b", help="generate folder of the trained model")
+    gr.add_argument("--out", default="before_after.png", help="PNG to write")
+    gr.add_argument("--prompts", type=int, default=8, help="rows: prompts, spread over the file")
+    gr.add_argument("--images", type=int, default=4, help="images per prompt and side")
+    gr.add_argument("--scorer", choices=["shapes"], default="shapes", help="draws a green/red frame per image")
+    gr.set_defaults(func=cmd_grid)
+    ot = sub.add_parser("oracle-train", help="run gvu.py with the pixel oracle as the reward (upper bound); "
+                                             "other flags go to gvu.py")
+    ot.add_argument("--train-metadata", default="prompts/train.jsonl", help="metadata of every training prompt")
+    ot.set_defaults(func=cmd_oracle_train)
     return p
 
 
 def main(argv=None) -> int:
     """Entry point; project errors become a one-line message and a non-zero exit."""
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    if rest and args.command != "oracle-train":
+        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        args.func(args)
+        args.func(args, rest) if args.command == "oracle-train" else args.func(args)
     except GenEvalError as e:
         sys.exit(f"error: {e}")
     return 0

@@ -327,3 +327,14 @@ def test_generate_names_words_the_model_does_not_know(tmp_path):
                                                     "prompt": "a photo of a dog"}])
     msg = run_error(["generate", "--metadata", str(meta_file), "--out", str(tmp_path / "gen")])
     assert "dog" in msg and "\n" not in msg
+
+
+def test_oracle_train_rewards_are_the_oracle_verdicts(tmp_path):
+    """oracle-train runs gvu.py with reward = the pixel oracle's 0/1 verdict per image."""
+    metas = [{"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "red"}], "prompt": "a photo of a red circle"}]
+    meta_file = write_jsonl(tmp_path / "m.jsonl", metas)
+    (tmp_path / "p.txt").write_text("a photo of a red circle\n")
+    E.main(["oracle-train", "--train-metadata", str(meta_file), "--model", "tiny-random", "--prompts", str(tmp_path / "p.txt"),
+            "--out", str(tmp_path / "run"), "--steps", "1", "--batch-prompts", "1", "--group-size", "2"])
+    row = json.loads((tmp_path / "run" / "log.jsonl").read_text())
+    assert row["reward_mean"] == pytest.approx(1e-6, rel=1e-3)  # a random model draws noise: every verdict is 0
