@@ -504,7 +504,8 @@ def make_meta(tag: str, index: int) -> dict:
 
 
 def generate_prompts(n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
-    """n distinct GenEval-style prompts, tags balanced (small tags first, leftovers go to larger ones)."""
+    """n distinct GenEval-style prompts, tags balanced (small tags first, leftovers go to larger ones).
+    `exclude` holds lowercased prompt texts (GenEval++ capitalises "A photo of ...")."""
     rng = random.Random(seed)
     tags = sorted(TAG_SPACES, key=lambda t: math.prod(TAG_SPACES[t]))
     metas = []
@@ -512,7 +513,7 @@ def generate_prompts(n: int, seed: int, exclude: set[str] = frozenset()) -> list
         share = math.ceil((n - len(metas)) / left)
         pool = math.prod(TAG_SPACES[tag])
         picks = (make_meta(tag, i) for i in rng.sample(range(pool), min(pool, share + len(exclude))))
-        metas += [m for m in picks if m["prompt"] not in exclude][:share]
+        metas += [m for m in picks if m["prompt"].lower() not in exclude][:share]
     rng.shuffle(metas)
     return metas[:n]
 
@@ -728,7 +729,7 @@ def cmd_compare(args) -> None:
 
 def cmd_prompts(args) -> None:
     """prompts: write <out>.txt and <out>.jsonl of GenEval-style training prompts."""
-    exclude = {m["prompt"] for m in read_metadata(args.exclude)} if args.exclude else set()
+    exclude = {m["prompt"].lower() for path in args.exclude for m in read_metadata(path)}
     metas = generate_prompts(args.n, args.seed, exclude)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -764,7 +765,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("prompts", help="generate GenEval-style training prompts")
     g.add_argument("--seed", type=int, default=0, help="random seed (output is deterministic given it)")
     g.add_argument("--n", type=int, default=50000, help="number of prompts")
-    g.add_argument("--exclude", help="GenEval metadata .jsonl whose prompts must not be generated")
+    g.add_argument("--exclude", nargs="*", default=[],
+                   help="GenEval-format metadata .jsonl files whose prompts must not be generated (case-insensitive)")
     g.add_argument("--out", default="prompts/geneval_train", help="output path prefix (.txt and .jsonl)")
     g.set_defaults(func=cmd_prompts)
     def model_flags(q, n_default, n_help):
