@@ -99,8 +99,8 @@ def rollout(umm, prompts, G, temperature=1.0, top_k=0, min_p=0.0, cfg_scale=1.0,
     umm.set_generation_mode("image")
     texts = [umm.t2i_prompt(p) for p in prompts for _ in range(G)]  # B*G, group members adjacent
     cfg = cfg_scale != 1.0
-    if cfg:  # X-Omni's unconditional branch: the image prefix alone
-        texts = texts + [umm.t2i_prompt("")] * len(texts)
+    if cfg:  # the model's own unconditional prompt (X-Omni: the image prefix alone; Janus: padded prompt)
+        texts = texts + [umm.uncond_prompt(p) for p in prompts for _ in range(G)]
     enc = umm.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt").to(umm.lm.device)
     mask, pos, cache = enc.attention_mask, left_pad_positions(enc.attention_mask), DynamicCache()
     hidden = umm.hidden_states(enc.input_ids, mask, pos, cache)[:, -1]  # (N', D) prefill
@@ -147,7 +147,7 @@ def prompt_token_logprobs(umm, images, prompts, instruction, micro_batch=64):
     umm.set_generation_mode("text")
     tok = umm.tokenizer
     ctx = tok([umm.caption_prompt(im, instruction) for im in images], add_special_tokens=False).input_ids
-    ans = tok([p + umm.answer_suffix for p in prompts], add_special_tokens=False).input_ids
+    ans = tok([umm.answer_prefix + p + umm.answer_suffix for p in prompts], add_special_tokens=False).input_ids
     L, dev = max(map(len, ans)), umm.lm.device
     out_logp, out_mask = torch.zeros(len(ans), L, device=dev), torch.zeros(len(ans), L, device=dev)
     for s in range(0, len(ans), micro_batch):
@@ -160,7 +160,7 @@ def prompt_token_logprobs(umm, images, prompts, instruction, micro_batch=64):
         where = torch.tensor([[len(ci) - 1 + min(j, len(ai) - 1) for j in range(L)] for ci, ai in zip(c, a)], device=dev)
         target = torch.tensor([ai + [tok.pad_token_id] * (L - len(ai)) for ai in a], device=dev)  # (n, L)
         valid = torch.tensor([[1.0] * len(ai) + [0.0] * (L - len(ai)) for ai in a], device=dev)
-        hidden = umm.hidden_states(ids, attn)  # (n, T, D)
+        hidden = umm.hidden_states(ids, attn, images=images[s:s + micro_batch])  # (n, T, D); Janus encodes pixels
         hidden = hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))  # (n, L, D)
         logp = F.log_softmax(umm.logits(hidden).float(), -1).gather(-1, target[..., None])[..., 0]
         out_logp[s:s + len(a)], out_mask[s:s + len(a)] = logp * valid, valid
@@ -244,7 +244,10 @@ def load_umm(name, seed):
         return TinyUMM.random(seed)
     if os.path.isdir(name) and TinyUMM.is_tiny_umm(name):
         return TinyUMM.from_pretrained(name)
-    raise InputError(f"--model {name}: not a tiny UMM folder (tiny_umm.json) nor 'tiny-random'")
+    from adapters import JanusPro
+    if JanusPro.is_janus(name):
+        return JanusPro.from_pretrained(name)  # fp32 on the CPU; train() moves it and autocasts to bf16
+    raise InputError(f"--model {name}: not 'tiny-random', a tiny UMM folder (tiny_umm.json) or a Janus(-Pro) checkpoint")
 
 
 def save_grid(path, prompts, images, rewards, G, rows=4, px=96):
@@ -289,7 +292,7 @@ def train(args):
     umm.lm.requires_grad_(False)
     policy = get_peft_model(umm.lm, LoraConfig(  # LoRA layers are injected into umm.lm in place
         r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+        target_modules=umm.lora_targets))  # the LM's linear layers only
     enable_checkpointing(umm.lm)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)

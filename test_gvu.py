@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import gvu

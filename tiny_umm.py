@@ -186,7 +186,12 @@ class TinyUMM:
         msgs = [{"role": "user", "content": self.tokenize_image(image) + " " + instruction}]
         return self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
-    answer_suffix = "<|im_end|>"  # what ends an assistant turn
+    answer_prefix, answer_suffix = "", "<|im_end|>"  # what the scored answer starts and ends with
+    lora_targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # the LM's linear layers
+
+    def uncond_prompt(self, prompt):
+        """CFG's unconditional prompt: X-Omni's image prefix alone."""
+        return self.t2i_prompt("")
 
     @torch.no_grad()
     def decode_images(self, codes, generator=None, batch_size=64):
@@ -202,8 +207,9 @@ class TinyUMM:
         return images
 
     # --- what gvu.py reads off the LM ------------------------------------------------------
-    def hidden_states(self, input_ids, attention_mask, position_ids=None, cache=None):
-        """Final-layer hidden states (B, T, D). `cache` (a DynamicCache) is updated in place."""
+    def hidden_states(self, input_ids, attention_mask, position_ids=None, cache=None, images=None):
+        """Final-layer hidden states (B, T, D). `cache` (a DynamicCache) is updated in place. `images` is
+        unused: like X-Omni, the tiny UMM reads images as codes in the text (Janus encodes pixels)."""
         # positional: transformers 4.x calls the 4th argument past_key_values, 5.x calls it cache
         out = self.lm.model(input_ids, attention_mask, position_ids, cache, use_cache=cache is not None)
         return out.last_hidden_state
