@@ -12,7 +12,7 @@ Given only text prompts, every step:
                  r = per-image-token ratio, pi_ref = the same weights with the LoRA adapter disabled.
 
 CPU (the tiny UMM, no downloads):  python gvu.py --model tiny-random --prompts prompts/train.txt --steps 3 --out runs/smoke
-GPU:                               python gvu.py --prompts prompts/train.txt   (cuda + bf16 autocast are picked up)
+GPU (Janus-Pro, bf16 autocast):    python gvu.py --model deepseek-community/Janus-Pro-1B --prompts prompts/geneval_train.txt --cfg-scale 5
 
 Departures from the paper and the official code, and why:
   1. The reward forward is ONE batched teacher-forced pass per micro-batch; the official code runs
@@ -51,7 +51,8 @@ warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v
 @dataclass
 class Args:
     prompts: str = field(default="prompts/train.txt", metadata={"help": "text file, one prompt per line (UTF-8)"})
-    model: str = field(default="tiny-random", metadata={"help": "tiny UMM folder, or 'tiny-random' to build one in-process"})
+    model: str = field(default="tiny-random", metadata={
+        "help": "tiny UMM folder, 'tiny-random' (built in-process), or a Janus(-Pro) checkpoint path / hub id"})
     out: str = field(default="runs/gvu", metadata={"help": "output folder: config, log, adapter, state, samples"})
     steps: int = field(default=200, metadata={"help": "training steps (one rollout each)"})
     batch_prompts: int = field(default=8, metadata={"help": "B: prompts per step"})
