@@ -33,6 +33,16 @@ USER, ASSISTANT = "<|User|>", "<|Assistant|>"  # Janus's "deepseek" chat roles (
 PAD_TOKEN = "<｜▁pad▁｜>"  # Janus's pad token, used when a tokenizer names none
 
 
+def janus_image_processor_class():
+    """Janus's image processor without torchvision: its own module in transformers 5, the plain class in 4.x."""
+    try:
+        from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
+        return JanusImageProcessorPil
+    except ImportError:
+        from transformers import JanusImageProcessor
+        return JanusImageProcessor
+
+
 class ImagesRequired(ValueError):
     """hidden_states saw <image_placeholder> tokens but was given no images to fill them with."""
 
@@ -56,8 +66,7 @@ class JanusPro:
             tokenizer = proc
         vcfg = model.config.vision_config
         if image_processor is None:
-            from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
-            image_processor = JanusImageProcessorPil(
+            image_processor = janus_image_processor_class()(
                 size={"height": vcfg.image_size, "width": vcfg.image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
         self.lm, self.tokenizer, self.image_processor = model, tokenizer, image_processor
         if system_prompt is None:
