@@ -11,8 +11,9 @@ Given only text prompts, every step:
   4. GRPO:       maximise mean_i min(r_i A_i, clip(r_i, 1-eps, 1+eps) A_i) - beta KL_k3(pi || pi_ref),
                  r = per-image-token ratio, pi_ref = the same weights with the LoRA adapter disabled.
 
-CPU (the tiny UMM, no downloads):  python gvu.py --model tiny-random --prompts prompts/train.txt --steps 3 --out runs/smoke
-GPU (Janus-Pro, bf16 autocast):    python gvu.py --model deepseek-community/Janus-Pro-1B --prompts prompts/geneval_train.txt --cfg-scale 5
+CPU (the shipped tiny UMM, no downloads, ~10 min):  python gvu.py --prompts prompts/train.txt
+CPU smoke test with random weights:                 python gvu.py --model tiny-random --steps 3 --out runs/smoke
+GPU (Janus-Pro, bf16 autocast):                     python gvu.py --model deepseek-community/Janus-Pro-1B --prompts prompts/geneval_train.txt --cfg-scale 5
 
 Departures from the paper and the official code, and why:
   1. The reward forward is ONE batched teacher-forced pass per micro-batch; the official code runs
@@ -51,7 +52,7 @@ warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v
 @dataclass
 class Args:
     prompts: str = field(default="prompts/train.txt", metadata={"help": "text file, one prompt per line (UTF-8)"})
-    model: str = field(default="tiny-random", metadata={
+    model: str = field(default="checkpoints/tiny-umm", metadata={
         "help": "tiny UMM folder, 'tiny-random' (built in-process), or a Janus(-Pro) checkpoint path / hub id"})
     out: str = field(default="runs/gvu", metadata={"help": "output folder: config, log, adapter, state, samples"})
     steps: int = field(default=200, metadata={"help": "training steps (one rollout each)"})

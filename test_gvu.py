@@ -328,3 +328,17 @@ def test_tokenize_image_follows_x_omni_format(umm):
     assert s.startswith("<SOM>4 4<IMAGE><MM-Token-") and s.endswith("<EOM>") and s.count("<MM-Token-") == 16
     k = int(s.split("<MM-Token-")[1].split(">")[0])
     assert umm.tokenizer.convert_tokens_to_ids(f"<MM-Token-{k}>") == umm.image_offset + k
+
+
+def test_shipped_tiny_umm_prefers_the_true_caption_of_a_render():
+    """The shipped checkpoint's intrinsic reward ranks each render's true caption above a one-word change."""
+    import shapes
+    umm = TinyUMM.from_pretrained(os.path.join(HERE, "checkpoints", "tiny-umm"))
+    scenes = [[shapes.Obj("circle", "red", "large", 1, 1)],
+              [shapes.Obj("square", "blue", "small", 2, 0), shapes.Obj("triangle", "yellow", "large", 2, 3)]]
+    true = ["a photo of a red circle", "a photo of a blue square and a yellow triangle"]
+    wrong = ["a photo of a green circle", "a photo of a blue square and a yellow circle"]
+    images = [shapes.render(s) for s in scenes]
+    with torch.no_grad():
+        r = gvu.intrinsic_reward(*gvu.prompt_token_logprobs(umm, images * 2, true + wrong, "Describe the image in detail."))
+    assert (r[:2] > r[2:]).all(), r

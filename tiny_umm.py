@@ -600,6 +600,9 @@ def understand(a):
     import gvu
     torch.set_num_threads(a.threads)
     umm = TinyUMM.from_pretrained(a.model)
+    if a.adapter:  # a GvU-trained LoRA: does understanding survive the RL?
+        from peft import PeftModel
+        PeftModel.from_pretrained(umm.lm, a.adapter)
     umm.lm.eval()
     rng = np.random.default_rng(a.seed)
     metas = [m for f in EVAL_FILES for m in read_jsonl(f)]
@@ -671,6 +674,7 @@ if __name__ == "__main__":
     t.add_argument("--threads", type=int, default=2)
     u = sub.add_parser("understand", help="caption-vs-distractor accuracy per attribute on eval lines")
     u.add_argument("--model", required=True)
+    u.add_argument("--adapter", default="", help="a LoRA adapter folder written by gvu.py")
     u.add_argument("--n", type=int, default=300, help="held-out scenes")
     u.add_argument("--seed", type=int, default=1234)
     u.add_argument("--threads", type=int, default=2)
