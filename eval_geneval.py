@@ -637,7 +637,7 @@ def cmd_curve(args) -> None:
         smooth = lambda xs, k=args.smooth: [float(np.mean(xs[max(0, i - k + 1):i + 1])) for i in range(len(xs))]
         ax_r.plot(steps, smooth([r["reward_mean"] for r in rows]), label=label)
         ax_k.plot(steps, smooth([r["kl"] for r in rows]), label=label)
-    ax_r.set(xlabel="step", ylabel=f"mean intrinsic reward ({args.smooth}-step mean)")
+    ax_r.set(xlabel="step", ylabel=f"mean reward ({args.smooth}-step running mean)")
     ax_k.set(xlabel="step", ylabel="KL to the base (k3, per token)")
     ax_r.legend()
     fig.tight_layout()
