@@ -690,8 +690,11 @@ def cmd_oracle_train(args, gvu_argv) -> None:
             raise gvu.InputError(f"no metadata for prompt {missing[0]!r} in {args.train_metadata}")
         ok = torch.tensor([[float(shapes.oracle(im, by_prompt[p])[0])] for im, p in zip(images, prompts)])
         return ok.clamp_min(1e-6).log(), torch.ones_like(ok)  # one "token": exp(mean log p) = the verdict
-    gvu.prompt_token_logprobs = oracle_logprobs
-    gvu.main(gvu_argv)
+    original, gvu.prompt_token_logprobs = gvu.prompt_token_logprobs, oracle_logprobs
+    try:
+        gvu.main(gvu_argv)
+    finally:  # leave gvu as it was for whoever imports it next (tests run in one process)
+        gvu.prompt_token_logprobs = original
 
 
 # --------------------------------------------------------------------------- CLI
