@@ -18,9 +18,12 @@ Parts:
   transformers fast tokenizer with a chat template. Unknown words are reported by name.
 - Image tokenizer: one learned feature per 12x12 cell, quantised to the nearest of K codes.
 - Decoder: a diffusers `UNet2DModel` (no self-attention) that sees the noisy image
-  concatenated with the upsampled code embeddings, sampled with a diffusers `DDIMScheduler`.
+  concatenated with a learned 12x12 patch per code, sampled with a diffusers `DDIMScheduler`.
 
-    python tiny_umm.py random --out /tmp/tiny   # save a random-init model folder (safetensors)
+    python tiny_umm.py train --out checkpoints/tiny-umm --t2i-frac 0.3 --seed 0   # the shipped model
+    python tiny_umm.py understand --model checkpoints/tiny-umm [--adapter RUN/adapter]
+    python tiny_umm.py gen-eval --model checkpoints/tiny-umm
+    python tiny_umm.py random --out /tmp/tiny   # a random-init model folder (safetensors)
 """
 import argparse
 import json
