@@ -41,7 +41,7 @@ def official_rewards(umm, images, prompts, instruction):
     for image, prompt in zip(images, prompts):
         ctx = tok(umm.caption_prompt(image, instruction), add_special_tokens=False).input_ids
         ans = tok(prompt + umm.answer_suffix, add_special_tokens=False).input_ids
-        logp = [F.log_softmax(umm.lm(input_ids=torch.tensor([ctx + ans[:j]])).logits[0, -1, :umm.image_offset].float(), -1)[a]
+        logp = [F.log_softmax(umm.lm(input_ids=torch.tensor([ctx + ans[:j]])).logits[0, -1, :umm.image_offset].double(), -1)[a]
                 for j, a in enumerate(ans)]
         out.append(torch.exp(torch.stack(logp).mean()))
     return torch.stack(out)

@@ -13,6 +13,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import gvu
+from bench import official_rewards
 from tiny_umm import TinyUMM
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -55,18 +56,6 @@ def run_main(*argv):
 
 
 # --- 2. intrinsic reward ------------------------------------------------------------------
-def official_reward(umm, image, prompt, instruction):
-    """The official method: one uncached forward of the full LM per prompt token, one image at a time."""
-    tok = umm.tokenizer
-    ctx = tok(umm.caption_prompt(image, instruction), add_special_tokens=False).input_ids
-    ans = tok(prompt + umm.answer_suffix, add_special_tokens=False).input_ids
-    logps = []
-    for j in range(len(ans)):
-        logits = umm.lm(input_ids=torch.tensor([ctx + ans[:j]])).logits[0, -1]  # full vocabulary
-        logps.append(torch.log_softmax(logits[:umm.image_offset].double(), -1)[ans[j]])  # text mode
-    return torch.exp(torch.stack(logps).mean()).item()
-
-
 def test_reward_equals_per_token_loop_and_ignores_padding_and_batching(umm):
     """Batched single-forward reward == the official one-forward-per-token loop, at any micro-batch."""
     images = images_for(umm, 4)
@@ -76,7 +65,7 @@ def test_reward_equals_per_token_loop_and_ignores_padding_and_batching(umm):
         batched = gvu.intrinsic_reward(lp, mask)
         lp1, mask1 = gvu.prompt_token_logprobs(umm, images, prompts, "Describe the image in detail.", micro_batch=1)
         single = gvu.intrinsic_reward(lp1, mask1)
-        slow = torch.tensor([official_reward(umm, im, p, "Describe the image in detail.") for im, p in zip(images, prompts)], dtype=torch.float64)
+        slow = official_rewards(umm, images, prompts, "Describe the image in detail.")  # bench's baseline, in fp64
     assert torch.allclose(batched.double(), slow, atol=1e-5, rtol=1e-5)
     assert torch.allclose(batched, single, atol=1e-6)
     assert mask.sum(1).tolist() == [len(umm.tokenizer(p + "<|im_end|>").input_ids) for p in prompts]
