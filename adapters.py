@@ -22,11 +22,24 @@ from the guided distribution but computes the ratio and the KL with the conditio
 (T2I-R1's convention), so CFG only shapes which codes are sampled.
 
     umm = JanusPro.from_pretrained("deepseek-community/Janus-Pro-1B", device="cuda")
+
+XOmni wraps X-Omni's own remote code (X-Omni/X-Omni-En on the hub: configuration_xomni.py, modeling_xomni.py,
+modeling_siglip_tokenizer.py, modeling_siglip_flux.py), loaded with trust_remote_code. One Qwen2.5-7B with two
+embedding tables and two heads; the image codes are ordinary ids `config.vocab_size + k`, printed <MM-Token-k>:
+
+    T2I:  "{prompt}<SOM>{h} {w}<IMAGE>" -> LM -> mm_head rows [0, K) -> code k -> id vocab_size + k -> next input
+          codes -> SigLIP-VQ codebook -> FLUX.1-dev-based decoder (FluxPipelineWithSigLIP) -> h*16 x w*16 px
+    I2T:  image -> tokenize_image: "<SOM>{H} {W}<IMAGE><MM-Token-k>...<EOM>" -> Qwen chat template -> lm_head
+
+    umm = XOmni.from_pretrained("X-Omni/X-Omni-En", flux="black-forest-labs/FLUX.1-dev", trust_remote_code=True,
+                                device="cuda")
 """
 import inspect
+import json
 import os
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 USER, ASSISTANT = "<|User|>", "<|Assistant|>"  # Janus's "deepseek" chat roles (sep "\n\n", sep2 EOS)
@@ -118,7 +131,6 @@ class JanusPro:
         """A folder whose config.json says model_type "janus", or a hub id naming Janus."""
         cfg = os.path.join(name_or_path, "config.json")
         if os.path.isfile(cfg):
-            import json
             with open(cfg) as f:
                 return json.load(f).get("model_type") == "janus"
         return not os.path.exists(name_or_path) and "janus" in name_or_path.lower()
@@ -219,3 +231,190 @@ class JanusPro:
             images += [Image.fromarray(a) for a in arr]
         return images
 
+
+# -------------------------------------------------------------------------------------------------------
+# X-Omni: remote code. The names used below come from X-Omni/X-Omni-En's modeling_xomni.py (XOmniForCausalLM,
+# XOmniModel and their init_vision, set_generation_mode, tokenize_image, mmdecode, detokenize_image, forward),
+# configuration_xomni.py (XOmniConfig) and modeling_siglip_tokenizer.py (SiglipTokenizer.decode), and from the
+# GitHub repo X-Omni-Team/X-Omni's generate.py and chat.py. modeling_siglip_flux.py (the decoder pipeline) was not
+# available to read: it is used only as modeling_xomni.py calls it, plus diffusers FluxPipeline's encode_prompt,
+# *_prompt_embeds and generator arguments, which _cache_decoder_text checks when the model loads.
+END_OF_TURN = "<|im_end|>"  # Qwen's end of turn; chat.py stops generation at it
+
+
+def dtype_kwarg():
+    """from_pretrained's dtype keyword: `dtype` from transformers 4.56, `torch_dtype` before (X-Omni's 4.52)."""
+    import transformers
+    from packaging.version import Version
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+def chat_answer_affixes(tokenizer, end_of_turn=END_OF_TURN):
+    """(what the chat template writes between the assistant header and an answer, the token that ends it),
+    read off the template itself rather than assumed."""
+    user = [{"role": "user", "content": "?"}]
+    head = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": "\x00"}], tokenize=False)
+    assert full.startswith(head), "the chat template writes the assistant header differently with an answer"
+    prefix, after = full[len(head):].split("\x00", 1)
+    assert after.startswith(end_of_turn), f"the chat template does not end an answer with {end_of_turn!r}: {after!r}"
+    return prefix, end_of_turn
+
+
+class XOmni:
+    """gvu's UMM API over X-Omni's `XOmniForCausalLM` (after `init_vision`) and its tokenizer.
+
+    The remote model keeps two of everything around one Qwen2.5 stack: `model.lm_embed_tokens` / `mm_embed_tokens`
+    (ids >= config.vocab_size are image codes), `model.lm_norm` / `mm_norm`, `lm_head` / `mm_head`; the first
+    num_mm_adap_layers and last num_mm_head_layers decoder layers update image positions only. Its `forward`
+    builds fp32 logits over all ~168k ids (text and image vocabularies, the other mode's rows at dtype min) at every
+    position; gvu never calls it: `hidden_states` runs `model.model` (normed final states) and `logits` applies the
+    current mode's head rows only: the same numbers (tested against a stand-in's own forward)."""
+
+    # LoRA on the LM's linear layers only: image_tokenizer (the SigLIP ViT) is a submodule of the same model
+    lora_targets = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+    patch = 16  # generate.py's --downsample-size: one image code per 16 x 16 pixels
+    default_image_size = 512  # 32 x 32 codes; generate.py's default is 1152 (72 x 72)
+
+    def __init__(self, model, tokenizer, image_size=None, decode_batch=8, decoder_prompt=""):
+        """model: XOmniForCausalLM on which init_vision has run. image_size: the square size to generate, in
+        pixels (None: default_image_size). decode_batch: images per decoder call (a memory knob).
+        decoder_prompt: the FLUX decoder's text condition (see _cache_decoder_text)."""
+        image_size = image_size or self.default_image_size
+        cfg = model.config
+        self.lm, self.tokenizer, self.decode_batch = model, tokenizer, decode_batch
+        self.som, self.eom, self.img = cfg.mm_special_tokens[:3]  # '<SOM>', '<EOM>', '<IMAGE>'
+        self.image_offset = cfg.vocab_size  # XOmniModel.embed_tokens: id >= vocab_size is code id - vocab_size
+        self.image_vocab_size = cfg.image_vocab_size  # K; forward's image logits are mm_head rows [0, K)
+        self.grid = (image_size // self.patch,) * 2  # (h, w) codes, generate.py's token_h, token_w
+        ends = [f"<MM-Token-{k}>" for k in (0, self.image_vocab_size - 1)]  # mmdecode parses codes from these
+        got = tokenizer.convert_tokens_to_ids(ends)
+        assert got == [self.image_offset, self.image_offset + self.image_vocab_size - 1], f"{ends} are ids {got}"
+        for t in (self.som, self.img, self.eom, END_OF_TURN):
+            assert len(tokenizer(t, add_special_tokens=False).input_ids) == 1, f"{t!r} must be one token"
+        self.answer_prefix, self.answer_suffix = chat_answer_affixes(tokenizer)
+        self.generation_mode = "text"
+        params = inspect.signature(model.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers 5.x : 4.x
+        model.model.has_sliding_layers = False  # XOmniModel skips Qwen2Model.__init__; X-Omni's forward sets it too
+        model.image_tokenizer.requires_grad_(False).eval()  # frozen: GvU trains LoRA on the LM only
+        self._decoder_text = self._cache_decoder_text(decoder_prompt)
+        model.decoder_pipe.to(model.device)
+
+    # --- construction --------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path, flux, trust_remote_code=False, device="cpu", dtype=None, **kwargs):
+        """Load as X-Omni's generate.py and chat.py do: the fast tokenizer, AutoModelForCausalLM with the
+        repository's own code, moved to `device`, then `init_vision(flux)` (SigLIP-VQ tokenizer + the FLUX.1-dev
+        based decoder). trust_remote_code reaches transformers as given (False: transformers refuses).
+        dtype: None = bfloat16 on CUDA (X-Omni's), else float32."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                                     **{dtype_kwarg(): dtype})
+        # the flag reaches the tokenizer too: transformers 5 would otherwise ask on stdin about the config's auto_map
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, use_fast=True, trust_remote_code=trust_remote_code)
+        model.to(device).eval()
+        model.init_vision(flux)
+        return cls(model, tokenizer, **kwargs)
+
+    @staticmethod
+    def is_xomni(name_or_path):
+        """A folder whose config.json says model_type "x-omni" (read as JSON: no code runs), or a hub id naming X-Omni."""
+        cfg = os.path.join(name_or_path, "config.json")
+        if os.path.isfile(cfg):
+            with open(cfg) as f:
+                return json.load(f).get("model_type") == "x-omni"
+        return not os.path.exists(name_or_path) and "x-omni" in name_or_path.lower()
+
+    def to(self, device):
+        self.lm.to(device)  # the image tokenizer is a submodule of lm
+        self.lm.decoder_pipe.to(device)  # a diffusers pipeline: what is left of it after _cache_decoder_text
+        return self
+
+    @torch.no_grad()
+    def _cache_decoder_text(self, text):
+        """Encode the decoder's text condition once with FLUX's CLIP + T5, then drop both encoders and their
+        tokenizers (~10 GB): the decoder is conditioned on the SigLIP-VQ features of the codes, and decode_images
+        passes these cached embeddings. X-Omni's detokenize_image passes the text before <SOM> as the prompt
+        and '' as the negative prompt; gvu's decode_images gets codes only, so both are `text` ("" by default)."""
+        pipe = self.lm.decoder_pipe
+        want = {"prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds",
+                "generator"}
+        params = inspect.signature(pipe.__call__).parameters
+        missing = set() if any(p.kind == p.VAR_KEYWORD for p in params.values()) else want - set(params)
+        assert not missing, f"the decoder pipeline {type(pipe).__name__} does not take {sorted(missing)}"
+        device = self.lm.device
+        pipe.text_encoder.to(device)
+        pipe.text_encoder_2.to(device)
+        embeds, pooled, _ = pipe.encode_prompt(prompt=text, prompt_2=text, device=device)  # (1, L, D), (1, D')
+        for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+            setattr(pipe, name, None)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return embeds, pooled
+
+    # --- prompts -----------------------------------------------------------------------------
+    def set_generation_mode(self, mode):
+        assert mode in ("text", "image"), mode
+        self.generation_mode = mode
+        self.lm.set_generation_mode(mode)  # keep the remote model's own state in step
+
+    def t2i_prompt(self, prompt):
+        """generate.py's input: the raw prompt (no chat template) then the image prefix '<SOM>{h} {w}<IMAGE>'."""
+        h, w = self.grid
+        return f"{prompt}{self.som}{h} {w}{self.img}"
+
+    def uncond_prompt(self, prompt):
+        """generate.py's CFG negative prompt: the image prefix alone."""
+        return self.t2i_prompt("")
+
+    def tokenize_image(self, image):
+        """X-Omni's own tokenize_image: anyres resize, SigLIP-VQ -> '<SOM>{H} {W}<IMAGE><MM-Token-k>...<EOM>'."""
+        self.lm.image_tokenizer.eval()  # lm.train() reaches this submodule; its codes must not depend on that
+        return self.lm.tokenize_image(image)
+
+    def caption_prompt(self, image, instruction):
+        """chat.py's understanding context: one user turn '{image string}\\n{instruction}' through the chat
+        template, with the assistant header (tokenised without special tokens: Qwen adds none)."""
+        msgs = [{"role": "user", "content": self.tokenize_image(image) + "\n" + instruction}]
+        return self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+    def unknown_words(self, text):
+        return []  # byte-level BPE: every string is representable
+
+    # --- the LM ---------------------------------------------------------------------------------
+    def hidden_states(self, input_ids, attention_mask, position_ids=None, cache=None, images=None):
+        """Final hidden states (B, T, D) of XOmniModel: lm_norm at text positions, mm_norm at image codes (the
+        remote `norm`). `cache` (a DynamicCache) is updated in place. `images` is unused: X-Omni reads images as
+        codes in the text (caption_prompt)."""
+        out = self.lm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=cache is not None, **{self._cache_kw: cache})
+        return out.last_hidden_state
+
+    def logits(self, hidden):
+        """Image mode: mm_head rows [0, K), the codes (X-Omni's forward puts them at ids vocab_size + k). Text
+        mode: lm_head over the text ids [0, vocab_size). LoRA never touches the heads, so slicing is exact."""
+        if self.generation_mode == "image":
+            return F.linear(hidden, self.lm.mm_head.weight[:self.image_vocab_size])
+        return self.lm.lm_head(hidden)
+
+    @torch.no_grad()
+    def decode_images(self, codes, generator=None):
+        """codes (N, h*w) in [0, K) -> N PIL images of h*16 x w*16 px, `decode_batch` per decoder call (X-Omni's
+        detokenize_image decodes one): SigLIP-VQ codebook -> features (n, h*w, C) -> the FLUX-based decoder with
+        the checkpoint's steps and CFG scales, its noise drawn from `generator`."""
+        (h, w), dec, pipe = self.grid, self.lm.decoder_config, self.lm.decoder_pipe
+        embeds, pooled = self._decoder_text
+        images = []
+        for chunk in codes.to(self.lm.device).split(self.decode_batch):
+            n = len(chunk)
+            feats = self.lm.image_tokenizer.decode(chunk.reshape(-1), (n, h, w, self.lm.encoder_config.codebook_dim))
+            feats = feats.flatten(2).transpose(1, 2).contiguous()  # (n, C, h, w) -> (n, h*w, C), as detokenize_image
+            text = dict(prompt_embeds=embeds.repeat(n, 1, 1), pooled_prompt_embeds=pooled.repeat(n, 1))
+            out = pipe(feats, **text, **{"negative_" + k: v for k, v in text.items()},
+                       height=h * dec.upscale_factor, width=w * dec.upscale_factor,
+                       num_inference_steps=dec.num_inference_steps, guidance_scale=1.0,
+                       true_cfg_scale=dec.cfg_scale, true_cfg_scale_2=dec.cfg_scale_2, generator=generator)
+            images += out.images
+        return images

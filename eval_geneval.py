@@ -523,10 +523,12 @@ def generate_prompts(n: int, seed: int, exclude: set[str] = frozenset()) -> list
 
 def load_model(args):
     """Any model gvu.py trains (+ an optional peft adapter saved by gvu.py), in eval mode."""
+    import torch
     import gvu
     from peft import PeftModel
     try:
-        umm = gvu.load_umm(args.model, args.seed)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        umm = gvu.load_umm(args.model, args.seed, args.trust_remote_code, args.flux, device).to(device)
     except gvu.InputError as e:
         raise GenEvalError(str(e)) from None
     if args.adapter:
@@ -547,9 +549,10 @@ def sample_groups(umm, metas, n, args):
         raise GenEvalError(str(e)) from None
     from tqdm import tqdm
     for b in tqdm(range(0, len(metas), args.batch), desc="sampling", unit="batch" if args.batch > 1 else "prompt"):
-        gen = torch.Generator().manual_seed(args.seed * 100_003 + b)
+        seed = args.seed * 100_003 + b
+        gen = torch.Generator(umm.lm.device).manual_seed(seed)  # sampling runs on the model's device
         ro = gvu.rollout(umm, prompts[b:b + args.batch], n, args.temperature, args.top_k, args.min_p, args.cfg_scale, gen)
-        images = umm.decode_images(ro["codes"], gen)
+        images = umm.decode_images(ro["codes"], gen if gen.device.type == "cpu" else torch.Generator().manual_seed(seed))
         for k, meta in enumerate(metas[b:b + args.batch]):
             yield b + k, meta, images[k * n:(k + 1) * n]
 
@@ -773,7 +776,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="prompts/geneval_train", help="output path prefix (.txt and .jsonl)")
     g.set_defaults(func=cmd_prompts)
     def model_flags(q, n_default, n_help):
-        q.add_argument("--model", default="tiny-random", help="a model gvu.py loads (tiny UMM folder or 'tiny-random')")
+        q.add_argument("--model", default="tiny-random", help="a model gvu.py loads (tiny UMM folder, 'tiny-random', "
+                       "a Janus(-Pro) or X-Omni checkpoint)")
+        q.add_argument("--trust-remote-code", action="store_true", help="run the model repository's code (X-Omni; never implied)")
+        q.add_argument("--flux", default="", help="X-Omni only: the FLUX.1-dev weights its decoder is built from")
+        q.add_argument("--device", help="torch device for the model (and the scorer): default cuda if available, else cpu")
         q.add_argument("--adapter", help="a LoRA adapter folder written by gvu.py (its --out/adapter)")
         q.add_argument("--metadata", required=True, help="GenEval-format metadata .jsonl")
         q.add_argument("--out", required=True, help="output folder")
@@ -793,7 +800,7 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--scorer", choices=["geneval", "shapes"], default="shapes", help="who decides correctness")
     au.add_argument("--instruction", default="Describe the image in detail.", help="as gvu.py --instruction")
     for flag, kw in [("--detector", dict(default="facebook/mask2former-swin-small-coco-instance")),
-                     ("--clip", dict(default="openai/clip-vit-large-patch14")), ("--device", {}),
+                     ("--clip", dict(default="openai/clip-vit-large-patch14")),
                      ("--threshold", dict(type=float, default=0.3)), ("--counting-threshold", dict(type=float, default=0.9)),
                      ("--max-objects", dict(type=int, default=16))]:
         au.add_argument(flag, help="as in score", **kw)

@@ -53,7 +53,11 @@ warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v
 class Args:
     prompts: str = field(default="prompts/train.txt", metadata={"help": "text file, one prompt per line (UTF-8)"})
     model: str = field(default="checkpoints/tiny-umm", metadata={
-        "help": "tiny UMM folder, 'tiny-random' (built in-process), or a Janus(-Pro) checkpoint path / hub id"})
+        "help": "tiny UMM folder, 'tiny-random' (built in-process), or a Janus(-Pro) / X-Omni checkpoint path / hub id"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "run the model repository's own Python code; needed by X-Omni; never implied"})
+    flux: str = field(default="", metadata={
+        "help": "path or hub id of the FLUX.1-dev decoder weights that X-Omni's init_vision needs"})
     out: str = field(default="runs/gvu", metadata={"help": "output folder: config, log, adapter, state, samples"})
     steps: int = field(default=200, metadata={"help": "training steps (one rollout each)"})
     batch_prompts: int = field(default=8, metadata={"help": "B: prompts per step"})
@@ -241,15 +245,26 @@ def enable_checkpointing(lm):
     enable({"use_reentrant": False})
 
 
-def load_umm(name, seed):
+def load_umm(name, seed, trust_remote_code=False, flux="", device="cpu", bf16=False):
+    """The adapter for --model. Real checkpoints load their weights in bf16 when bf16 is on (LoRA stays fp32)."""
     if name == "tiny-random":
         return TinyUMM.random(seed)
     if os.path.isdir(name) and TinyUMM.is_tiny_umm(name):
         return TinyUMM.from_pretrained(name)
-    from adapters import JanusPro
+    from adapters import JanusPro, XOmni
+    if XOmni.is_xomni(name):  # its model class is Python code shipped in the checkpoint
+        if not trust_remote_code:
+            raise InputError(f"--model {name} is X-Omni, whose model is Python code from its repository: "
+                             "pass --trust-remote-code to run that code (it is never implied)")
+        if not flux:
+            raise InputError(f"--model {name} is X-Omni, which decodes images with a FLUX.1-dev based decoder: "
+                             "pass --flux PATH (a FLUX.1-dev folder or hub id)")
+        return XOmni.from_pretrained(name, flux, trust_remote_code=True, device=device,
+                                     dtype=torch.bfloat16 if bf16 else torch.float32)
     if JanusPro.is_janus(name):
-        return JanusPro.from_pretrained(name)  # fp32 on the CPU; train() moves it and autocasts to bf16
-    raise InputError(f"--model {name}: not 'tiny-random', a tiny UMM folder (tiny_umm.json) or a Janus(-Pro) checkpoint")
+        return JanusPro.from_pretrained(name, dtype=torch.bfloat16 if bf16 else None)  # on the CPU; train() moves it
+    raise InputError(f"--model {name}: not 'tiny-random', a tiny UMM folder (tiny_umm.json), a Janus(-Pro) or an "
+                     "X-Omni checkpoint")
 
 
 def save_grid(path, prompts, images, rewards, G, rows=4, px=96):
@@ -273,6 +288,45 @@ def atomic_save(obj, path):
 
 
 # -----------------------------------------------------------------------------
+def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext()):
+    """One GvU step on B prompts: rollout -> decode -> intrinsic reward -> group advantages -> mu clipped,
+    KL-regularised policy updates of the LoRA weights, in micro-batches. Returns (rewards, images, stats)."""
+    G, mb = args.group_size, args.micro_batch
+    N = len(batch) * G
+    params = [p for p in policy.parameters() if p.requires_grad]
+    judge = policy.disable_adapter if args.reward_model == "frozen" else nullcontext
+    gen = torch.Generator(umm.lm.device).manual_seed(args.seed * 1_000_003 + step)  # resume reproduces rollouts
+    with autocast:
+        ro = rollout(umm, batch, G, args.temperature, args.top_k, args.min_p, args.cfg_scale, gen)
+        images = umm.decode_images(ro["codes"], torch.Generator().manual_seed(args.seed * 1_000_003 + step))
+        group_prompts = [p for p in batch for _ in range(G)]  # (B*G,)
+        with torch.no_grad(), judge():
+            logp_T, mask_T = prompt_token_logprobs(umm, images, group_prompts, args.instruction, mb)
+        rewards = intrinsic_reward(logp_T, mask_T)  # (B*G,)
+        if not torch.isfinite(rewards).all():
+            raise InputError(f"non-finite reward at step {step}; the last saved state in {args.out} is intact")
+        adv = group_advantages(rewards, G)  # (B*G,)
+        with torch.no_grad(), policy.disable_adapter():  # pi_ref: same weights, adapter off
+            ref_logp = torch.cat([token_logprobs(umm, ro["prefix_ids"][s:s + mb], ro["prefix_mask"][s:s + mb],
+                                                 ro["codes"][s:s + mb], args.temperature) for s in range(0, N, mb)])
+        umm.lm.train()  # gradient checkpointing is active in train mode
+        for _ in range(args.num_iterations):
+            optimizer.zero_grad(set_to_none=True)
+            stats = dict(loss=0.0, kl=0.0, clip_frac=0.0, ratio=0.0)
+            for s in range(0, N, mb):
+                sl = slice(s, s + mb)
+                logp = token_logprobs(umm, ro["prefix_ids"][sl], ro["prefix_mask"][sl], ro["codes"][sl], args.temperature)
+                loss, st = grpo_loss(logp, ro["old_logp"][sl], ref_logp[sl], adv[sl], args.clip_eps, args.beta)
+                w = len(logp) / N  # micro-batches add up to the full-batch mean
+                (loss * w).backward()
+                for k, v in dict(st, loss=loss.item()).items():
+                    stats[k] += v * w
+            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+            optimizer.step()
+    return rewards, images, stats
+
+
+# -----------------------------------------------------------------------------
 def train(args):
     if args.group_size < 2:
         raise InputError(f"--group-size must be >= 2 (got {args.group_size}): advantages compare samples within a group")
@@ -289,7 +343,7 @@ def train(args):
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device == "cuda" and torch.cuda.is_bf16_supported())
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16) if bf16 else nullcontext()
 
-    umm = load_umm(args.model, args.seed).to(device)
+    umm = load_umm(args.model, args.seed, args.trust_remote_code, args.flux, device, bf16).to(device)
     check_vocabulary(umm, prompts)
     umm.lm.requires_grad_(False)
     policy = get_peft_model(umm.lm, LoraConfig(  # LoRA layers are injected into umm.lm in place
@@ -317,8 +371,6 @@ def train(args):
         open(log_path, "w").close()
     with open(os.path.join(args.out, "config.json"), "w") as f:
         json.dump(asdict(args), f, indent=2)
-    judge = policy.disable_adapter if args.reward_model == "frozen" else nullcontext
-    N, mb = args.batch_prompts * args.group_size, args.micro_batch
 
     def save(step):
         policy.save_pretrained(os.path.join(args.out, "adapter"))
@@ -329,43 +381,16 @@ def train(args):
     for step in bar:
         t0 = time.time()
         batch = prompt_batch(prompts, step, args.batch_prompts, args.seed)
-        gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step)  # resume reproduces rollouts
-        with autocast:
-            ro = rollout(umm, batch, args.group_size, args.temperature, args.top_k, args.min_p, args.cfg_scale, gen)
-            images = umm.decode_images(ro["codes"], torch.Generator().manual_seed(args.seed * 1_000_003 + step))
-            group_prompts = [p for p in batch for _ in range(args.group_size)]  # (B*G,)
-            with torch.no_grad(), judge():
-                logp_T, mask_T = prompt_token_logprobs(umm, images, group_prompts, args.instruction, mb)
-            rewards = intrinsic_reward(logp_T, mask_T)  # (B*G,)
-            if not torch.isfinite(rewards).all():
-                raise InputError(f"non-finite reward at step {step}; the last saved state in {args.out} is intact")
-            adv = group_advantages(rewards, args.group_size)  # (B*G,)
-            with torch.no_grad(), policy.disable_adapter():  # pi_ref: same weights, adapter off
-                ref_logp = torch.cat([token_logprobs(umm, ro["prefix_ids"][s:s + mb], ro["prefix_mask"][s:s + mb],
-                                                     ro["codes"][s:s + mb], args.temperature) for s in range(0, N, mb)])
-            umm.lm.train()  # gradient checkpointing is active in train mode
-            for _ in range(args.num_iterations):
-                optimizer.zero_grad(set_to_none=True)
-                stats = dict(loss=0.0, kl=0.0, clip_frac=0.0, ratio=0.0)
-                for s in range(0, N, mb):
-                    sl = slice(s, s + mb)
-                    logp = token_logprobs(umm, ro["prefix_ids"][sl], ro["prefix_mask"][sl], ro["codes"][sl], args.temperature)
-                    loss, st = grpo_loss(logp, ro["old_logp"][sl], ref_logp[sl], adv[sl], args.clip_eps, args.beta)
-                    w = len(logp) / N  # micro-batches add up to the full-batch mean
-                    (loss * w).backward()
-                    for k, v in dict(st, loss=loss.item()).items():
-                        stats[k] += v * w
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
-                optimizer.step()
-
+        rewards, images, stats = gvu_step(umm, policy, optimizer, batch, step, args, autocast)
+        group_prompts = [p for p in batch for _ in range(args.group_size)]  # (B*G,)
         zero_std = (rewards.view(-1, args.group_size).std(1) == 0).float().mean().item()
         row = dict(step=step, reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
-                   frac_zero_std=zero_std, **stats, grad_norm=grad_norm, seconds=time.time() - t0)
+                   frac_zero_std=zero_std, **stats, seconds=time.time() - t0)
         with open(log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         bar.set_postfix(reward=f"{row['reward_mean']:.4f}", kl=f"{row['kl']:.4f}")
         tqdm.write(f"step {step:5d} | reward {row['reward_mean']:.4f} ± {row['reward_std']:.4f} | kl {row['kl']:.4f} "
-                   f"| clip {row['clip_frac']:.3f} | zero-std {zero_std:.2f} | grad {grad_norm:.3f} | {row['seconds']:.1f}s")
+                   f"| clip {row['clip_frac']:.3f} | zero-std {zero_std:.2f} | grad {row['grad_norm']:.3f} | {row['seconds']:.1f}s")
         if step % args.sample_every == 0 or step == args.steps - 1:
             save_grid(os.path.join(args.out, "samples", f"step_{step:05d}.png"), group_prompts, images,
                       rewards.tolist(), args.group_size)
