@@ -12,7 +12,7 @@ Side-by-side measurements of the three things gvu.py does differently from the o
 And the memory plan for real models (second half of this file):
 
   4. --gpu-rehearsal: builds RANDOMLY INITIALISED models at the real sizes on CUDA (nothing is
-     downloaded) and runs a few GvU steps as gvu.train does (bf16 autocast, gradient checkpointing,
+     downloaded) and runs a few gvu.gvu_step calls, the trainer's own step (bf16, gradient checkpointing,
      LoRA r=8 / alpha=32, micro-batches), printing peak CUDA memory and seconds per step;
   5. --estimate: the same sizes as arithmetic (parameters, KV cache, activations), on the CPU.
 
