@@ -56,6 +56,15 @@ def janus_image_processor_class():
         return JanusImageProcessor
 
 
+def is_model_type(name_or_path, model_type):
+    """A folder whose config.json says `model_type` (read as JSON: no code runs), or a hub id that names it."""
+    cfg = os.path.join(name_or_path, "config.json")
+    if os.path.isfile(cfg):
+        with open(cfg) as f:
+            return json.load(f).get("model_type") == model_type
+    return not os.path.exists(name_or_path) and model_type in name_or_path.lower()
+
+
 class ImagesRequired(ValueError):
     """hidden_states saw <image_placeholder> tokens but was given no images to fill them with."""
 
@@ -129,11 +138,7 @@ class JanusPro:
     @staticmethod
     def is_janus(name_or_path):
         """A folder whose config.json says model_type "janus", or a hub id naming Janus."""
-        cfg = os.path.join(name_or_path, "config.json")
-        if os.path.isfile(cfg):
-            with open(cfg) as f:
-                return json.load(f).get("model_type") == "janus"
-        return not os.path.exists(name_or_path) and "janus" in name_or_path.lower()
+        return is_model_type(name_or_path, "janus")
 
     def to(self, device):
         self.lm.to(device)
@@ -321,11 +326,7 @@ class XOmni:
     @staticmethod
     def is_xomni(name_or_path):
         """A folder whose config.json says model_type "x-omni" (read as JSON: no code runs), or a hub id naming X-Omni."""
-        cfg = os.path.join(name_or_path, "config.json")
-        if os.path.isfile(cfg):
-            with open(cfg) as f:
-                return json.load(f).get("model_type") == "x-omni"
-        return not os.path.exists(name_or_path) and "x-omni" in name_or_path.lower()
+        return is_model_type(name_or_path, "x-omni")
 
     def to(self, device):
         self.lm.to(device)  # the image tokenizer is a submodule of lm
