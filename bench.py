@@ -117,8 +117,8 @@ def memory_worker(checkpointing, hidden, layers, n):
 #       of dim 8 on 24 x 24, channels 128 x [1, 1, 2, 2, 4], 2 res blocks) are JanusVisionConfig's and
 #       JanusVQVAEConfig's defaults, which convert_janus_weights_to_hf.py keeps; aligners and the
 #       generation head are at the LM's width (n_embed 2048 / 4096 in the original configs).
-#   X-Omni-7B: a STAND-IN (adapters.py has no X-Omni yet), XOmniStandIn below: TinyUMM's API over
-#     a Qwen2.5-7B-sized Qwen2ForCausalLM (hidden 3584, 28 layers, 28 heads, 4 KV heads, MLP 18944,
+#   X-Omni-7B: a STAND-IN (X-Omni's own model is remote code, not available offline), XOmniStandIn
+#     below: TinyUMM's API over a Qwen2.5-7B-sized Qwen2ForCausalLM (hidden 3584, 28 layers, 28 heads, 4 KV heads, MLP 18944,
 #     vocabulary 152064 text rows + 16384 image codes) at 512 px = 32 x 32 codes; a SigLIP-so400m-sized
 #     tower + nearest-code lookup as the SigLIP-VQ tokenizer; FLUX.1-dev's FluxTransformer2DModel
 #     (19 + 38 blocks, 24 heads x 128: 11.9B) + AutoencoderKL as the decoder, from their config.json.

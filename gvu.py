@@ -14,6 +14,7 @@ Given only text prompts, every step:
 CPU (the shipped tiny UMM, no downloads, ~10 min):  python gvu.py --prompts prompts/train.txt
 CPU smoke test with random weights:                 python gvu.py --model tiny-random --steps 3 --out runs/smoke
 GPU (Janus-Pro, bf16 autocast):                     python gvu.py --model deepseek-community/Janus-Pro-1B --prompts prompts/geneval_train.txt --cfg-scale 5
+GPU (X-Omni, the paper's base; its own stack):      python gvu.py --model X-Omni/X-Omni-En --flux PATH/FLUX.1-dev --trust-remote-code --group-size 2 --lr 1e-6
 
 Departures from the paper and the official code, and why:
   1. The reward forward is ONE batched teacher-forced pass per micro-batch; the official code runs
