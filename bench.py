@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 import gvu
@@ -194,16 +194,17 @@ def building(device, dtype):
 
 
 # --- Janus-Pro: transformers' JanusForConditionalGeneration behind adapters.JanusPro ----------
-def janus_tokenizer():
-    """A small byte-level BPE with Janus's special tokens (as test_adapters.py builds it). Only the MODEL
-    has the real 102400-row vocabulary; prompts tokenise into more pieces than with DeepSeek's BPE."""
+def janus_tokenizer(texts=None):
+    """A small byte-level BPE with Janus's special tokens, trained on `texts` (default: PROMPTS and the
+    instruction); test_adapters.py uses it too. Only the MODEL has the real 102400-row vocabulary;
+    prompts tokenise into more pieces than with DeepSeek's BPE."""
     from adapters import ASSISTANT, PAD_TOKEN, USER
     bos, eos = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
     image_tokens = dict(image_token="<image_placeholder>", boi_token="<begin_of_image>", eoi_token="<end_of_image>")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(PROMPTS + [INSTRUCTION], trainers.BpeTrainer(
+    tok.train_from_iterator(texts or PROMPTS + [INSTRUCTION], trainers.BpeTrainer(
         vocab_size=400, special_tokens=[bos, eos, PAD_TOKEN, USER, ASSISTANT, *image_tokens.values()],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
@@ -226,19 +227,6 @@ def build_janus(spec, device, dtype):
 
 
 # --- X-Omni stand-in: TinyUMM's API at X-Omni-7B's sizes -------------------------------------
-def xomni_tokenizer(text_vocab, num_codes, grid):
-    """tiny_umm's word-level tokenizer and chat format, its text ids padded to `text_vocab` rows (Qwen2.5:
-    152064) so that image code k is id text_vocab + k, as in X-Omni (image_offset = config.vocab_size)."""
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(tiny_umm.SPECIALS + tiny_umm.WORDS + [str(grid)]))}
-    vocab.update({f"<unused-{i}>": i for i in range(len(vocab), text_vocab)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
-    tok.add_special_tokens([AddedToken(t, normalized=False) for t in tiny_umm.SPECIALS])
-    tok.add_tokens([AddedToken(f"<MM-Token-{k}>", normalized=False) for k in range(num_codes)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>",
-                                   chat_template=tiny_umm.CHAT_TEMPLATE)
-
-
 class SiglipVQ(nn.Module):
     """Pixels -> codes in the shape of X-Omni's SigLIP-VQ: a SigLIP vision tower (one token per 16 px
     patch), a projection, the nearest of K codebook entries."""
@@ -321,7 +309,8 @@ class XOmniStandIn(TinyUMM):
 
 
 def build_xomni(spec, device, dtype, decode_steps):
-    tok = xomni_tokenizer(spec["text_vocab"], spec["codes"], spec["siglip"]["image_size"] // spec["siglip"]["patch_size"])
+    grid = spec["siglip"]["image_size"] // spec["siglip"]["patch_size"]  # code k is id text_vocab + k, as in X-Omni
+    tok = tiny_umm.build_tokenizer(spec["codes"], extra_words=[str(grid)], text_rows=spec["text_vocab"])
     cfg = Qwen2Config(**spec["lm"], vocab_size=spec["text_vocab"] + spec["codes"], tie_word_embeddings=False,
                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     with building(device, dtype):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 import transformers
 from packaging.version import Version
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, JanusConfig, JanusForConditionalGeneration,
@@ -38,16 +38,9 @@ needs_v5 = pytest.mark.skipif(Version(transformers.__version__) < Version("5"),
 
 
 def build_tokenizer():
-    """Byte-level BPE (as DeepSeek's) trained on a few lines, BOS added by the post-processor."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(PROMPTS + [INSTRUCTION, "a photo of one circle and one square"], trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, tok.token_to_id(BOS))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, extra_special_tokens={
-        "image_token": "<image_placeholder>", "boi_token": "<begin_of_image>", "eoi_token": "<end_of_image>"})
+    """Byte-level BPE (as DeepSeek's) trained on a few lines, BOS added by the post-processor (bench.py's)."""
+    import bench
+    return bench.janus_tokenizer(PROMPTS + [INSTRUCTION, "a photo of one circle and one square"])
 
 
 def build_janus(seed=0):

@@ -49,9 +49,11 @@ CHAT_TEMPLATE = (  # Qwen's chat format, on one line (the word-level tokenizer d
 )
 
 
-def build_tokenizer(num_codes):
-    """Word-level tokenizer: ids [0, n_text) are words and specials, then <MM-Token-0..K-1>."""
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
+def build_tokenizer(num_codes, extra_words=(), text_rows=0):
+    """Word-level tokenizer: ids [0, n_text) are words and specials (padded with unused entries up to
+    `text_rows`, as a big model's text vocabulary), then <MM-Token-0..K-1>."""
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(SPECIALS + WORDS + list(extra_words)))}
+    vocab.update({f"<unused-{i}>": i for i in range(len(vocab), text_rows)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()  # words, and punctuation split off
