@@ -20,7 +20,7 @@ Parts:
 - Decoder: a diffusers `UNet2DModel` (no self-attention) that sees the noisy image
   concatenated with a learned 12x12 patch per code, sampled with a diffusers `DDIMScheduler`.
 
-    python tiny_umm.py train --out checkpoints/tiny-umm --t2i-frac 0.3 --seed 0   # the shipped model
+    python tiny_umm.py train --out checkpoints/tiny-umm --t2i-frac 0.05 --seed 0   # the shipped model
     python tiny_umm.py understand --model checkpoints/tiny-umm [--adapter RUN/adapter]
     python tiny_umm.py gen-eval --model checkpoints/tiny-umm
     python tiny_umm.py random --out /tmp/tiny   # a random-init model folder (safetensors)
@@ -270,15 +270,16 @@ class TinyUMM:
 # =====================================================================================
 # Training a tiny UMM base in the shapes world, and measuring it
 #
-#   python tiny_umm.py train --out checkpoints/tiny-umm --t2i-frac 0.3          (normal base)
-#   python tiny_umm.py train --out checkpoints/tiny-umm-weak --t2i-frac 0.05 \
+#   python tiny_umm.py train --out checkpoints/tiny-umm --t2i-frac 0.05         (normal base)
+#   python tiny_umm.py train --out checkpoints/tiny-umm-weak --t2i-frac 0.02 \
 #          --vision-from checkpoints/tiny-umm                                      (weak base)
 #   python tiny_umm.py understand --model checkpoints/tiny-umm --n 300
 #   python tiny_umm.py gen-eval --model checkpoints/tiny-umm --n-per-prompt 4
 #
 # Three stages, each deterministic in --seed: (1) the image tokenizer, a per-cell classifier onto
 # the 37 cell kinds; (2) the diffusion decoder on (render, codes) pairs; (3) the LM on I2T captions
-# (strong) and T2I code sequences (a --t2i-frac share, deliberately weaker), in gvu.py's formats.
+# in every phrasing of the world (strong) and T2I code sequences of the train lines only (a --t2i-frac
+# share, deliberately weaker), in gvu.py's formats.
 # =====================================================================================
 import time
 
@@ -498,11 +499,12 @@ def i2t_batch(umm, metas, rng, with_distractor):
         ctx = tok(umm.caption_prompt_text(umm.codes_to_text(c), INSTRUCTION), add_special_tokens=False).input_ids
         ans = tok(m["prompt"] + umm.answer_suffix, add_special_tokens=False).input_ids
         bad = None
-        if with_distractor:
-            cands = [d for ds in distractors(m).values() for d in ds]
-            for i in rng.permutation(len(cands))[:4]:  # a few tries: most changes are false
-                if not shapes.oracle(im, cands[i])[0]:
-                    bad = tok(cands[i]["prompt"] + umm.answer_suffix, add_special_tokens=False).input_ids
+        if with_distractor:  # attribute first, so shape and position get as many pairs as colour
+            cands = [ds for ds in distractors(m).values() if ds]
+            for a in rng.permutation(len(cands)):
+                d = cands[a][int(rng.integers(len(cands[a])))]
+                if not shapes.oracle(im, d)[0]:  # a changed attribute can happen to be true
+                    bad = tok(d["prompt"] + umm.answer_suffix, add_special_tokens=False).input_ids
                     break
         out.append((ctx, ans, bad))
     return out
@@ -534,8 +536,24 @@ def lm_loss(umm, seqs):
     return logp.sum(1), tmask.sum(1)
 
 
-def train_lm(umm, metas, rng, steps, batch, t2i_frac, lr, rank_weight):
-    """Mixed batches: round(batch * t2i_frac) T2I sequences, the rest I2T. Loss = mean token NLL
+def caption_space():
+    """What the understanding branch learns to read: every line of every tag, one list per tag. A
+    captioner describes scenes in all the world's phrasings (as a real UMM's caption data does), the
+    eval prompts' texts included; T2I learns from the train lines only, so eval prompts stay unseen
+    by generation (and by GvU)."""
+    return [shapes.enumerate_tag(t) for t in shapes.GENEVAL_TAGS + shapes.GENEVAL_PLUS_TAGS + shapes.TRAIN_ONLY_TAGS]
+
+
+def lm_batch(umm, metas, captions, rng, batch, n_t2i, with_distractor):
+    """n_t2i T2I examples of train lines `metas`, and batch - n_t2i I2T examples whose captions are
+    drawn from `captions` (lists of lines: a list, then a line, uniformly)."""
+    seqs = [t2i_example(umm, metas[i], rng) for i in rng.integers(0, len(metas), n_t2i)]
+    tags = [captions[i] for i in rng.integers(0, len(captions), batch - n_t2i)]
+    return seqs, i2t_batch(umm, [t[int(rng.integers(len(t)))] for t in tags], rng, with_distractor)
+
+
+def train_lm(umm, metas, captions, rng, steps, batch, t2i_frac, lr, rank_weight):
+    """Mixed batches (`lm_batch`): round(batch * t2i_frac) T2I sequences, the rest I2T. Loss = mean token NLL
     over all targets + rank_weight * a ranking loss that puts the true caption's reward (mean
     log-prob of prompt + end-of-turn, the intrinsic reward) above a one-attribute distractor's."""
     n_t2i = int(round(batch * t2i_frac))
@@ -543,9 +561,7 @@ def train_lm(umm, metas, rng, steps, batch, t2i_frac, lr, rank_weight):
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
     umm.lm.train().requires_grad_(True)
     for step in range(steps):
-        picks = [metas[i] for i in rng.integers(0, len(metas), batch)]
-        seqs = [t2i_example(umm, m, rng) for m in picks[:n_t2i]]
-        i2t = i2t_batch(umm, picks[n_t2i:], rng, with_distractor=rank_weight > 0)
+        seqs, i2t = lm_batch(umm, metas, captions, rng, batch, n_t2i, with_distractor=rank_weight > 0)
         seqs += [(c + a, len(c)) for c, a, _ in i2t]
         ranked = [k for k, (_, _, b) in enumerate(i2t) if b is not None]
         seqs += [(i2t[k][0] + i2t[k][2], len(i2t[k][0])) for k in ranked]
@@ -590,7 +606,8 @@ def train(a):
     metas = read_jsonl(a.prompts)
     eval_prompts = {m["prompt"] for f in EVAL_FILES for m in read_jsonl(f)}
     assert not eval_prompts & {m["prompt"] for m in metas}, "train prompts must not contain eval prompts"
-    train_lm(umm, metas, rng, a.steps, a.batch, a.t2i_frac, a.lr, a.rank_weight)
+    rng = np.random.default_rng([a.seed, 1])  # the LM's data does not depend on how the vision parts were made
+    train_lm(umm, metas, caption_space(), rng, a.steps, a.batch, a.t2i_frac, a.lr, a.rank_weight)
     umm.save_pretrained(a.out)
     with open(os.path.join(a.out, "train_args.json"), "w") as f:
         json.dump(vars(a), f, indent=1)
@@ -663,8 +680,8 @@ if __name__ == "__main__":
     t = sub.add_parser("train", help="train tokenizer, decoder and LM in the shapes world")
     t.add_argument("--out", required=True, help="folder to write")
     t.add_argument("--seed", type=int, default=0, help="seeds init, data and every random choice")
-    t.add_argument("--t2i-frac", type=float, default=0.3, help="share of T2I sequences per LM batch")
-    t.add_argument("--steps", type=int, default=1200, help="LM steps")
+    t.add_argument("--t2i-frac", type=float, default=0.05, help="share of T2I sequences per LM batch (0.05: 3 of 64)")
+    t.add_argument("--steps", type=int, default=3000, help="LM steps")
     t.add_argument("--batch", type=int, default=64, help="LM sequences per step (+ distractors)")
     t.add_argument("--lr", type=float, default=2e-3, help="LM peak learning rate (one-cycle)")
     t.add_argument("--rank-weight", type=float, default=1.0, help="weight of the caption-vs-distractor ranking loss")
