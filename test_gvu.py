@@ -339,7 +339,7 @@ def test_lm_batch_t2i_sees_train_lines_only_while_captions_span_every_tag(umm):
     """tiny_umm.lm_batch: T2I sequences come from the train lines alone; I2T captions from every tag's space."""
     import tiny_umm
     space = tiny_umm.caption_space()
-    read = lambda f: [json.loads(line) for line in open(os.path.join(HERE, f))]
+    read = lambda f: tiny_umm.read_jsonl(os.path.join(HERE, f))
     train, evals = read("prompts/train.jsonl"), [m for f in tiny_umm.EVAL_FILES for m in read(f)]
     assert {m["prompt"] for m in train + evals} <= {m["prompt"] for tag in space for m in tag}
     seqs, i2t = tiny_umm.lm_batch(umm, train[:1], space, np.random.default_rng(0), batch=48, n_t2i=8,
