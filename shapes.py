@@ -22,11 +22,12 @@ import itertools
 import json
 import math
 import os
-from collections import deque
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
+from scipy import ndimage
 
 import geneval_rules as rules
 
@@ -293,18 +294,32 @@ def enumerate_tag(bench, tag):
     return [make_line(tag, build(*choice)) for _, axes, build in tag_space(bench, tag)
             for choice in itertools.product(*axes)]
 
+ENUMERATE_MAX = 50_000   # spaces up to this size are listed to draw train lines; larger ones are sampled
+
 def draw_eval(bench, tag, n_max, rng):
-    """Up to n_max distinct held-out lines of a tag, drawn at random (i.i.d. over the tag's
-    weighted space), never more than EVAL_FRACTION of the space (all of single_object's)."""
+    """Up to n_max distinct held-out lines of a tag, drawn at random (i.i.d. over the tag's weighted
+    space), never more than EVAL_FRACTION of the space (all of single_object's). In the listable
+    spaces a draw is skipped if one of its words would be left in no remaining line of the tag,
+    so that every eval word stays trainable (e.g. "six" only occurs in GenEval++ counting)."""
     size = space_size(bench, tag)
     n = size if tag == "single_object" else min(n_max, int(size * EVAL_FRACTION))
+    words = None
+    if tag != "single_object" and size <= ENUMERATE_MAX:
+        words = Counter(w for m in enumerate_tag(bench, tag) for w in set(m["prompt"].split()))
     held = {}
-    while len(held) < n:
+    for _ in range(100 * n):
+        if len(held) == n:
+            break
         m = sample_line(bench, tag, rng)
-        held.setdefault(m["prompt"], m)
+        if m["prompt"] in held:
+            continue
+        if words is not None:
+            mine = set(m["prompt"].split())
+            if any(words[w] <= 1 for w in mine):
+                continue
+            words.subtract(mine)
+        held[m["prompt"]] = m
     return list(held.values())
-
-ENUMERATE_MAX = 50_000   # spaces up to this size are listed to draw train lines; larger ones are sampled
 
 def draw_train(bench, tag, n, rng, held_out):
     """n train lines of a tag whose texts are not in held_out (cycling when the space is small)."""
@@ -353,30 +368,14 @@ def segment_colors(image):
         image = Image.fromarray(np.asarray(image, dtype=np.uint8))
     if image.size != (IMAGE_SIZE, IMAGE_SIZE):  # e.g. an upscaled sample: back to the 64 px world
         image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.NEAREST)
-    a = np.asarray(image.convert("RGB"), dtype=np.float32)
-    dist = np.linalg.norm(a[:, :, None, :] - PALETTE[None, None], axis=-1)  # (H, W, 11)
-    label = dist.argmin(-1)
-    label[dist.min(-1) > COLOR_TOL] = 0  # far from every colour: not ink
-    return label
-
-def connected_components(mask):
-    """Lists of (y, x) pixels of the 4-connected components of a boolean mask (BFS)."""
-    seen = np.zeros_like(mask, dtype=bool)
-    comps = []
-    for y0, x0 in zip(*np.nonzero(mask)):
-        if seen[y0, x0]:
-            continue
-        seen[y0, x0] = True
-        queue, comp = deque([(y0, x0)]), []
-        while queue:
-            y, x = queue.popleft()
-            comp.append((y, x))
-            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
-                    seen[ny, nx] = True
-                    queue.append((ny, nx))
-        comps.append(comp)
-    return comps
+    a = np.asarray(image.convert("RGB"), dtype=np.int32)
+    key = (a[..., 0] << 16) | (a[..., 1] << 8) | a[..., 2]
+    colors, inverse = np.unique(key, return_inverse=True)  # label each distinct colour once
+    rgb = np.stack([colors >> 16, (colors >> 8) & 255, colors & 255], -1).astype(np.float32)
+    dist2 = ((rgb[:, None, :] - PALETTE[None]) ** 2).sum(-1)  # (colours, 11) squared distances
+    label = dist2.argmin(-1)
+    label[dist2.min(-1) > COLOR_TOL ** 2] = 0  # far from every colour: not ink
+    return label[inverse].reshape(key.shape)
 
 def shape_mask(shape, size):
     """The boolean mask of one rendered shape, cropped to its bounding box."""
@@ -387,44 +386,54 @@ def shape_mask(shape, size):
     ys, xs = np.nonzero(a)
     return a[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
 
-TEMPLATES = {(shape, size): shape_mask(shape, size) for shape in SHAPES for size in SIZES}
+TEMPLATE_KEYS = [(shape, size) for shape in SHAPES for size in SIZES]
+CANVAS = CELL + 2   # a component is matched on a (CELL+2)^2 canvas: an object never exceeds its cell
 
-def best_iou(mask, template):
-    """Best IoU of two bbox-cropped masks over shifts of -1..1 px (a decoded shape may be a pixel off)."""
-    h, w = max(mask.shape[0], template.shape[0]) + 2, max(mask.shape[1], template.shape[1]) + 2
-    a = np.zeros((h, w), bool)
-    a[1:1 + mask.shape[0], 1:1 + mask.shape[1]] = mask
-    best = 0.0
-    for dy in (0, 1, 2):
-        for dx in (0, 1, 2):
-            b = np.zeros((h, w), bool)
-            b[dy:dy + template.shape[0], dx:dx + template.shape[1]] = template
-            best = max(best, (a & b).sum() / (a | b).sum())
-    return best
+def shifted_templates():
+    """(len(TEMPLATE_KEYS) * 9, CANVAS, CANVAS) masks: each template at offsets 0..2 px down and
+    right, so that matching a component placed at offset (1, 1) tries shifts of -1..1 px (a
+    decoded shape may be a pixel off)."""
+    out = []
+    for key in TEMPLATE_KEYS:
+        t = shape_mask(*key)
+        for dy in range(3):
+            for dx in range(3):
+                canvas = np.zeros((CANVAS, CANVAS), bool)
+                canvas[dy:dy + t.shape[0], dx:dx + t.shape[1]] = t
+                out.append(canvas)
+    return np.stack(out)
+
+TEMPLATES = shifted_templates()
 
 def classify(mask):
-    """(shape, size, iou) of the template that best matches a component's bbox-cropped mask.
-    Noise holes and specks lower every template's IoU alike; the nearest other template is at
-    most 0.77 IoU from an exact render (measured over all pairs, both sizes)."""
-    (shape, size), iou = max(((k, best_iou(mask, t)) for k, t in TEMPLATES.items()), key=lambda kv: kv[1])
-    return shape, size, iou
+    """(shape, size, iou) of the template that best matches a component's bbox-cropped mask, over
+    shifts of -1..1 px. Noise holes and specks lower every template's IoU alike; the nearest other
+    template is at most 0.77 IoU from an exact render (measured over all pairs, both sizes).
+    A component bigger than a cell matches nothing (iou 0)."""
+    if max(mask.shape) > CELL:
+        return None, None, 0.0
+    canvas = np.zeros((CANVAS, CANVAS), bool)
+    canvas[1:1 + mask.shape[0], 1:1 + mask.shape[1]] = mask
+    iou = (TEMPLATES & canvas).sum((1, 2)) / (TEMPLATES | canvas).sum((1, 2))
+    best = int(iou.argmax())
+    return (*TEMPLATE_KEYS[best // 9], float(iou[best]))
 
 def detect(image):
     """All objects in an image, in reading order (top-left cell first): one Detection per
-    same-colour connected component that matches some (shape, size) template with IoU >= MIN_IOU."""
+    same-colour 4-connected component that matches some (shape, size) template with IoU >= MIN_IOU."""
     label = segment_colors(image)
     dets = []
-    for ci in range(1, len(PALETTE_NAMES)):
-        for comp in connected_components(label == ci):
-            if len(comp) < MIN_AREA:
+    for ci in np.unique(label[label > 0]).tolist():  # the colours present
+        comps, _ = ndimage.label(label == ci)  # default structure: 4-connectivity
+        for k, sl in enumerate(ndimage.find_objects(comps), start=1):
+            mask = comps[sl] == k
+            area = int(mask.sum())
+            if area < MIN_AREA:
                 continue
-            ys, xs = np.array(comp).T
-            box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-            mask = np.zeros((box[3] - box[1], box[2] - box[0]), bool)
-            mask[ys - box[1], xs - box[0]] = True
+            box = (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)
             shape, size, iou = classify(mask)
             if iou >= MIN_IOU:
-                dets.append(Detection(shape, PALETTE_NAMES[ci], size, box, len(comp)))
+                dets.append(Detection(shape, PALETTE_NAMES[ci], size, box, area))
     return sorted(dets, key=lambda d: (d.cell, d.box))
 
 def rule_detections(dets):
@@ -432,14 +441,18 @@ def rule_detections(dets):
     (score 1), so GenEval's "best first" order among a class is the reading order of `detect`."""
     return [rules.Detection(d.shape, 1.0, d.box, color=d.color, size=d.size) for d in dets]
 
-def oracle(image, meta):
+def judge(dets, meta):
     """GenEval's rules (geneval_rules.evaluate, the same engine as eval_geneval.py's Mask2Former
-    scorer) on the pixel detector's objects -> (correct, reason); reason is "ok" when correct.
-    Every detection is kept (no score threshold: the detector has no false positives to drop)."""
-    grouped = rules.select_detections(rule_detections(detect(image)), meta["tag"], threshold=0.0,
+    scorer) on `detect`'s objects -> (correct, reason); reason is "ok" when correct. Every
+    detection is kept (no score threshold: the detector has no false positives to drop)."""
+    grouped = rules.select_detections(rule_detections(dets), meta["tag"], threshold=0.0,
                                       counting_threshold=0.0, max_per_class=GRID * GRID)
     ok, reason = rules.evaluate(meta, grouped, (IMAGE_SIZE, IMAGE_SIZE), margin=POSITION_THRESHOLD)
     return ok, reason or "ok"
+
+def oracle(image, meta):
+    """The pixel oracle: detect, then GenEval's rules (`judge`) -> (correct, reason)."""
+    return judge(detect(image), meta)
 
 # -----------------------------------------------------------------------------
 

@@ -16,9 +16,9 @@ Parts:
 - LM: transformers `Qwen2ForCausalLM`; vocabulary = words, then K image codes.
 - Text tokenizer: a word-level tokenizer from the `tokenizers` library, wrapped as a
   transformers fast tokenizer with a chat template. Unknown words are reported by name.
-- Image tokenizer: one learned feature per 12x12 cell, quantised to the nearest of K codes.
+- Image tokenizer: one learned feature per 16x16 cell, quantised to the nearest of K codes.
 - Decoder: a diffusers `UNet2DModel` (no self-attention) that sees the noisy image
-  concatenated with a learned 12x12 patch per code, sampled with a diffusers `DDIMScheduler`.
+  concatenated with a learned 16x16 patch per code, sampled with a diffusers `DDIMScheduler`.
 
     python tiny_umm.py train --out checkpoints/tiny-umm --t2i-frac 0.05 --seed 0   # the shipped model
     python tiny_umm.py understand --model checkpoints/tiny-umm [--adapter RUN/adapter]
@@ -39,7 +39,7 @@ from PIL import Image
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from shapes import GRID, IMAGE_SIZE, PROMPT_WORDS  # 48 px canvas, 4x4 cells: one image code per 12x12 cell
+from shapes import GRID, IMAGE_SIZE, PROMPT_WORDS  # 64 px canvas, 4x4 cells: one image code per 16x16 cell
 
 WORDS = list(PROMPT_WORDS) + "describe image in detail user assistant 1 2 3 4 5 6 7 8 9".split()  # + instruction, chat, grid
 SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<SOM>", "<EOM>", "<IMAGE>"]
@@ -66,12 +66,12 @@ def build_tokenizer(num_codes, extra_words=(), text_rows=0):
 
 class ImageTokenizer(ModelMixin, ConfigMixin):
     """Pixels -> codes: one learned feature per grid cell, snapped to the nearest codebook entry.
-    Each 12x12 cell is read on its own (a small conv net, then one conv over the whole cell), so a
+    Each 16x16 cell is read on its own (a small conv net, then one conv over the whole cell), so a
     neighbour's pixels never change a cell's code. `train` fits it as a nearest-prototype classifier:
-    code k = kind k of `shape_kinds()` (0 = empty cell), codes >= 37 are never produced."""
+    code k = kind k of `shape_kinds()` (0 = empty cell), codes >= len(KINDS) are never produced."""
 
     @register_to_config
-    def __init__(self, num_codes=64, image_size=IMAGE_SIZE, grid=GRID, dim=32, hidden=32):
+    def __init__(self, num_codes=192, image_size=IMAGE_SIZE, grid=GRID, dim=32, hidden=32):
         super().__init__()
         cell = image_size // grid
         self.proj = nn.Sequential(  # per-cell features: local edges/colours, then the cell as a whole
@@ -96,7 +96,7 @@ class ImageTokenizer(ModelMixin, ConfigMixin):
 
 class TinyDecoder(ModelMixin, ConfigMixin):
     """The diffusion head's denoiser: a small UNet2D conditioned by concatenating code embeddings.
-    Each code embeds to a learned cell-sized patch (cond_dim x 12 x 12), not one constant vector:
+    Each code embeds to a learned cell-sized patch (cond_dim x 16 x 16), not one constant vector:
     two identical neighbouring codes would otherwise give a featureless region with no hint of
     where one object ends and the next begins. The first 3 patch channels are an RGB template.
     It outputs epsilon (what DDIMScheduler expects) but is parameterised through x0:
@@ -104,7 +104,7 @@ class TinyDecoder(ModelMixin, ConfigMixin):
     so a good template alone already decodes to a crisp image, and the UNet learns the rest."""
 
     @register_to_config
-    def __init__(self, num_codes=64, image_size=IMAGE_SIZE, grid=GRID, cond_dim=8, channels=(16, 32),
+    def __init__(self, num_codes=192, image_size=IMAGE_SIZE, grid=GRID, cond_dim=8, channels=(16, 32),
                  num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"):
         super().__init__()
         cell = image_size // grid
@@ -157,7 +157,7 @@ class TinyUMM:
 
     # --- construction and persistence -------------------------------------------------
     @classmethod
-    def random(cls, seed=0, hidden=128, layers=4, heads=4, num_codes=64):
+    def random(cls, seed=0, hidden=128, layers=4, heads=4, num_codes=192):
         """A randomly initialised tiny UMM (deterministic given seed)."""
         torch.manual_seed(seed)
         tokenizer = build_tokenizer(num_codes)
@@ -277,7 +277,7 @@ class TinyUMM:
 #   python tiny_umm.py gen-eval --model checkpoints/tiny-umm --n-per-prompt 4
 #
 # Three stages, each deterministic in --seed: (1) the image tokenizer, a per-cell classifier onto
-# the 37 cell kinds; (2) the diffusion decoder on (render, codes) pairs; (3) the LM on I2T captions
+# the 161 cell kinds; (2) the diffusion decoder on (render, codes) pairs; (3) the LM on I2T captions
 # in every phrasing of the world (strong) and T2I code sequences of the train lines only (a --t2i-frac
 # share, deliberately weaker), in gvu.py's formats.
 # =====================================================================================
@@ -286,7 +286,7 @@ import time
 import shapes
 
 INSTRUCTION = "Describe the image in detail."  # gvu.py's default understanding instruction
-COUNTED_TAGS = ("counting", "color_count_attr", "spatial_count_attr", "multi_object_count_attr")
+COUNTED_TAGS = shapes.NUMBERED_TAGS
 EVAL_FILES = ("prompts/shapes_geneval.jsonl", "prompts/shapes_geneval_plus.jsonl")
 
 
@@ -299,9 +299,9 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-# --- the 37 cell kinds -----------------------------------------------------------------
+# --- the 161 cell kinds -----------------------------------------------------------------
 def shape_kinds():
-    """Kind 0 = empty cell, then (shape, colour, size) for 3 x 6 x 2 = 36 objects: code k = kind k."""
+    """Kind 0 = empty cell, then (shape, colour, size) for 8 x 10 x 2 = 160 objects: code k = kind k."""
     return [None] + [(s, c, z) for s in shapes.SHAPES for c in shapes.COLORS for z in shapes.SIZES]
 
 
@@ -360,7 +360,7 @@ def init_decoder_templates(dec):
     """Start each code's RGB template at its kind's centred render (one cell; every cell draws
     the same way) and the UNet's residual at zero: the decoder starts as a near-perfect x0 model,
     so the diffusion training below is a short fine-tune instead of a long CPU run.
-    Unused codes (>= 37) get the empty cell's template."""
+    Unused codes (>= len(KINDS)) get the empty cell's template."""
     c = dec.config.image_size // dec.config.grid
     w = dec.code_embed.weight.view(dec.config.num_codes, dec.config.cond_dim, c, c)
     for k in range(dec.config.num_codes):
@@ -421,15 +421,7 @@ def vision_round_trip(umm, rng, n=200):
 # --- captions and one-attribute distractors ------------------------------------------------
 def caption_of(meta):
     """Rebuild a metadata line (prompt text, excludes) from its include list, in shapes.py's phrasing."""
-    tag, inc = meta["tag"], meta["include"]
-    counted = tag in COUNTED_TAGS
-    if tag == "position":  # include[1] is `rel` of include[0]
-        text = f"{shapes.phrase(inc[1])} {inc[1]['position'][0]} {shapes.phrase(inc[0])}"
-    elif len(inc) == 3:
-        text = ", ".join(shapes.phrase(r, True) for r in inc[:2]) + ", and " + shapes.phrase(inc[2], True)
-    else:
-        text = " and ".join(shapes.phrase(r, counted) for r in inc)
-    return shapes.meta_line(tag, inc, text, counted)
+    return shapes.make_line(meta["tag"], meta["include"])
 
 
 def distractors(meta):
@@ -448,7 +440,7 @@ def distractors(meta):
         if "color" in r:
             out["color"] += [variant(i, color=c) for c in shapes.COLORS if c != r["color"]]
         if meta["tag"] in COUNTED_TAGS:
-            out["count"] += [variant(i, count=n) for n in (r["count"] - 1, r["count"] + 1) if 1 <= n <= 4]
+            out["count"] += [variant(i, count=n) for n in (r["count"] - 1, r["count"] + 1) if 1 <= n <= shapes.MAX_OBJECTS]
         if "position" in r:
             out["position"] += [variant(i, position=[rel, r["position"][1]])
                                 for rel in shapes.RELATIONS if rel != r["position"][0]]
@@ -467,10 +459,10 @@ def distractors(meta):
 def false_distractors(image, meta, rng, per_attr=3):
     """Per attribute, up to `per_attr` distractor prompts that the pixel oracle says are FALSE
     for this image (a changed attribute can happen to be true too, e.g. a second relation)."""
-    out = {}
+    out, dets = {}, shapes.detect(image)
     for attr, cands in distractors(meta).items():
         cands = [cands[i] for i in rng.permutation(len(cands))]
-        bad = [d["prompt"] for d in cands if not shapes.oracle(image, d)[0]][:per_attr]
+        bad = [d["prompt"] for d in cands if not shapes.judge(dets, d)[0]][:per_attr]
         if bad:
             out[attr] = bad
     return out
@@ -500,10 +492,10 @@ def i2t_batch(umm, metas, rng, with_distractor):
         ans = tok(m["prompt"] + umm.answer_suffix, add_special_tokens=False).input_ids
         bad = None
         if with_distractor:  # attribute first, so shape and position get as many pairs as colour
-            cands = [ds for ds in distractors(m).values() if ds]
+            cands, dets = [ds for ds in distractors(m).values() if ds], shapes.detect(im)
             for a in rng.permutation(len(cands)):
                 d = cands[a][int(rng.integers(len(cands[a])))]
-                if not shapes.oracle(im, d)[0]:  # a changed attribute can happen to be true
+                if not shapes.judge(dets, d)[0]:  # a changed attribute can happen to be true
                     bad = tok(d["prompt"] + umm.answer_suffix, add_special_tokens=False).input_ids
                     break
         out.append((ctx, ans, bad))
@@ -537,19 +529,20 @@ def lm_loss(umm, seqs):
 
 
 def caption_space():
-    """What the understanding branch learns to read: every line of every tag, one list per tag. A
+    """What the understanding branch learns to read: every line of every tag, as (benchmark, tag) keys
+    for shapes.sample_line. A
     captioner describes scenes in all the world's phrasings (as a real UMM's caption data does), the
     eval prompts' texts included; T2I learns from the train lines only, so eval prompts stay unseen
     by generation (and by GvU)."""
-    return [shapes.enumerate_tag(t) for t in shapes.GENEVAL_TAGS + shapes.GENEVAL_PLUS_TAGS + shapes.TRAIN_ONLY_TAGS]
+    return [(bench, tag) for bench, tags in shapes.BENCHMARKS.items() for tag in tags]
 
 
 def lm_batch(umm, metas, captions, rng, batch, n_t2i, with_distractor):
     """n_t2i T2I examples of train lines `metas`, and batch - n_t2i I2T examples whose captions are
-    drawn from `captions` (lists of lines: a list, then a line, uniformly)."""
+    drawn from `captions` ((benchmark, tag) keys: a tag uniformly, then one of its lines)."""
     seqs = [t2i_example(umm, metas[i], rng) for i in rng.integers(0, len(metas), n_t2i)]
     tags = [captions[i] for i in rng.integers(0, len(captions), batch - n_t2i)]
-    return seqs, i2t_batch(umm, [t[int(rng.integers(len(t)))] for t in tags], rng, with_distractor)
+    return seqs, i2t_batch(umm, [shapes.sample_line(*t, rng) for t in tags], rng, with_distractor)
 
 
 def train_lm(umm, metas, captions, rng, steps, batch, t2i_frac, lr, rank_weight):
@@ -618,7 +611,8 @@ def train(a):
 @torch.no_grad()
 def understand(a):
     """Held-out renders of scenes for EVAL lines; per attribute, is the true caption's intrinsic
-    reward above every oracle-false one-attribute distractor's?"""
+    reward above every oracle-false one-attribute distractor's? Reported per attribute and per
+    (eval file, tag) (a tag's rate pools its images' attribute comparisons)."""
     import gvu
     torch.set_num_threads(a.threads)
     umm = TinyUMM.from_pretrained(a.model)
@@ -627,10 +621,10 @@ def understand(a):
         PeftModel.from_pretrained(umm.lm, a.adapter)
     umm.lm.eval()
     rng = np.random.default_rng(a.seed)
-    metas = [m for f in EVAL_FILES for m in read_jsonl(f)]
-    hits = {}
+    metas = [(os.path.basename(f).split(".")[0], m) for f in EVAL_FILES for m in read_jsonl(f)]
+    hits, by_tag = {}, {}
     for i in range(a.n):
-        meta = metas[i % len(metas)] if a.n >= len(metas) else metas[int(rng.integers(len(metas)))]
+        name, meta = metas[i % len(metas)] if a.n >= len(metas) else metas[int(rng.integers(len(metas)))]
         image = shapes.render(shapes.sample_scene(meta, rng), jitter=1, rng=rng)
         bad = false_distractors(image, meta, rng)
         prompts = [meta["prompt"]] + [p for ps in bad.values() for p in ps]
@@ -638,8 +632,12 @@ def understand(a):
         r = gvu.intrinsic_reward(logp, mask).tolist()
         k = 1
         for attr, ps in bad.items():
-            hits.setdefault(attr, []).append(r[0] > max(r[k:k + len(ps)]))
+            hit = r[0] > max(r[k:k + len(ps)])
+            hits.setdefault(attr, []).append(hit)
+            by_tag.setdefault(f"{name}/{meta['tag']}", []).append(hit)
             k += len(ps)
+    for tag, h in sorted(by_tag.items()):
+        print(f"understanding {tag:40s} {np.mean(h):.3f}  (n={len(h)})")
     for attr, h in hits.items():
         print(f"understanding {attr:9s} {np.mean(h):.3f}  (n={len(h)})")
     print(f"understanding overall   {np.mean([np.mean(h) for h in hits.values()]):.3f}  (mean of attributes)")
@@ -692,7 +690,7 @@ if __name__ == "__main__":
     t.add_argument("--hidden", type=int, default=128)
     t.add_argument("--layers", type=int, default=4)
     t.add_argument("--heads", type=int, default=4)
-    t.add_argument("--num-codes", type=int, default=64)
+    t.add_argument("--num-codes", type=int, default=192, help="image codes (>= the 161 cell kinds)")
     t.add_argument("--threads", type=int, default=2)
     u = sub.add_parser("understand", help="caption-vs-distractor accuracy per attribute on eval lines")
     u.add_argument("--model", required=True)
