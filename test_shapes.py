@@ -286,7 +286,7 @@ def test_prompt_sets_follow_geneval_tag_counts(prompt_sets):
     train_words = {w for m in train for w in tokens(m["prompt"])}
     assert {w for m in geneval + plus for w in tokens(m["prompt"])} <= train_words
 
-def test_geneval_plus_structure_matches_geneval_plus():
+def test_geneval_plus_structure_matches_geneval_plus(prompt_sets):
     """Each GenEval++ tag has GenEval++'s include fields, number of objects and exclude structure
     (written out from geneval_plus_plus.jsonl: only counting has an exclude)."""
     fields = {"color_attr": {"class", "count", "color"}, "color_count_attr": {"class", "count", "color"},
@@ -294,8 +294,7 @@ def test_geneval_plus_structure_matches_geneval_plus():
               "multi_object_count_attr": {"class", "count"}, "size_spatial_attr": {"class", "count", "size", "region"},
               "spatial_count_attr": {"class", "count", "region"}}
     n_items = {"color_attr": {3, 4}, "multi_object_count_attr": {2, 3}, "counting": {1}}
-    with open(os.path.join(HERE, "prompts", "shapes_geneval_plus.jsonl")) as f:
-        plus = [json.loads(line) for line in f]
+    plus = prompt_sets[2]
     for m in plus:
         assert all(set(r) == fields[m["tag"]] for r in m["include"]), m
         assert len(m["include"]) in n_items.get(m["tag"], {2}), m
