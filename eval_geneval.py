@@ -282,7 +282,7 @@ class GenEvalScorer:
 
 
 def scorer_classes(name):
-    """The class names a scorer knows: GenEval's 80 COCO names, or the shapes world's three shapes."""
+    """The class names a scorer knows: GenEval's 80 COCO names, or the shapes world's eight shapes."""
     if name == "shapes":
         import shapes
         return shapes.SHAPES
