@@ -650,7 +650,7 @@ def understand(a):
 @torch.no_grad()
 def gen_eval(a):
     """gvu.rollout (temperature 1) for every eval prompt, decode, score with the pixel oracle.
-    Prints per-tag accuracy and overall = the unweighted mean of the tag means."""
+    Prints per-tag accuracy of each eval file and its overall = the unweighted mean of its tag means."""
     import gvu
     torch.set_num_threads(a.threads)
     umm = TinyUMM.from_pretrained(a.model)
@@ -658,17 +658,17 @@ def gen_eval(a):
     g = torch.Generator().manual_seed(a.seed)
     results = {}
     for f in EVAL_FILES:
-        metas = read_jsonl(f)
+        name, metas = os.path.basename(f).split(".")[0], read_jsonl(f)
         for s in range(0, len(metas), 32):
             chunk = metas[s:s + 32]
             codes = gvu.rollout(umm, [m["prompt"] for m in chunk], a.n_per_prompt, temperature=1.0, generator=g)["codes"]
             images = umm.decode_images(codes, g)
             for j, im in enumerate(images):
                 m = chunk[j // a.n_per_prompt]
-                results.setdefault(m["tag"], []).append(shapes.oracle(im, m)[0])
-    for tag, r in results.items():
-        print(f"gen {tag:24s} {np.mean(r):.3f}  (n={len(r)})")
-    print(f"gen overall (mean of tags)   {np.mean([np.mean(r) for r in results.values()]):.3f}")
+                results.setdefault(name, {}).setdefault(m["tag"], []).append(shapes.oracle(im, m)[0])
+        for tag, r in results[name].items():
+            print(f"gen {name}/{tag:24s} {np.mean(r):.3f}  (n={len(r)})")
+        print(f"gen {name} overall (mean of tags)   {np.mean([np.mean(r) for r in results[name].values()]):.3f}", flush=True)
     return results
 
 
