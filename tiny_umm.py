@@ -20,7 +20,7 @@ Parts:
 - Decoder: a diffusers `UNet2DModel` (no self-attention) that sees the noisy image
   concatenated with a learned 16x16 patch per code, sampled with a diffusers `DDIMScheduler`.
 
-    python tiny_umm.py train --out checkpoints/tiny-umm --t2i-frac 0.05 --seed 0   # the shipped model
+    python tiny_umm.py train --out checkpoints/tiny-umm --seed 0   # the shipped model (--t2i-frac 0.1, 1500 LM steps)
     python tiny_umm.py understand --model checkpoints/tiny-umm [--adapter RUN/adapter]
     python tiny_umm.py gen-eval --model checkpoints/tiny-umm
     python tiny_umm.py random --out /tmp/tiny   # a random-init model folder (safetensors)
@@ -270,8 +270,8 @@ class TinyUMM:
 # =====================================================================================
 # Training a tiny UMM base in the shapes world, and measuring it
 #
-#   python tiny_umm.py train --out checkpoints/tiny-umm --t2i-frac 0.05         (normal base)
-#   python tiny_umm.py train --out checkpoints/tiny-umm-weak --t2i-frac 0.02 \
+#   python tiny_umm.py train --out checkpoints/tiny-umm --t2i-frac 0.1          (normal base)
+#   python tiny_umm.py train --out checkpoints/tiny-umm-weak --t2i-frac 0.03 \
 #          --vision-from checkpoints/tiny-umm                                      (weak base)
 #   python tiny_umm.py understand --model checkpoints/tiny-umm --n 300
 #   python tiny_umm.py gen-eval --model checkpoints/tiny-umm --n-per-prompt 4
@@ -681,8 +681,8 @@ if __name__ == "__main__":
     t = sub.add_parser("train", help="train tokenizer, decoder and LM in the shapes world")
     t.add_argument("--out", required=True, help="folder to write")
     t.add_argument("--seed", type=int, default=0, help="seeds init, data and every random choice")
-    t.add_argument("--t2i-frac", type=float, default=0.05, help="share of T2I sequences per LM batch (0.05: 3 of 64)")
-    t.add_argument("--steps", type=int, default=3000, help="LM steps")
+    t.add_argument("--t2i-frac", type=float, default=0.1, help="share of T2I sequences per LM batch (0.1: 6 of 64)")
+    t.add_argument("--steps", type=int, default=1500, help="LM steps")
     t.add_argument("--batch", type=int, default=64, help="LM sequences per step (+ distractors)")
     t.add_argument("--lr", type=float, default=2e-3, help="LM peak learning rate (one-cycle)")
     t.add_argument("--rank-weight", type=float, default=1.0, help="weight of the caption-vs-distractor ranking loss")
