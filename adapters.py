@@ -1,5 +1,7 @@
 """
-Adapters: real unified multimodal models behind the small API that gvu.py drives (TinyUMM's API).
+Adapters: real unified multimodal models behind the small interface that gvu.py drives (gvu.UMM; TinyUMM
+is its reference implementation), and `load_umm`, which picks the class for --model and keeps the
+trust-remote-code policy: X-Omni's code runs only when asked for.
 
 JanusPro wraps transformers' native `JanusForConditionalGeneration` (deepseek-community/Janus-Pro-1B,
 -7B). Janus keeps generation and understanding apart around one Llama:
@@ -276,7 +278,12 @@ class XOmni:
     num_mm_adap_layers and last num_mm_head_layers decoder layers update image positions only. Its `forward`
     builds fp32 logits over all ~168k ids (text and image vocabularies, the other mode's rows at dtype min) at every
     position; gvu never calls it: `hidden_states` runs `model.model` (normed final states) and `logits` applies the
-    current mode's head rows only: the same numbers (tested against a stand-in's own forward)."""
+    current mode's head rows only: the same numbers (tested against a stand-in's own forward).
+
+    Departure: X-Omni's `detokenize_image` gives FLUX the prompt text too ('' as the negative prompt); here the
+    decoder's text condition is the empty prompt for every image. GvU trains the autoregressive policy, and a
+    decoder that also reads the prompt could repair an image whose codes got it wrong, rewarding the policy for
+    the decoder's work."""
 
     # LoRA on the LM's linear layers only: image_tokenizer (the SigLIP ViT) is a submodule of the same model
     lora_targets = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
