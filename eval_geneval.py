@@ -12,7 +12,7 @@ This file re-implements that pipeline with Hugging Face models:
 Subcommands (figures and experiments built on these live in experiments.py):
     generate         sample N images per prompt from a gvu.py model (+ adapter) into that layout
     score FOLDER     detect, apply the rules, write results.jsonl + summary.{md,json}
-    compare A B      per-tag accuracies of two runs side by side, with deltas
+    compare B R...   a base vs trained runs per tag: mean ± std across runs, 95% bootstrap interval
     prompts          GenEval-style training prompts over the 80 COCO classes
 
 The rules (`select_detections`, `relative_position`, `evaluate`, ...) are pure
@@ -454,6 +454,54 @@ def compare_table(a: dict, b: dict) -> str:
                               f"{'-' if x is None or y is None else f'{y - x:+.4f}'} |" for t, x, y in rows])
 
 
+def load_prompt_accuracy(path) -> dict[str, dict[int, float]] | None:
+    """Per tag, each prompt's share of correct images, from the results.jsonl beside a summary (None if absent)."""
+    path = Path(path)
+    results = (path if path.is_dir() else path.parent) / "results.jsonl"
+    if not results.is_file():
+        return None
+    images: dict[str, dict[int, list[bool]]] = {}
+    for line in results.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            images.setdefault(r["tag"], {}).setdefault(r["index"], []).append(bool(r["correct"]))
+    return {t: {i: float(np.mean(v)) for i, v in ps.items()} for t, ps in images.items()}
+
+
+def bootstrap_deltas(base: dict, runs: list[dict], n_boot=2000, seed=0) -> dict[str, np.ndarray]:
+    """Bootstrap draws of (mean over runs of the trained accuracy) - (base accuracy), per tag and "overall"
+    (the mean of the tag deltas). Prompts are resampled with replacement within each tag, the same prompts
+    for the base and every run (a paired bootstrap over prompts; the runs' seeds are not resampled)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for tag in sorted(set(base).intersection(*runs)):
+        idx = sorted(set(base[tag]).intersection(*(run[tag] for run in runs)))
+        d = np.mean([[run[tag][i] for i in idx] for run in runs], 0) - np.array([base[tag][i] for i in idx])  # (P,)
+        out[tag] = d[rng.integers(0, len(idx), (n_boot, len(idx)))].mean(1)  # (n_boot,)
+    out["overall"] = np.mean(list(out.values()), 0)
+    return out
+
+
+def compare_runs_table(base: dict, runs: list[dict], n_boot=2000, seed=0) -> str:
+    """Markdown: per tag and overall, the base, the trained runs' mean ± std across runs (seeds), the mean
+    delta and its 95% bootstrap interval over prompts. base, runs: load_prompt_accuracy() dicts."""
+    draws = bootstrap_deltas(base, runs, n_boot, seed)
+    acc = lambda d, tag: float(np.mean(list(d[tag].values())))  # noqa: E731  (a tag's accuracy: mean over prompts)
+    tags = [t for t in draws if t != "overall"]
+    rows = {t: (acc(base, t), [acc(r, t) for r in runs]) for t in tags}
+    rows["overall"] = (float(np.mean([rows[t][0] for t in tags])), [float(np.mean([rows[t][1][k] for t in tags]))
+                                                                    for k in range(len(runs))])
+    lines = [f"| tag | prompts | base | trained (mean ± std over {len(runs)} runs) | delta | 95% interval |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for t, (b, tr) in rows.items():
+        lo, hi = np.percentile(draws[t], [2.5, 97.5])
+        rel = f" ({(np.mean(tr) - b) / b:+.1%})" if t == "overall" and b > 0 else ""
+        n = len(set(base[t])) if t != "overall" else sum(len(base[x]) for x in tags)
+        lines.append(f"| {'**overall**' if t == 'overall' else t} | {n} | {b:.4f} | {np.mean(tr):.4f} ± "
+                     f"{np.std(tr, ddof=1) if len(tr) > 1 else 0:.4f} | {np.mean(tr) - b:+.4f}{rel} | [{lo:+.4f}, {hi:+.4f}] |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- prompts
 
 def with_article(phrase: str) -> str:
@@ -588,8 +636,15 @@ def cmd_score(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    """compare: print two runs' per-tag accuracies side by side."""
-    print(compare_table(load_summary(args.run_a), load_summary(args.run_b)))
+    """compare: per-tag accuracies of a base and one or more trained runs; with results.jsonl beside every
+    summary (score's output folders), the mean ± std across runs and a 95% bootstrap interval over prompts."""
+    prompt_acc = [load_prompt_accuracy(p) for p in [args.base] + args.runs]
+    if all(a is not None for a in prompt_acc):
+        print(compare_runs_table(prompt_acc[0], prompt_acc[1:], args.bootstrap, args.seed))
+    elif len(args.runs) == 1:  # summaries alone: no per-prompt data, so no interval
+        print(compare_table(load_summary(args.base), load_summary(args.runs[0])))
+    else:
+        raise GenEvalError("comparing several runs needs each run's results.jsonl (score's output folder)")
 
 
 def cmd_prompts(args) -> None:
@@ -651,9 +706,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     add_detector_flags(s)
     s.set_defaults(func=cmd_score)
-    c = sub.add_parser("compare", help="compare two runs' summaries per tag")
-    c.add_argument("run_a", help="base run: summary.json or its score output folder")
-    c.add_argument("run_b", help="trained run: summary.json or its score output folder")
+    c = sub.add_parser("compare", help="a base vs one or more trained runs, per tag, with bootstrap intervals")
+    c.add_argument("base", help="base run: score's output folder (or its summary.json)")
+    c.add_argument("runs", nargs="+", help="trained runs (e.g. one per training seed), same prompts and sampling seeds")
+    c.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the prompts")
+    c.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     c.set_defaults(func=cmd_compare)
     g = sub.add_parser("prompts", help="generate GenEval-style training prompts")
     g.add_argument("--seed", type=int, default=0, help="random seed (output is deterministic given it)")
