@@ -400,6 +400,9 @@ def make_scorer(args) -> Callable[[Image.Image, dict], tuple[bool, str]]:
     if args.scorer == "shapes":
         import shapes  # written elsewhere in this repo; imported only when asked for
         return shapes.oracle
+    if args.scorer == "vlm":  # GenEval++ the paper's way: a VLM judge (vlm_judge.py)
+        import vlm_judge
+        return vlm_judge.VLMScorer(args.judge, args.device, error=GenEvalError)
     import torch
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -717,10 +720,10 @@ def cmd_score(args) -> None:
         for index, meta, path in samples:
             correct, reason = scorer(load_image(path), meta)
             row = {"index": index, "sample": path.stem, "tag": meta["tag"], "prompt": meta["prompt"],
-                   "correct": bool(correct), "reason": reason}
+                   "correct": -1 if correct == -1 else bool(correct), "reason": reason}  # -1: judge gave up
             f.write(json.dumps(row) + "\n")
             results.append(row)
-    summary = summarize(results) | {"scorer": args.scorer}
+    summary = getattr(scorer, "summarize", summarize)(results) | {"scorer": args.scorer}
     if args.scorer == "geneval" and any("region" in r or "size" in r for _, m, _ in samples for r in m["include"]):
         summary["notes"] = [PROXY_NOTE]
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -753,9 +756,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("folder", help="folder with <00000>/metadata.jsonl and <00000>/samples/<0000>.png")
     s.add_argument("--metadata", help="GenEval metadata .jsonl; the folder must match it prompt by prompt")
     s.add_argument("--out", help="where to write results.jsonl, summary.md, summary.json (default: FOLDER)")
-    s.add_argument("--scorer", choices=["geneval", "shapes"], default="geneval",
+    s.add_argument("--scorer", choices=["geneval", "shapes", "vlm"], default="geneval",
                    help="geneval: Mask2Former + CLIP rules (GenEval++ region/size via a rule-based proxy); "
-                        "shapes: the synthetic-shapes oracle shapes.oracle")
+                        "shapes: the synthetic-shapes oracle shapes.oracle; vlm: a VLM judge (GenEval++ as in the paper)")
+    s.add_argument("--judge", help="--scorer vlm: openai:MODEL (OPENAI_BASE_URL, OPENAI_API_KEY; pip install openai) "
+                                   "or hf:MODEL (a local transformers VLM); default openai:gpt-4.1-2025-04-14")
     s.add_argument("--detector", default="facebook/mask2former-swin-small-coco-instance",
                    help="Mask2Former COCO instance model (hub id or local path)")
     s.add_argument("--clip", default="openai/clip-vit-large-patch14", help="CLIP model (hub id or local path)")
