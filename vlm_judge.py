@@ -160,12 +160,17 @@ def judge(complete, messages, attempts=ATTEMPTS, backoff=None, sleep=time.sleep)
     backoff = RETRY_BACKOFF_S if backoff is None else backoff
     for attempt in range(1, attempts + 1):
         try:
-            return parse_verdict(complete(messages))
-        except (TransientError, ValueError) as e:
-            error = f"{type(e).__name__}: {one_line(e)}"
-            print(f"judge attempt {attempt}/{attempts} failed: {error}", file=sys.stderr)
-            if attempt < attempts:
-                sleep(backoff * 2 ** (attempt - 1))
+            answer = complete(messages)
+        except TransientError as e:
+            error = f"call failed: {one_line(e)}"
+        else:
+            try:
+                return parse_verdict(answer)
+            except ValueError as e:
+                error = f"unusable answer ({one_line(e)}): {one_line(answer, 120)!r}"
+        print(f"judge attempt {attempt}/{attempts} failed: {error}", file=sys.stderr)
+        if attempt < attempts:
+            sleep(backoff * 2 ** (attempt - 1))
     return UNEVALUATED, f"not evaluated after {attempts} attempt(s); last: {error}"
 
 
