@@ -42,6 +42,7 @@ from transformers import AutoImageProcessor, AutoProcessor, CLIPModel, Mask2Form
 
 import gvu
 import shapes
+import vlm_judge
 from adapters import InputError, load_umm, pick_device
 
 # GenEval's 80 class names, in COCO index order (note its renames:
@@ -400,6 +401,8 @@ def make_scorer(args) -> Callable[[Image.Image, dict], tuple[bool, str]]:
     """Build the scorer named by --scorer."""
     if args.scorer == "shapes":
         return shapes.oracle
+    if args.scorer == "vlm":  # GenEval++ the paper's way: a VLM judge (vlm_judge.py)
+        return vlm_judge.VLMScorer(args.judge, args.device)
     device = pick_device(args.device or "auto")
     try:
         return GenEvalScorer(args.detector, args.clip, device, args.threshold, args.counting_threshold,
@@ -411,16 +414,26 @@ def make_scorer(args) -> Callable[[Image.Image, dict], tuple[bool, str]]:
 # --------------------------------------------------------------------------- summaries
 
 def summarize(results: list[dict]) -> dict:
-    """Per-tag accuracy, overall = unweighted mean of tag means, share of prompts with >= 1 correct image."""
-    by_tag, by_prompt = {}, {}
+    """Per-tag accuracy, overall = unweighted mean of tag means, share of prompts with >= 1 correct image.
+    Rows with correct == -1 (a VLM judge that gave up) are left out of every accuracy and counted apart."""
+    by_tag, by_prompt, unevaluated = {}, {}, {}
     for r in results:
+        if r["correct"] == vlm_judge.UNEVALUATED:
+            unevaluated[r["tag"]] = unevaluated.get(r["tag"], 0) + 1
+            continue
         by_tag.setdefault(r["tag"], []).append(r["correct"])
         by_prompt[r["index"]] = by_prompt.get(r["index"], False) or r["correct"]
     tags = {t: {"images": len(v), "accuracy": sum(v) / len(v)} for t, v in sorted(by_tag.items())}
-    return {"tags": tags,
-            "overall": float(np.mean([t["accuracy"] for t in tags.values()])) if tags else 0.0,
-            "prompts_any_correct": sum(by_prompt.values()) / max(len(by_prompt), 1),
-            "images": len(results), "prompts": len(by_prompt)}
+    summary = {"tags": tags,
+               "overall": float(np.mean([t["accuracy"] for t in tags.values()])) if tags else 0.0,
+               "prompts_any_correct": sum(by_prompt.values()) / max(len(by_prompt), 1),
+               "images": len(results) - sum(unevaluated.values()), "prompts": len(by_prompt)}
+    if unevaluated:
+        for tag, entry in tags.items():
+            entry["unevaluated"] = unevaluated.get(tag, 0)
+        summary |= {"unevaluated": sum(unevaluated.values()), "unevaluated_by_tag": unevaluated,
+                    "unevaluated_share": sum(unevaluated.values()) / len(results)}
+    return summary
 
 
 def format_table(summary: dict) -> str:
@@ -624,12 +637,14 @@ def cmd_score(args) -> None:
         for index, meta, path in samples:
             correct, reason = scorer(load_image(path), meta)
             row = {"index": index, "sample": path.stem, "tag": meta["tag"], "prompt": meta["prompt"],
-                   "correct": bool(correct), "reason": reason}
+                   "correct": -1 if correct == -1 else bool(correct), "reason": reason}  # -1: judge gave up
             f.write(json.dumps(row) + "\n")
             results.append(row)
     summary = summarize(results) | {"scorer": args.scorer}
     if args.scorer == "geneval" and any("region" in r or "size" in r for _, m, _ in samples for r in m["include"]):
         summary["notes"] = [PROXY_NOTE]
+    if args.scorer == "vlm":
+        summary |= {"judge": scorer.spec, "notes": [scorer.note(summary.get("unevaluated", 0), len(results))]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(format_table(summary) + "\n")
     print(format_table(summary))
@@ -700,9 +715,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("folder", help="folder with <00000>/metadata.jsonl and <00000>/samples/<0000>.png")
     s.add_argument("--metadata", help="GenEval metadata .jsonl; the folder must match it prompt by prompt")
     s.add_argument("--out", help="where to write results.jsonl, summary.md, summary.json (default: FOLDER)")
-    s.add_argument("--scorer", choices=["geneval", "shapes"], default="geneval",
+    s.add_argument("--scorer", choices=["geneval", "shapes", "vlm"], default="geneval",
                    help="geneval: Mask2Former + CLIP rules (GenEval++ region/size via a rule-based proxy); "
-                        "shapes: the synthetic-shapes oracle shapes.oracle")
+                        "shapes: the synthetic-shapes oracle shapes.oracle; vlm: a VLM judge (GenEval++ as in the paper)")
+    s.add_argument("--judge", help="--scorer vlm: openai:MODEL (OPENAI_BASE_URL, OPENAI_API_KEY; pip install openai) "
+                                   "or hf:MODEL (a local transformers VLM); default openai:gpt-4.1-2025-04-14")
     s.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     add_detector_flags(s)
     s.set_defaults(func=cmd_score)
@@ -727,7 +744,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except GenEvalError as e:
+    except (GenEvalError, vlm_judge.JudgeError) as e:
         sys.exit(f"error: {e}")
     return 0
 
