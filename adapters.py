@@ -1,5 +1,7 @@
 """
-Adapters: real unified multimodal models behind the small API that gvu.py drives (TinyUMM's API).
+Adapters: real unified multimodal models behind the small interface that gvu.py drives (gvu.UMM; TinyUMM
+is its reference implementation), and `load_umm`, which picks the class for --model and keeps the
+trust-remote-code policy: X-Omni's code runs only when asked for.
 
 JanusPro wraps transformers' native `JanusForConditionalGeneration` (deepseek-community/Janus-Pro-1B,
 -7B). Janus keeps generation and understanding apart around one Llama:
@@ -41,6 +43,8 @@ import os
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from tiny_umm import TinyUMM
 
 USER, ASSISTANT = "<|User|>", "<|Assistant|>"  # Janus's "deepseek" chat roles (sep "\n\n", sep2 EOS)
 PAD_TOKEN = "<｜▁pad▁｜>"  # Janus's pad token, used when a tokenizer names none
@@ -274,7 +278,12 @@ class XOmni:
     num_mm_adap_layers and last num_mm_head_layers decoder layers update image positions only. Its `forward`
     builds fp32 logits over all ~168k ids (text and image vocabularies, the other mode's rows at dtype min) at every
     position; gvu never calls it: `hidden_states` runs `model.model` (normed final states) and `logits` applies the
-    current mode's head rows only: the same numbers (tested against a stand-in's own forward)."""
+    current mode's head rows only: the same numbers (tested against a stand-in's own forward).
+
+    Departure: X-Omni's `detokenize_image` gives FLUX the prompt text too ('' as the negative prompt); here the
+    decoder's text condition is the empty prompt for every image. GvU trains the autoregressive policy, and a
+    decoder that also reads the prompt could repair an image whose codes got it wrong, rewarding the policy for
+    the decoder's work."""
 
     # LoRA on the LM's linear layers only: image_tokenizer (the SigLIP ViT) is a submodule of the same model
     lora_targets = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -419,3 +428,38 @@ class XOmni:
                        true_cfg_scale=dec.cfg_scale, true_cfg_scale_2=dec.cfg_scale_2, generator=generator)
             images += out.images
         return images
+
+
+# -----------------------------------------------------------------------------
+# loading: --model -> a UMM, with the trust-remote-code policy
+class InputError(Exception):
+    """Bad input from the user: reported as one line, never as a traceback."""
+
+
+def pick_device(name="auto"):
+    """'auto' -> cuda > mps > cpu; anything else as given."""
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def load_umm(name, seed=0, trust_remote_code=False, flux="", device="cpu", bf16=False):
+    """The UMM for --model. Real checkpoints load their weights in bf16 when bf16 is on (LoRA stays fp32).
+    X-Omni's model class is Python code from its repository: it runs only with trust_remote_code."""
+    if name == "tiny-random":
+        return TinyUMM.random(seed)
+    if os.path.isdir(name) and TinyUMM.is_tiny_umm(name):
+        return TinyUMM.from_pretrained(name)
+    if XOmni.is_xomni(name):
+        if not trust_remote_code:
+            raise InputError(f"--model {name} is X-Omni, whose model is Python code from its repository: "
+                             "pass --trust-remote-code to run that code (it is never implied)")
+        if not flux:
+            raise InputError(f"--model {name} is X-Omni, which decodes images with a FLUX.1-dev based decoder: "
+                             "pass --flux PATH (a FLUX.1-dev folder or hub id)")
+        return XOmni.from_pretrained(name, flux, trust_remote_code=True, device=device,
+                                     dtype=torch.bfloat16 if bf16 else torch.float32)
+    if JanusPro.is_janus(name):
+        return JanusPro.from_pretrained(name, dtype=torch.bfloat16 if bf16 else None)  # on the CPU; the caller moves it
+    raise InputError(f"--model {name}: not 'tiny-random', a tiny UMM folder (tiny_umm.json), a Janus(-Pro) or an "
+                     "X-Omni checkpoint")

@@ -98,7 +98,7 @@ def memory_worker(checkpointing, hidden, layers, n):
         ro = {k: v.cuda() for k, v in ro.items()}
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    logp = gvu.token_logprobs(umm, ro["prefix_ids"], ro["prefix_mask"], ro["codes"])
+    logp = gvu.image_token_logprobs(umm, ro["prefix_ids"], ro["prefix_mask"], ro["codes"])
     logp.mean().backward()
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"peak_mb": (peak - base) / 2**20, "device": "cuda" if cuda else "cpu"}))
@@ -552,7 +552,7 @@ def main(argv=None):
     # 1. reward
     images = umm.decode_images(torch.randint(0, umm.image_vocab_size, (len(prompts), 16)), torch.Generator().manual_seed(0))
     with torch.no_grad():
-        fast, t_fast = timed(lambda: gvu.intrinsic_reward(*gvu.prompt_token_logprobs(umm, images, prompts, instr)))
+        fast, t_fast = timed(lambda: gvu.intrinsic_reward(*gvu.caption_token_logprobs(umm, images, prompts, instr)))
         slow, t_slow = timed(lambda: official_rewards(umm, images, prompts, instr), repeat=1)
     print(f"reward   batched {t_fast * 1e3:8.1f} ms | per-token loop {t_slow * 1e3:8.1f} ms | "
           f"speed-up {t_slow / t_fast:5.1f}x | max |dR| {(fast - slow).abs().max().item():.1e}")

@@ -16,7 +16,7 @@ CPU smoke test with random weights:                 python gvu.py --model tiny-r
 GPU (Janus-Pro, bf16 autocast):                     python gvu.py --model deepseek-community/Janus-Pro-1B --prompts prompts/geneval_train.txt --cfg-scale 5
 GPU (X-Omni, the paper's base; its own stack):      python gvu.py --model X-Omni/X-Omni-En --flux PATH/FLUX.1-dev --trust-remote-code --group-size 2 --lr 1e-6
 
-Departures from the paper and the official code, and why:
+Departures from the paper and the official code, and why (the only list; the README points here):
   1. The reward forward is ONE batched teacher-forced pass per micro-batch; the official code runs
      one uncached forward per prompt token. Same numbers (tested), >10x faster (bench.py).
   2. The scored answer is the prompt followed by the end-of-turn token: without it an image with
@@ -24,9 +24,16 @@ Departures from the paper and the official code, and why:
   3. Policy log-probs come from hidden states through the image head, over image positions and the
      image vocabulary only; the official code builds full-vocabulary fp32 logits everywhere.
   4. The ratio and the KL use the untruncated, temperature-scaled conditional policy; top-k / min-p
-     truncation and CFG only shape which codes are sampled (T2I-R1's convention).
-  5. Defaults are scaled for the tiny CPU model (G=8, lr=5e-4); the paper's X-Omni run is in the
-     README (G=2, lr=1e-6, beta=0.03, LoRA r=8 / alpha=32).
+     truncation and CFG only shape which codes are sampled (T2I-R1's convention). With the defaults
+     (no truncation, --cfg-scale 1) the sampler is that policy exactly.
+  5. Defaults are scaled for the tiny CPU model (G=8, lr=5e-4); the paper's X-Omni run is G=2,
+     lr=1e-6, beta=0.03, LoRA r=8 / alpha=32.
+  6. The judge defaults to the policy itself (--reward-model policy), as the official code ends up
+     doing; --reward-model frozen judges with the adapter off.
+  7. X-Omni only: its FLUX decoder gets the empty prompt, not the T2I prompt (adapters.XOmni says why).
+
+The model is anything with the small interface `UMM` below: the shipped tiny UMM (tiny_umm.py) is its
+reference implementation; adapters.py wraps Janus-Pro and X-Omni behind it and loads them (`load_umm`).
 """
 import json
 import os
@@ -35,15 +42,16 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model, set_peft_model_state_dict, get_peft_model_state_dict
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 from transformers import DynamicCache, HfArgumentParser
 
-from tiny_umm import TinyUMM
+from adapters import InputError, load_umm, pick_device
 
 warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6")  # peft still uses pre-v6 names
 
@@ -88,14 +96,46 @@ class Args:
                                                   "choices": ["auto", "float32", "bfloat16"]})
 
 
-class InputError(Exception):
-    """Bad input from the user: reported as one line, never as a traceback."""
+class TrainingError(Exception):
+    """The run cannot go on (e.g. a non-finite reward): reported as one line, never as a traceback."""
+
+
+# -----------------------------------------------------------------------------
+# the UMM interface: what gvu.py reads off a model (tiny_umm.TinyUMM is the reference implementation)
+class UMM(Protocol):
+    lm: torch.nn.Module               # the autoregressive LM (a transformers model); LoRA goes into it
+    tokenizer: Callable               # a transformers tokenizer over words AND image codes
+    grid: tuple                       # (h, w): image codes per image = h * w, row-major
+    image_offset: int                 # image code k is token id image_offset + k
+    lora_targets: list                # names of the LM's linear layers that get LoRA
+    answer_prefix: str                # the scored answer is answer_prefix + prompt + answer_suffix
+    answer_suffix: str                # (the end-of-turn token; departure 2)
+    def set_generation_mode(self, mode: str): ...        # "image" (generation branch) or "text" (understanding)
+    def t2i_prompt(self, prompt: str) -> str: ...          # the text the generation branch continues with codes
+    def uncond_prompt(self, prompt: str) -> str: ...       # CFG's unconditional version of t2i_prompt
+    def caption_prompt(self, image, instruction: str) -> str: ...  # chat context: the image, then the instruction
+    def hidden_states(self, input_ids, attention_mask, position_ids=None, cache=None, images=None): ...  # (N, T, D)
+    def logits(self, hidden): ...                          # (..., K) image codes in image mode, text ids in text mode
+    def decode_images(self, codes, generator=None) -> list: ...  # (N, h*w) codes -> N PIL images (frozen decoder)
+    def unknown_words(self, text: str) -> list: ...        # words the tokenizer cannot spell (would become <unk>)
 
 
 # -----------------------------------------------------------------------------
 # 1. rollout: B prompts x G samples, one batched KV-cached pass, then the frozen diffusion decoder
 def left_pad_positions(mask):
     return (mask.cumsum(-1) - 1).clamp(min=0)  # position ids that skip left padding
+
+
+def sampling_probs(cond, uncond=None, cfg_scale=1.0, temperature=1.0, top_k=0, min_p=0.0):
+    """What the sampler draws from: CFG-guided logits, temperature, then top-k and min-p truncation.
+    cond, uncond: (N, K) logits -> (N, K) probabilities (unnormalised after truncation; multinomial is fine)."""
+    guided = cond if uncond is None else uncond + cfg_scale * (cond - uncond)
+    probs = F.softmax(guided / temperature, -1)  # (N, K)
+    if top_k > 0:
+        probs = probs.masked_fill(probs < probs.topk(top_k, -1).values[:, -1:], 0)
+    if min_p > 0:
+        probs = probs.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, 0)
+    return probs
 
 
 @torch.no_grad()
@@ -108,30 +148,23 @@ def rollout(umm, prompts, G, temperature=1.0, top_k=0, min_p=0.0, cfg_scale=1.0,
     cfg = cfg_scale != 1.0
     if cfg:  # the model's own unconditional prompt (X-Omni: the image prefix alone; Janus: padded prompt)
         texts = texts + [umm.uncond_prompt(p) for p in prompts for _ in range(G)]
+    # R = the rows in the batch: B*G conditional rows, then (with CFG) B*G unconditional ones, so R = 2*B*G
     enc = umm.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt").to(umm.lm.device)
     mask, pos, cache = enc.attention_mask, left_pad_positions(enc.attention_mask), DynamicCache()
-    hidden = umm.hidden_states(enc.input_ids, mask, pos, cache)[:, -1]  # (N', D) prefill
+    hidden = umm.hidden_states(enc.input_ids, mask, pos, cache)[:, -1]  # (R, D) prefill
     n_img = umm.grid[0] * umm.grid[1]
     codes, old_logp = [], []
     for i in range(n_img):
-        logits = umm.logits(hidden).float()  # (N', K) image vocabulary only
-        cond, guided = logits, logits
-        if cfg:
-            cond, uncond = logits.chunk(2)
-            guided = uncond + cfg_scale * (cond - uncond)
-        # the ratio uses the untruncated conditional policy; top-k / min-p / CFG only shape sampling
-        logp = F.log_softmax(cond / temperature, -1)  # (B*G, K)
-        probs = F.softmax(guided / temperature, -1)
-        if top_k > 0:
-            probs = probs.masked_fill(probs < probs.topk(top_k, -1).values[:, -1:], 0)
-        if min_p > 0:
-            probs = probs.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, 0)
+        logits = umm.logits(hidden).float()  # (R, K) image vocabulary only
+        cond, uncond = logits.chunk(2) if cfg else (logits, None)  # (B*G, K) each
+        probs = sampling_probs(cond, uncond, cfg_scale, temperature, top_k, min_p)
         code = torch.multinomial(probs, 1, generator=generator)  # (B*G, 1)
         codes.append(code)
-        old_logp.append(logp.gather(-1, code))
+        # the ratio uses the untruncated conditional policy (departure 4)
+        old_logp.append(F.log_softmax(cond / temperature, -1).gather(-1, code))
         if i == n_img - 1:
             break
-        ids = (code + umm.image_offset).repeat(2 if cfg else 1, 1)  # (N', 1)
+        ids = (code + umm.image_offset).repeat(2 if cfg else 1, 1)  # (R, 1)
         mask = torch.cat([mask, mask.new_ones(len(ids), 1)], 1)
         pos = pos[:, -1:] + 1
         hidden = umm.hidden_states(ids, mask, pos, cache)[:, -1]
@@ -143,14 +176,15 @@ def rollout(umm, prompts, G, temperature=1.0, top_k=0, min_p=0.0, cfg_scale=1.0,
 # -----------------------------------------------------------------------------
 # 2. token-level intrinsic reward: the geometric mean of the prompt's token probabilities
 def intrinsic_reward(token_logp, mask):
-    """R = (prod_j p_j)^(1/L) = exp(mean_j log p_j), in log space, fp32. token_logp, mask: (N, L)."""
+    """R = (prod_j p_j)^(1/L) = exp(mean_j log p_j), in log space, fp32. token_logp, mask: (N, L);
+    positions where mask is 0 are ignored whatever token_logp holds there."""
     token_logp, mask = token_logp.float(), mask.float()
     return torch.exp((token_logp * mask).sum(1) / mask.sum(1))  # (N,)
 
 
-def prompt_token_logprobs(umm, images, prompts, instruction, micro_batch=64):
-    """log p(T_j | instruction, image, T_<j) for every prompt token (+ end of turn), one teacher-forced
-    forward per micro-batch. Returns logp (N, L) and mask (N, L), right-padded."""
+def caption_token_logprobs(umm, images, prompts, instruction, micro_batch=64):
+    """Understanding branch: log p(T_j | instruction, image, T_<j) for every prompt token (+ end of turn),
+    one teacher-forced forward per micro-batch. Returns logp (N, L) and mask (N, L), right-padded."""
     umm.set_generation_mode("text")
     tok = umm.tokenizer
     ctx = tok([umm.caption_prompt(im, instruction) for im in images], add_special_tokens=False).input_ids
@@ -174,6 +208,13 @@ def prompt_token_logprobs(umm, images, prompts, instruction, micro_batch=64):
     return out_logp, out_mask
 
 
+@torch.no_grad()
+def intrinsic_rewards(umm, images, prompts, args):
+    """The default reward_fn of gvu_step: each image's intrinsic reward for its prompt, (N,).
+    A fork swaps this for any `reward_fn(umm, images, prompts, args) -> (N,) rewards`."""
+    return intrinsic_reward(*caption_token_logprobs(umm, images, prompts, args.instruction, args.micro_batch))
+
+
 # -----------------------------------------------------------------------------
 # 3. group advantage
 def group_advantages(rewards, G, eps=1e-4):
@@ -185,9 +226,9 @@ def group_advantages(rewards, G, eps=1e-4):
 
 # -----------------------------------------------------------------------------
 # 4. policy log-probs with grad, and the clipped KL-regularised GRPO loss
-def token_logprobs(umm, prefix_ids, prefix_mask, codes, temperature=1.0):
-    """Teacher-forced log pi(code_t | prompt, code_<t) over image positions, image vocabulary only.
-    prefix (N, P) left-padded as in the rollout; codes (N, N_img) -> (N, N_img)."""
+def image_token_logprobs(umm, prefix_ids, prefix_mask, codes, temperature=1.0):
+    """Generation branch: teacher-forced log pi(code_t | prompt, code_<t) over image positions, image
+    vocabulary only. prefix (N, P) left-padded as in the rollout; codes (N, N_img) -> (N, N_img)."""
     umm.set_generation_mode("image")
     ids = torch.cat([prefix_ids, codes + umm.image_offset], 1)  # (N, P + N_img)
     mask = torch.cat([prefix_mask, prefix_mask.new_ones(codes.shape)], 1)
@@ -201,7 +242,9 @@ def grpo_loss(logp, old_logp, ref_logp, adv, clip_eps=0.2, beta=0.03):
     """Clipped surrogate minus beta * k3 KL, per image token. logp/old_logp/ref_logp (N, N_img), adv (N,).
     Reduction: mean over image tokens, then over samples. Image sequences have a fixed length, so the
     GRPO, DAPO and Dr.GRPO reductions differ only by a constant here."""
-    ratio = torch.exp(logp - old_logp)  # (N, N_img); with mu=1 it is exactly 1 -> REINFORCE with a group baseline
+    # with mu=1 the ratio is 1 up to rounding (the cached rollout vs this full pass; larger under bf16),
+    # so the clip is inert and this is REINFORCE with a group baseline
+    ratio = torch.exp(logp - old_logp)  # (N, N_img)
     a = adv[:, None]
     pg_loss = torch.max(-a * ratio, -a * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps))  # (N, N_img)
     kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1  # k3, unbiased and >= 0 (http://joschu.net/blog/kl-approx.html)
@@ -213,7 +256,48 @@ def grpo_loss(logp, old_logp, ref_logp, adv, clip_eps=0.2, beta=0.03):
 
 
 # -----------------------------------------------------------------------------
-# helpers: inputs, the prompt stream, model loading, outputs
+# 5. one GvU step: rollout -> decode -> reward -> advantages -> mu clipped, KL-regularised updates
+def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext(), reward_fn=intrinsic_rewards):
+    """One GvU step on B prompts, in micro-batches. `reward_fn(umm, images, prompts, args) -> (N,)` is the
+    fork point for other rewards (experiments.py's pixel oracle). Returns (rewards, images, stats)."""
+    G, mb = args.group_size, args.micro_batch
+    N = len(batch) * G
+    params = [p for p in policy.parameters() if p.requires_grad]
+    judge = policy.disable_adapter if args.reward_model == "frozen" else nullcontext
+    seed = args.seed * 1_000_003 + step  # every step's sampling derives from (seed, step): resume reproduces it
+    with autocast:
+        ro = rollout(umm, batch, G, args.temperature, args.top_k, args.min_p, args.cfg_scale,
+                     torch.Generator(umm.lm.device).manual_seed(seed))
+        images = umm.decode_images(ro["codes"], torch.Generator().manual_seed(seed))
+        group_prompts = [p for p in batch for _ in range(G)]  # (B*G,)
+        with judge():
+            rewards = reward_fn(umm, images, group_prompts, args)  # (B*G,)
+        if not torch.isfinite(rewards).all():
+            raise TrainingError(f"non-finite reward at step {step}; the last saved state in {args.out} is intact")
+        adv = group_advantages(rewards, G)  # (B*G,)
+        with torch.no_grad(), policy.disable_adapter():  # pi_ref: same weights, adapter off
+            ref_logp = torch.cat([image_token_logprobs(umm, ro["prefix_ids"][s:s + mb], ro["prefix_mask"][s:s + mb],
+                                                       ro["codes"][s:s + mb], args.temperature) for s in range(0, N, mb)])
+        umm.lm.train()  # gradient checkpointing is active in train mode
+        for _ in range(args.num_iterations):
+            optimizer.zero_grad(set_to_none=True)
+            stats = dict(loss=0.0, kl=0.0, clip_frac=0.0, ratio=0.0)
+            for s in range(0, N, mb):
+                sl = slice(s, s + mb)
+                logp = image_token_logprobs(umm, ro["prefix_ids"][sl], ro["prefix_mask"][sl], ro["codes"][sl],
+                                            args.temperature)
+                loss, st = grpo_loss(logp, ro["old_logp"][sl], ref_logp[sl], adv[sl], args.clip_eps, args.beta)
+                w = len(logp) / N  # micro-batches add up to the full-batch mean
+                (loss * w).backward()
+                for k, v in dict(st, loss=loss.item()).items():
+                    stats[k] += v * w
+            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+            optimizer.step()
+    return rewards, images, stats
+
+
+# -----------------------------------------------------------------------------
+# helpers: inputs, the prompt stream, outputs
 def read_prompts(path):
     if not os.path.isfile(path):
         raise InputError(f"prompt file not found: {path}")
@@ -246,28 +330,6 @@ def enable_checkpointing(lm):
     enable({"use_reentrant": False})
 
 
-def load_umm(name, seed, trust_remote_code=False, flux="", device="cpu", bf16=False):
-    """The adapter for --model. Real checkpoints load their weights in bf16 when bf16 is on (LoRA stays fp32)."""
-    if name == "tiny-random":
-        return TinyUMM.random(seed)
-    if os.path.isdir(name) and TinyUMM.is_tiny_umm(name):
-        return TinyUMM.from_pretrained(name)
-    from adapters import JanusPro, XOmni
-    if XOmni.is_xomni(name):  # its model class is Python code shipped in the checkpoint
-        if not trust_remote_code:
-            raise InputError(f"--model {name} is X-Omni, whose model is Python code from its repository: "
-                             "pass --trust-remote-code to run that code (it is never implied)")
-        if not flux:
-            raise InputError(f"--model {name} is X-Omni, which decodes images with a FLUX.1-dev based decoder: "
-                             "pass --flux PATH (a FLUX.1-dev folder or hub id)")
-        return XOmni.from_pretrained(name, flux, trust_remote_code=True, device=device,
-                                     dtype=torch.bfloat16 if bf16 else torch.float32)
-    if JanusPro.is_janus(name):
-        return JanusPro.from_pretrained(name, dtype=torch.bfloat16 if bf16 else None)  # on the CPU; train() moves it
-    raise InputError(f"--model {name}: not 'tiny-random', a tiny UMM folder (tiny_umm.json), a Janus(-Pro) or an "
-                     "X-Omni checkpoint")
-
-
 def save_grid(path, prompts, images, rewards, G, rows=4, px=96):
     """Rows = prompts, columns = the G samples, each captioned with its reward."""
     rows = min(rows, len(prompts) // G)
@@ -289,73 +351,44 @@ def atomic_save(obj, path):
 
 
 # -----------------------------------------------------------------------------
-def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext()):
-    """One GvU step on B prompts: rollout -> decode -> intrinsic reward -> group advantages -> mu clipped,
-    KL-regularised policy updates of the LoRA weights, in micro-batches. Returns (rewards, images, stats)."""
-    G, mb = args.group_size, args.micro_batch
-    N = len(batch) * G
-    params = [p for p in policy.parameters() if p.requires_grad]
-    judge = policy.disable_adapter if args.reward_model == "frozen" else nullcontext
-    gen = torch.Generator(umm.lm.device).manual_seed(args.seed * 1_000_003 + step)  # resume reproduces rollouts
-    with autocast:
-        ro = rollout(umm, batch, G, args.temperature, args.top_k, args.min_p, args.cfg_scale, gen)
-        images = umm.decode_images(ro["codes"], torch.Generator().manual_seed(args.seed * 1_000_003 + step))
-        group_prompts = [p for p in batch for _ in range(G)]  # (B*G,)
-        with torch.no_grad(), judge():
-            logp_T, mask_T = prompt_token_logprobs(umm, images, group_prompts, args.instruction, mb)
-        rewards = intrinsic_reward(logp_T, mask_T)  # (B*G,)
-        if not torch.isfinite(rewards).all():
-            raise InputError(f"non-finite reward at step {step}; the last saved state in {args.out} is intact")
-        adv = group_advantages(rewards, G)  # (B*G,)
-        with torch.no_grad(), policy.disable_adapter():  # pi_ref: same weights, adapter off
-            ref_logp = torch.cat([token_logprobs(umm, ro["prefix_ids"][s:s + mb], ro["prefix_mask"][s:s + mb],
-                                                 ro["codes"][s:s + mb], args.temperature) for s in range(0, N, mb)])
-        umm.lm.train()  # gradient checkpointing is active in train mode
-        for _ in range(args.num_iterations):
-            optimizer.zero_grad(set_to_none=True)
-            stats = dict(loss=0.0, kl=0.0, clip_frac=0.0, ratio=0.0)
-            for s in range(0, N, mb):
-                sl = slice(s, s + mb)
-                logp = token_logprobs(umm, ro["prefix_ids"][sl], ro["prefix_mask"][sl], ro["codes"][sl], args.temperature)
-                loss, st = grpo_loss(logp, ro["old_logp"][sl], ref_logp[sl], adv[sl], args.clip_eps, args.beta)
-                w = len(logp) / N  # micro-batches add up to the full-batch mean
-                (loss * w).backward()
-                for k, v in dict(st, loss=loss.item()).items():
-                    stats[k] += v * w
-            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
-            optimizer.step()
-    return rewards, images, stats
-
-
-# -----------------------------------------------------------------------------
-def train(args):
+# the training loop
+def check_args(args):
+    """Refuse bad input before anything is loaded or written."""
     if args.group_size < 2:
         raise InputError(f"--group-size must be >= 2 (got {args.group_size}): advantages compare samples within a group")
-    prompts = read_prompts(args.prompts)
     state_path = os.path.join(args.out, "state.pt")
     if os.path.exists(state_path) and not args.resume:
         raise InputError(f"{args.out} already holds a run; pass --resume to continue it or pick another --out")
     if args.resume and not os.path.exists(state_path):
         raise InputError(f"--resume: no state.pt in {args.out}")
+    return read_prompts(args.prompts)
 
-    # device and dtype
-    device = args.device if args.device != "auto" else \
-        "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+def add_lora(umm, args):
+    """LoRA on the LM's linear layers (injected into umm.lm in place), gradient checkpointing, AdamW."""
+    umm.lm.requires_grad_(False)
+    policy = get_peft_model(umm.lm, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                               target_modules=umm.lora_targets))
+    enable_checkpointing(umm.lm)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    return policy, optimizer
+
+
+def train(args, reward_fn=intrinsic_rewards):
+    prompts = check_args(args)
+
+    # device and dtype: cuda > mps > cpu; bf16 autocast where the GPU has it, fp32 elsewhere
+    device = pick_device(args.device)
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device == "cuda" and torch.cuda.is_bf16_supported())
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16) if bf16 else nullcontext()
 
     umm = load_umm(args.model, args.seed, args.trust_remote_code, args.flux, device, bf16).to(device)
     check_vocabulary(umm, prompts)
-    umm.lm.requires_grad_(False)
-    policy = get_peft_model(umm.lm, LoraConfig(  # LoRA layers are injected into umm.lm in place
-        r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-        target_modules=umm.lora_targets))  # the LM's linear layers only
-    enable_checkpointing(umm.lm)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    torch.manual_seed(args.seed)  # the LoRA init (torch >= 2.13 seeds each process at random otherwise)
+    policy, optimizer = add_lora(umm, args)
 
     os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-    log_path, start = os.path.join(args.out, "log.jsonl"), 0
+    log_path, state_path, start = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "state.pt"), 0
     if args.resume:
         state = torch.load(state_path, map_location=device, weights_only=True)
         set_peft_model_state_dict(policy, state["lora"])
@@ -368,7 +401,6 @@ def train(args):
         with open(log_path, "w") as f:
             f.writelines(kept)
     else:
-        torch.manual_seed(args.seed)
         open(log_path, "w").close()
     with open(os.path.join(args.out, "config.json"), "w") as f:
         json.dump(asdict(args), f, indent=2)
@@ -382,7 +414,7 @@ def train(args):
     for step in bar:
         t0 = time.time()
         batch = prompt_batch(prompts, step, args.batch_prompts, args.seed)
-        rewards, images, stats = gvu_step(umm, policy, optimizer, batch, step, args, autocast)
+        rewards, images, stats = gvu_step(umm, policy, optimizer, batch, step, args, autocast, reward_fn)
         group_prompts = [p for p in batch for _ in range(args.group_size)]  # (B*G,)
         zero_std = (rewards.view(-1, args.group_size).std(1) == 0).float().mean().item()
         row = dict(step=step, reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
@@ -408,11 +440,11 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
+def main(argv=None, reward_fn=intrinsic_rewards):
     args = parse_args(argv)
     try:
-        train(args)
-    except InputError as e:
+        train(args, reward_fn)
+    except (InputError, TrainingError) as e:
         sys.exit(f"error: {e}")
 
 

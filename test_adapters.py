@@ -24,6 +24,7 @@ from packaging.version import Version
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, JanusConfig, JanusForConditionalGeneration,
                           JanusProcessor, PreTrainedTokenizerFast)
 
+import adapters
 import gvu
 from adapters import ASSISTANT, USER, ImagesRequired, JanusPro, XOmni, janus_image_processor_class
 
@@ -124,11 +125,11 @@ def check_reward(logp, mask, slow):
 @pytest.mark.parametrize("cfg_scale", [1.0, 5.0])
 @torch.no_grad()
 def test_rollout_old_logp_equals_teacher_forced_logp(janus, cfg_scale):
-    """gvu.rollout's old log-probs (KV-cached, CFG-sampled) equal gvu.token_logprobs' conditional ones: ratio 1."""
+    """gvu.rollout's old log-probs (KV-cached, CFG-sampled) equal gvu.image_token_logprobs' conditional ones: ratio 1."""
     umm, _ = janus
     ro = gvu.rollout(umm, PROMPTS, G=2, cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(1))
     assert ro["codes"].shape == (len(PROMPTS) * 2, 16) and 0 <= ro["codes"].min() and ro["codes"].max() < CODES
-    logp = gvu.token_logprobs(umm, ro["prefix_ids"], ro["prefix_mask"], ro["codes"])
+    logp = gvu.image_token_logprobs(umm, ro["prefix_ids"], ro["prefix_mask"], ro["codes"])
     torch.testing.assert_close(logp, ro["old_logp"], atol=1e-5, rtol=0)
 
 
@@ -165,7 +166,7 @@ def test_reward_pass_equals_slow_per_token_loop(janus, images, slow_reward):
     """gvu's batched reward pass (micro-batches of 2, images passed through) equals Janus's own per-token forwards."""
     umm, _ = janus
     with torch.no_grad():
-        logp, mask = gvu.prompt_token_logprobs(umm, images, PROMPTS, INSTRUCTION, micro_batch=2)
+        logp, mask = gvu.caption_token_logprobs(umm, images, PROMPTS, INSTRUCTION, micro_batch=2)
     check_reward(logp, mask, slow_reward)
 
 
@@ -196,9 +197,9 @@ def test_lora_touches_only_the_language_model_and_a_grpo_step_changes_only_lora(
 
     ro = gvu.rollout(umm, PROMPTS[:2], G=2, cfg_scale=5.0, generator=torch.Generator().manual_seed(2))
     with torch.no_grad(), policy.disable_adapter():
-        ref = gvu.token_logprobs(umm, ro["prefix_ids"], ro["prefix_mask"], ro["codes"])
+        ref = gvu.image_token_logprobs(umm, ro["prefix_ids"], ro["prefix_mask"], ro["codes"])
     umm.lm.train()
-    logp = gvu.token_logprobs(umm, ro["prefix_ids"], ro["prefix_mask"], ro["codes"])
+    logp = gvu.image_token_logprobs(umm, ro["prefix_ids"], ro["prefix_mask"], ro["codes"])
     loss, _ = gvu.grpo_loss(logp, ro["old_logp"], ref, torch.tensor([1.0, -1.0, 0.5, -0.5]))
     loss.backward()
     opt.step()
@@ -651,8 +652,8 @@ def test_gvu_refuses_xomni_without_trust_remote_code_or_flux(xomni_dirs, tmp_pat
     msg = str(exit_.value.code)
     assert msg.startswith("error: ") and "\n" not in msg and missing in msg
     hub_flags = dict(trust_remote_code="--trust-remote-code" in flags, flux="FLUX" if "--flux" in flags else "")
-    with pytest.raises(gvu.InputError, match=missing):
-        gvu.load_umm("X-Omni/X-Omni-En", 0, **hub_flags)
+    with pytest.raises(adapters.InputError, match=missing):
+        adapters.load_umm("X-Omni/X-Omni-En", 0, **hub_flags)
     assert calls == []
 
 
@@ -677,7 +678,7 @@ def test_xomni_rollout_samples_codes_after_the_image_prefix(xomni, monkeypatch, 
         assert ro["prefix_ids"][i][ro["prefix_mask"][i].bool()].tolist() == tok(p + XO_PREFIX).input_ids
         ids = (codes[i] + umm.image_offset).tolist()
         assert tok.convert_ids_to_tokens(ids) == [f"<MM-Token-{k}>" for k in codes[i].tolist()]
-    logp = gvu.token_logprobs(umm, ro["prefix_ids"], ro["prefix_mask"], codes)
+    logp = gvu.image_token_logprobs(umm, ro["prefix_ids"], ro["prefix_mask"], codes)
     torch.testing.assert_close(logp, ro["old_logp"], atol=1e-5, rtol=0)
 
 
@@ -716,7 +717,7 @@ def test_xomni_reward_pass_equals_per_token_full_forward_loop(xomni, xomni_ref, 
             stop = ids.index(end, len(ctx))  # the answer, then its end of turn
             slow.append(torch.stack([F.log_softmax(model(input_ids=torch.tensor([ids[:t]])).logits[0, -1], -1)[ids[t]]
                                      for t in range(len(ctx), stop + 1)]))
-        logp, mask = gvu.prompt_token_logprobs(xomni, xo_images, PROMPTS, INSTRUCTION, micro_batch=2)
+        logp, mask = gvu.caption_token_logprobs(xomni, xo_images, PROMPTS, INSTRUCTION, micro_batch=2)
     check_reward(logp, mask, slow)
 
 
@@ -757,9 +758,9 @@ def test_xomni_lora_touches_only_lm_layers_and_a_grpo_step_changes_only_lora(xom
 
     ro = gvu.rollout(umm, PROMPTS[:2], G=2, generator=torch.Generator().manual_seed(4))
     with torch.no_grad(), policy.disable_adapter():
-        ref = gvu.token_logprobs(umm, ro["prefix_ids"], ro["prefix_mask"], ro["codes"])
+        ref = gvu.image_token_logprobs(umm, ro["prefix_ids"], ro["prefix_mask"], ro["codes"])
     umm.lm.train()
-    logp = gvu.token_logprobs(umm, ro["prefix_ids"], ro["prefix_mask"], ro["codes"])
+    logp = gvu.image_token_logprobs(umm, ro["prefix_ids"], ro["prefix_mask"], ro["codes"])
     loss, stats = gvu.grpo_loss(logp, ro["old_logp"], ref, torch.tensor([1.0, -1.0, 0.5, -0.5]))
     assert abs(stats["ratio"] - 1) < 1e-5 and stats["clip_frac"] == 0
     loss.backward()

@@ -62,9 +62,9 @@ def test_reward_equals_per_token_loop_and_ignores_padding_and_batching(umm):
     images = images_for(umm, 4)
     prompts = PROMPTS  # different lengths, so the batch is padded
     with torch.no_grad():
-        lp, mask = gvu.prompt_token_logprobs(umm, images, prompts, "Describe the image in detail.")
+        lp, mask = gvu.caption_token_logprobs(umm, images, prompts, "Describe the image in detail.")
         batched = gvu.intrinsic_reward(lp, mask)
-        lp1, mask1 = gvu.prompt_token_logprobs(umm, images, prompts, "Describe the image in detail.", micro_batch=1)
+        lp1, mask1 = gvu.caption_token_logprobs(umm, images, prompts, "Describe the image in detail.", micro_batch=1)
         single = gvu.intrinsic_reward(lp1, mask1)
         slow = official_rewards(umm, images, prompts, "Describe the image in detail.")  # bench's baseline, in fp64
     assert torch.allclose(batched.double(), slow, atol=1e-5, rtol=1e-5)
@@ -133,7 +133,7 @@ def test_rollout_old_logprobs_equal_teacher_forced_logprobs(umm):
     ro = gvu.rollout(umm, PROMPTS, G=3, temperature=0.7, top_k=20, min_p=0.05, generator=g)
     assert ro["codes"].shape == (12, 16) and ro["prefix_mask"].eq(0).any()  # prompts were left-padded
     with torch.no_grad():
-        tf = gvu.token_logprobs(umm, ro["prefix_ids"], ro["prefix_mask"], ro["codes"], temperature=0.7)
+        tf = gvu.image_token_logprobs(umm, ro["prefix_ids"], ro["prefix_mask"], ro["codes"], temperature=0.7)
     assert torch.allclose(ro["old_logp"], tf, atol=1e-5)
 
 
@@ -171,7 +171,7 @@ def test_only_lora_params_get_gradients_and_they_change(lora_umm):
     ro = gvu.rollout(u, PROMPTS[:2], G=2, generator=torch.Generator().manual_seed(0))
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     u.lm.train()
-    logp = gvu.token_logprobs(u, ro["prefix_ids"], ro["prefix_mask"], ro["codes"])
+    logp = gvu.image_token_logprobs(u, ro["prefix_ids"], ro["prefix_mask"], ro["codes"])
     loss, _ = gvu.grpo_loss(logp, ro["old_logp"], ro["old_logp"], torch.tensor([1.0, -1.0, 0.5, -0.5]))
     loss.backward()
     grads = {n for n, p in policy.named_parameters() if p.grad is not None}
@@ -204,15 +204,15 @@ def test_kl_is_zero_before_any_update_and_positive_after_one(lora_umm):
     ro = gvu.rollout(u, PROMPTS, G=2, generator=torch.Generator().manual_seed(1))
     args = (ro["prefix_ids"], ro["prefix_mask"], ro["codes"])
     with torch.no_grad(), policy.disable_adapter():
-        ref = gvu.token_logprobs(u, *args)
+        ref = gvu.image_token_logprobs(u, *args)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
     u.lm.train()
     adv = torch.randn(8)
-    loss, stats = gvu.grpo_loss(gvu.token_logprobs(u, *args), ro["old_logp"], ref, adv)
+    loss, stats = gvu.grpo_loss(gvu.image_token_logprobs(u, *args), ro["old_logp"], ref, adv)
     assert stats["kl"] == pytest.approx(0.0, abs=1e-6)
     loss.backward()
     opt.step()
-    _, stats = gvu.grpo_loss(gvu.token_logprobs(u, *args), ro["old_logp"], ref, adv)
+    _, stats = gvu.grpo_loss(gvu.image_token_logprobs(u, *args), ro["old_logp"], ref, adv)
     assert stats["kl"] > 1e-6
 
 
@@ -330,16 +330,16 @@ def test_shipped_tiny_umm_prefers_the_true_caption_of_a_render():
     wrong = ["a photo of a green circle", "a photo of a blue square and a yellow circle"]
     images = [shapes.render(s) for s in scenes]
     with torch.no_grad():
-        r = gvu.intrinsic_reward(*gvu.prompt_token_logprobs(umm, images * 2, true + wrong, "Describe the image in detail."))
+        r = gvu.intrinsic_reward(*gvu.caption_token_logprobs(umm, images * 2, true + wrong, "Describe the image in detail."))
     assert (r[:2] > r[2:]).all(), r
 
 
 
 def test_lm_batch_t2i_sees_train_lines_only_while_captions_span_every_tag(umm):
-    """tiny_umm.lm_batch: T2I sequences come from the train lines alone; I2T captions are drawn from
-    every tag's whole space (so mostly texts that are not train lines)."""
+    """make_tiny_umm.lm_batch: T2I sequences come from the train lines alone; I2T captions are drawn
+    from every tag's whole space (so mostly texts that are not train lines)."""
+    import make_tiny_umm as tiny_umm
     import shapes
-    import tiny_umm
     space = tiny_umm.caption_space()
     read = lambda f: tiny_umm.read_jsonl(os.path.join(HERE, f))
     train, evals = read("prompts/train.jsonl"), [m for f in tiny_umm.EVAL_FILES for m in read(f)]
