@@ -68,7 +68,7 @@ class ImageTokenizer(ModelMixin, ConfigMixin):
     code k = kind k of `shape_kinds()` (0 = empty cell), codes >= the number of kinds (161) are never produced."""
 
     @register_to_config
-    def __init__(self, num_codes=192, image_size=IMAGE_SIZE, grid=GRID, dim=32, hidden=32):
+    def __init__(self, num_codes=64, image_size=IMAGE_SIZE, grid=GRID, dim=32, hidden=32):
         super().__init__()
         cell = image_size // grid
         self.proj = nn.Sequential(  # per-cell features: local edges/colours, then the cell as a whole
@@ -101,7 +101,7 @@ class TinyDecoder(ModelMixin, ConfigMixin):
     so a good template alone already decodes to a crisp image, and the UNet learns the rest."""
 
     @register_to_config
-    def __init__(self, num_codes=192, image_size=IMAGE_SIZE, grid=GRID, cond_dim=8, channels=(16, 32),
+    def __init__(self, num_codes=64, image_size=IMAGE_SIZE, grid=GRID, cond_dim=8, channels=(16, 32),
                  num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"):
         super().__init__()
         cell = image_size // grid
@@ -154,7 +154,7 @@ class TinyUMM:
 
     # --- construction and persistence -------------------------------------------------
     @classmethod
-    def random(cls, seed=0, hidden=128, layers=4, heads=4, num_codes=192):
+    def random(cls, seed=0, hidden=128, layers=4, heads=4, num_codes=64):
         """A randomly initialised tiny UMM (deterministic given seed)."""
         torch.manual_seed(seed)
         tokenizer = build_tokenizer(num_codes)
