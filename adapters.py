@@ -178,6 +178,12 @@ class JanusPro:
         img = self.boi_token + self.image_token * self.num_image_tokens + self.eoi_token
         return f"{self.bos}{self.system_prompt}{USER}: {img}\n{instruction}\n\n{ASSISTANT}:"
 
+    def caption_prompts(self, images, instruction):
+        """caption_prompt for a batch: the text does not depend on the image (pixels enter in hidden_states)."""
+        return [self.caption_prompt(im, instruction) for im in images]
+
+    understands_codes = False  # understanding reads SigLIP features of pixels, not VQ codes: no --reward-input codes
+
     answer_prefix = " "  # the chat template writes "<|Assistant|>: {answer}" (byte-level BPE: "Ġword")
 
     @property
@@ -389,6 +395,31 @@ class XOmni:
         template, with the assistant header (tokenised without special tokens: Qwen adds none)."""
         msgs = [{"role": "user", "content": self.tokenize_image(image) + "\n" + instruction}]
         return self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+    @torch.no_grad()
+    def caption_prompts(self, images, instruction):
+        """caption_prompt for a batch. Images of one size (decode_images' are) go through the SigLIP-VQ tokenizer
+        in ONE call, with the steps of X-Omni's tokenize_image (image_transform, then image_tokenizer.encode on a
+        batch of one); other sizes, one call each. `images` may also be codes (N, h*w) already: X-Omni's
+        generated codes and understanding codes share one SigLIP-VQ vocabulary (--reward-input codes)."""
+        if torch.is_tensor(images):
+            texts = [self.codes_text(c, self.grid) for c in images]
+        elif len({im.size for im in images}) == 1:
+            self.lm.image_tokenizer.eval()
+            x = torch.stack([self.lm.image_transform(im) for im in images])  # (N, 3, H, W)
+            codes = self.lm.image_tokenizer.encode(x.to(self.lm.device, self.lm.vision_dtype))  # (N, h, w)
+            texts = [self.codes_text(c.reshape(-1), c.shape) for c in codes]
+        else:
+            texts = [self.tokenize_image(im) for im in images]
+        chats = [[{"role": "user", "content": t + "\n" + instruction}] for t in texts]
+        return self.tokenizer.apply_chat_template(chats, add_generation_prompt=True, tokenize=False)
+
+    def codes_text(self, codes, shape):
+        """One image's codes (h*w,) on an (h, w) grid -> tokenize_image's '<SOM>{h} {w}<IMAGE><MM-Token-k>...<EOM>'."""
+        body = "".join(f"<MM-Token-{k}>" for k in codes.tolist())
+        return f"{self.som}{shape[0]} {shape[1]}{self.img}{body}{self.eom}"
+
+    understands_codes = True  # one SigLIP-VQ vocabulary for generation and understanding
 
     def unknown_words(self, text):
         return []  # byte-level BPE: every string is representable

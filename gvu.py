@@ -87,6 +87,10 @@ class Args:
         "help": "who judges: 'policy' (the LoRA'd model, as the official code ends up doing) or 'frozen' (adapter off)",
         "choices": ["policy", "frozen"]})
     instruction: str = field(default="Describe the image in detail.", metadata={"help": "understanding instruction before the prompt"})
+    reward_input: str = field(default="pixels", metadata={
+        "help": "what the judge reads: 'pixels' (decode, re-tokenise: the paper's path) or 'codes' (the generated codes "
+                "as they are, no decode; models whose understanding shares the generation vocabulary: tiny UMM, X-Omni)",
+        "choices": ["pixels", "codes"]})
     save_every: int = field(default=50, metadata={"help": "save adapter + resumable state every N steps"})
     sample_every: int = field(default=25, metadata={"help": "write a sample grid every N steps"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its state.pt"})
@@ -114,6 +118,8 @@ class UMM(Protocol):
     def t2i_prompt(self, prompt: str) -> str: ...          # the text the generation branch continues with codes
     def uncond_prompt(self, prompt: str) -> str: ...       # CFG's unconditional version of t2i_prompt
     def caption_prompt(self, image, instruction: str) -> str: ...  # chat context: the image, then the instruction
+    def caption_prompts(self, images, instruction: str) -> list: ...  # the same for N images, one image-tokenizer call
+    understands_codes: bool           # caption_prompts also takes generated codes (N, h*w): --reward-input codes
     def hidden_states(self, input_ids, attention_mask, position_ids=None, cache=None, images=None): ...  # (N, T, D)
     def logits(self, hidden): ...                          # (..., K) image codes in image mode, text ids in text mode
     def decode_images(self, codes, generator=None) -> list: ...  # (N, h*w) codes -> N PIL images (frozen decoder)
@@ -184,28 +190,31 @@ def intrinsic_reward(token_logp, mask):
 
 def caption_token_logprobs(umm, images, prompts, instruction, micro_batch=64):
     """Understanding branch: log p(T_j | instruction, image, T_<j) for every prompt token (+ end of turn),
-    one teacher-forced forward per micro-batch. Returns logp (N, L) and mask (N, L), right-padded."""
+    one teacher-forced forward per micro-batch. `images`: N PIL images, or (--reward-input codes) the generated
+    codes (N, h*w), read as they are. Returns logp (N, L) and mask (N, L), right-padded."""
     umm.set_generation_mode("text")
-    tok = umm.tokenizer
-    ctx = tok([umm.caption_prompt(im, instruction) for im in images], add_special_tokens=False).input_ids
+    tok, dev = umm.tokenizer, umm.lm.device
+    ctx = tok(umm.caption_prompts(images, instruction), add_special_tokens=False).input_ids  # one image-tokenizer call
     ans = tok([umm.answer_prefix + p + umm.answer_suffix for p in prompts], add_special_tokens=False).input_ids
-    L, dev = max(map(len, ans)), umm.lm.device
-    out_logp, out_mask = torch.zeros(len(ans), L, device=dev), torch.zeros(len(ans), L, device=dev)
+    n_ctx, n_ans = torch.tensor([len(c) for c in ctx]), torch.tensor([len(a) for a in ans])  # (N,) each
+    seqs = torch.nn.utils.rnn.pad_sequence([torch.tensor(c + a) for c, a in zip(ctx, ans)], True, tok.pad_token_id)
+    target = torch.nn.utils.rnn.pad_sequence([torch.tensor(a) for a in ans], True, tok.pad_token_id)  # (N, L)
+    L = target.shape[1]
+    valid = (torch.arange(L) < n_ans[:, None]).float()  # (N, L)
+    # position t predicts token t+1: answer token j sits at n_ctx+j, so read position n_ctx+j-1
+    where = n_ctx[:, None] - 1 + torch.arange(L).minimum(n_ans[:, None] - 1)  # (N, L)
+    out_logp = torch.zeros(len(ans), L, device=dev)
     for s in range(0, len(ans), micro_batch):
-        c, a = ctx[s:s + micro_batch], ans[s:s + micro_batch]
-        seqs = [ci + ai for ci, ai in zip(c, a)]
-        T = max(map(len, seqs))
-        ids = torch.tensor([q + [tok.pad_token_id] * (T - len(q)) for q in seqs], device=dev)  # right-padded
-        attn = torch.tensor([[1] * len(q) + [0] * (T - len(q)) for q in seqs], device=dev)
-        # position t predicts token t+1: answer token j sits at len(ctx)+j, so read position len(ctx)+j-1
-        where = torch.tensor([[len(ci) - 1 + min(j, len(ai) - 1) for j in range(L)] for ci, ai in zip(c, a)], device=dev)
-        target = torch.tensor([ai + [tok.pad_token_id] * (L - len(ai)) for ai in a], device=dev)  # (n, L)
-        valid = torch.tensor([[1.0] * len(ai) + [0.0] * (L - len(ai)) for ai in a], device=dev)
-        hidden = umm.hidden_states(ids, attn, images=images[s:s + micro_batch])  # (n, T, D); Janus encodes pixels
-        hidden = hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))  # (n, L, D)
-        logp = F.log_softmax(umm.logits(hidden).float(), -1).gather(-1, target[..., None])[..., 0]
-        out_logp[s:s + len(a)], out_mask[s:s + len(a)] = logp * valid, valid
-    return out_logp, out_mask
+        mb = slice(s, s + micro_batch)
+        T = (n_ctx[mb] + n_ans[mb]).max().item()  # this micro-batch's longest sequence, right-padded
+        ids, attn = seqs[mb, :T].to(dev), (torch.arange(T) < (n_ctx[mb] + n_ans[mb])[:, None]).long().to(dev)
+        hidden = umm.hidden_states(ids, attn, images=images[mb])  # (n, T, D); Janus encodes pixels
+        hidden = hidden.gather(1, where[mb, :, None].to(dev).expand(-1, -1, hidden.shape[-1]))  # (n, L, D)
+        logits = umm.logits(hidden).float()  # (n, L, V) text vocabulary
+        # log p(target) = its logit - logsumexp over the row: no full (n, L, V) log-softmax copy
+        logp = logits.gather(-1, target[mb, :, None].to(dev))[..., 0] - logits.logsumexp(-1)  # (n, L)
+        out_logp[mb] = logp * valid[mb].to(dev)
+    return out_logp, valid.to(dev)
 
 
 @torch.no_grad()
@@ -257,27 +266,58 @@ def grpo_loss(logp, old_logp, ref_logp, adv, clip_eps=0.2, beta=0.03):
 
 # -----------------------------------------------------------------------------
 # 5. one GvU step: rollout -> decode -> reward -> advantages -> mu clipped, KL-regularised updates
-def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext(), reward_fn=intrinsic_rewards):
+def stopwatch(timings):
+    """lap(name) adds the seconds since the previous lap to timings[name] (CUDA synchronised first, so a lap is
+    the phase's real time); with timings=None every lap is a no-op. bench.py's step-time breakdown."""
+    if timings is None:
+        return lambda name: None
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    last = [time.perf_counter()]
+
+    def lap(name):
+        sync()
+        now = time.perf_counter()
+        timings[name], last[0] = timings.get(name, 0.0) + now - last[0], now
+    return lap
+
+
+def is_sample_step(step, args):
+    return step % args.sample_every == 0 or step == args.steps - 1
+
+
+def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext(), reward_fn=intrinsic_rewards,
+             timings=None):
     """One GvU step on B prompts, in micro-batches. `reward_fn(umm, images, prompts, args) -> (N,)` is the
-    fork point for other rewards (experiments.py's pixel oracle). Returns (rewards, images, stats)."""
+    fork point for other rewards (experiments.py's pixel oracle). Returns (rewards, images, stats); with
+    --reward-input codes, images is None except on sample steps. timings: a dict that gets seconds per phase."""
     G, mb = args.group_size, args.micro_batch
     N = len(batch) * G
     params = [p for p in policy.parameters() if p.requires_grad]
     judge = policy.disable_adapter if args.reward_model == "frozen" else nullcontext
     seed = args.seed * 1_000_003 + step  # every step's sampling derives from (seed, step): resume reproduces it
+    lap = stopwatch(timings)
     with autocast:
         ro = rollout(umm, batch, G, args.temperature, args.top_k, args.min_p, args.cfg_scale,
                      torch.Generator(umm.lm.device).manual_seed(seed))
-        images = umm.decode_images(ro["codes"], torch.Generator().manual_seed(seed))
+        lap("rollout")
+        # the judge reads pixels (decoded, then re-tokenised: the paper's path) or the generated codes as they are;
+        # then the frozen decoder runs on sample steps only, for the grid
+        pixels = args.reward_input == "pixels"
+        images = umm.decode_images(ro["codes"], torch.Generator().manual_seed(seed)) \
+            if pixels or is_sample_step(step, args) else None
+        lap("decode")
         group_prompts = [p for p in batch for _ in range(G)]  # (B*G,)
         with judge():
-            rewards = reward_fn(umm, images, group_prompts, args)  # (B*G,)
+            rewards = reward_fn(umm, images if pixels else ro["codes"], group_prompts, args)  # (B*G,)
+        lap("reward")
         if not torch.isfinite(rewards).all():
             raise TrainingError(f"non-finite reward at step {step}; the last saved state in {args.out} is intact")
         adv = group_advantages(rewards, G)  # (B*G,)
         with torch.no_grad(), policy.disable_adapter():  # pi_ref: same weights, adapter off
             ref_logp = torch.cat([image_token_logprobs(umm, ro["prefix_ids"][s:s + mb], ro["prefix_mask"][s:s + mb],
                                                        ro["codes"][s:s + mb], args.temperature) for s in range(0, N, mb)])
+        lap("reference")
         umm.lm.train()  # gradient checkpointing is active in train mode
         for _ in range(args.num_iterations):
             optimizer.zero_grad(set_to_none=True)
@@ -293,6 +333,7 @@ def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext(), 
                     stats[k] += v * w
             stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
             optimizer.step()
+        lap("update")
     return rewards, images, stats
 
 
@@ -384,6 +425,8 @@ def train(args, reward_fn=intrinsic_rewards):
 
     umm = load_umm(args.model, args.seed, args.trust_remote_code, args.flux, device, bf16).to(device)
     check_vocabulary(umm, prompts)
+    if args.reward_input == "codes" and not umm.understands_codes:
+        raise InputError(f"--reward-input codes: {type(umm).__name__}'s understanding does not read its generated codes")
     torch.manual_seed(args.seed)  # the LoRA init (torch >= 2.13 seeds each process at random otherwise)
     policy, optimizer = add_lora(umm, args)
 
@@ -424,7 +467,7 @@ def train(args, reward_fn=intrinsic_rewards):
         bar.set_postfix(reward=f"{row['reward_mean']:.4f}", kl=f"{row['kl']:.4f}")
         tqdm.write(f"step {step:5d} | reward {row['reward_mean']:.4f} ± {row['reward_std']:.4f} | kl {row['kl']:.4f} "
                    f"| clip {row['clip_frac']:.3f} | zero-std {zero_std:.2f} | grad {row['grad_norm']:.3f} | {row['seconds']:.1f}s")
-        if step % args.sample_every == 0 or step == args.steps - 1:
+        if is_sample_step(step, args):
             save_grid(os.path.join(args.out, "samples", f"step_{step:05d}.png"), group_prompts, images,
                       rewards.tolist(), args.group_size)
         if (step + 1) % args.save_every == 0 or step == args.steps - 1:
