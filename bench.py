@@ -1,13 +1,19 @@
 """
-Side-by-side measurements of the three things gvu.py does differently from the official code, in one run:
+Side-by-side measurements of what gvu.py does differently from the official code, in one run; every figure is
+the median [min-max] of --repeats runs (5), the contenders interleaved so a busy moment hits both:
 
   1. reward:   one batched teacher-forced forward  vs  the official loop (one uncached forward of the
                full LM per prompt token, one image at a time); the rewards must be identical;
-  2. rollout:  one batched KV-cached pass          vs  recomputing the whole sequence at every token;
-  3. memory:   peak memory of the policy forward + backward with gradient checkpointing on vs off,
-               measured (CUDA: max_memory_allocated; CPU: peak resident set of a fresh process).
+  2. rollout:  one batched KV-cached pass          vs  recomputing the whole sequence at every token
+               (64 image tokens);
+  3. memory:   peak memory of the policy forward + backward (LoRA r=8, as the trainer) with gradient
+               checkpointing on vs off, measured (CUDA: max_memory_allocated; CPU: peak resident set of a
+               fresh process, with glibc's mmap threshold fixed so that freed blocks leave the resident set);
+  4. step:     where the time of a real gvu.gvu_step goes (its timing hook), on the shipped tiny UMM, with
+               --reward-input pixels (decode, re-tokenise) and codes (no decode).
 
-    python bench.py                 # tiny UMM on the CPU, about a minute
+    python bench.py                 # tiny UMM on the CPU, a few minutes
+    python bench.py --reward-agreement prompts/shapes_geneval.jsonl   # codes vs pixels rewards on base samples
 
 And the memory plan for real models (second half of this file):
 
@@ -136,8 +142,9 @@ def reward_agreement(model, metadata, group_size=8, batch=8, seed=0):
     rows, kept, r_pix, r_code = {"pixels": [], "codes": []}, [], [], []
     for b in range(0, len(metas), batch):
         part, s = metas[b:b + batch], seed * 100_003 + b
-        ro = gvu.rollout(umm, [m["prompt"] for m in part], group_size, generator=torch.Generator().manual_seed(s))
-        images = umm.decode_images(ro["codes"], torch.Generator().manual_seed(s))
+        gen = torch.Generator().manual_seed(s)  # as eval_geneval.sample_groups on the CPU: one generator for both
+        ro = gvu.rollout(umm, [m["prompt"] for m in part], group_size, generator=gen)
+        images = umm.decode_images(ro["codes"], gen)
         kept.append((umm.image_codes(images) == ro["codes"]).float().mean(1))  # (n,) per image
         prompts = [m["prompt"] for m in part for _ in range(group_size)]
         rewards = {k: gvu.intrinsic_reward(*gvu.caption_token_logprobs(umm, x, prompts, INSTRUCTION))

@@ -18,7 +18,8 @@ GPU (X-Omni, the paper's base; its own stack):      python gvu.py --model X-Omni
 
 Departures from the paper and the official code, and why (the only list; the README points here):
   1. The reward forward is ONE batched teacher-forced pass per micro-batch; the official code runs
-     one uncached forward per prompt token. Same numbers (tested), >10x faster (bench.py).
+     one uncached forward per prompt token, and the images of a micro-batch are tokenised in one call (the
+     official code: one per image). Same numbers (tested), ~20x faster (bench.py).
   2. The scored answer is the prompt followed by the end-of-turn token: without it an image with
      extra objects is as likely as a correct one ("two circles" is a prefix of what it shows).
   3. Policy log-probs come from hidden states through the image head, over image positions and the
@@ -31,6 +32,8 @@ Departures from the paper and the official code, and why (the only list; the REA
   6. The judge defaults to the policy itself (--reward-model policy), as the official code ends up
      doing; --reward-model frozen judges with the adapter off.
   7. X-Omni only: its FLUX decoder gets the empty prompt, not the T2I prompt (adapters.XOmni says why).
+  8. Optional, off by default: --reward-input codes lets the judge read the generated codes as they are, no
+     decode and re-tokenise (tiny UMM, X-Omni: one code vocabulary); docs/speed_memory.md says when it fits.
 
 The model is anything with the small interface `UMM` below: the shipped tiny UMM (tiny_umm.py) is its
 reference implementation; adapters.py wraps Janus-Pro and X-Omni behind it and loads them (`load_umm`).
