@@ -19,7 +19,7 @@ GPU (X-Omni, the paper's base; its own stack):      python gvu.py --model X-Omni
 Departures from the paper and the official code, and why (the only list; the README points here):
   1. The reward forward is ONE batched teacher-forced pass per micro-batch; the official code runs
      one uncached forward per prompt token, and the images of a micro-batch are tokenised in one call (the
-     official code: one per image). Same numbers (tested), ~20x faster (bench.py).
+     official code: one per image). Same numbers (tested), 13-18x faster (bench.py, docs/speed_memory.md).
   2. The scored answer is the prompt followed by the end-of-turn token: without it an image with
      extra objects is as likely as a correct one ("two circles" is a prefix of what it shows).
   3. Policy log-probs come from hidden states through the image head, over image positions and the
