@@ -430,10 +430,18 @@ class InputError(Exception):
 
 
 def pick_device(name="auto"):
-    """'auto' -> cuda > mps > cpu; anything else as given."""
-    if name != "auto":
-        return name
-    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    """'auto' -> cuda > mps > cpu; anything else as given, if this machine has it (else InputError)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name}: not a device (auto | cuda | cuda:N | mps | cpu)") from None
+    have = {"cpu": 1, "cuda": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+            "mps": int(torch.backends.mps.is_available())}.get(dev.type, 0)
+    if (dev.index or 0) >= have:
+        raise InputError(f"--device {name}: this machine has no such device")
+    return name
 
 
 def load_umm(name, seed=0, trust_remote_code=False, flux="", device="cpu", bf16=False):
