@@ -36,6 +36,7 @@ The model is anything with the small interface `UMM` below: the shipped tiny UMM
 reference implementation; adapters.py wraps Janus-Pro and X-Omni behind it and loads them (`load_umm`).
 """
 import json
+import math
 import os
 import sys
 import time
@@ -51,6 +52,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 from transformers import DynamicCache, HfArgumentParser
 
+import runio
 from adapters import InputError, load_umm, pick_device
 
 warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6")  # peft still uses pre-v6 names
@@ -107,6 +109,7 @@ class UMM(Protocol):
     tokenizer: Callable               # a transformers tokenizer over words AND image codes
     grid: tuple                       # (h, w): image codes per image = h * w, row-major
     image_offset: int                 # image code k is token id image_offset + k
+    image_vocab_size: int             # K: image codes are 0 .. K-1
     lora_targets: list                # names of the LM's linear layers that get LoRA
     answer_prefix: str                # the scored answer is answer_prefix + prompt + answer_suffix
     answer_suffix: str                # (the end-of-turn token; departure 2)
@@ -156,6 +159,8 @@ def rollout(umm, prompts, G, temperature=1.0, top_k=0, min_p=0.0, cfg_scale=1.0,
     codes, old_logp = [], []
     for i in range(n_img):
         logits = umm.logits(hidden).float()  # (R, K) image vocabulary only
+        if not torch.isfinite(logits).all():  # multinomial would crash on them (on CUDA: a device assert)
+            raise TrainingError("the policy's image logits are not finite while sampling")
         cond, uncond = logits.chunk(2) if cfg else (logits, None)  # (B*G, K) each
         probs = sampling_probs(cond, uncond, cfg_scale, temperature, top_k, min_p)
         code = torch.multinomial(probs, 1, generator=generator)  # (B*G, 1)
@@ -273,7 +278,7 @@ def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext(), 
         with judge():
             rewards = reward_fn(umm, images, group_prompts, args)  # (B*G,)
         if not torch.isfinite(rewards).all():
-            raise TrainingError(f"non-finite reward at step {step}; the last saved state in {args.out} is intact")
+            raise TrainingError(f"non-finite reward at step {step}")
         adv = group_advantages(rewards, G)  # (B*G,)
         with torch.no_grad(), policy.disable_adapter():  # pi_ref: same weights, adapter off
             ref_logp = torch.cat([image_token_logprobs(umm, ro["prefix_ids"][s:s + mb], ro["prefix_mask"][s:s + mb],
@@ -287,11 +292,15 @@ def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext(), 
                 logp = image_token_logprobs(umm, ro["prefix_ids"][sl], ro["prefix_mask"][sl], ro["codes"][sl],
                                             args.temperature)
                 loss, st = grpo_loss(logp, ro["old_logp"][sl], ref_logp[sl], adv[sl], args.clip_eps, args.beta)
+                if not torch.isfinite(loss):  # the update is not applied: nothing non-finite reaches the weights
+                    raise TrainingError(f"non-finite loss at step {step}; its update was not applied")
                 w = len(logp) / N  # micro-batches add up to the full-batch mean
                 (loss * w).backward()
                 for k, v in dict(st, loss=loss.item()).items():
                     stats[k] += v * w
             stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+            if not math.isfinite(stats["grad_norm"]):
+                raise TrainingError(f"non-finite gradient norm at step {step}; its update was not applied")
             optimizer.step()
     return rewards, images, stats
 
@@ -299,22 +308,45 @@ def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext(), 
 # -----------------------------------------------------------------------------
 # helpers: inputs, the prompt stream, outputs
 def read_prompts(path):
+    """The non-blank lines of a UTF-8 text file (a leading byte-order mark is dropped) and their line numbers."""
+    if os.path.isdir(path):
+        raise InputError(f"prompt file is a directory: {path}")
     if not os.path.isfile(path):
         raise InputError(f"prompt file not found: {path}")
+    with open(path, "rb") as f:
+        data = f.read()
     try:
-        with open(path, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f if line.strip()]
-    except UnicodeDecodeError as e:
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:  # decoded whole, so e.start is the byte offset in the file
         raise InputError(f"prompt file is not UTF-8: {path} (byte {e.start})") from None
-    if not prompts:
+    numbered = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not numbered:
         raise InputError(f"prompt file has no prompts: {path}")
-    return prompts
+    return [p for _, p in numbered], [n for n, _ in numbered]
 
 
-def check_vocabulary(umm, prompts):
-    for n, p in enumerate(prompts, 1):
+def check_vocabulary(umm, prompts, lines=None):
+    for n, p in zip(lines or range(1, len(prompts) + 1), prompts):
         if bad := umm.unknown_words(p):
             raise InputError(f"line {n} has words the model does not know: {', '.join(sorted(set(bad)))} ({p!r})")
+
+
+def check_context(umm, args, prompts, lines):
+    """Every prompt must fit the LM's positions twice: in the rollout (prompt, then the image codes) and in
+    the reward pass (the image and the instruction, then the prompt). Past the limit RoPE models run on,
+    slowly and out of distribution, so this refuses instead, naming the line."""
+    limit = getattr(umm.lm.config.get_text_config(), "max_position_embeddings", None)
+    if not limit:
+        return
+    tok, (h, w) = umm.tokenizer, umm.grid
+    blank = Image.new("RGB", (16 * w, 16 * h))  # the caption context's length does not depend on the pixels
+    ctx = len(tok(umm.caption_prompt(blank, args.instruction), add_special_tokens=False).input_ids)
+    gen = tok([umm.t2i_prompt(p) for p in prompts]).input_ids
+    ans = tok([umm.answer_prefix + p + umm.answer_suffix for p in prompts], add_special_tokens=False).input_ids
+    for n, g, a in zip(lines, gen, ans):
+        if (need := max(len(g) + h * w, ctx + len(a))) > limit:
+            raise InputError(f"line {n} of {args.prompts} is too long: it needs {need} positions with its image, "
+                             f"the model has {limit}")
 
 
 def prompt_batch(prompts, step, B, seed):
@@ -345,23 +377,57 @@ def save_grid(path, prompts, images, rewards, G, rows=4, px=96):
     grid.save(path)
 
 
-def atomic_save(obj, path):
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)  # a kill at any moment leaves the old or the new state, never half
-
-
 # -----------------------------------------------------------------------------
 # the training loop
+RESUME_MAY_CHANGE = {"steps", "resume", "out", "save_every", "sample_every"}  # all else must match the run
+
+
 def check_args(args):
-    """Refuse bad input before anything is loaded or written."""
-    if args.group_size < 2:
-        raise InputError(f"--group-size must be >= 2 (got {args.group_size}): advantages compare samples within a group")
-    state_path = os.path.join(args.out, "state.pt")
-    if os.path.exists(state_path) and not args.resume:
+    """Refuse bad input before anything is loaded or written: one line naming every bad flag."""
+    fin = math.isfinite
+    rules = [  # (flag, valid?, what it must be)
+        ("steps", args.steps >= 1, ">= 1"),
+        ("batch_prompts", args.batch_prompts >= 1, ">= 1"),
+        ("group_size", args.group_size >= 2, ">= 2: advantages compare samples within a group"),
+        ("lr", fin(args.lr) and args.lr > 0, "> 0"),
+        ("beta", fin(args.beta) and args.beta >= 0, ">= 0"),
+        ("clip_eps", fin(args.clip_eps) and 0 < args.clip_eps < 1, "in (0, 1)"),
+        ("num_iterations", args.num_iterations >= 1, ">= 1"),
+        ("lora_r", args.lora_r >= 1, ">= 1"),
+        ("lora_alpha", args.lora_alpha >= 1, ">= 1"),
+        ("max_grad_norm", fin(args.max_grad_norm) and args.max_grad_norm > 0, "> 0"),
+        ("temperature", fin(args.temperature) and args.temperature >= 0.1,
+         ">= 0.1: colder, a group's samples are copies, every advantage is 0 and nothing is learned"),
+        ("top_k", args.top_k >= 0, ">= 0"),
+        ("min_p", fin(args.min_p) and 0 <= args.min_p < 1, "in [0, 1)"),
+        ("cfg_scale", fin(args.cfg_scale) and args.cfg_scale >= 1, ">= 1 (1 = off)"),
+        ("micro_batch", args.micro_batch >= 1, ">= 1"),
+        ("save_every", args.save_every >= 1, ">= 1"),
+        ("sample_every", args.sample_every >= 1, ">= 1"),
+        ("seed", 0 <= args.seed < 2 ** 32, "in [0, 2**32)"),
+    ]
+    bad = [f"--{flag.replace('_', '-')} must be {what} (got {getattr(args, flag)})" for flag, ok, what in rules if not ok]
+    if bad:
+        raise InputError("; ".join(bad))
+    pick_device(args.device)  # an unavailable device is an InputError
+    if problem := runio.check_out_folder(args.out):
+        raise InputError(problem)
+    is_run = os.path.exists(os.path.join(args.out, "config.json")) or os.path.exists(os.path.join(args.out, "state.pt"))
+    if is_run and not args.resume:
         raise InputError(f"{args.out} already holds a run; pass --resume to continue it or pick another --out")
-    if args.resume and not os.path.exists(state_path):
-        raise InputError(f"--resume: no state.pt in {args.out}")
+    if args.resume and not is_run:
+        raise InputError(f"--resume: no run in {args.out} (no config.json)")
+    if args.resume:  # the first run's config.json: every setting that changes the run must match it
+        runio.check_same_run(runio.read_json(os.path.join(args.out, "config.json")), asdict(args), RESUME_MAY_CHANGE)
     return read_prompts(args.prompts)
+
+
+def check_against_model(umm, args, prompts, lines):
+    """The checks that need the loaded model; they run before anything is written."""
+    if args.top_k > umm.image_vocab_size:
+        raise InputError(f"--top-k must be <= the model's {umm.image_vocab_size} image codes (got {args.top_k})")
+    check_vocabulary(umm, prompts, lines)
+    check_context(umm, args, prompts, lines)
 
 
 def add_lora(umm, args):
@@ -374,8 +440,45 @@ def add_lora(umm, args):
     return policy, optimizer
 
 
+def open_run(args, policy, optimizer, device):
+    """Create and lock --out (one process per run folder), then start the run (config.json, an empty log) or
+    resume it (check_args has compared the settings): the state's weights, optimizer and RNG, the log cut
+    back to the state's step, an adapter that matches the state. Returns (the step to start from, the lock)."""
+    lock = runio.lock_run_folder(args.out)
+    config, log, state_path, adapter = (os.path.join(args.out, f) for f in ("config.json", "log.jsonl", "state.pt", "adapter"))
+    try:
+        if not args.resume:
+            if os.path.exists(config) or os.path.exists(state_path):  # written by a run that held the lock before us
+                raise InputError(f"{args.out} already holds a run; pass --resume to continue it or pick another --out")
+            runio.write_json(asdict(args), config)  # kept for good: every --resume is checked against it
+            runio.write_atomic(log, lambda f: None)
+            return 0, lock
+        start = 0  # no state.pt: killed before its first save, so the run starts again from its seed
+        if os.path.exists(state_path):
+            state = runio.load_state(state_path, device)
+            start = state["step"]
+            if start > args.steps:
+                raise InputError(f"--steps {args.steps} is below the step the run in {args.out} has reached ({start})")
+            set_peft_model_state_dict(policy, state["lora"])
+            optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"].cpu())
+            runio.save_adapter(policy, adapter, adapter_info(args, policy, start))  # a kill may have cut the last save
+        for notice in runio.trim_log(log, start):  # steps logged after the last save are run again
+            print(f"notice: {notice}", file=sys.stderr)
+        return start, lock
+    except BaseException:
+        lock.close()
+        raise
+
+
+def adapter_info(args, policy, step):
+    """adapter/gvu.json: the step the adapter holds and the base model it was trained on (eval_geneval checks it)."""
+    return dict(step=step, model=args.model, base_model=runio.base_model_id(args.model, args.seed),
+                base_fingerprint=runio.base_fingerprint(policy.get_base_model()))
+
+
 def train(args, reward_fn=intrinsic_rewards):
-    prompts = check_args(args)
+    prompts, lines = check_args(args)
 
     # device and dtype: cuda > mps > cpu; bf16 autocast where the GPU has it, fp32 elsewhere
     device = pick_device(args.device)
@@ -383,32 +486,20 @@ def train(args, reward_fn=intrinsic_rewards):
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16) if bf16 else nullcontext()
 
     umm = load_umm(args.model, args.seed, args.trust_remote_code, args.flux, device, bf16).to(device)
-    check_vocabulary(umm, prompts)
+    check_against_model(umm, args, prompts, lines)
     torch.manual_seed(args.seed)  # the LoRA init (torch >= 2.13 seeds each process at random otherwise)
     policy, optimizer = add_lora(umm, args)
 
-    os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-    log_path, state_path, start = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "state.pt"), 0
-    if args.resume:
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        set_peft_model_state_dict(policy, state["lora"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"].cpu())
-        start = state["step"]
-        assert state["prompt_pos"] == start * args.batch_prompts, "resume with the same --batch-prompts"
-        with open(log_path) as f:  # drop lines logged after the state was saved
-            kept = [line for line in f if json.loads(line)["step"] < start]
-        with open(log_path, "w") as f:
-            f.writelines(kept)
-    else:
-        open(log_path, "w").close()
-    with open(os.path.join(args.out, "config.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
+    start, lock = open_run(args, policy, optimizer, device)  # the first write to --out
+    log_path, state_path = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "state.pt")
 
-    def save(step):
-        policy.save_pretrained(os.path.join(args.out, "adapter"))
-        atomic_save(dict(step=step, prompt_pos=step * args.batch_prompts, lora=get_peft_model_state_dict(policy),
-                         optimizer=optimizer.state_dict(), rng=torch.get_rng_state()), state_path)
+    def save(step):  # state.pt first (the source of truth), then adapter/; no non-finite number is ever saved
+        state = dict(step=step, prompt_pos=step * args.batch_prompts, lora=get_peft_model_state_dict(policy),
+                     optimizer=optimizer.state_dict(), rng=torch.get_rng_state())
+        if not runio.all_finite(state):
+            raise TrainingError(f"the weights are not finite after step {step - 1}; nothing was saved from it")
+        runio.atomic_save(state, state_path)
+        runio.save_adapter(policy, os.path.join(args.out, "adapter"), adapter_info(args, policy, step))
 
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="gvu", dynamic_ncols=True)
     for step in bar:
@@ -429,6 +520,7 @@ def train(args, reward_fn=intrinsic_rewards):
                       rewards.tolist(), args.group_size)
         if (step + 1) % args.save_every == 0 or step == args.steps - 1:
             save(step + 1)
+    lock.close()
     return log_path
 
 
@@ -444,8 +536,12 @@ def main(argv=None, reward_fn=intrinsic_rewards):
     args = parse_args(argv)
     try:
         train(args, reward_fn)
-    except (InputError, TrainingError) as e:
-        sys.exit(f"error: {e}")
+        return
+    except InputError as e:
+        msg = f"error: {e}"
+    except TrainingError as e:
+        msg = f"error: {e}; {runio.saved_note(args.out)}"
+    sys.exit(msg)  # outside the except: the traceback, and with it the run folder's lock, is already released
 
 
 if __name__ == "__main__":
