@@ -524,17 +524,12 @@ def generate_prompts(n: int, seed: int, exclude: set[str] = frozenset()) -> list
 # --------------------------------------------------------------------------- generate (the model side)
 
 def check_adapter_path(adapter):
-    """A gvu.py adapter is a local folder with adapter_config.json. A path that does not exist is an error
-    here, before peft would look it up on the hub, unless it reads as a hub id (owner/name, owner not a
-    local folder)."""
-    if os.path.isdir(adapter):
-        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-            raise GenEvalError(f"--adapter {adapter}: not a peft adapter folder (no adapter_config.json)")
-        return
-    parts = adapter.split("/")
-    hub_id = len(parts) == 2 and all(parts) and not adapter.startswith((".", "~")) and not os.path.isdir(parts[0])
-    if not hub_id:
+    """--adapter is a local folder that gvu.py wrote (its --out/adapter). Checked here, before peft, which would
+    take a missing path for a hub id and try the network."""
+    if not os.path.isdir(adapter):
         raise GenEvalError(f"--adapter {adapter}: no such folder")
+    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        raise GenEvalError(f"--adapter {adapter}: not a peft adapter folder (no adapter_config.json)")
 
 
 def adapter_base(adapter):
@@ -580,8 +575,7 @@ def load_model(args):
     except InputError as e:
         raise GenEvalError(str(e)) from None
     if args.adapter:
-        if os.path.isdir(args.adapter):
-            check_adapter_base(umm, args)
+        check_adapter_base(umm, args)
         try:
             PeftModel.from_pretrained(umm.lm, args.adapter)  # injects the LoRA layers into umm.lm in place
         except (OSError, ValueError, RuntimeError) as e:
