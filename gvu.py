@@ -539,8 +539,8 @@ def main(argv=None, reward_fn=intrinsic_rewards):
         return
     except InputError as e:
         msg = f"error: {e}"
-    except TrainingError as e:
-        msg = f"error: {e}; {runio.saved_note(args.out)}"
+    except (TrainingError, OSError) as e:  # OSError: a full disk, a folder made read-only mid-run, ...
+        msg = f"error: {(str(e) or type(e).__name__).splitlines()[0]}; {runio.saved_note(args.out)}"
     sys.exit(msg)  # outside the except: the traceback, and with it the run folder's lock, is already released
 
 

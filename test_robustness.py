@@ -235,6 +235,19 @@ def test_non_finite_weights_are_never_saved(tmp_path, prompt_file, monkeypatch):
     assert nonfinite(torch.load(out / "state.pt", weights_only=True)) == []
 
 
+def test_full_disk_during_a_save_is_one_line_and_keeps_the_saved_state(tmp_path, prompt_file, monkeypatch):
+    """ENOSPC while writing state.pt: one line naming the intact saved step; state.pt unchanged byte for byte."""
+    out = short_run(prompt_file, tmp_path, 1)
+    before = (out / "state.pt").read_bytes()
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(runio.torch, "save", full)
+    msg = run_main(*common(prompt_file, out, "--steps", "2", "--resume"))
+    assert msg == f"error: [Errno 28] No space left on device; the saved state in {out} (step 1) is intact"
+    assert (out / "state.pt").read_bytes() == before
+
+
 def test_sampling_with_non_finite_logits_is_a_training_error_not_a_crash():
     """NaN logits stop the rollout with gvu.TrainingError instead of torch.multinomial's RuntimeError."""
     from tiny_umm import TinyUMM
@@ -374,7 +387,7 @@ def test_generate_refuses_an_adapter_trained_on_another_base(tmp_path, prompt_fi
     E.main(gen + ["--out", str(tmp_path / "g3")])  # the right base loads
     monkeypatch.setattr(E.PeftModel, "from_pretrained", lambda *a, **k: pytest.fail("looked up the hub"))
     monkeypatch.chdir(tmp_path)
-    assert eval_error(gen[:-1] + ["run/adapterX", "--out", "g4"]) == "error: --adapter run/adapterX: no such folder"
+    assert eval_error(gen[:-1] + ["runs/adapter", "--out", "g4"]) == "error: --adapter runs/adapter: no such folder"
     assert not os.path.exists(tmp_path / "g4")
 
 
