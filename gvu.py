@@ -47,13 +47,12 @@ from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
-
-import loggers
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 from transformers import DynamicCache, HfArgumentParser
 
+import loggers
 from adapters import InputError, load_umm, pick_device
 
 warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6")  # peft still uses pre-v6 names
@@ -285,8 +284,9 @@ def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext(), 
         images = umm.decode_images(ro["codes"], torch.Generator().manual_seed(seed))
         group_prompts = [p for p in batch for _ in range(G)]  # (B*G,)
         with judge():
-            rewards = reward_fn(umm, images, group_prompts, args)  # (B*G,), or with its per-token terms:
-        rewards, token_logp = (rewards[0], rewards[1]) if isinstance(rewards, tuple) else (rewards, None)
+            out = reward_fn(umm, images, group_prompts, args)
+        # the default reward also hands back its per-token terms (the sample grid shades them); a fork may not
+        rewards, token_logp = (out[0], out[1]) if isinstance(out, tuple) else (out, None)  # (B*G,), (B*G, L)
         if not torch.isfinite(rewards).all():
             raise TrainingError(f"non-finite reward at step {step}; the last saved state in {args.out} is intact")
         adv = group_advantages(rewards, G)  # (B*G,)
@@ -371,7 +371,7 @@ def save_grid(path, prompts, images, rewards, G, rows=4, px=96, texts=None, toke
     boxes = [token_layout(measure, texts[i], token_logp[i], px - 4) if token_logp is not None else []
              for i in range(rows * G)]
     heights = [12 + px + 12 + max([b[1] + 12 for c in range(G) for b in boxes[r * G + c]], default=0)
-               for r in range(rows)]
+               for r in range(rows)]  # prompt line, images, rewards, then the longest token block of the row
     grid = Image.new("RGB", (G * px, sum(heights)), "white")
     draw = ImageDraw.Draw(grid)
     for r in range(rows):
