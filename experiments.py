@@ -210,6 +210,10 @@ def edit_table(umm, images, prompts, instruction):
 
 def cmd_token_view(args) -> None:
     """token-view: images of a generate folder x their prompt's tokens, shaded by p(token | image, earlier tokens)."""
+    if args.prompts < 1 or args.images < 1 or args.px < 16:
+        raise GenEvalError("--prompts and --images must be >= 1 and --px >= 16")
+    if not Path(args.out).resolve().parent.is_dir():
+        raise GenEvalError(f"--out: folder {Path(args.out).parent} does not exist")
     samples = list(iter_samples(args.folder, classes=None))
     groups = {}
     for index, meta, path in samples:
