@@ -17,6 +17,7 @@
 import argparse
 import json
 import sys
+from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
@@ -222,7 +223,10 @@ def cmd_token_view(args) -> None:
                                                  for r in m["include"])):
         raise GenEvalError("--correct-only needs a shapes-world folder scored against its own prompts (no --prompt)")
     n = min(args.images, *(len(paths) for _, paths in groups.values()))
-    shown = sorted(groups)[: args.prompts]
+    by_tag = {}
+    for k in sorted(groups):
+        by_tag.setdefault(groups[k][0]["tag"], []).append(k)
+    shown = [k for turn in zip_longest(*by_tag.values()) for k in turn if k is not None][: args.prompts]  # tags take turns
     prompts = [args.prompt or groups[k][0]["prompt"] for k in shown for _ in range(n)]
     umm = load_model(args)
     try:
@@ -291,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     tv.add_argument("--seed", type=int, default=0, help="seed for building the model ('tiny-random')")
     tv.add_argument("--instruction", default="Describe the image in detail.", help="as gvu.py --instruction")
     tv.add_argument("--prompt", help="score every image against this prompt instead of its own")
-    tv.add_argument("--prompts", type=int, default=4, help="rows: the first N prompt folders")
+    tv.add_argument("--prompts", type=int, default=6, help="rows: N prompts, the tags taking turns (the first "
+                    "prompt of each tag, then the second, ...)")
     tv.add_argument("--images", type=int, default=4, help="images per prompt")
     tv.add_argument("--px", type=int, default=96, help="image size in the grid")
     tv.add_argument("--edits", action="store_true", help="also score every image of the folder against its prompt "
