@@ -12,7 +12,7 @@
     python experiments.py curve "GvU=runs/A/log.jsonl" --out assets/reward_curve.png --smooth 20
     python experiments.py grid runs/eval_base/geneval runs/eval_A/geneval --out assets/before_after.png
     python experiments.py oracle-train --out runs/O          # other flags go to gvu.py
-    python experiments.py token-view runs/eval_base/geneval --model checkpoints/tiny-umm --edits --out assets/token_view.png
+    python experiments.py token-view runs/eval_base/geneval --edits --correct-only --out assets/token_view.png
 """
 import argparse
 import json
