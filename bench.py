@@ -370,7 +370,7 @@ def rehearse(name, device="cuda", steps=2, prompts=8, group_size=8, micro_batch=
     seconds, stats = [], []
     for step in range(steps):
         t = time.perf_counter()
-        rewards, _, st = gvu.gvu_step(umm, policy, optimizer, batch, step, args, autocast)
+        rewards, _, st, _ = gvu.gvu_step(umm, policy, optimizer, batch, step, args, autocast)
         stats.append(dict(st, reward=rewards.mean().item()))
         if cuda:
             torch.cuda.synchronize()

@@ -36,6 +36,7 @@ The model is anything with the small interface `UMM` below: the shipped tiny UMM
 reference implementation; adapters.py wraps Janus-Pro and X-Omni behind it and loads them (`load_umm`).
 """
 import json
+import math
 import os
 import sys
 import time
@@ -51,6 +52,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 from transformers import DynamicCache, HfArgumentParser
 
+import loggers
 from adapters import InputError, load_umm, pick_device
 
 warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6")  # peft still uses pre-v6 names
@@ -89,6 +91,9 @@ class Args:
     instruction: str = field(default="Describe the image in detail.", metadata={"help": "understanding instruction before the prompt"})
     save_every: int = field(default=50, metadata={"help": "save adapter + resumable state every N steps"})
     sample_every: int = field(default=25, metadata={"help": "write a sample grid every N steps"})
+    report_to: str = field(default="none", metadata={
+        "help": "also log scalars and sample grids to 'tensorboard' (OUT/tensorboard) or 'wandb' (WANDB_MODE=offline "
+                "works without network); each is an optional package", "choices": ["none", "tensorboard", "wandb"]})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its state.pt"})
     seed: int = field(default=0, metadata={"help": "seeds init, prompt order and every step's sampling"})
     device: str = field(default="auto", metadata={"help": "auto | cuda | mps | cpu"})
@@ -182,13 +187,18 @@ def intrinsic_reward(token_logp, mask):
     return torch.exp((token_logp * mask).sum(1) / mask.sum(1))  # (N,)
 
 
+def answer_ids(umm, prompts):
+    """The scored answer of each prompt as token ids: answer_prefix + prompt + answer_suffix (departure 2)."""
+    return umm.tokenizer([umm.answer_prefix + p + umm.answer_suffix for p in prompts], add_special_tokens=False).input_ids
+
+
 def caption_token_logprobs(umm, images, prompts, instruction, micro_batch=64):
     """Understanding branch: log p(T_j | instruction, image, T_<j) for every prompt token (+ end of turn),
     one teacher-forced forward per micro-batch. Returns logp (N, L) and mask (N, L), right-padded."""
     umm.set_generation_mode("text")
     tok = umm.tokenizer
     ctx = tok([umm.caption_prompt(im, instruction) for im in images], add_special_tokens=False).input_ids
-    ans = tok([umm.answer_prefix + p + umm.answer_suffix for p in prompts], add_special_tokens=False).input_ids
+    ans = answer_ids(umm, prompts)
     L, dev = max(map(len, ans)), umm.lm.device
     out_logp, out_mask = torch.zeros(len(ans), L, device=dev), torch.zeros(len(ans), L, device=dev)
     for s in range(0, len(ans), micro_batch):
@@ -210,9 +220,11 @@ def caption_token_logprobs(umm, images, prompts, instruction, micro_batch=64):
 
 @torch.no_grad()
 def intrinsic_rewards(umm, images, prompts, args):
-    """The default reward_fn of gvu_step: each image's intrinsic reward for its prompt, (N,).
-    A fork swaps this for any `reward_fn(umm, images, prompts, args) -> (N,) rewards`."""
-    return intrinsic_reward(*caption_token_logprobs(umm, images, prompts, args.instruction, args.micro_batch))
+    """The default reward_fn of gvu_step: each image's intrinsic reward for its prompt (N,), and the per-token
+    terms it is made of, token_logp and mask (N, L), which the sample grids shade word by word.
+    A fork swaps this for any `reward_fn(umm, images, prompts, args) -> (N,) rewards` (terms optional)."""
+    token_logp, mask = caption_token_logprobs(umm, images, prompts, args.instruction, args.micro_batch)
+    return intrinsic_reward(token_logp, mask), token_logp, mask
 
 
 # -----------------------------------------------------------------------------
@@ -259,7 +271,8 @@ def grpo_loss(logp, old_logp, ref_logp, adv, clip_eps=0.2, beta=0.03):
 # 5. one GvU step: rollout -> decode -> reward -> advantages -> mu clipped, KL-regularised updates
 def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext(), reward_fn=intrinsic_rewards):
     """One GvU step on B prompts, in micro-batches. `reward_fn(umm, images, prompts, args) -> (N,)` is the
-    fork point for other rewards (experiments.py's pixel oracle). Returns (rewards, images, stats)."""
+    fork point for other rewards (experiments.py's pixel oracle); it may also return per-token terms,
+    `(rewards, token_logp, mask)`, as the default does. Returns (rewards, images, stats, token_logp or None)."""
     G, mb = args.group_size, args.micro_batch
     N = len(batch) * G
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -271,7 +284,9 @@ def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext(), 
         images = umm.decode_images(ro["codes"], torch.Generator().manual_seed(seed))
         group_prompts = [p for p in batch for _ in range(G)]  # (B*G,)
         with judge():
-            rewards = reward_fn(umm, images, group_prompts, args)  # (B*G,)
+            out = reward_fn(umm, images, group_prompts, args)
+        # the default reward also hands back its per-token terms (the sample grid shades them); a fork may not
+        rewards, token_logp = (out[0], out[1]) if isinstance(out, tuple) else (out, None)  # (B*G,), (B*G, L)
         if not torch.isfinite(rewards).all():
             raise TrainingError(f"non-finite reward at step {step}; the last saved state in {args.out} is intact")
         adv = group_advantages(rewards, G)  # (B*G,)
@@ -293,7 +308,7 @@ def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext(), 
                     stats[k] += v * w
             stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
             optimizer.step()
-    return rewards, images, stats
+    return rewards, images, stats, token_logp  # token_logp (B*G, L): kept for the sample grid, not recomputed
 
 
 # -----------------------------------------------------------------------------
@@ -330,19 +345,52 @@ def enable_checkpointing(lm):
     enable({"use_reentrant": False})
 
 
-def save_grid(path, prompts, images, rewards, G, rows=4, px=96):
-    """Rows = prompts, columns = the G samples, each captioned with its reward."""
+def token_texts(umm, prompt):
+    """The scored answer's tokens as text, one per term of the reward (words for the tiny UMM, BPE pieces else)."""
+    return [umm.tokenizer.decode([i]).strip() for i in answer_ids(umm, [prompt])[0]]
+
+
+def token_layout(draw, texts, token_logp, width, line=11):
+    """Word-wrap one caption into `width` px: [(x, y, text, p)] with p = exp(log p_j), the reward's own terms."""
+    boxes, x, y = [], 0, 0
+    for text, logp in zip(texts, token_logp.tolist()):
+        w = draw.textlength(text) + 4
+        if x and x + w > width:
+            x, y = 0, y + line
+        boxes.append((x, y, text, math.exp(logp)))
+        x += w
+    return boxes
+
+
+def save_grid(path, prompts, images, rewards, G, rows=4, px=96, texts=None, token_logp=None):
+    """Rows = prompts, columns = the G samples, each captioned with its reward. Given the reward's per-token
+    log-probs (N, L) and each prompt's token texts, every image also gets its prompt's tokens shaded by their
+    probability under the judge (white = 1, red = 0) with the least likely one framed. Returns the grid."""
     rows = min(rows, len(prompts) // G)
-    grid = Image.new("RGB", (G * px, rows * (px + 24)), "white")
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    boxes = [token_layout(measure, texts[i], token_logp[i], px - 4) if token_logp is not None else []
+             for i in range(rows * G)]
+    heights = [12 + px + 12 + max([b[1] + 12 for c in range(G) for b in boxes[r * G + c]], default=0)
+               for r in range(rows)]  # prompt line, images, rewards, then the longest token block of the row
+    grid = Image.new("RGB", (G * px, sum(heights)), "white")
     draw = ImageDraw.Draw(grid)
     for r in range(rows):
-        y = r * (px + 24)
+        y = sum(heights[:r])
         draw.text((2, y + 1), prompts[r * G][: G * px // 6], fill="black")
         for c in range(G):
             i = r * G + c
             grid.paste(images[i].resize((px, px), Image.NEAREST), (c * px, y + 12))
             draw.text((c * px + 2, y + 12 + px), f"R={rewards[i]:.3f}", fill="black")
+            lowest = min(boxes[i], key=lambda b: b[3], default=None)
+            for box in boxes[i]:
+                x0, y0, text, p = box
+                x0, y0 = c * px + 2 + x0, y + 24 + px + y0
+                shade = int(60 + 195 * p)  # white at p = 1, red at p = 0
+                draw.rectangle([x0, y0, x0 + draw.textlength(text) + 2, y0 + 11], fill=(255, shade, shade),
+                               outline="black" if box is lowest else None)
+                draw.text((x0 + 1, y0), text, fill="black")
     grid.save(path)
+    return grid
 
 
 def atomic_save(obj, path):
@@ -376,6 +424,7 @@ def add_lora(umm, args):
 
 def train(args, reward_fn=intrinsic_rewards):
     prompts = check_args(args)
+    loggers.require(args.report_to)  # a missing tensorboard / wandb is refused before anything is created
 
     # device and dtype: cuda > mps > cpu; bf16 autocast where the GPU has it, fp32 elsewhere
     device = pick_device(args.device)
@@ -404,6 +453,7 @@ def train(args, reward_fn=intrinsic_rewards):
         open(log_path, "w").close()
     with open(os.path.join(args.out, "config.json"), "w") as f:
         json.dump(asdict(args), f, indent=2)
+    logger = loggers.make_logger(args.report_to, args.out, asdict(args), start)  # a no-op unless main process
 
     def save(step):
         policy.save_pretrained(os.path.join(args.out, "adapter"))
@@ -414,21 +464,25 @@ def train(args, reward_fn=intrinsic_rewards):
     for step in bar:
         t0 = time.time()
         batch = prompt_batch(prompts, step, args.batch_prompts, args.seed)
-        rewards, images, stats = gvu_step(umm, policy, optimizer, batch, step, args, autocast, reward_fn)
+        rewards, images, stats, token_logp = gvu_step(umm, policy, optimizer, batch, step, args, autocast, reward_fn)
         group_prompts = [p for p in batch for _ in range(args.group_size)]  # (B*G,)
         zero_std = (rewards.view(-1, args.group_size).std(1) == 0).float().mean().item()
         row = dict(step=step, reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
                    frac_zero_std=zero_std, **stats, seconds=time.time() - t0)
         with open(log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        logger.scalars(row, step)
         bar.set_postfix(reward=f"{row['reward_mean']:.4f}", kl=f"{row['kl']:.4f}")
         tqdm.write(f"step {step:5d} | reward {row['reward_mean']:.4f} ± {row['reward_std']:.4f} | kl {row['kl']:.4f} "
                    f"| clip {row['clip_frac']:.3f} | zero-std {zero_std:.2f} | grad {row['grad_norm']:.3f} | {row['seconds']:.1f}s")
         if step % args.sample_every == 0 or step == args.steps - 1:
-            save_grid(os.path.join(args.out, "samples", f"step_{step:05d}.png"), group_prompts, images,
-                      rewards.tolist(), args.group_size)
+            grid = save_grid(os.path.join(args.out, "samples", f"step_{step:05d}.png"), group_prompts, images,
+                             rewards.tolist(), args.group_size, texts=[token_texts(umm, p) for p in group_prompts],
+                             token_logp=token_logp)
+            logger.image("samples", grid, step)
         if (step + 1) % args.save_every == 0 or step == args.steps - 1:
             save(step + 1)
+    logger.close()
     return log_path
 
 
