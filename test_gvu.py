@@ -10,17 +10,15 @@ import sys
 import numpy as np
 import pytest
 import torch
-import transformers
+import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import gvu
-from bench import official_rewards
 from tiny_umm import TinyUMM
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPTS = ["a photo of a red circle", "a photo of two squares",
            "a photo of a blue triangle left of a large circle", "a photo of a circle and a square"]
-LORA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +30,7 @@ def umm():
 def lora_umm():
     u = TinyUMM.random(seed=1, hidden=64, layers=2)
     u.lm.requires_grad_(False)
-    policy = get_peft_model(u.lm, LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, target_modules=LORA))
+    policy = get_peft_model(u.lm, LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, target_modules=u.lora_targets))
     return u, policy
 
 
@@ -57,26 +55,13 @@ def run_main(*argv):
 
 
 # --- 2. intrinsic reward ------------------------------------------------------------------
-def test_reward_equals_per_token_loop_and_ignores_padding_and_batching(umm):
-    """Batched single-forward reward == the official one-forward-per-token loop, at any micro-batch."""
-    images = images_for(umm, 4)
-    prompts = PROMPTS  # different lengths, so the batch is padded
-    with torch.no_grad():
-        lp, mask = gvu.caption_token_logprobs(umm, images, prompts, "Describe the image in detail.")
-        batched = gvu.intrinsic_reward(lp, mask)
-        lp1, mask1 = gvu.caption_token_logprobs(umm, images, prompts, "Describe the image in detail.", micro_batch=1)
-        single = gvu.intrinsic_reward(lp1, mask1)
-        slow = official_rewards(umm, images, prompts, "Describe the image in detail.")  # bench's baseline, in fp64
-    assert torch.allclose(batched.double(), slow, atol=1e-5, rtol=1e-5)
-    assert torch.allclose(batched, single, atol=1e-6)
-    assert mask.sum(1).tolist() == [len(umm.tokenizer(p + "<|im_end|>").input_ids) for p in prompts]
-
-
-def test_reward_is_geometric_mean_of_token_probs():
-    """exp(mean log p) equals the L-th root of the product of the probabilities, padding ignored."""
+def test_reward_is_geometric_mean_of_token_probs_whatever_the_mask_hides():
+    """exp(mean log p) equals the L-th root of the product of the unmasked probabilities; masked positions may hold
+    anything (garbage, -inf) without changing the reward."""
     p = torch.tensor([[0.5, 0.25, 0.8, 0.3], [0.9, 0.1, 0.0, 0.0]])  # 2nd row: 2 tokens + padding
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
-    r = gvu.intrinsic_reward(torch.log(p.clamp_min(1e-30)) * mask, mask)
+    garbage = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 7.0, -float("inf")]])
+    r = gvu.intrinsic_reward(torch.log(p.clamp_min(1e-30)) + garbage, mask)
     assert r.tolist() == pytest.approx([(0.5 * 0.25 * 0.8 * 0.3) ** 0.25, (0.9 * 0.1) ** 0.5], rel=1e-6)
 
 
@@ -127,16 +112,6 @@ def test_clipping_stops_gradients_exactly_where_the_clip_says():
     assert stats["clip_frac"] == pytest.approx(0.5)
 
 
-def test_rollout_old_logprobs_equal_teacher_forced_logprobs(umm):
-    """The KV-cached rollout's log-probs equal the padded teacher-forced ones (untruncated, same temperature)."""
-    g = torch.Generator().manual_seed(0)
-    ro = gvu.rollout(umm, PROMPTS, G=3, temperature=0.7, top_k=20, min_p=0.05, generator=g)
-    assert ro["codes"].shape == (12, 16) and ro["prefix_mask"].eq(0).any()  # prompts were left-padded
-    with torch.no_grad():
-        tf = gvu.image_token_logprobs(umm, ro["prefix_ids"], ro["prefix_mask"], ro["codes"], temperature=0.7)
-    assert torch.allclose(ro["old_logp"], tf, atol=1e-5)
-
-
 def test_rollout_keeps_the_kv_cache_with_gradient_checkpointing_enabled(umm):
     """With checkpointing on, sampling still feeds one token per step into a growing cache."""
     u = copy.copy(umm)
@@ -157,35 +132,66 @@ def test_rollout_keeps_the_kv_cache_with_gradient_checkpointing_enabled(umm):
     assert [b for _, b, _ in steps] == list(range(prefill[2], prefill[2] + 15))
 
 
-def test_cfg_scale_one_samples_the_same_codes_as_no_guidance(umm):
-    """Guidance with scale 1 is the conditional policy itself; scale 3 changes the samples."""
-    codes = [gvu.rollout(umm, PROMPTS, G=2, cfg_scale=s, generator=torch.Generator().manual_seed(5))["codes"]
-             for s in (1.0, 3.0)]
-    ro = gvu.rollout(umm, PROMPTS, G=2, generator=torch.Generator().manual_seed(5))
-    assert torch.equal(codes[0], ro["codes"]) and not torch.equal(codes[0], codes[1])
+def slow_image_logits(umm, lm, text, codes):
+    """(N_img, K) fp64 image-code logits of `lm` for one row: one unpadded, uncached full forward, no gvu code."""
+    ids = umm.tokenizer(text).input_ids + (codes + umm.image_offset).tolist()
+    with torch.no_grad():
+        logits = lm(input_ids=torch.tensor([ids])).logits[0, -len(codes) - 1:-1].double()
+    return logits[:, umm.image_offset:umm.image_offset + umm.image_vocab_size]
 
 
-def test_only_lora_params_get_gradients_and_they_change(lora_umm):
-    """Backward reaches LoRA weights only; one AdamW step changes them and nothing else."""
-    u, policy = lora_umm
-    ro = gvu.rollout(u, PROMPTS[:2], G=2, generator=torch.Generator().manual_seed(0))
-    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
-    u.lm.train()
-    logp = gvu.image_token_logprobs(u, ro["prefix_ids"], ro["prefix_mask"], ro["codes"])
-    loss, _ = gvu.grpo_loss(logp, ro["old_logp"], ro["old_logp"], torch.tensor([1.0, -1.0, 0.5, -0.5]))
-    loss.backward()
-    grads = {n for n, p in policy.named_parameters() if p.grad is not None}
-    assert grads and all("lora_" in n for n in grads)
-    torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2).step()
-    changed = {n for n, p in policy.named_parameters() if not torch.equal(p, before[n])}
-    assert changed == {n for n in grads}
+def test_sampling_probs_are_guided_tempered_then_truncated():
+    """sampling_probs == softmax((u + s (c - u)) / T), top-k then min-p (p < min_p * max p dropped), by numpy."""
+    g = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(5, 12, generator=g), torch.randn(5, 12, generator=g)
+    for s, T, k, mp in [(1.0, 1.0, 0, 0.0), (3.0, 0.7, 0, 0.0), (2.0, 0.5, 6, 0.0), (1.5, 0.8, 0, 0.3), (3.0, 1.3, 8, 0.2)]:
+        c, u = cond.double().numpy(), uncond.double().numpy()
+        z = (u + s * (c - u)) / T
+        want = np.exp(z - z.max(1, keepdims=True))
+        want /= want.sum(1, keepdims=True)
+        if k:
+            want[want < np.sort(want, 1)[:, -k:][:, :1]] = 0
+        if mp:
+            want[want < mp * want.max(1, keepdims=True)] = 0
+        got = gvu.sampling_probs(cond, uncond, cfg_scale=s, temperature=T, top_k=k, min_p=mp)
+        np.testing.assert_allclose(got.double().numpy(), want, atol=1e-6)
+        assert (got > 0).numpy().tolist() == (want > 0).tolist()
+    assert torch.equal(gvu.sampling_probs(cond, None, 3.0), F.softmax(cond, -1))  # no uncond row: the policy itself
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_greedy_cfg_rollout_picks_the_argmax_of_uncond_plus_scale_times_the_difference(umm, scale):
+    """With top_k=1, rollout's codes are argmax_k u + s (c - u) of independent unbatched forwards on t2i_prompt and
+    uncond_prompt; at scale 1 that is the conditional argmax, at scale 3 guidance changes some codes."""
+    ro = gvu.rollout(umm, PROMPTS, G=1, top_k=1, cfg_scale=scale)
+    moved = 0
+    for p, codes in zip(PROMPTS, ro["codes"]):
+        c = slow_image_logits(umm, umm.lm, umm.t2i_prompt(p), codes)
+        u = slow_image_logits(umm, umm.lm, umm.uncond_prompt(p), codes)
+        assert torch.equal((u + scale * (c - u)).argmax(-1), codes)
+        moved += (c.argmax(-1) != codes).sum().item()
+    assert (moved > 0) == (scale != 1.0)
+
+
+def test_rollout_never_samples_a_code_that_min_p_drops(umm):
+    """Every sampled code has tempered probability >= min_p * the position's max (independent forwards), and the
+    dropped codes hold enough mass that an untruncated sampler would have drawn several of them."""
+    T, min_p = 0.25, 0.5
+    ro = gvu.rollout(umm, PROMPTS, G=4, temperature=T, min_p=min_p, generator=torch.Generator().manual_seed(3))
+    outside_mass = 0.0
+    for p, codes in zip([p for p in PROMPTS for _ in range(4)], ro["codes"]):
+        probs = F.softmax(slow_image_logits(umm, umm.lm, umm.t2i_prompt(p), codes) / T, -1)  # (N_img, K)
+        allowed = probs >= min_p * probs.max(-1, keepdim=True).values
+        assert allowed.gather(1, codes[:, None]).all()
+        outside_mass += probs[~allowed].sum().item()
+    assert outside_mass > 10  # expected number of dropped codes an untruncated sampler draws in these 256 tokens
 
 
 def test_reference_with_adapter_disabled_equals_base_model():
     """Inside disable_adapter() the LoRA'd model computes exactly what the untouched base does."""
     u = TinyUMM.random(seed=2, hidden=64, layers=2)
     base = copy.deepcopy(u.lm)
-    policy = get_peft_model(u.lm, LoraConfig(r=4, lora_alpha=16, target_modules=LORA))
+    policy = get_peft_model(u.lm, LoraConfig(r=4, lora_alpha=16, target_modules=u.lora_targets))
     for n, p in policy.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.5)  # make the adapter matter
@@ -222,6 +228,19 @@ def test_prompt_stream_is_a_function_of_step_and_covers_each_epoch():
     epoch = sum((gvu.prompt_batch(prompts, s, 2, seed=3) for s in range(5)), [])
     assert sorted(epoch) == sorted(prompts)
     assert gvu.prompt_batch(prompts, 7, 2, seed=3) == gvu.prompt_batch(prompts, 7, 2, seed=3)
+
+
+def test_prompt_stream_reshuffles_every_epoch_and_batches_straddle_the_boundary():
+    """Across epochs (10 prompts, B=4): each epoch is a permutation, epochs come in different orders, and a batch
+    that crosses an epoch's end is the tail of that epoch then the head of the next (the B=1 stream, regrouped)."""
+    prompts = [f"p{i}" for i in range(10)]
+    stream = [gvu.prompt_batch(prompts, k, 1, seed=3)[0] for k in range(40)]  # one prompt per step: 4 epochs
+    epochs = [stream[i:i + 10] for i in range(0, 40, 10)]
+    assert all(sorted(e) == sorted(prompts) for e in epochs) and len({tuple(e) for e in epochs}) == 4
+    batches = [gvu.prompt_batch(prompts, s, 4, seed=3) for s in range(10)]
+    assert sum(batches, []) == stream
+    assert batches[2] == epochs[0][8:] + epochs[1][:2] and batches[7] == epochs[2][8:] + epochs[3][:2]
+    assert stream != [gvu.prompt_batch(prompts, k, 1, seed=4)[0] for k in range(40)]  # the seed matters
 
 
 # --- end to end -----------------------------------------------------------------------------
@@ -354,19 +373,7 @@ def test_lm_batch_t2i_sees_train_lines_only_while_captions_span_every_tag(umm):
 import math  # noqa: E402  (appended section)
 
 import bench  # noqa: E402
-
-needs_janus = pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5,
-                                 reason="the Janus adapter targets transformers >= 5 (4.x is X-Omni's stack)")
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: one thread is far faster than two on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+from conftest import needs_janus  # noqa: E402
 
 @pytest.mark.filterwarnings("ignore:.*deprecated and will be removed in v6")  # peft's pre-v6 names
 @pytest.mark.parametrize("name, classes", [
