@@ -13,10 +13,12 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 
+import bench
 import gvu
 from tiny_umm import TinyUMM
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+pytestmark = pytest.mark.filterwarnings("ignore:.*deprecated and will be removed in v6")  # peft's pre-v6 names
 PROMPTS = ["a photo of a red circle", "a photo of two squares",
            "a photo of a blue triangle left of a large circle", "a photo of a circle and a square"]
 
@@ -80,6 +82,14 @@ def test_advantages_are_standardised_within_each_group():
     want = [(r - statistics.mean(g)) / statistics.stdev(g) for g in groups for r in g]
     assert adv.tolist() == pytest.approx(want, rel=1e-5)
     assert adv.view(2, 3).sum(1).abs().max() < 1e-6
+
+
+def test_advantage_eps_is_added_to_the_sample_std():
+    """With eps = 0.5: A = (R - mean) / (stdev + 0.5) by hand, stdev with Bessel's n - 1 (not sqrt(var + eps))."""
+    adv = gvu.group_advantages(torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 4.0]), G=3, eps=0.5)
+    std = [7 ** 0.5, (16 / 3) ** 0.5]  # sum of squared deviations / (3 - 1): 14 / 2 and (3 * 16/9 + 64/9) / 2
+    want = [(r - 3) / (std[0] + 0.5) for r in (1, 2, 6)] + [(r - 4 / 3) / (std[1] + 0.5) for r in (0, 0, 4)]
+    assert adv.tolist() == pytest.approx(want, rel=1e-6)
 
 
 # --- 4. GRPO loss -------------------------------------------------------------------------
@@ -243,6 +253,160 @@ def test_prompt_stream_reshuffles_every_epoch_and_batches_straddle_the_boundary(
     assert stream != [gvu.prompt_batch(prompts, k, 1, seed=4)[0] for k in range(40)]  # the seed matters
 
 
+# --- 5. gvu_step: the reference, the judge, micro-batches, mu, clipping, seeds ------------------------------
+def moved_lora(seed=1):
+    """A tiny UMM, an untouched copy of its LM (the base model, adapter removed), and gvu.add_lora's policy whose
+    LoRA B weights were moved away from zero, so that the adapter matters."""
+    u = TinyUMM.random(seed=seed, hidden=64, layers=2)
+    u.decode_steps = 2  # the pixels' quality does not matter here; the time does
+    base = copy.deepcopy(u.lm).eval()
+    torch.manual_seed(seed)
+    policy, _ = gvu.add_lora(u, gvu.Args(lora_r=4, lora_alpha=16))
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    return u, base, policy
+
+
+def lora_state(policy):
+    return {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+
+
+def load_lora(policy, state):
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if n in state:
+                p.copy_(state[n])
+
+
+def sgd(policy, lr):
+    """Plain SGD: the update is -lr * (clipped) gradient, so weights read back the gradient exactly."""
+    return torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=lr)
+
+
+def spy(monkeypatch, name):
+    """Record every call of gvu.<name> (args, result), then pass it through."""
+    calls, real = [], getattr(gvu, name)
+
+    def wrapper(*a, **k):
+        out = real(*a, **k)
+        calls.append((a, out))
+        return out
+    monkeypatch.setattr(gvu, name, wrapper)
+    return calls
+
+
+def slow_logprobs(umm, lm, prompts, codes, T=1.0):
+    """(N, N_img) fp64 log pi(code_t | prompt, code_<t) of `lm`, one unpadded full forward per row."""
+    return torch.stack([F.log_softmax(slow_image_logits(umm, lm, umm.t2i_prompt(p), c) / T, -1)
+                        .gather(1, c[:, None])[:, 0] for p, c in zip(prompts, codes)])
+
+
+def test_reference_policy_in_gvu_step_is_the_base_model_not_the_moved_policy(monkeypatch, one_thread):
+    """Inside gvu_step, pi_ref's log-probs are an untouched base copy's (adapter removed), the old log-probs are the
+    LoRA'd policy's own, and the two differ: the KL is against the base, never against the policy itself."""
+    u, base, policy = moved_lora()
+    rollouts, losses = spy(monkeypatch, "rollout"), spy(monkeypatch, "grpo_loss")
+    args = gvu.Args(group_size=2, temperature=0.8)
+    gvu.gvu_step(u, policy, sgd(policy, 0.0), PROMPTS[:2], 0, args)
+    codes, prompts = rollouts[0][1]["codes"], [p for p in PROMPTS[:2] for _ in range(2)]
+    (_, old, ref, *_), _ = losses[0]
+    u.lm.eval()
+    want_ref, want_old = slow_logprobs(u, base, prompts, codes, 0.8), slow_logprobs(u, u.lm, prompts, codes, 0.8)
+    torch.testing.assert_close(ref.double(), want_ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(old.double(), want_old, atol=1e-5, rtol=0)
+    assert (want_ref - want_old).abs().max() > 1e-2
+
+
+def test_frozen_judge_is_the_adapter_off_model_and_differs_from_the_policy_judge(one_thread):
+    """--reward-model frozen scores with the base model (an untouched copy, per-token loop), policy scores with the
+    LoRA'd model, and once the adapter has moved the two judges give different rewards for the same images."""
+    u, base, policy = moved_lora()
+    out = {j: gvu.gvu_step(u, policy, sgd(policy, 0.0), PROMPTS[:2], 0, gvu.Args(group_size=2, reward_model=j))
+           for j in ("policy", "frozen")}  # lr 0: same weights, same step -> same images
+    images, prompts = out["frozen"][1], [p for p in PROMPTS[:2] for _ in range(2)]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, out["policy"][1]))
+    u_base = copy.copy(u)
+    u_base.lm = base
+    u.lm.eval()
+    with torch.no_grad():
+        want_frozen = bench.official_rewards(u_base, images, prompts, "Describe the image in detail.")
+        want_policy = bench.official_rewards(u, images, prompts, "Describe the image in detail.")
+    torch.testing.assert_close(out["frozen"][0].double(), want_frozen, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["policy"][0].double(), want_policy, atol=1e-5, rtol=0)
+    assert (want_frozen - want_policy).abs().max() > 1e-4
+
+
+def test_micro_batched_update_equals_the_full_batch_update(one_thread):
+    """One gvu_step in micro-batches of 3, 3, 2 moves the LoRA weights exactly as one full batch of 8 (SGD, no
+    clipping): each micro-batch's loss is weighted by its share len/N of the batch."""
+    u, _, policy = moved_lora()
+    start, updates, losses = lora_state(policy), [], []
+    for mb in (8, 3):
+        load_lora(policy, start)
+        _, _, stats = gvu.gvu_step(u, policy, sgd(policy, 1.0), PROMPTS[:2], 0,
+                                   gvu.Args(group_size=4, micro_batch=mb, max_grad_norm=1e9))
+        updates.append({n: p - start[n] for n, p in lora_state(policy).items()})
+        losses.append(stats["loss"])
+    assert max(d.abs().max() for d in updates[0].values()) > 1e-4
+    for n in start:
+        torch.testing.assert_close(updates[1][n], updates[0][n], atol=1e-6, rtol=1e-4)
+    assert losses[1] == pytest.approx(losses[0], abs=1e-6)
+
+
+def test_mu_two_takes_a_second_fresh_update_on_the_same_rollout(monkeypatch, one_thread):
+    """num_iterations=2 == gvu_step with mu=1, then one more hand-made update on the same rollout, advantages and
+    reference (fresh gradient at the moved weights, ratio != 1): two optimizer steps, not one, not accumulated."""
+    u, _, policy = moved_lora()
+    start = lora_state(policy)
+    args = dict(group_size=2, max_grad_norm=1e9, temperature=0.8)
+    _, _, stats = gvu.gvu_step(u, policy, sgd(policy, 0.2), PROMPTS[:2], 0, gvu.Args(num_iterations=2, **args))
+    after_two = lora_state(policy)
+    assert abs(stats["ratio"] - 1) > 1e-4  # the second pass saw a policy that had moved
+
+    load_lora(policy, start)
+    rollouts, losses = spy(monkeypatch, "rollout"), spy(monkeypatch, "grpo_loss")
+    opt = sgd(policy, 0.2)
+    gvu.gvu_step(u, policy, opt, PROMPTS[:2], 0, gvu.Args(num_iterations=1, **args))
+    ro, (_, old, ref, adv, *_) = rollouts[0][1], losses[0][0]
+    opt.zero_grad()
+    logp = gvu.image_token_logprobs(u, ro["prefix_ids"], ro["prefix_mask"], ro["codes"], 0.8)
+    gvu.grpo_loss(logp, old, ref, adv, 0.2, 0.03)[0].backward()
+    opt.step()
+    for n, p in lora_state(policy).items():
+        torch.testing.assert_close(after_two[n], p, atol=1e-6, rtol=1e-4)
+    assert any(not torch.equal(after_two[n], start[n]) for n in start)
+
+
+def test_applied_update_is_clipped_to_max_grad_norm(one_thread):
+    """With SGD (lr 1) the applied update's global norm is exactly --max-grad-norm when the gradient is larger, the
+    logged grad_norm is the unclipped one (the norm of the update when clipping is off), and the direction is kept."""
+    u, _, policy = moved_lora()
+    start, updates, norms = lora_state(policy), [], []
+    for max_norm in (1e9, 1e-3):
+        load_lora(policy, start)
+        _, _, stats = gvu.gvu_step(u, policy, sgd(policy, 1.0), PROMPTS[:2], 0,
+                                   gvu.Args(group_size=2, max_grad_norm=max_norm))
+        updates.append(torch.cat([(p - start[n]).flatten() for n, p in lora_state(policy).items()]))
+        norms.append(stats["grad_norm"])
+    full, clipped = updates
+    assert norms[0] == pytest.approx(norms[1]) == pytest.approx(full.norm().item(), rel=1e-5) and norms[0] > 1e-2
+    assert clipped.norm().item() == pytest.approx(1e-3, rel=1e-3)
+    assert F.cosine_similarity(clipped, full, 0) > 0.9999  # scaled, not truncated per element
+
+
+def test_each_step_samples_from_its_own_seed_derived_from_seed_and_step(one_thread):
+    """gvu_step's sampling is a function of (--seed, step): the same step repeats its images exactly, another step
+    or another seed draws different ones (lr 0, so only the seed changes)."""
+    u, _, policy = moved_lora()
+    images = lambda step, seed: gvu.gvu_step(u, policy, sgd(policy, 0.0), PROMPTS[:2], step,
+                                             gvu.Args(group_size=2, seed=seed))[1]
+    same = lambda a, b: all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    first = images(3, 0)
+    assert same(first, images(3, 0)) and not same(first, images(4, 0)) and not same(first, images(3, 1))
+
+
 # --- end to end -----------------------------------------------------------------------------
 def common(prompt_file, out, *extra):
     return ["--model", "tiny-random", "--prompts", prompt_file, "--out", out, "--batch-prompts", "2",
@@ -291,6 +455,25 @@ def test_non_finite_reward_stops_cleanly_and_keeps_the_saved_state(tmp_path, mon
     assert msg.startswith("error: non-finite reward at step 1") and "\n" not in msg
     assert open(os.path.join(out, "state.pt"), "rb").read() == saved
     assert "already holds a run" in run_main(*common(pf, out, "--steps", "2"))  # no silent overwrite
+
+
+def test_same_seed_gives_identical_logs_and_another_seed_a_different_one(tmp_path, one_thread):
+    """Two fresh gvu.main runs with the same --seed write identical log.jsonl (timings aside), whatever the global RNG
+    held before (torch >= 2.13 seeds each process at random): LoRA init, prompt order and sampling are all seeded;
+    another --seed writes a different log. The model is a saved tiny UMM folder, which loads without seeding."""
+    u = TinyUMM.random(seed=0, hidden=64, layers=2)
+    u.decode_steps = 2
+    u.save_pretrained(str(tmp_path / "m"))
+    pf = write(tmp_path, "p.txt", "\n".join(PROMPTS) + "\n")
+    logs = []
+    for run, (seed, noise) in enumerate([(1, 11), (1, 22), (2, 11)]):
+        torch.manual_seed(noise)  # a fresh process's random global state
+        out = str(tmp_path / f"run{run}")
+        argv = common(pf, out, "--steps", "2", "--seed", str(seed), "--sample-every", "100")
+        assert run_main(*[str(tmp_path / "m") if a == "tiny-random" else a for a in argv]) is None
+        logs.append([{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                     for line in open(os.path.join(out, "log.jsonl"))])
+    assert logs[0] == logs[1] and logs[0] != logs[2]
 
 
 @pytest.mark.parametrize("content, extra, expect", [
@@ -372,7 +555,6 @@ def test_lm_batch_t2i_sees_train_lines_only_while_captions_span_every_tag(umm):
 # --- bench.py's GPU rehearsal and memory estimate: the real-size code path on the CPU --------------
 import math  # noqa: E402  (appended section)
 
-import bench  # noqa: E402
 from conftest import needs_janus  # noqa: E402
 
 @pytest.mark.filterwarnings("ignore:.*deprecated and will be removed in v6")  # peft's pre-v6 names
