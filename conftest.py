@@ -36,7 +36,7 @@ def one_thread():
 # VQ-VAE on a 4 x 4 grid, a byte-level BPE tokenizer with Janus's special tokens) and its JanusProcessor.
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
 SPECIALS = [BOS, EOS, PAD, USER, ASSISTANT, "<image_placeholder>", "<begin_of_image>", "<end_of_image>"]
-PROMPTS = ["a red circle", "two blue squares left of a green triangle", "a large yellow square"]
+PROMPTS = ["a red circle", "two blue squares left of a green triangle", "a large yellow square"]  # every model spells these
 INSTRUCTION = "Describe the image in detail."
 HIDDEN, CODES, PX = 64, 64, 32
 
@@ -473,7 +473,6 @@ def load_xomni(xomni_dirs):
 
 # =============================================================================================================
 # The three stand-ins as one fixture, with each model's own slow reward loop as the reference
-INSTRUCTION = "Describe the image in detail."
 
 
 def janus_token_logprobs(umm, processor, images, prompts):

@@ -22,7 +22,7 @@ import adapters
 import gvu
 from adapters import ASSISTANT, USER, ImagesRequired, XOmni
 from conftest import (CODES, INSTRUCTION, PROMPTS, PX, XO_CODES, XO_GRID, XO_PREFIX, XO_PX, build_janus, load_xomni,
-                      needs_janus as needs_v5)
+                      needs_janus)
 
 # The stand-ins (build_janus, the X-Omni stand-in's code and xomni_dirs) live in conftest.py; the contract every
 # model keeps (rollout log-probs, reward loop, LoRA scope) is test_umm_contract.py, run on all three models.
@@ -43,7 +43,7 @@ def images(janus):
 
 
 # ---------------------------------------------------------------------------------------------
-@needs_v5
+@needs_janus
 def test_uncond_prompt_is_janus_generate_masking(janus):
     """uncond_prompt(p) tokenises to Janus generate's unconditional row: t2i_prompt(p) with all but BOS/BOI padded."""
     umm, _ = janus
@@ -58,7 +58,7 @@ def test_uncond_prompt_is_janus_generate_masking(janus):
     assert umm.t2i_prompt("") == umm.uncond_prompt("")
 
 
-@needs_v5
+@needs_janus
 @torch.no_grad()
 def test_greedy_cfg_rollout_matches_janus_generate(janus):
     """gvu.rollout with top_k=1 and CFG 5 picks the same codes as JanusForConditionalGeneration.generate (greedy)."""
@@ -71,7 +71,7 @@ def test_greedy_cfg_rollout_matches_janus_generate(janus):
         assert got.tolist() == want.tolist()
 
 
-@needs_v5
+@needs_janus
 def test_hidden_states_refuses_placeholders_without_images(janus, images):
     """Image placeholders with no images is an error, never silently the placeholder token's embedding."""
     umm, _ = janus
@@ -80,7 +80,7 @@ def test_hidden_states_refuses_placeholders_without_images(janus, images):
         umm.hidden_states(ids.input_ids, ids.attention_mask)
 
 
-@needs_v5
+@needs_janus
 @torch.no_grad()
 def test_decode_images_matches_janus_postprocess(janus):
     """decode_images gives N RGB PIL images of the VQ decoder's size, the pixels of Janus's own postprocess."""

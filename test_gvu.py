@@ -169,10 +169,10 @@ def test_sampling_probs_are_guided_tempered_then_truncated():
     assert torch.equal(gvu.sampling_probs(cond, None, 3.0), F.softmax(cond, -1))  # no uncond row: the policy itself
 
 
-@pytest.mark.parametrize("scale", [1.0, 3.0])
-def test_greedy_cfg_rollout_picks_the_argmax_of_uncond_plus_scale_times_the_difference(umm, scale):
+@pytest.mark.parametrize("scale", [1.0, 0.0, 3.0])
+def test_greedy_cfg_rollout_picks_the_argmax_of_uncond_plus_scale_times_the_difference(umm, scale, one_thread):
     """With top_k=1, rollout's codes are argmax_k u + s (c - u) of independent unbatched forwards on t2i_prompt and
-    uncond_prompt; at scale 1 that is the conditional argmax, at scale 3 guidance changes some codes."""
+    uncond_prompt; at scale 1 that is the conditional argmax, at 0 the unconditional one; otherwise codes change."""
     ro = gvu.rollout(umm, PROMPTS, G=1, top_k=1, cfg_scale=scale)
     moved = 0
     for p, codes in zip(PROMPTS, ro["codes"]):
@@ -183,7 +183,7 @@ def test_greedy_cfg_rollout_picks_the_argmax_of_uncond_plus_scale_times_the_diff
     assert (moved > 0) == (scale != 1.0)
 
 
-def test_rollout_never_samples_a_code_that_min_p_drops(umm):
+def test_rollout_never_samples_a_code_that_min_p_drops(umm, one_thread):
     """Every sampled code has tempered probability >= min_p * the position's max (independent forwards), and the
     dropped codes hold enough mass that an untruncated sampler would have drawn several of them."""
     T, min_p = 0.25, 0.5
@@ -297,6 +297,12 @@ def spy(monkeypatch, name):
     return calls
 
 
+def pixel_mean_rewards(umm, images, prompts, args):
+    """A gvu reward_fn with a distinct value per image (mean pixel / 255): every group gets non-zero advantages
+    (the random tiny UMM's own judge often scores a whole group alike, leaving only the KL to train on)."""
+    return torch.tensor([np.asarray(im, dtype=np.float64).mean() / 255 for im in images], dtype=torch.float32)
+
+
 def slow_logprobs(umm, lm, prompts, codes, T=1.0):
     """(N, N_img) fp64 log pi(code_t | prompt, code_<t) of `lm`, one unpadded full forward per row."""
     return torch.stack([F.log_softmax(slow_image_logits(umm, lm, umm.t2i_prompt(p), c) / T, -1)
@@ -346,7 +352,8 @@ def test_micro_batched_update_equals_the_full_batch_update(one_thread):
     for mb in (8, 3):
         load_lora(policy, start)
         _, _, stats = gvu.gvu_step(u, policy, sgd(policy, 1.0), PROMPTS[:2], 0,
-                                   gvu.Args(group_size=4, micro_batch=mb, max_grad_norm=1e9))
+                                   gvu.Args(group_size=4, micro_batch=mb, max_grad_norm=1e9),
+                                   reward_fn=pixel_mean_rewards)
         updates.append({n: p - start[n] for n, p in lora_state(policy).items()})
         losses.append(stats["loss"])
     assert max(d.abs().max() for d in updates[0].values()) > 1e-4
@@ -361,14 +368,15 @@ def test_mu_two_takes_a_second_fresh_update_on_the_same_rollout(monkeypatch, one
     u, _, policy = moved_lora()
     start = lora_state(policy)
     args = dict(group_size=2, max_grad_norm=1e9, temperature=0.8)
-    _, _, stats = gvu.gvu_step(u, policy, sgd(policy, 0.2), PROMPTS[:2], 0, gvu.Args(num_iterations=2, **args))
+    _, _, stats = gvu.gvu_step(u, policy, sgd(policy, 0.2), PROMPTS[:2], 0, gvu.Args(num_iterations=2, **args),
+                               reward_fn=pixel_mean_rewards)
     after_two = lora_state(policy)
     assert abs(stats["ratio"] - 1) > 1e-4  # the second pass saw a policy that had moved
 
     load_lora(policy, start)
     rollouts, losses = spy(monkeypatch, "rollout"), spy(monkeypatch, "grpo_loss")
     opt = sgd(policy, 0.2)
-    gvu.gvu_step(u, policy, opt, PROMPTS[:2], 0, gvu.Args(num_iterations=1, **args))
+    gvu.gvu_step(u, policy, opt, PROMPTS[:2], 0, gvu.Args(num_iterations=1, **args), reward_fn=pixel_mean_rewards)
     ro, (_, old, ref, adv, *_) = rollouts[0][1], losses[0][0]
     opt.zero_grad()
     logp = gvu.image_token_logprobs(u, ro["prefix_ids"], ro["prefix_mask"], ro["codes"], 0.8)
@@ -387,7 +395,7 @@ def test_applied_update_is_clipped_to_max_grad_norm(one_thread):
     for max_norm in (1e9, 1e-3):
         load_lora(policy, start)
         _, _, stats = gvu.gvu_step(u, policy, sgd(policy, 1.0), PROMPTS[:2], 0,
-                                   gvu.Args(group_size=2, max_grad_norm=max_norm))
+                                   gvu.Args(group_size=2, max_grad_norm=max_norm), reward_fn=pixel_mean_rewards)
         updates.append(torch.cat([(p - start[n]).flatten() for n, p in lora_state(policy).items()]))
         norms.append(stats["grad_norm"])
     full, clipped = updates
@@ -460,7 +468,8 @@ def test_non_finite_reward_stops_cleanly_and_keeps_the_saved_state(tmp_path, mon
 def test_same_seed_gives_identical_logs_and_another_seed_a_different_one(tmp_path, one_thread):
     """Two fresh gvu.main runs with the same --seed write identical log.jsonl (timings aside), whatever the global RNG
     held before (torch >= 2.13 seeds each process at random): LoRA init, prompt order and sampling are all seeded;
-    another --seed writes a different log. The model is a saved tiny UMM folder, which loads without seeding."""
+    another --seed writes a different log. The model is a saved tiny UMM folder, which loads without seeding; the
+    reward gives every group non-zero advantages, so the LoRA init shows in the second step's numbers."""
     u = TinyUMM.random(seed=0, hidden=64, layers=2)
     u.decode_steps = 2
     u.save_pretrained(str(tmp_path / "m"))
@@ -470,10 +479,10 @@ def test_same_seed_gives_identical_logs_and_another_seed_a_different_one(tmp_pat
         torch.manual_seed(noise)  # a fresh process's random global state
         out = str(tmp_path / f"run{run}")
         argv = common(pf, out, "--steps", "2", "--seed", str(seed), "--sample-every", "100")
-        assert run_main(*[str(tmp_path / "m") if a == "tiny-random" else a for a in argv]) is None
+        gvu.main([str(tmp_path / "m") if a == "tiny-random" else a for a in argv], reward_fn=pixel_mean_rewards)
         logs.append([{k: v for k, v in json.loads(line).items() if k != "seconds"}
                      for line in open(os.path.join(out, "log.jsonl"))])
-    assert logs[0] == logs[1] and logs[0] != logs[2]
+    assert logs[0] == logs[1] and logs[0] != logs[2] and logs[0][0]["grad_norm"] > 0
 
 
 @pytest.mark.parametrize("content, extra, expect", [
