@@ -325,6 +325,18 @@ def test_reference_policy_in_gvu_step_is_the_base_model_not_the_moved_policy(mon
     assert (want_ref - want_old).abs().max() > 1e-2
 
 
+def test_gvu_step_standardises_rewards_within_each_prompt_group(monkeypatch, one_thread):
+    """The advantages gvu_step hands to the loss are (R - group mean) / (group stdev + 1e-4) over each prompt's G
+    samples (adjacent), by the statistics module on the rewards it returns, never over the whole batch."""
+    u, _, policy = moved_lora()
+    losses = spy(monkeypatch, "grpo_loss")
+    rewards, _, _ = gvu.gvu_step(u, policy, sgd(policy, 0.0), PROMPTS[:3], 0, gvu.Args(group_size=3),
+                                 reward_fn=pixel_mean_rewards)
+    groups = rewards.view(3, 3).tolist()
+    want = [(r - statistics.mean(g)) / (statistics.stdev(g) + 1e-4) for g in groups for r in g]
+    assert losses[0][0][3].tolist() == pytest.approx(want, rel=1e-4, abs=1e-5)
+
+
 def test_frozen_judge_is_the_adapter_off_model_and_differs_from_the_policy_judge(one_thread):
     """--reward-model frozen scores with the base model (an untouched copy, per-token loop), policy scores with the
     LoRA'd model, and once the adapter has moved the two judges give different rewards for the same images."""
