@@ -184,7 +184,7 @@ def intrinsic_reward(token_logp, mask):
     """R = (prod_j p_j)^(1/L) = exp(mean_j log p_j), in log space, fp32. token_logp, mask: (N, L);
     positions where mask is 0 are ignored whatever token_logp holds there."""
     token_logp, mask = token_logp.float(), mask.float()
-    return torch.exp((token_logp * mask).sum(1) / mask.sum(1))  # (N,)
+    return torch.exp(token_logp.masked_fill(mask == 0, 0.0).sum(1) / mask.sum(1))  # (N,); not `* mask`: -inf * 0 = NaN
 
 
 def answer_ids(umm, prompts):
