@@ -330,7 +330,7 @@ def test_gvu_step_standardises_rewards_within_each_prompt_group(monkeypatch, one
     samples (adjacent), by the statistics module on the rewards it returns, never over the whole batch."""
     u, _, policy = moved_lora()
     losses = spy(monkeypatch, "grpo_loss")
-    rewards, _, _ = gvu.gvu_step(u, policy, sgd(policy, 0.0), PROMPTS[:3], 0, gvu.Args(group_size=3),
+    rewards, _, _, _ = gvu.gvu_step(u, policy, sgd(policy, 0.0), PROMPTS[:3], 0, gvu.Args(group_size=3),
                                  reward_fn=pixel_mean_rewards)
     groups = rewards.view(3, 3).tolist()
     want = [(r - statistics.mean(g)) / (statistics.stdev(g) + 1e-4) for g in groups for r in g]
@@ -363,7 +363,7 @@ def test_micro_batched_update_equals_the_full_batch_update(one_thread):
     start, updates, losses = lora_state(policy), [], []
     for mb in (8, 3):
         load_lora(policy, start)
-        _, _, stats = gvu.gvu_step(u, policy, sgd(policy, 1.0), PROMPTS[:2], 0,
+        _, _, stats, _ = gvu.gvu_step(u, policy, sgd(policy, 1.0), PROMPTS[:2], 0,
                                    gvu.Args(group_size=4, micro_batch=mb, max_grad_norm=1e9),
                                    reward_fn=pixel_mean_rewards)
         updates.append({n: p - start[n] for n, p in lora_state(policy).items()})
@@ -380,7 +380,7 @@ def test_mu_two_takes_a_second_fresh_update_on_the_same_rollout(monkeypatch, one
     u, _, policy = moved_lora()
     start = lora_state(policy)
     args = dict(group_size=2, max_grad_norm=1e9, temperature=0.8)
-    _, _, stats = gvu.gvu_step(u, policy, sgd(policy, 0.2), PROMPTS[:2], 0, gvu.Args(num_iterations=2, **args),
+    _, _, stats, _ = gvu.gvu_step(u, policy, sgd(policy, 0.2), PROMPTS[:2], 0, gvu.Args(num_iterations=2, **args),
                                reward_fn=pixel_mean_rewards)
     after_two = lora_state(policy)
     assert abs(stats["ratio"] - 1) > 1e-4  # the second pass saw a policy that had moved
@@ -406,7 +406,7 @@ def test_applied_update_is_clipped_to_max_grad_norm(one_thread):
     start, updates, norms = lora_state(policy), [], []
     for max_norm in (1e9, 1e-3):
         load_lora(policy, start)
-        _, _, stats = gvu.gvu_step(u, policy, sgd(policy, 1.0), PROMPTS[:2], 0,
+        _, _, stats, _ = gvu.gvu_step(u, policy, sgd(policy, 1.0), PROMPTS[:2], 0,
                                    gvu.Args(group_size=2, max_grad_norm=max_norm), reward_fn=pixel_mean_rewards)
         updates.append(torch.cat([(p - start[n]).flatten() for n, p in lora_state(policy).items()]))
         norms.append(stats["grad_norm"])
