@@ -194,11 +194,12 @@ def test_decoder_text_prompt_gives_the_pipeline_that_prompts_embeddings(xomni_di
 def test_tiny_umm_refuses_decoder_text_and_a_foreign_size_before_writing(tmp_path, flags, expect):
     """The tiny UMM's decoder reads no text and makes one size: one line, non-zero exit, no run folder."""
     out = tmp_path / "run"
-    msg = run_main("--model", "tiny-random", "--prompts", prompts_file(tmp_path, TINY), "--out", out, *flags)
+    small = ["--steps", 1, "--batch-prompts", 2, "--group-size", 2]
+    msg = run_main("--model", "tiny-random", "--prompts", prompts_file(tmp_path, TINY), "--out", out, *small, *flags)
     assert isinstance(msg, str) and msg.startswith("error: ") and expect in msg and "\n" not in msg
     assert not out.exists()
-    assert run_main("--model", "tiny-random", "--prompts", prompts_file(tmp_path, TINY), "--out", out, "--steps", 1,
-                    "--batch-prompts", 2, "--group-size", 2, "--image-size", TinyUMM.random().image_size) is None
+    assert run_main("--model", "tiny-random", "--prompts", prompts_file(tmp_path, TINY), "--out", out, *small,
+                    "--image-size", TinyUMM.random().image_size) is None
 
 
 def test_xomni_size_not_a_multiple_of_16_is_refused_before_loading(xomni_dirs, monkeypatch, tmp_path):
@@ -244,11 +245,11 @@ def test_first_update_ratio_is_exactly_one_and_clips_nothing_in_bf16(one_thread)
 
 # --- run length and lr schedule ----------------------------------------------------------------------------------------
 def test_epochs_sets_the_step_count(tmp_path):
-    """--epochs 2 over 5 prompts, 2 a step: ceil(2 * 5 / 2) = 5 steps logged."""
+    """--epochs 1.5 over 5 prompts, 2 a step: ceil(1.5 * 5 / 2) = 4 steps logged."""
     out = tmp_path / "run"
-    assert run_main("--model", "tiny-random", "--prompts", prompts_file(tmp_path, TINY), "--out", out, "--epochs", 2,
+    assert run_main("--model", "tiny-random", "--prompts", prompts_file(tmp_path, TINY), "--out", out, "--epochs", 1.5,
                     "--batch-prompts", 2, "--group-size", 2, "--micro-batch", 4) is None
-    assert [r["step"] for r in log_rows(out)] == [0, 1, 2, 3, 4]
+    assert [r["step"] for r in log_rows(out)] == [0, 1, 2, 3]
 
 
 def test_linear_schedule_with_warmup_is_logged_and_survives_resume(tmp_path, monkeypatch):
