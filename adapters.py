@@ -508,9 +508,7 @@ def load_umm(name, seed=0, trust_remote_code=False, flux="", device="cpu", bf16=
                                      dtype=torch.bfloat16 if bf16 else torch.float32, image_size=image_size or None,
                                      decoder_text=decoder_text)
     if JanusPro.is_janus(name):
-        no_text("Janus-Pro")
-        require_transformers(JANUS_TRANSFORMERS, "the Janus-Pro adapter")  # before minutes of loading
-        # on the CPU; the caller moves it
+        no_text("Janus-Pro")  # from_pretrained checks the transformers version before loading; on the CPU
         return native_size(JanusPro.from_pretrained(name, dtype=torch.bfloat16 if bf16 else None), "Janus-Pro")
     raise InputError(f"--model {name}: not 'tiny-random', a tiny UMM folder (tiny_umm.json), a Janus(-Pro) or an "
                      "X-Omni checkpoint")
