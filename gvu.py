@@ -158,8 +158,9 @@ def sampling_probs(cond, uncond=None, cfg_scale=1.0, temperature=1.0, top_k=0, m
 
 @torch.no_grad()
 def rollout(umm, prompts, G, temperature=1.0, top_k=0, min_p=0.0, cfg_scale=1.0, generator=None):
-    """Sample G image-code sequences for each prompt. Returns codes (B*G, N_img), their old log-probs
-    under the untruncated temperature-scaled policy, and the tokenised prefixes for the training pass."""
+    """Sample G image-code sequences for each prompt. Returns codes (B*G, N_img), their log-probs under the
+    untruncated temperature-scaled policy as the sampler saw them (a check on the cache; gvu_step takes pi_old
+    from its training pass), and the tokenised prefixes for the training pass."""
     umm.lm.eval()  # eval mode: gradient checkpointing is off, so the KV cache stays on
     umm.set_generation_mode("image")
     texts = [umm.t2i_prompt(p) for p in prompts for _ in range(G)]  # B*G, group members adjacent
