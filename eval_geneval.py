@@ -29,6 +29,7 @@ import math
 import random
 import re
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -43,7 +44,7 @@ from transformers import AutoImageProcessor, AutoProcessor, CLIPModel, Mask2Form
 import gvu
 import shapes
 import vlm_judge
-from adapters import InputError, load_umm, pick_device
+from adapters import InputError, load_umm, pick_device, use_bf16
 
 # GenEval's 80 class names, in COCO index order (note its renames:
 # "computer mouse", "tv remote", "computer keyboard").
@@ -582,10 +583,12 @@ def generate_prompts(n: int, seed: int, exclude: set[str] = frozenset()) -> list
 # --------------------------------------------------------------------------- generate (the model side)
 
 def load_model(args):
-    """Any model gvu.py trains (+ an optional peft adapter saved by gvu.py), in eval mode."""
+    """Any model gvu.py trains (+ an optional peft adapter saved by gvu.py), in eval mode, in the precision the
+    trainer uses (--dtype)."""
     try:
         device = pick_device(args.device or "auto")
-        umm = load_umm(args.model, args.seed, args.trust_remote_code, args.flux, device).to(device)
+        umm = load_umm(args.model, args.seed, args.trust_remote_code, args.flux, device, use_bf16(args.dtype, device),
+                       args.image_size, args.decoder_text).to(device)
     except InputError as e:
         raise GenEvalError(str(e)) from None
     if args.adapter:
@@ -602,11 +605,16 @@ def sample_groups(umm, metas, n, args):
         gvu.check_vocabulary(umm, prompts)
     except InputError as e:
         raise GenEvalError(str(e)) from None
+    device = umm.lm.device.type
+    autocast = torch.autocast(device, torch.bfloat16) if use_bf16(args.dtype, device) else nullcontext()  # as gvu.train
     for b in tqdm(range(0, len(metas), args.batch), desc="sampling", unit="batch" if args.batch > 1 else "prompt"):
         seed = args.seed * 100_003 + b
         gen = torch.Generator(umm.lm.device).manual_seed(seed)  # sampling runs on the model's device
-        ro = gvu.rollout(umm, prompts[b:b + args.batch], n, args.temperature, args.top_k, args.min_p, args.cfg_scale, gen)
-        images = umm.decode_images(ro["codes"], gen if gen.device.type == "cpu" else torch.Generator().manual_seed(seed))
+        batch = prompts[b:b + args.batch]
+        with autocast:
+            ro = gvu.rollout(umm, batch, n, args.temperature, args.top_k, args.min_p, args.cfg_scale, gen)
+            images = umm.decode_images(ro["codes"], gen if gen.device.type == "cpu" else torch.Generator().manual_seed(seed),
+                                       prompts=[p for p in batch for _ in range(n)])
         for k, meta in enumerate(metas[b:b + args.batch]):
             yield b + k, meta, images[k * n:(k + 1) * n]
 
@@ -701,6 +709,11 @@ def add_model_flags(q, n_flag: str, n_default: int, n_help: str) -> None:
     q.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
     q.add_argument("--min-p", type=float, default=0.0, help="min-p sampling (0 = off)")
     q.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
+    q.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: as gvu.py trains (bf16 weights + autocast on a CUDA GPU with bf16, else fp32)")
+    q.add_argument("--image-size", type=int, default=0, help="pixels per side (0 = the model's default; X-Omni paper: 576)")
+    q.add_argument("--decoder-text", default="none", choices=["none", "prompt"],
+                   help="X-Omni's decoder text condition: none, or the prompt (the official evaluation's)")
 
 
 def build_parser() -> argparse.ArgumentParser:

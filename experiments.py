@@ -68,7 +68,8 @@ def cmd_audit(args) -> None:
     for index, meta, images in sample_groups(umm, metas, args.group_size, args):
         with torch.no_grad():
             rewards = gvu.intrinsic_reward(*gvu.caption_token_logprobs(umm, images, [meta["prompt"]] * len(images),
-                                                                        args.instruction))
+                                                                        args.instruction,
+                                                                        end_of_turn=args.end_of_turn == "on"))
         verdicts = [scorer(im, meta) for im in images]
         rows.append({"index": index, "tag": meta["tag"], "prompt": meta["prompt"], "rewards": rewards.tolist(),
                      "correct": [bool(c) for c, _ in verdicts]})
@@ -265,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(au, "--group-size", 8, "G: images per prompt, as in training")
     au.add_argument("--scorer", choices=["geneval", "shapes"], default="shapes", help="who decides correctness")
     au.add_argument("--instruction", default="Describe the image in detail.", help="as gvu.py --instruction")
+    au.add_argument("--end-of-turn", choices=["on", "off"], default="on",
+                    help="score the end-of-turn token too (gvu.py --score-end-of-turn); off: the paper's T_1..T_L")
     add_detector_flags(au)
     au.set_defaults(func=cmd_audit)
     cv = sub.add_parser("curve", help="plot reward and KL vs step from gvu.py logs (matplotlib)")

@@ -196,7 +196,6 @@ def test_xomni_batched_decode_equals_per_image_official_decode(xomni, xomni_ref)
 def test_gvu_trains_one_step_on_xomni_passing_trust_remote_code_on(xomni_dirs, tmp_path, monkeypatch, one_thread):
     """`gvu.py --model X --flux F --trust-remote-code` end to end: transformers gets trust_remote_code=True, one
     step is logged, and the LoRA adapter and a sample grid are written."""
-    monkeypatch.setattr(XOmni, "default_image_size", XO_PX)  # gvu.py has no image-size flag
     calls, load = [], transformers.AutoModelForCausalLM.from_pretrained
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
                         lambda *a, **k: calls.append(k) or load(*a, **k))
@@ -204,7 +203,8 @@ def test_gvu_trains_one_step_on_xomni_passing_trust_remote_code_on(xomni_dirs, t
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "run"
     gvu.main(["--model", xomni_dirs[0], "--flux", xomni_dirs[1], "--trust-remote-code", "--prompts", str(prompts),
-              "--out", str(out), "--steps", "1", "--batch-prompts", "2", "--group-size", "2", "--micro-batch", "4"])
+              "--out", str(out), "--steps", "1", "--batch-prompts", "2", "--group-size", "2", "--micro-batch", "4",
+              "--image-size", str(XO_PX)])
     assert [k["trust_remote_code"] for k in calls] == [True]
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and 0 < rows[0]["reward_mean"] <= 1
