@@ -545,3 +545,12 @@ def stand_in(request, one_thread):
         images = umm.decode_images(codes, torch.Generator().manual_seed(0))
     return SimpleNamespace(name=name, umm=umm, build=build, reference=reference, images=images, lora_scope=lora_scope,
                            n_lora=n_lora)
+
+
+@pytest.fixture(scope="session")
+def xomni_ref(xomni_dirs):
+    """The stand-in as X-Omni's generate.py / chat.py use it: from_pretrained + init_vision, nothing dropped."""
+    xdir, fdir = xomni_dirs
+    model = AutoModelForCausalLM.from_pretrained(xdir, trust_remote_code=True).eval()
+    model.init_vision(fdir)
+    return model, AutoTokenizer.from_pretrained(xdir, use_fast=True, trust_remote_code=True)

@@ -16,7 +16,6 @@ import pytest
 import torch
 import transformers
 from PIL import Image
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import adapters
 import gvu
@@ -98,15 +97,6 @@ def test_decode_images_matches_janus_postprocess(janus):
 @pytest.fixture(scope="module")
 def xomni(xomni_dirs):
     return load_xomni(xomni_dirs)
-
-
-@pytest.fixture(scope="module")
-def xomni_ref(xomni_dirs):
-    """The stand-in as X-Omni's generate.py / chat.py use it: from_pretrained + init_vision, nothing dropped."""
-    xdir, fdir = xomni_dirs
-    model = AutoModelForCausalLM.from_pretrained(xdir, trust_remote_code=True).eval()
-    model.init_vision(fdir)
-    return model, AutoTokenizer.from_pretrained(xdir, use_fast=True, trust_remote_code=True)
 
 
 # ---------------------------------------------------------------------------------------------

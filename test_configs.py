@@ -17,8 +17,7 @@ from peft import get_peft_model, LoraConfig
 import adapters
 import eval_geneval
 import gvu
-from test_adapters import (INSTRUCTION, PROMPTS, XO_CODES, XO_PREFIX, XO_PX, build_janus, needs_v5, one_thread,
-                           xomni_dirs, xomni_ref)
+from conftest import INSTRUCTION, PROMPTS, XO_CODES, XO_PREFIX, XO_PX, build_janus, needs_janus
 from tiny_umm import TinyUMM
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -110,7 +109,7 @@ def test_xomni_paper_config_drives_one_step_on_the_xomni_stand_in(xomni_dirs, tm
            ("prompt", False, XO_PX, "bfloat16")
 
 
-@needs_v5
+@needs_janus
 @pytest.mark.parametrize("name", ["janus_pro_1b.json", "janus_pro_7b.json"])
 def test_janus_config_drives_one_step_on_the_janus_stand_in(name, tmp_path, one_thread):
     """configs/janus_pro_*.json (CFG 5, G=8, bf16) runs one step on a tiny Janus saved to a folder (model and its
