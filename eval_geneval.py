@@ -12,7 +12,7 @@ This file re-implements that pipeline with Hugging Face models:
 Subcommands (figures and experiments built on these live in experiments.py):
     generate         sample N images per prompt from a gvu.py model (+ adapter) into that layout
     score FOLDER     detect, apply the rules, write results.jsonl + summary.{md,json}
-    compare A B      per-tag accuracies of two runs side by side, with deltas
+    compare B R...   a base vs trained runs per tag: mean ± std across runs, 95% bootstrap interval
     prompts          GenEval-style training prompts over the 80 COCO classes
 
 The rules (`select_detections`, `relative_position`, `evaluate`, ...) are pure
@@ -31,6 +31,7 @@ import random
 import re
 import shutil
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -45,7 +46,8 @@ from transformers import AutoImageProcessor, AutoProcessor, CLIPModel, Mask2Form
 import gvu
 import runio
 import shapes
-from adapters import InputError, load_umm, pick_device
+import vlm_judge
+from adapters import InputError, load_umm, pick_device, use_bf16
 
 # GenEval's 80 class names, in COCO index order (note its renames:
 # "computer mouse", "tv remote", "computer keyboard").
@@ -403,6 +405,8 @@ def make_scorer(args) -> Callable[[Image.Image, dict], tuple[bool, str]]:
     """Build the scorer named by --scorer."""
     if args.scorer == "shapes":
         return shapes.oracle
+    if args.scorer == "vlm":  # GenEval++ the paper's way: a VLM judge (vlm_judge.py)
+        return vlm_judge.VLMScorer(args.judge, args.device)
     device = pick_device(args.device or "auto")
     try:
         return GenEvalScorer(args.detector, args.clip, device, args.threshold, args.counting_threshold,
@@ -414,16 +418,26 @@ def make_scorer(args) -> Callable[[Image.Image, dict], tuple[bool, str]]:
 # --------------------------------------------------------------------------- summaries
 
 def summarize(results: list[dict]) -> dict:
-    """Per-tag accuracy, overall = unweighted mean of tag means, share of prompts with >= 1 correct image."""
-    by_tag, by_prompt = {}, {}
+    """Per-tag accuracy, overall = unweighted mean of tag means, share of prompts with >= 1 correct image.
+    Rows with correct == -1 (a VLM judge that gave up) are left out of every accuracy and counted apart."""
+    by_tag, by_prompt, unevaluated = {}, {}, {}
     for r in results:
+        if r["correct"] == vlm_judge.UNEVALUATED:
+            unevaluated[r["tag"]] = unevaluated.get(r["tag"], 0) + 1
+            continue
         by_tag.setdefault(r["tag"], []).append(r["correct"])
         by_prompt[r["index"]] = by_prompt.get(r["index"], False) or r["correct"]
     tags = {t: {"images": len(v), "accuracy": sum(v) / len(v)} for t, v in sorted(by_tag.items())}
-    return {"tags": tags,
-            "overall": float(np.mean([t["accuracy"] for t in tags.values()])) if tags else 0.0,
-            "prompts_any_correct": sum(by_prompt.values()) / max(len(by_prompt), 1),
-            "images": len(results), "prompts": len(by_prompt)}
+    summary = {"tags": tags,
+               "overall": float(np.mean([t["accuracy"] for t in tags.values()])) if tags else 0.0,
+               "prompts_any_correct": sum(by_prompt.values()) / max(len(by_prompt), 1),
+               "images": len(results) - sum(unevaluated.values()), "prompts": len(by_prompt)}
+    if unevaluated:
+        for tag, entry in tags.items():
+            entry["unevaluated"] = unevaluated.get(tag, 0)
+        summary |= {"unevaluated": sum(unevaluated.values()), "unevaluated_by_tag": unevaluated,
+                    "unevaluated_share": sum(unevaluated.values()) / len(results)}
+    return summary
 
 
 def format_table(summary: dict) -> str:
@@ -455,6 +469,54 @@ def compare_table(a: dict, b: dict) -> str:
     lines = ["| tag | base (A) | trained (B) | delta |", "|---|---:|---:|---:|"]
     return "\n".join(lines + [f"| {t} | {fmt(x)} | {fmt(y)} | "
                               f"{'-' if x is None or y is None else f'{y - x:+.4f}'} |" for t, x, y in rows])
+
+
+def load_prompt_accuracy(path) -> dict[str, dict[int, float]] | None:
+    """Per tag, each prompt's share of correct images, from the results.jsonl beside a summary (None if absent)."""
+    path = Path(path)
+    results = (path if path.is_dir() else path.parent) / "results.jsonl"
+    if not results.is_file():
+        return None
+    images: dict[str, dict[int, list[bool]]] = {}
+    for line in results.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            images.setdefault(r["tag"], {}).setdefault(r["index"], []).append(bool(r["correct"]))
+    return {t: {i: float(np.mean(v)) for i, v in ps.items()} for t, ps in images.items()}
+
+
+def bootstrap_deltas(base: dict, runs: list[dict], n_boot=2000, seed=0) -> dict[str, np.ndarray]:
+    """Bootstrap draws of (mean over runs of the trained accuracy) - (base accuracy), per tag and "overall"
+    (the mean of the tag deltas). Prompts are resampled with replacement within each tag, the same prompts
+    for the base and every run (a paired bootstrap over prompts; the runs' seeds are not resampled)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for tag in sorted(set(base).intersection(*runs)):
+        idx = sorted(set(base[tag]).intersection(*(run[tag] for run in runs)))
+        d = np.mean([[run[tag][i] for i in idx] for run in runs], 0) - np.array([base[tag][i] for i in idx])  # (P,)
+        out[tag] = d[rng.integers(0, len(idx), (n_boot, len(idx)))].mean(1)  # (n_boot,)
+    out["overall"] = np.mean(list(out.values()), 0)
+    return out
+
+
+def compare_runs_table(base: dict, runs: list[dict], n_boot=2000, seed=0) -> str:
+    """Markdown: per tag and overall, the base, the trained runs' mean ± std across runs (seeds), the mean
+    delta and its 95% bootstrap interval over prompts. base, runs: load_prompt_accuracy() dicts."""
+    draws = bootstrap_deltas(base, runs, n_boot, seed)
+    acc = lambda d, tag: float(np.mean(list(d[tag].values())))  # noqa: E731  (a tag's accuracy: mean over prompts)
+    tags = [t for t in draws if t != "overall"]
+    rows = {t: (acc(base, t), [acc(r, t) for r in runs]) for t in tags}
+    rows["overall"] = (float(np.mean([rows[t][0] for t in tags])), [float(np.mean([rows[t][1][k] for t in tags]))
+                                                                    for k in range(len(runs))])
+    lines = [f"| tag | prompts | base | trained (mean ± std over {len(runs)} runs) | delta | 95% interval |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for t, (b, tr) in rows.items():
+        lo, hi = np.percentile(draws[t], [2.5, 97.5])
+        rel = f" ({(np.mean(tr) - b) / b:+.1%})" if t == "overall" and b > 0 else ""
+        n = len(set(base[t])) if t != "overall" else sum(len(base[x]) for x in tags)
+        lines.append(f"| {'**overall**' if t == 'overall' else t} | {n} | {b:.4f} | {np.mean(tr):.4f} ± "
+                     f"{np.std(tr, ddof=1) if len(tr) > 1 else 0:.4f} | {np.mean(tr) - b:+.4f}{rel} | [{lo:+.4f}, {hi:+.4f}] |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- prompts
@@ -566,12 +628,14 @@ def check_adapter_base(umm, args):
 
 
 def load_model(args):
-    """Any model gvu.py trains (+ an optional peft adapter saved by gvu.py), in eval mode."""
+    """Any model gvu.py trains (+ an optional peft adapter saved by gvu.py), in eval mode, in the precision the
+    trainer uses (--dtype)."""
     if args.adapter:
         check_adapter_path(args.adapter)
     try:
         device = pick_device(args.device or "auto")
-        umm = load_umm(args.model, args.seed, args.trust_remote_code, args.flux, device).to(device)
+        umm = load_umm(args.model, args.seed, args.trust_remote_code, args.flux, device, use_bf16(args.dtype, device),
+                       args.image_size, args.decoder_text).to(device)
     except InputError as e:
         raise GenEvalError(str(e)) from None
     if args.adapter:
@@ -592,11 +656,16 @@ def sample_groups(umm, metas, n, args):
         gvu.check_vocabulary(umm, prompts)
     except InputError as e:
         raise GenEvalError(str(e)) from None
+    device = umm.lm.device.type
+    autocast = torch.autocast(device, torch.bfloat16) if use_bf16(args.dtype, device) else nullcontext()  # as gvu.train
     for b in tqdm(range(0, len(metas), args.batch), desc="sampling", unit="batch" if args.batch > 1 else "prompt"):
         seed = args.seed * 100_003 + b
         gen = torch.Generator(umm.lm.device).manual_seed(seed)  # sampling runs on the model's device
-        ro = gvu.rollout(umm, prompts[b:b + args.batch], n, args.temperature, args.top_k, args.min_p, args.cfg_scale, gen)
-        images = umm.decode_images(ro["codes"], gen if gen.device.type == "cpu" else torch.Generator().manual_seed(seed))
+        batch = prompts[b:b + args.batch]
+        with autocast:
+            ro = gvu.rollout(umm, batch, n, args.temperature, args.top_k, args.min_p, args.cfg_scale, gen)
+            images = umm.decode_images(ro["codes"], gen if gen.device.type == "cpu" else torch.Generator().manual_seed(seed),
+                                       prompts=[p for p in batch for _ in range(n)])
         for k, meta in enumerate(metas[b:b + args.batch]):
             yield b + k, meta, images[k * n:(k + 1) * n]
 
@@ -651,12 +720,14 @@ def cmd_score(args) -> None:
         for index, meta, path in samples:
             correct, reason = scorer(load_image(path), meta)
             row = {"index": index, "sample": path.stem, "tag": meta["tag"], "prompt": meta["prompt"],
-                   "correct": bool(correct), "reason": reason}
+                   "correct": -1 if correct == -1 else bool(correct), "reason": reason}  # -1: judge gave up
             f.write(json.dumps(row) + "\n")
             results.append(row)
     summary = summarize(results) | {"scorer": args.scorer}
     if args.scorer == "geneval" and any("region" in r or "size" in r for _, m, _ in samples for r in m["include"]):
         summary["notes"] = [PROXY_NOTE]
+    if args.scorer == "vlm":
+        summary |= {"judge": scorer.spec, "notes": [scorer.note(summary.get("unevaluated", 0), len(results))]}
     (out / "summary.json.tmp").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md.tmp").write_text(format_table(summary) + "\n")
     for name in ("results.jsonl", "summary.json", "summary.md"):
@@ -665,8 +736,15 @@ def cmd_score(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    """compare: print two runs' per-tag accuracies side by side."""
-    print(compare_table(load_summary(args.run_a), load_summary(args.run_b)))
+    """compare: per-tag accuracies of a base and one or more trained runs; with results.jsonl beside every
+    summary (score's output folders), the mean ± std across runs and a 95% bootstrap interval over prompts."""
+    prompt_acc = [load_prompt_accuracy(p) for p in [args.base] + args.runs]
+    if all(a is not None for a in prompt_acc):
+        print(compare_runs_table(prompt_acc[0], prompt_acc[1:], args.bootstrap, args.seed))
+    elif len(args.runs) == 1:  # summaries alone: no per-prompt data, so no interval
+        print(compare_table(load_summary(args.base), load_summary(args.runs[0])))
+    else:
+        raise GenEvalError("comparing several runs needs each run's results.jsonl (score's output folder)")
 
 
 def cmd_prompts(args) -> None:
@@ -708,6 +786,11 @@ def add_model_flags(q, n_flag: str, n_default: int, n_help: str) -> None:
     q.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
     q.add_argument("--min-p", type=float, default=0.0, help="min-p sampling (0 = off)")
     q.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
+    q.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: as gvu.py trains (bf16 weights + autocast on a CUDA GPU with bf16, else fp32)")
+    q.add_argument("--image-size", type=int, default=0, help="pixels per side (0 = the model's default; X-Omni paper: 576)")
+    q.add_argument("--decoder-text", default="none", choices=["none", "prompt"],
+                   help="X-Omni's decoder text condition: none, or the prompt (the official evaluation's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -723,15 +806,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("folder", help="folder with <00000>/metadata.jsonl and <00000>/samples/<0000>.png")
     s.add_argument("--metadata", help="GenEval metadata .jsonl; the folder must match it prompt by prompt")
     s.add_argument("--out", help="where to write results.jsonl, summary.md, summary.json (default: FOLDER)")
-    s.add_argument("--scorer", choices=["geneval", "shapes"], default="geneval",
+    s.add_argument("--scorer", choices=["geneval", "shapes", "vlm"], default="geneval",
                    help="geneval: Mask2Former + CLIP rules (GenEval++ region/size via a rule-based proxy); "
-                        "shapes: the synthetic-shapes oracle shapes.oracle")
+                        "shapes: the synthetic-shapes oracle shapes.oracle; vlm: a VLM judge (GenEval++ as in the paper)")
+    s.add_argument("--judge", help="--scorer vlm: openai:MODEL (OPENAI_BASE_URL, OPENAI_API_KEY; pip install openai) "
+                                   "or hf:MODEL (a local transformers VLM); default openai:gpt-4.1-2025-04-14")
     s.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     add_detector_flags(s)
     s.set_defaults(func=cmd_score)
-    c = sub.add_parser("compare", help="compare two runs' summaries per tag")
-    c.add_argument("run_a", help="base run: summary.json or its score output folder")
-    c.add_argument("run_b", help="trained run: summary.json or its score output folder")
+    c = sub.add_parser("compare", help="a base vs one or more trained runs, per tag, with bootstrap intervals")
+    c.add_argument("base", help="base run: score's output folder (or its summary.json)")
+    c.add_argument("runs", nargs="+", help="trained runs (e.g. one per training seed), same prompts and sampling seeds")
+    c.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the prompts")
+    c.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     c.set_defaults(func=cmd_compare)
     g = sub.add_parser("prompts", help="generate GenEval-style training prompts")
     g.add_argument("--seed", type=int, default=0, help="random seed (output is deterministic given it)")
@@ -748,7 +835,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (GenEvalError, InputError, gvu.TrainingError) as e:
+    except (GenEvalError, InputError, gvu.TrainingError, vlm_judge.JudgeError) as e:
         sys.exit(f"error: {e}")
     return 0
 
