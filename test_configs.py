@@ -147,8 +147,8 @@ def test_reward_without_end_of_turn_equals_official_gvu_score(xomni_dirs, xomni_
             want.append(prob ** (1.0 / len(gt)))
     args = gvu.Args(score_end_of_turn=False, instruction=INSTRUCTION, micro_batch=2)
     with torch.no_grad():
-        got = gvu.intrinsic_rewards(umm, images, PROMPTS, args)
-        with_eot = gvu.intrinsic_rewards(umm, images, PROMPTS, gvu.Args(instruction=INSTRUCTION, micro_batch=2))
+        got = gvu.intrinsic_rewards(umm, images, PROMPTS, args)[0]
+        with_eot = gvu.intrinsic_rewards(umm, images, PROMPTS, gvu.Args(instruction=INSTRUCTION, micro_batch=2))[0]
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5)
     assert not np.allclose(with_eot.numpy(), want, rtol=1e-3)  # the default scores one more token
 
