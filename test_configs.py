@@ -268,7 +268,7 @@ def test_linear_schedule_with_warmup_is_logged_and_survives_resume(tmp_path, mon
             raise gvu.TrainingError("stopped")
         return step(umm, policy, optimizer, batch, i, *a, **k)
     monkeypatch.setattr(gvu, "gvu_step", stop_at_2)
-    assert run_main(*base, "--out", tmp_path / "cut") == "error: stopped"
+    assert run_main(*base, "--out", tmp_path / "cut").startswith("error: stopped")
     monkeypatch.setattr(gvu, "gvu_step", step)
     assert run_main(*base, "--out", tmp_path / "cut", "--resume") is None
     rows = log_rows(tmp_path / "cut")
