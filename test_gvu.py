@@ -261,7 +261,7 @@ def moved_lora(seed=1):
     u.decode_steps = 2  # the pixels' quality does not matter here; the time does
     base = copy.deepcopy(u.lm).eval()
     torch.manual_seed(seed)
-    policy, _ = gvu.add_lora(u, gvu.Args(lora_r=4, lora_alpha=16))
+    policy, _, _ = gvu.add_lora(u, gvu.Args(lora_r=4, lora_alpha=16))
     with torch.no_grad():
         for n, p in policy.named_parameters():
             if "lora_B" in n:

@@ -43,7 +43,7 @@ def test_lora_lands_in_the_lm_blocks_and_one_update_moves_only_lora(stand_in):
     """gvu.add_lora wraps the 7 linear layers of every LM block and nothing else; with checkpointing on the first
     ratio is 1, and one grpo_loss backward + AdamW step changes LoRA weights only (B included)."""
     umm = stand_in.build(1)
-    policy, opt = gvu.add_lora(umm, gvu.Args(lora_r=4, lora_alpha=16, lr=1e-2))
+    policy, opt, _ = gvu.add_lora(umm, gvu.Args(lora_r=4, lora_alpha=16, lr=1e-2))
     wrapped = {n.rsplit(".lora_", 1)[0] for n, _ in umm.lm.named_modules() if ".lora_A" in n}
     assert len(wrapped) == stand_in.n_lora and all(re.search(stand_in.lora_scope, n) for n in wrapped), wrapped
     assert all("lora_" in n for n, p in umm.lm.named_parameters() if p.requires_grad)
