@@ -418,7 +418,7 @@ class XOmniStandIn(TinyUMM):
         return self.image_tokenizer.encode(images)
 
     @torch.no_grad()
-    def decode_images(self, codes, generator=None):
+    def decode_images(self, codes, generator=None, prompts=None):  # prompts: unused (the empty decoder text)
         pixels = torch.cat([self.decoder(c, generator, self.decode_steps).float() for c in codes.split(self.decode_batch)])
         return tiny_umm.to_pil(pixels.nan_to_num())  # random weights may overflow bf16
 
@@ -485,7 +485,7 @@ def rehearse(name, device="cuda", steps=2, prompts=8, group_size=8, micro_batch=
     seconds, stats = [], []
     for step in range(steps):
         t = time.perf_counter()
-        rewards, _, st = gvu.gvu_step(umm, policy, optimizer, batch, step, args, autocast)
+        rewards, _, st, _ = gvu.gvu_step(umm, policy, optimizer, batch, step, args, autocast)
         stats.append(dict(st, reward=rewards.mean().item()))
         if cuda:
             torch.cuda.synchronize()

@@ -241,9 +241,14 @@ class TinyUMM:
         """CFG's unconditional prompt: X-Omni's image prefix alone."""
         return self.t2i_prompt("")
 
+    @property
+    def image_size(self):
+        return self.decoder.config.image_size  # pixels per side: the only size the decoder makes
+
     @torch.no_grad()
-    def decode_images(self, codes, generator=None, batch_size=64):
-        """codes (N, h*w) in [0, K) -> N PIL images, DDIM-sampled in batches from seeded noise."""
+    def decode_images(self, codes, generator=None, prompts=None, batch_size=64):
+        """codes (N, h*w) in [0, K) -> N PIL images, DDIM-sampled in batches from seeded noise. `prompts` (the
+        T2I prompts) is accepted for the UMM API and unused: this decoder reads codes only."""
         device, s = self.decoder.device, self.decoder.config.image_size
         self.scheduler.set_timesteps(self.decode_steps)
         images = []
