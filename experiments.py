@@ -103,9 +103,12 @@ def cmd_curve(args) -> None:
         rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
         steps = [r["step"] for r in rows]
         smooth = lambda xs, k=args.smooth: [float(np.mean(xs[max(0, i - k + 1):i + 1])) for i in range(len(xs))]
-        ax_r.plot(steps, smooth([r["reward_mean"] for r in rows]), label=label)
+        line, = ax_r.plot(steps, smooth([r["reward_mean"] for r in rows]), label=label, alpha=0.6)
+        probe = [(r["step"], r["probe_reward"]) for r in rows if "probe_reward" in r]
+        if probe:  # fixed prompts and seeds: the curve that shows learning (gvu.py --probe-every)
+            ax_r.plot(*zip(*probe), "o-", color=line.get_color(), label=f"{label}: probe reward")
         ax_k.plot(steps, smooth([r["kl"] for r in rows]), label=label)
-    ax_r.set(xlabel="step", ylabel=f"mean reward ({args.smooth}-step running mean)")
+    ax_r.set(xlabel="step", ylabel=f"reward (lines: {args.smooth}-step running mean; dots: probe)")
     ax_k.set(xlabel="step", ylabel="KL to the base (k3, per token)")
     ax_r.legend()
     fig.tight_layout()

@@ -115,6 +115,8 @@ class Args:
         "choices": ["none", "prompt"]})
     save_every: int = field(default=50, metadata={"help": "save adapter + resumable state every N steps"})
     sample_every: int = field(default=25, metadata={"help": "write a sample grid every N steps"})
+    probe_every: int = field(default=10, metadata={
+        "help": "every N steps, log probe_reward: the mean reward on fixed training prompts and sampling seeds (0 = off)"})
     report_to: str = field(default="none", metadata={
         "help": "also log scalars and sample grids to 'tensorboard' (OUT/tensorboard) or 'wandb' (WANDB_MODE=offline "
                 "works without network); each is an optional package", "choices": ["none", "tensorboard", "wandb"]})
@@ -327,6 +329,40 @@ def is_sample_step(step, args):
     return step % args.sample_every == 0 or step == args.steps - 1
 
 
+@torch.no_grad()
+def sample_and_reward(umm, policy, batch, seed, args, reward_fn, decode=True, lap=lambda name: None):
+    """Steps 1-2 on B prompts: G samples each from the current policy (sampling seeded by `seed`), and the judge's
+    rewards. Returns the rollout, the images (None with --reward-input codes unless decode), rewards (B*G,) and
+    the reward's per-token terms (B*G, L) if it hands them back."""
+    judge = policy.disable_adapter if args.reward_model == "frozen" else nullcontext
+    ro = rollout(umm, batch, args.group_size, args.temperature, args.top_k, args.min_p, args.cfg_scale,
+                 torch.Generator(umm.lm.device).manual_seed(seed))
+    lap("rollout")
+    group_prompts = [p for p in batch for _ in range(args.group_size)]  # (B*G,)
+    # the judge reads pixels (decoded, then re-tokenised: the paper's path) or the generated codes as they are;
+    # then the frozen decoder runs only where images are wanted (the sample grids)
+    pixels = args.reward_input == "pixels"
+    images = umm.decode_images(ro["codes"], torch.Generator().manual_seed(seed), prompts=group_prompts) \
+        if pixels or decode else None
+    lap("decode")
+    with judge():
+        out = reward_fn(umm, images if pixels else ro["codes"], group_prompts, args)
+    # the default reward also hands back its per-token terms (the sample grid shades them); a fork may not
+    rewards, token_logp = (out[0], out[1]) if isinstance(out, tuple) else (out, None)  # (B*G,), (B*G, L)
+    lap("reward")
+    return ro, images, rewards, token_logp
+
+
+def probe_reward(umm, policy, prompts, args, autocast=nullcontext(), reward_fn=intrinsic_rewards):
+    """The mean reward on the same B training prompts (the first step's) with the same sampling seed, every time.
+    The per-step reward changes prompts and seeds each step, so its curve is noisy; this one shows learning."""
+    seed = (args.seed + 1) * 1_000_003 - 1  # outside every step's seed (seed * 1_000_003 + step)
+    with autocast:
+        rewards = sample_and_reward(umm, policy, prompt_batch(prompts, 0, args.batch_prompts, args.seed), seed,
+                                    args, reward_fn, decode=False)[2]
+    return rewards.mean().item()
+
+
 def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext(), reward_fn=intrinsic_rewards,
              timings=None):
     """One GvU step on B prompts, in micro-batches. `reward_fn(umm, images, prompts, args) -> (N,)` is the
@@ -336,25 +372,11 @@ def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext(), 
     G, mb = args.group_size, args.micro_batch
     N = len(batch) * G
     params = [p for p in policy.parameters() if p.requires_grad]
-    judge = policy.disable_adapter if args.reward_model == "frozen" else nullcontext
     seed = args.seed * 1_000_003 + step  # every step's sampling derives from (seed, step): resume reproduces it
     lap = stopwatch(timings)
     with autocast:
-        ro = rollout(umm, batch, G, args.temperature, args.top_k, args.min_p, args.cfg_scale,
-                     torch.Generator(umm.lm.device).manual_seed(seed))
-        lap("rollout")
-        group_prompts = [p for p in batch for _ in range(G)]  # (B*G,)
-        # the judge reads pixels (decoded, then re-tokenised: the paper's path) or the generated codes as they are;
-        # then the frozen decoder runs on sample steps only, for the grid
-        pixels = args.reward_input == "pixels"
-        images = umm.decode_images(ro["codes"], torch.Generator().manual_seed(seed), prompts=group_prompts) \
-            if pixels or is_sample_step(step, args) else None
-        lap("decode")
-        with judge():
-            out = reward_fn(umm, images if pixels else ro["codes"], group_prompts, args)
-        # the default reward also hands back its per-token terms (the sample grid shades them); a fork may not
-        rewards, token_logp = (out[0], out[1]) if isinstance(out, tuple) else (out, None)  # (B*G,), (B*G, L)
-        lap("reward")
+        ro, images, rewards, token_logp = sample_and_reward(umm, policy, batch, seed, args, reward_fn,
+                                                            is_sample_step(step, args), lap)
         if not torch.isfinite(rewards).all():
             raise TrainingError(f"non-finite reward at step {step}")
         adv = group_advantages(rewards, G)  # (B*G,)
@@ -499,7 +521,7 @@ def save_grid(path, prompts, images, rewards, G, rows=4, px=96, texts=None, toke
 
 # -----------------------------------------------------------------------------
 # the training loop
-RESUME_MAY_CHANGE = {"steps", "epochs", "resume", "out", "save_every", "sample_every", "report_to"}  # all else must match
+RESUME_MAY_CHANGE = {"steps", "epochs", "resume", "out", "save_every", "sample_every", "probe_every", "report_to"}  # all else must match
 
 
 def check_args(args):
@@ -524,6 +546,7 @@ def check_args(args):
         ("micro_batch", args.micro_batch >= 1, ">= 1"),
         ("save_every", args.save_every >= 1, ">= 1"),
         ("sample_every", args.sample_every >= 1, ">= 1"),
+        ("probe_every", args.probe_every >= 0, ">= 0 (0 = off)"),
         ("seed", 0 <= args.seed < 2 ** 32, "in [0, 2**32)"),
         ("epochs", fin(args.epochs) and args.epochs >= 0, ">= 0 (0 = use --steps)"),
         ("warmup_steps", args.warmup_steps >= 0, ">= 0"),
@@ -637,6 +660,8 @@ def train(args, reward_fn=intrinsic_rewards):
 
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="gvu", dynamic_ncols=True)
     for step in bar:
+        probe = probe_reward(umm, policy, prompts, args, autocast, reward_fn) \
+            if args.probe_every and (step % args.probe_every == 0 or step == args.steps - 1) else None
         t0 = time.time()
         batch = prompt_batch(prompts, step, args.batch_prompts, args.seed)
         lr = scheduler.get_last_lr()[0]  # the lr of this step's updates
@@ -646,6 +671,8 @@ def train(args, reward_fn=intrinsic_rewards):
         zero_std = (rewards.view(-1, args.group_size).std(1) == 0).float().mean().item()
         row = dict(step=step, reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
                    frac_zero_std=zero_std, **stats, lr=lr, seconds=time.time() - t0)
+        if probe is not None:
+            row["probe_reward"] = probe  # before this step's update
         with open(log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         logger.scalars(row, step)
