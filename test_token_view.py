@@ -52,7 +52,7 @@ def run_main(argv, **kw):
 def fast_decoder(monkeypatch):
     """Runs through gvu.main decode codes to flat images: these tests check plumbing, and the tiny UMM's
     diffusion decoder is most of a CPU step."""
-    monkeypatch.setattr(TinyUMM, "decode_images", lambda self, codes, generator=None:
+    monkeypatch.setattr(TinyUMM, "decode_images", lambda self, codes, generator=None, prompts=None:
                         [Image.new("RGB", (48, 48), (int(c[0]) * 3, 90, 160)) for c in codes])
 
 
