@@ -32,7 +32,6 @@ import re
 import shutil
 import sys
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -48,6 +47,8 @@ import runio
 import shapes
 import vlm_judge
 from adapters import InputError, load_umm, pick_device, use_bf16
+from geneval_rules import (COLORS, Detection, evaluate, image_regions, mean_area,  # noqa: F401 (re-exported)
+                           relative_position, select_detections)
 
 # GenEval's 80 class names, in COCO index order (note its renames:
 # "computer mouse", "tv remote", "computer keyboard").
@@ -63,7 +64,6 @@ GENEVAL_CLASSES = [
     "tv remote", "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
     "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
 ]
-COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white"]
 COLOR_TEMPLATES = ["a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", "a photo of a {c} object"]
 RELATIONS = ["left of", "right of", "above", "below"]
 REGIONS = ["left", "right", "above", "below"]  # GenEval++: "above" = top half, "below" = bottom half
@@ -78,16 +78,6 @@ PROXY_NOTE = "region/size (GenEval++) are scored by a rule-based proxy, not an o
 
 class GenEvalError(Exception):
     """A user-facing problem (bad input); main() prints it as one line."""
-
-
-@dataclass
-class Detection:
-    """One detected object: class name, confidence, box (x1, y1, x2, y2), optional mask/colour."""
-    cls: str
-    score: float
-    box: tuple
-    mask: np.ndarray | None = None
-    color: str | None = None
 
 
 # --------------------------------------------------------------------------- metadata & folders
@@ -207,104 +197,7 @@ def load_image(path) -> Image.Image:
         raise GenEvalError(f"cannot read image {path}: {e}") from None
 
 
-# --------------------------------------------------------------------------- rules (pure)
-
-def select_detections(raw: list[Detection], tag: str, threshold=0.3, counting_threshold=0.9,
-                      max_per_class=16) -> dict[str, list[Detection]]:
-    """Group detections by class, best first: score > threshold (0.9 for 'counting'), <= 16 each, no NMS."""
-    thr = counting_threshold if tag == "counting" else threshold
-    groups: dict[str, list[Detection]] = {}
-    for det in sorted(raw, key=lambda d: -d.score):
-        kept = groups.setdefault(det.cls, [])
-        if det.score > thr and len(kept) < max_per_class:
-            kept.append(det)
-    return {cls: dets for cls, dets in groups.items() if dets}
-
-
-def relative_position(box_a, box_b, margin=0.1) -> set[str]:
-    """Relations of box A to box B (GenEval rule): centre offset shrunk by margin*(sum of sizes)."""
-    a, b = np.asarray(box_a[:4], float), np.asarray(box_b[:4], float)
-    offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
-    dims = (a[2:] - a[:2]) + (b[2:] - b[:2])
-    revised = np.maximum(np.abs(offset) - margin * dims, 0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
-        return set()
-    dx, dy = revised / np.linalg.norm(offset)
-    rels = {"left of"} if dx < -0.5 else {"right of"} if dx > 0.5 else set()
-    return rels | ({"above"} if dy < -0.5 else {"below"} if dy > 0.5 else set())
-
-
-def image_regions(box, image_size) -> set[str]:
-    """GenEval++ proxy: which halves of the image (width, height) contain the box centre."""
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    w, h = image_size
-    horiz = {"left"} if cx < w / 2 else {"right"} if cx > w / 2 else set()
-    return horiz | ({"above"} if cy < h / 2 else {"below"} if cy > h / 2 else set())
-
-
-def mean_area(group: list[Detection]) -> float:
-    """Mean (x1, y1, x2, y2) box area of a group of detections."""
-    return float(np.mean([(d.box[2] - d.box[0]) * (d.box[3] - d.box[1]) for d in group]))
-
-
-def evaluate(meta: dict, detected: dict[str, list[Detection]], image_size,
-             color_fn: Callable | None = None, margin=0.1) -> tuple[bool, str]:
-    """Apply GenEval's rules (+ GenEval++ proxies) to grouped detections -> (correct, reason).
-
-    `color_fn(objects, class_name) -> list[colour]` names the objects' colours;
-    by default each Detection's own `.color` is used.
-    """
-    color_fn = color_fn or (lambda objs, cls: [d.color for d in objs])
-    reasons, groups = [], []
-    for req in meta["include"]:
-        cls, n = req["class"], req["count"]
-        found = detected.get(cls, [])[:n]
-        ok = len(found) >= n
-        if not ok:
-            reasons.append(f"expected {cls}>={n}, found {len(found)}")
-        if ok and "color" in req:
-            colors = color_fn(found, cls)
-            if colors.count(req["color"]) < n:
-                ok = False
-                seen = ", ".join(f"{colors.count(c)} {c}" for c in COLORS if c in colors)
-                reasons.append(f"expected {req['color']} {cls}>={n}, found {seen}")
-        if ok and "position" in req:
-            rel, target = req["position"]
-            if target >= len(groups) or groups[target] is None:
-                ok = False
-                reasons.append(f"no target for {cls} to be {rel}")
-            else:
-                for obj in found:
-                    wrong = [relative_position(obj.box, t.box, margin) for t in groups[target]]
-                    wrong = [r for r in wrong if rel not in r]
-                    if wrong:
-                        ok = False
-                        reasons.append(f"expected {cls} {rel} target, found "
-                                       f"{' and '.join(sorted(wrong[0])) or 'no relation'}")
-                        break
-        if ok and "region" in req:  # GenEval++ proxy
-            if any(req["region"] not in image_regions(d.box, image_size) for d in found):
-                ok = False
-                reasons.append(f"expected {cls} in the {req['region']} half (proxy)")
-        groups.append(found if ok else None)
-    # GenEval++ proxy: a "larger" group's mean box area must beat every other sized group's.
-    sized = [i for i, r in enumerate(meta["include"]) if "size" in r]
-    for i in sized:
-        req, others = meta["include"][i], [j for j in sized if j != i]
-        if groups[i] is None or not others:
-            continue
-        if any(groups[j] is None for j in others):
-            reasons.append(f"no size reference for {req['class']} (proxy)")
-            continue
-        area, refs = mean_area(groups[i]), [mean_area(groups[j]) for j in others]
-        if not (area > max(refs) if req["size"] == "larger" else area < min(refs)):
-            reasons.append(f"expected {req['class']} {req['size']} (box area {area:.0f}, proxy)")
-    for req in meta.get("exclude", []):
-        found = len(detected.get(req["class"], []))
-        if found >= req["count"]:
-            reasons.append(f"expected {req['class']}<{req['count']}, found {found}")
-    return not reasons, "; ".join(reasons)
-
+# --------------------------------------------------------------------------- rules: geneval_rules.py
 
 def crop_on_grey(image: Image.Image, mask, box, bgcolor="#999999") -> Image.Image:
     """Paste the masked object onto a plain grey image and crop to its box (GenEval's colour crop)."""
