@@ -13,7 +13,8 @@ import bench
 import gvu
 import shapes
 from adapters import InputError
-from test_adapters import INSTRUCTION, build_janus, needs_v5, xo_images, xomni, xomni_dirs, xomni_ref  # noqa: F401
+from conftest import INSTRUCTION, PROMPTS, XO_CODES, build_janus, needs_janus
+from test_adapters import xomni  # noqa: F401,F811  (the X-Omni stand-in as the adapter, a fixture)
 from tiny_umm import TinyUMM
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -27,6 +28,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def xo_images(xomni):
+    return xomni.decode_images(torch.randint(0, XO_CODES, (len(PROMPTS), 9), generator=torch.Generator().manual_seed(0)))
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +81,7 @@ def test_batched_tokenisation_gives_the_per_image_context_tokens_bench_xomni_sta
     assert ctx_ids(umm, umm.caption_prompts(images, INSTRUCTION)) == per_image_ctx(umm, images)
 
 
-@needs_v5
+@needs_janus
 def test_batched_tokenisation_gives_the_per_image_context_tokens_janus():
     """Janus: the context text does not depend on the image; the batch gives the per-image ids."""
     umm, _ = build_janus(0)
@@ -95,7 +101,7 @@ def test_codes_reward_equals_the_official_pixel_reward_when_retokenising_is_exac
     keep = exact.nonzero()[:, 0].tolist()
     args = gvu.Args(reward_input="codes")
     with torch.no_grad():
-        got = gvu.intrinsic_rewards(shipped, codes[keep], [prompts[i] for i in keep], args)
+        got = gvu.intrinsic_rewards(shipped, codes[keep], [prompts[i] for i in keep], args)[0]
         want = bench.official_rewards(shipped, [decoded[i] for i in keep], [prompts[i] for i in keep], INSTRUCTION)
     torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=0)
 
@@ -103,7 +109,7 @@ def test_codes_reward_equals_the_official_pixel_reward_when_retokenising_is_exac
 def lora_tiny(seed=0):
     umm = TinyUMM.random(seed, hidden=64, layers=2)
     torch.manual_seed(seed)
-    policy, opt = gvu.add_lora(umm, gvu.Args())
+    policy, opt, _ = gvu.add_lora(umm, gvu.Args())
     return umm, policy, opt
 
 
@@ -117,14 +123,14 @@ def test_codes_step_never_runs_the_decoder_except_on_sample_steps(monkeypatch):
     decode = umm.decode_images
     monkeypatch.setattr(umm, "decode_images", lambda *a, **k: calls.append(1) or decode(*a, **k))
     for step, decodes in [(1, 0), (2, 0), (5, 1), (9, 2)]:  # 5: sample_every, 9: the last step
-        _, images, _ = gvu.gvu_step(umm, policy, opt, batch, step, args)
+        _, images, _, _ = gvu.gvu_step(umm, policy, opt, batch, step, args)
         assert len(calls) == decodes and (images is None) == (step in (1, 2))
     # the rewards do not depend on the decoder: a decoder that raises, same rewards as a fresh identical run
     broken, policy_b, opt_b = lora_tiny()
     monkeypatch.setattr(broken, "decode_images", lambda *a, **k: pytest.fail("decoder called on a codes step"))
     fresh, policy_f, opt_f = lora_tiny()
-    r_broken, _, _ = gvu.gvu_step(broken, policy_b, opt_b, batch, 1, args)
-    r_fresh, _, _ = gvu.gvu_step(fresh, policy_f, opt_f, batch, 1, args)
+    r_broken, _, _, _ = gvu.gvu_step(broken, policy_b, opt_b, batch, 1, args)
+    r_fresh, _, _, _ = gvu.gvu_step(fresh, policy_f, opt_f, batch, 1, args)
     torch.testing.assert_close(r_broken, r_fresh, atol=0, rtol=0)
     pixel_calls = []
     monkeypatch.setattr(fresh, "decode_images", lambda *a, **k: pixel_calls.append(1) or decode(*a, **k))
