@@ -661,7 +661,7 @@ def train(args, reward_fn=intrinsic_rewards):
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="gvu", dynamic_ncols=True)
     for step in bar:
         probe = probe_reward(umm, policy, prompts, args, autocast, reward_fn) \
-            if args.probe_every and (step % args.probe_every == 0 or step == args.steps - 1) else None
+            if args.probe_every and step % args.probe_every == 0 else None  # a function of step alone: resume-safe
         t0 = time.time()
         batch = prompt_batch(prompts, step, args.batch_prompts, args.seed)
         lr = scheduler.get_last_lr()[0]  # the lr of this step's updates

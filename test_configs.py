@@ -99,7 +99,7 @@ def test_xomni_paper_config_drives_one_step_on_the_xomni_stand_in(xomni_dirs, tm
     out = tmp_path / "run"
     msg = run_main(CONFIGS["xomni_paper.json"], "--model", xomni_dirs[0], "--flux", xomni_dirs[1], "--image-size", XO_PX,
                    "--prompts", prompts_file(tmp_path), "--steps", 1, "--batch-prompts", 2, "--micro-batch", 4,
-                   "--out", out)
+                   "--probe-every", 0, "--out", out)
     assert msg is None
     rows = log_rows(out)
     assert len(rows) == 1 and rows[0]["lr"] == 1e-6 and 0 < rows[0]["reward_mean"] <= 1

@@ -13,11 +13,11 @@ PROMPTS = ["a photo of a red circle", "a photo of two squares", "a photo of a bl
 
 
 def test_probe_is_logged_every_n_steps_and_equals_the_base_reward_on_the_first_prompts_at_step_0(tmp_path, one_thread):
-    """Rows 0 and 2 (every 2; 2 is also the last) carry probe_reward; at step 0 (LoRA B = 0: the base) it equals the mean
+    """Rows 0 and 2 (every 2) carry probe_reward, row 3 does not; at step 0 (LoRA B = 0: the base) it equals the mean
     intrinsic reward of the first step's prompts sampled with the probe's fixed seed, computed here by hand."""
     (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
     model = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "tiny-umm")
-    args = ["--model", model, "--prompts", str(tmp_path / "p.txt"), "--steps", "3", "--batch-prompts", "2",
+    args = ["--model", model, "--prompts", str(tmp_path / "p.txt"), "--steps", "4", "--batch-prompts", "2",
             "--group-size", "2", "--probe-every", "2", "--seed", "3", "--out", str(tmp_path / "run")]
     gvu.main(args)
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]

@@ -60,7 +60,7 @@ def small_run(tmp_path, out, *extra):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a red circle\na photo of two squares\n")
     return ["--model", "tiny-random", "--prompts", str(prompts), "--out", str(out), "--steps", "2",
-            "--batch-prompts", "2", "--group-size", "2", "--sample-every", "1", *extra]
+            "--batch-prompts", "2", "--group-size", "2", "--sample-every", "1", "--probe-every", "0", *extra]
 
 
 # --- the per-token view ---------------------------------------------------------------------
