@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, JanusConfig, JanusForConditionalGeneration,
                           JanusProcessor, PreTrainedTokenizerFast)
 
+import gvu
 from adapters import ASSISTANT, USER, JanusPro, XOmni, janus_image_processor_class
 
 needs_janus = pytest.mark.skipif(Version(transformers.__version__) < Version("5"),
@@ -554,3 +555,12 @@ def xomni_ref(xomni_dirs):
     model = AutoModelForCausalLM.from_pretrained(xdir, trust_remote_code=True).eval()
     model.init_vision(fdir)
     return model, AutoTokenizer.from_pretrained(xdir, use_fast=True, trust_remote_code=True)
+
+
+def run_main(*argv):
+    """gvu.main in-process on these flags (any value, str()-ed); the SystemExit message, or None if it finished."""
+    try:
+        gvu.main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+    return None

@@ -17,7 +17,7 @@ from peft import get_peft_model, LoraConfig
 import adapters
 import eval_geneval
 import gvu
-from conftest import INSTRUCTION, PROMPTS, XO_CODES, XO_PREFIX, XO_PX, build_janus, needs_janus
+from conftest import run_main, INSTRUCTION, PROMPTS, XO_CODES, XO_PREFIX, XO_PX, build_janus, needs_janus
 from tiny_umm import TinyUMM
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -27,14 +27,6 @@ TINY = ["a photo of a red circle", "a photo of a blue square", "a photo of two c
         "a photo of a square"]  # words the tiny UMM knows
 pytestmark = pytest.mark.filterwarnings("ignore:.*deprecated and will be removed in v6")  # peft's pre-v6 names
 
-
-def run_main(*argv):
-    """gvu.main in-process; the SystemExit message (None if it finished)."""
-    try:
-        gvu.main([str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
-    return None
 
 
 def prompts_file(tmp_path, lines=PROMPTS):

@@ -15,6 +15,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import bench
 import gvu
+from conftest import run_main
 from tiny_umm import TinyUMM
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,14 +47,6 @@ def write(tmp_path, name, data):
     p.write_bytes(data if isinstance(data, bytes) else data.encode())
     return str(p)
 
-
-def run_main(*argv):
-    """Run gvu.main in-process; return the SystemExit message (None if it finished)."""
-    try:
-        gvu.main(list(argv))
-    except SystemExit as e:
-        return e.code
-    return None
 
 
 # --- 2. intrinsic reward ------------------------------------------------------------------

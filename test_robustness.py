@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import eval_geneval as E
 import gvu
+from conftest import run_main
 import runio
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -35,14 +36,6 @@ def write(path, data):
     path.write_bytes(data if isinstance(data, bytes) else data.encode())
     return str(path)
 
-
-def run_main(*argv):
-    """gvu.main in-process; the SystemExit message (None if it finished)."""
-    try:
-        gvu.main(list(argv))
-    except SystemExit as e:
-        return e.code
-    return None
 
 
 def common(pf, out, *extra):
