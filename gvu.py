@@ -46,6 +46,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from typing import Callable, Protocol
 
 import torch
@@ -55,6 +56,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 from transformers import DynamicCache, HfArgumentParser, get_scheduler
 
+import distributed
 import loggers
 from adapters import InputError, load_umm, pick_device, use_bf16
 
@@ -291,15 +293,20 @@ def grpo_loss(logp, old_logp, ref_logp, adv, clip_eps=0.2, beta=0.03):
 
 # -----------------------------------------------------------------------------
 # 5. one GvU step: rollout -> decode -> reward -> advantages -> mu clipped, KL-regularised updates
-def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext(), reward_fn=intrinsic_rewards):
+def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext(), reward_fn=intrinsic_rewards,
+             ddp=None):
     """One GvU step on B prompts, in micro-batches. `reward_fn(umm, images, prompts, args) -> (N,)` is the
     fork point for other rewards (experiments.py's pixel oracle); it may also return per-token terms,
-    `(rewards, token_logp, mask)`, as the default does. Returns (rewards, images, stats, token_logp or None)."""
+    `(rewards, token_logp, mask)`, as the default does. Returns (rewards, images, stats, token_logp or None).
+    torchrun: `batch` is this rank's slice, ddp its DistributedDataParallel training pass (distributed.py);
+    the returned rewards are every rank's (B*G,), the images and token_logp this rank's own."""
     G, mb = args.group_size, args.micro_batch
     N = len(batch) * G
     params = [p for p in policy.parameters() if p.requires_grad]
     judge = policy.disable_adapter if args.reward_model == "frozen" else nullcontext
-    seed = args.seed * 1_000_003 + step  # every step's sampling derives from (seed, step): resume reproduces it
+    rank = torch.distributed.get_rank() if ddp is not None else 0  # torchrun: each rank samples its own stream
+    seed = args.seed * 1_000_003 + step + rank * 2**48  # every step's sampling derives from (seed, step, rank)
+    train_logprobs = partial(image_token_logprobs, umm) if ddp is None else ddp  # torchrun: the same pass through DDP
     with autocast:
         ro = rollout(umm, batch, G, args.temperature, args.top_k, args.min_p, args.cfg_scale,
                      torch.Generator(umm.lm.device).manual_seed(seed))
@@ -309,9 +316,10 @@ def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext(), 
             out = reward_fn(umm, images, group_prompts, args)
         # the default reward also hands back its per-token terms (the sample grid shades them); a fork may not
         rewards, token_logp = (out[0], out[1]) if isinstance(out, tuple) else (out, None)  # (B*G,), (B*G, L)
-        if not torch.isfinite(rewards).all():
+        adv = group_advantages(rewards, G)  # (B*G,) groups never straddle ranks: local advantages are exact
+        rewards = distributed.gather(rewards.float())  # torchrun: every rank's rewards, in batch order
+        if not torch.isfinite(rewards).all():  # (checked on the gathered rewards: all ranks stop together)
             raise TrainingError(f"non-finite reward at step {step}; the last saved state in {args.out} is intact")
-        adv = group_advantages(rewards, G)  # (B*G,)
         with torch.no_grad(), policy.disable_adapter():  # pi_ref: same weights, adapter off
             ref_logp = torch.cat([image_token_logprobs(umm, ro["prefix_ids"][s:s + mb], ro["prefix_mask"][s:s + mb],
                                                        ro["codes"][s:s + mb], args.temperature) for s in range(0, N, mb)])
@@ -326,15 +334,20 @@ def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext(), 
             stats = dict(loss=0.0, kl=0.0, clip_frac=0.0, ratio=0.0)
             for s in range(0, N, mb):
                 sl = slice(s, s + mb)
-                logp = image_token_logprobs(umm, ro["prefix_ids"][sl], ro["prefix_mask"][sl], ro["codes"][sl],
-                                            args.temperature)
-                if it == 0:
-                    old_logp[s] = logp.detach()  # (mb, N_img)
-                loss, st = grpo_loss(logp, old_logp[s], ref_logp[sl], adv[sl], args.clip_eps, args.beta)
-                w = len(logp) / N  # micro-batches add up to the full-batch mean
-                (loss * w).backward()
+                # torchrun: DDP all-reduces the gradients once, in the last micro-batch's backward
+                with ddp.no_sync() if ddp is not None and s + mb < N else nullcontext():
+                    logp = train_logprobs(ro["prefix_ids"][sl], ro["prefix_mask"][sl], ro["codes"][sl],
+                                          args.temperature)
+                    if it == 0:
+                        old_logp[s] = logp.detach()  # (mb, N_img)
+                    loss, st = grpo_loss(logp, old_logp[s], ref_logp[sl], adv[sl], args.clip_eps, args.beta)
+                    # micro-batches add up to this rank's mean; DDP then averages the W ranks' means, which is
+                    # exactly the whole-batch mean because every rank holds the same count N = B/W * G
+                    w = len(logp) / N
+                    (loss * w).backward()
                 for k, v in dict(st, loss=loss.item()).items():
                     stats[k] += v * w
+            stats = distributed.mean_over_ranks(stats, umm.lm.device)  # torchrun: whole-batch statistics
             stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
             optimizer.step()
     return rewards, images, stats, token_logp  # token_logp (B*G, L): kept for the sample grid, not recomputed
@@ -456,6 +469,7 @@ def add_lora(umm, args):
 
 def train(args, reward_fn=intrinsic_rewards):
     prompts = check_args(args)
+    rank, world, is_main = distributed.setup(args.batch_prompts)  # torchrun: join the group; else (0, 1, True)
     loggers.require(args.report_to)  # a missing tensorboard / wandb is refused before anything is created
     if args.epochs > 0:  # whole passes over the prompts (the official run: 4 x 50,000 / 8 = 25,000 steps)
         args.steps = math.ceil(args.epochs * len(prompts) / args.batch_prompts)
@@ -470,8 +484,10 @@ def train(args, reward_fn=intrinsic_rewards):
     check_vocabulary(umm, prompts)
     torch.manual_seed(args.seed)  # the LoRA init (torch >= 2.13 seeds each process at random otherwise)
     policy, optimizer, scheduler = add_lora(umm, args)
+    ddp = distributed.wrap(partial(image_token_logprobs, umm), policy)  # torchrun: DDP over the LoRA; else None
 
-    os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+    if is_main:  # torchrun: rank 0 alone writes (log, config, samples, adapter, state)
+        os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
     log_path, state_path, start = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "state.pt"), 0
     if args.resume:
         state = torch.load(state_path, map_location=device, weights_only=True)
@@ -481,15 +497,17 @@ def train(args, reward_fn=intrinsic_rewards):
         torch.set_rng_state(state["rng"].cpu())
         start = state["step"]
         assert state["prompt_pos"] == start * args.batch_prompts, "resume with the same --batch-prompts"
-        with open(log_path) as f:  # drop lines logged after the state was saved
-            kept = [line for line in f if json.loads(line)["step"] < start]
-        with open(log_path, "w") as f:
-            f.writelines(kept)
-    else:
+        if is_main:
+            with open(log_path) as f:  # drop lines logged after the state was saved
+                kept = [line for line in f if json.loads(line)["step"] < start]
+            with open(log_path, "w") as f:
+                f.writelines(kept)
+    elif is_main:
         open(log_path, "w").close()
-    with open(os.path.join(args.out, "config.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
-    logger = loggers.make_logger(args.report_to, args.out, asdict(args), start)  # a no-op unless main process
+    if is_main:
+        with open(os.path.join(args.out, "config.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+    logger = loggers.make_logger(args.report_to, args.out, asdict(args), start, is_main)  # a no-op unless main process
 
     def save(step):
         policy.save_pretrained(os.path.join(args.out, "adapter"))
@@ -497,16 +515,21 @@ def train(args, reward_fn=intrinsic_rewards):
                          optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=torch.get_rng_state()),
                     state_path)
 
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="gvu", dynamic_ncols=True)
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="gvu", dynamic_ncols=True,
+               disable=not is_main)
     for step in bar:
         t0 = time.time()
         batch = prompt_batch(prompts, step, args.batch_prompts, args.seed)
+        batch = distributed.local_slice(batch, rank, world)  # torchrun: this rank's B/N prompts; else all B
         lr = scheduler.get_last_lr()[0]  # the lr of this step's updates
-        rewards, images, stats, token_logp = gvu_step(umm, policy, optimizer, batch, step, args, autocast, reward_fn)
+        rewards, images, stats, token_logp = gvu_step(umm, policy, optimizer, batch, step, args, autocast, reward_fn,
+                                                      ddp)  # rewards: all ranks' (B*G,)
         scheduler.step()
-        group_prompts = [p for p in batch for _ in range(args.group_size)]  # (B*G,)
+        if not is_main:
+            continue  # torchrun: the other ranks neither log nor save
+        group_prompts = [p for p in batch for _ in range(args.group_size)]  # (B*G,) (torchrun: rank 0's B/N * G)
         zero_std = (rewards.view(-1, args.group_size).std(1) == 0).float().mean().item()
-        row = dict(step=step, reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
+        row = dict(step=step, samples=len(rewards), reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
                    frac_zero_std=zero_std, **stats, lr=lr, seconds=time.time() - t0)
         with open(log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -516,12 +539,13 @@ def train(args, reward_fn=intrinsic_rewards):
                    f"| clip {row['clip_frac']:.3f} | zero-std {zero_std:.2f} | grad {row['grad_norm']:.3f} | {row['seconds']:.1f}s")
         if step % args.sample_every == 0 or step == args.steps - 1:
             grid = save_grid(os.path.join(args.out, "samples", f"step_{step:05d}.png"), group_prompts, images,
-                             rewards.tolist(), args.group_size, texts=[token_texts(umm, p, args.score_end_of_turn) for p in group_prompts],
+                             rewards[:len(images)].tolist(), args.group_size, texts=[token_texts(umm, p, args.score_end_of_turn) for p in group_prompts],
                              token_logp=token_logp)
             logger.image("samples", grid, step)
         if (step + 1) % args.save_every == 0 or step == args.steps - 1:
             save(step + 1)
     logger.close()
+    distributed.teardown()
     return log_path
 
 
@@ -565,7 +589,7 @@ def main(argv=None, reward_fn=intrinsic_rewards):
     try:
         train(args, reward_fn)
     except (InputError, TrainingError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)  # torchrun: rank 0 says it once
 
 
 if __name__ == "__main__":
