@@ -1,13 +1,11 @@
 """torchrun / DistributedDataParallel (distributed.py): 2 CPU processes on gloo against one process."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import zlib
 
 import torch
-import torch.multiprocessing as mp
 
 import gvu
 
@@ -30,26 +28,17 @@ def fixed_rewards(umm, images, prompts, args):
                          for i, p in enumerate(prompts)])
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def worker(rank, world, port, argv):
-    """One torchrun-like process (the env:// variables torchrun sets) running gvu.main on the fixed rollout."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    gvu.rollout = fixed_rollout
-    gvu.main(argv, reward_fn=fixed_rewards)
-
-
 def flags(tmp_path, out, *extra):
     pf = tmp_path / "p.txt"
     pf.write_text("\n".join(PROMPTS) + "\n")
     return ["--model", "tiny-random", "--prompts", str(pf), "--out", str(tmp_path / out), "--batch-prompts", "2",
             "--group-size", "2", "--sample-every", "1", *extra]
+
+
+def torchrun(script, *argv):
+    """2 CPU processes (gloo) under torchrun; a hung collective fails the test instead of hanging the suite."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           script, *argv], capture_output=True, text=True, env=ENV, timeout=300)
 
 
 def rows(path):
@@ -61,7 +50,8 @@ def test_two_process_update_equals_one_process_update(tmp_path, monkeypatch, one
     argv = lambda out: flags(tmp_path, out, "--steps", "1", "--micro-batch", "1", "--num-iterations", "2")
     monkeypatch.setattr(gvu, "rollout", fixed_rollout)
     gvu.main(argv("one"), reward_fn=fixed_rewards)  # reference: one process, the whole batch, 4 micro-batches
-    mp.spawn(worker, args=(2, free_port(), argv("two")), nprocs=2)  # 2 ranks x 2 micro-batches, one no_sync each
+    run = torchrun("test_ddp.py", *argv("two"))  # 2 ranks x 2 micro-batches, one no_sync each (__main__ below)
+    assert run.returncode == 0, run.stderr[-2000:]
     one, two = (torch.load(tmp_path / o / "state.pt", weights_only=True)["lora"] for o in ("one", "two"))
     assert any(v.abs().max() > 0 for k, v in one.items() if "lora_B" in k)  # it trained
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-6
@@ -69,11 +59,6 @@ def test_two_process_update_equals_one_process_update(tmp_path, monkeypatch, one
     r1, r2 = rows(tmp_path / "one" / "log.jsonl"), rows(tmp_path / "two" / "log.jsonl")
     for key in "samples reward_mean reward_std loss kl grad_norm".split():
         assert abs(r1[0][key] - r2[0][key]) <= 1e-6 * max(1, abs(r1[0][key])), key
-
-
-def torchrun(*argv):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "gvu.py", *argv], capture_output=True, text=True, env=ENV, timeout=300)
 
 
 def test_torchrun_run_logs_the_whole_batch_once_and_resumes_to_its_own_log(tmp_path):
@@ -85,7 +70,7 @@ def test_torchrun_run_logs_the_whole_batch_once_and_resumes_to_its_own_log(tmp_p
                                   "--batch-prompts", "2", "--group-size", "2", "--micro-batch", "1",
                                   "--save-every", "2", *extra]
     for argv in (common("a", "--steps", "3"), common("b", "--steps", "2"), common("b", "--steps", "3", "--resume")):
-        run = torchrun(*argv)
+        run = torchrun("gvu.py", *argv)
         assert run.returncode == 0, run.stderr[-2000:]
     a = rows(tmp_path / "a" / "log.jsonl")
     assert [r["step"] for r in a] == [0, 1, 2] and all(r["samples"] == 2 * 2 for r in a)
@@ -104,3 +89,9 @@ def test_batch_not_divisible_by_the_processes_is_a_one_line_error(tmp_path, monk
         msg = e.code
     assert msg == "error: --batch-prompts 3 must be divisible by the 2 processes"
     assert not (tmp_path / "run").exists()
+
+
+if __name__ == "__main__":  # run by the equivalence test under torchrun: gvu on the fixed rollout and rewards
+    torch.set_num_threads(1)
+    gvu.rollout = fixed_rollout
+    gvu.main(sys.argv[1:], reward_fn=fixed_rewards)
