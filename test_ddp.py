@@ -12,6 +12,7 @@ import gvu
 PROMPTS = ["a photo of a red circle", "a photo of a blue triangle"]  # the same token count: the same padding
 REAL_ROLLOUT = gvu.rollout
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def fixed_rollout(umm, prompts, G, temperature, top_k, min_p, cfg_scale, generator):
@@ -38,7 +39,7 @@ def flags(tmp_path, out, *extra):
 def torchrun(script, *argv):
     """2 CPU processes (gloo) under torchrun; a hung collective fails the test instead of hanging the suite."""
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           script, *argv], capture_output=True, text=True, env=ENV, timeout=300)
+                           script, *argv], capture_output=True, text=True, env=ENV, timeout=300, cwd=HERE)
 
 
 def rows(path):
