@@ -26,6 +26,10 @@ And the memory plan for real models (second half of this file):
     python bench.py --gpu-rehearsal --configs xomni7b --steps 3 --prompts 8 --group-size 8
     python bench.py --gpu-rehearsal --configs tiny-janus,tiny-xomni   # the same code path, tiny, on the CPU
     python bench.py --estimate --configs xomni7b           # seconds, CPU only
+
+  6. --ddp N: seconds per step of the same gvu.py run in one process and under torchrun with N processes.
+
+    python bench.py --ddp 2 --prompts 4 --group-size 2     # CPU (gloo): a correctness and overhead check
 """
 import argparse
 import gc
@@ -628,6 +632,29 @@ def print_estimate(name, a):
     print()
 
 
+def ddp_bench(n, B, G, steps, micro_batch):
+    """--ddp: gvu.py on the tiny random UMM, B prompts x G a step, in 1 process and in n under torchrun (one thread
+    each; gloo on the CPU, one GPU each with NCCL); s/step = the logs' mean after the first step. Scaling
+    efficiency = t_1 / (n * t_n): 1.0 if n processes take 1/n of the time (the global batch is the same)."""
+    import tempfile
+    if B % n:
+        sys.exit(f"error: --prompts {B} must be divisible by --ddp {n}")
+    seconds = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for procs in (1, n):
+            launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs > 1 else []
+            out = os.path.join(tmp, str(procs))
+            subprocess.run([sys.executable, *launch, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gvu.py"),
+                            "--model", "tiny-random", "--out", out, "--steps", str(steps + 1), "--batch-prompts", str(B),
+                            "--group-size", str(G), "--micro-batch", str(micro_batch), "--sample-every", "1000000"],
+                           check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+            seconds[procs] = float(np.mean([r["seconds"] for r in rows[1:]]))
+    print(f"ddp      {B} prompts x G={G}, {steps} steps | 1 process {seconds[1]:.3f} s/step | {n} processes "
+          f"{seconds[n]:.3f} s/step | scaling efficiency {seconds[1] / (n * seconds[n]):.2f} "
+          f"({'CUDA' if torch.cuda.is_available() else 'CPU, gloo'})")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--group-size", type=int, help="G: images per prompt (default 4 for the CPU bench with its 8 "
@@ -650,7 +677,11 @@ def main(argv=None):
                    "model's samples of this metadata file (e.g. prompts/shapes_geneval.jsonl), then exit")
     p.add_argument("--repeats", type=int, default=5, help="CPU bench: repeats per figure (median and min-max)")
     p.add_argument("--breakdown-model", default="checkpoints/tiny-umm", help="CPU bench: the model of the step breakdown")
+    p.add_argument("--ddp", type=int, default=0, metavar="N",
+                   help="s/step of gvu.py in 1 process vs N under torchrun (uses --prompts, --group-size, --steps)")
     a = p.parse_args(argv)
+    if a.ddp:
+        return ddp_bench(a.ddp, a.prompts, a.group_size or 2, a.steps, a.micro_batch)
     if a.memory_worker:
         return memory_worker(a.memory_worker == "on", a.mem_hidden, a.mem_layers, a.mem_seqs)
     names = a.configs.split(",")

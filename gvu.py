@@ -49,6 +49,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from typing import Callable, Protocol
 
 import torch
@@ -58,6 +59,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 from transformers import DynamicCache, HfArgumentParser, get_scheduler
 
+import distributed
 import loggers
 import runio
 from adapters import InputError, load_umm, pick_device, use_bf16
@@ -364,22 +366,27 @@ def probe_reward(umm, policy, prompts, args, autocast=nullcontext(), reward_fn=i
 
 
 def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext(), reward_fn=intrinsic_rewards,
-             timings=None):
+             timings=None, ddp=None):
     """One GvU step on B prompts, in micro-batches. `reward_fn(umm, images, prompts, args) -> (N,)` is the
     fork point for other rewards (experiments.py's pixel oracle); it may also return per-token terms,
     `(rewards, token_logp, mask)`, as the default does. Returns (rewards, images, stats, token_logp or None);
-    with --reward-input codes, images is None except on sample steps. timings: a dict that gets seconds per phase."""
+    with --reward-input codes, images is None except on sample steps. timings: a dict that gets seconds per phase.
+    torchrun: `batch` is this rank's slice, ddp its DistributedDataParallel training pass (distributed.py);
+    the returned rewards are every rank's (B*G,), the images and token_logp this rank's own."""
     G, mb = args.group_size, args.micro_batch
     N = len(batch) * G
     params = [p for p in policy.parameters() if p.requires_grad]
-    seed = args.seed * 1_000_003 + step  # every step's sampling derives from (seed, step): resume reproduces it
+    rank = torch.distributed.get_rank() if ddp is not None else 0  # torchrun: each rank samples its own stream
+    seed = args.seed * 1_000_003 + step + rank * 2**48  # every step's sampling derives from (seed, step, rank)
+    train_logprobs = partial(image_token_logprobs, umm) if ddp is None else ddp  # torchrun: the same pass through DDP
     lap = stopwatch(timings)
     with autocast:
         ro, images, rewards, token_logp = sample_and_reward(umm, policy, batch, seed, args, reward_fn,
                                                             is_sample_step(step, args), lap)
-        if not torch.isfinite(rewards).all():
+        adv = group_advantages(rewards, G)  # (B*G,) groups never straddle ranks: local advantages are exact
+        rewards = distributed.gather(rewards.float())  # torchrun: every rank's rewards, in batch order
+        if not torch.isfinite(rewards).all():  # (checked on the gathered rewards: all ranks stop together)
             raise TrainingError(f"non-finite reward at step {step}")
-        adv = group_advantages(rewards, G)  # (B*G,)
         with torch.no_grad(), policy.disable_adapter():  # pi_ref: same weights, adapter off
             ref_logp = torch.cat([image_token_logprobs(umm, ro["prefix_ids"][s:s + mb], ro["prefix_mask"][s:s + mb],
                                                        ro["codes"][s:s + mb], args.temperature) for s in range(0, N, mb)])
@@ -395,17 +402,22 @@ def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext(), 
             stats = dict(loss=0.0, kl=0.0, clip_frac=0.0, ratio=0.0)
             for s in range(0, N, mb):
                 sl = slice(s, s + mb)
-                logp = image_token_logprobs(umm, ro["prefix_ids"][sl], ro["prefix_mask"][sl], ro["codes"][sl],
-                                            args.temperature)
-                if it == 0:
-                    old_logp[s] = logp.detach()  # (mb, N_img)
-                loss, st = grpo_loss(logp, old_logp[s], ref_logp[sl], adv[sl], args.clip_eps, args.beta)
-                if not torch.isfinite(loss):  # the update is not applied: nothing non-finite reaches the weights
-                    raise TrainingError(f"non-finite loss at step {step}; its update was not applied")
-                w = len(logp) / N  # micro-batches add up to the full-batch mean
-                (loss * w).backward()
+                # torchrun: DDP all-reduces the gradients once, in the last micro-batch's backward
+                with ddp.no_sync() if ddp is not None and s + mb < N else nullcontext():
+                    logp = train_logprobs(ro["prefix_ids"][sl], ro["prefix_mask"][sl], ro["codes"][sl],
+                                          args.temperature)
+                    if it == 0:
+                        old_logp[s] = logp.detach()  # (mb, N_img)
+                    loss, st = grpo_loss(logp, old_logp[s], ref_logp[sl], adv[sl], args.clip_eps, args.beta)
+                    if ddp is None and not torch.isfinite(loss):  # (torchrun: the all-reduced grad norm says it)
+                        raise TrainingError(f"non-finite loss at step {step}; its update was not applied")
+                    # micro-batches add up to this rank's mean; DDP then averages the W ranks' means, which is
+                    # exactly the whole-batch mean because every rank holds the same count N = B/W * G
+                    w = len(logp) / N
+                    (loss * w).backward()
                 for k, v in dict(st, loss=loss.item()).items():
                     stats[k] += v * w
+            stats = distributed.mean_over_ranks(stats, umm.lm.device)  # torchrun: whole-batch statistics
             stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
             if not math.isfinite(stats["grad_norm"]):
                 raise TrainingError(f"non-finite gradient norm at step {step}; its update was not applied")
@@ -589,14 +601,17 @@ def add_lora(umm, args):
     return policy, optimizer, scheduler
 
 
-def open_run(args, policy, optimizer, scheduler, device):
+def open_run(args, policy, optimizer, scheduler, device, is_main=True):
     """Create and lock --out (one process per run folder), then start the run (config.json, an empty log) or
     resume it (check_args has compared the settings): the state's weights, optimizer and RNG, the log cut
-    back to the state's step, an adapter that matches the state. Returns (the step to start from, the lock)."""
-    lock = runio.lock_run_folder(args.out)
+    back to the state's step, an adapter that matches the state. Returns (the step to start from, the lock).
+    torchrun: every rank loads the state; rank 0 alone locks and writes (the others get lock None)."""
+    lock = runio.lock_run_folder(args.out) if is_main else None
     config, log, state_path, adapter = (os.path.join(args.out, f) for f in ("config.json", "log.jsonl", "state.pt", "adapter"))
     try:
         if not args.resume:
+            if not is_main:
+                return 0, None
             if os.path.exists(config) or os.path.exists(state_path):  # written by a run that held the lock before us
                 raise InputError(f"{args.out} already holds a run; pass --resume to continue it or pick another --out")
             runio.write_json(asdict(args), config)  # kept for good: every --resume is checked against it
@@ -612,12 +627,14 @@ def open_run(args, policy, optimizer, scheduler, device):
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["rng"].cpu())
-            runio.save_adapter(policy, adapter, adapter_info(args, policy, start))  # a kill may have cut the last save
-        for notice in runio.trim_log(log, start):  # steps logged after the last save are run again
+            if is_main:
+                runio.save_adapter(policy, adapter, adapter_info(args, policy, start))  # a kill may have cut the last save
+        for notice in runio.trim_log(log, start) if is_main else []:  # steps logged after the last save are run again
             print(f"notice: {notice}", file=sys.stderr)
         return start, lock
     except BaseException:
-        lock.close()
+        if lock is not None:
+            lock.close()
         raise
 
 
@@ -629,6 +646,7 @@ def adapter_info(args, policy, step):
 
 def train(args, reward_fn=intrinsic_rewards):
     prompts, lines = check_args(args)
+    rank, world, is_main = distributed.setup(args.batch_prompts)  # torchrun: join the group; else (0, 1, True)
     loggers.require(args.report_to)  # a missing tensorboard / wandb is refused before anything is created
     if args.epochs > 0:  # whole passes over the prompts (the official run: 4 x 50,000 / 8 = 25,000 steps)
         args.steps = math.ceil(args.epochs * len(prompts) / args.batch_prompts)
@@ -645,10 +663,11 @@ def train(args, reward_fn=intrinsic_rewards):
         raise InputError(f"--reward-input codes: {type(umm).__name__}'s understanding does not read its generated codes")
     torch.manual_seed(args.seed)  # the LoRA init (torch >= 2.13 seeds each process at random otherwise)
     policy, optimizer, scheduler = add_lora(umm, args)
+    ddp = distributed.wrap(partial(image_token_logprobs, umm), policy)  # torchrun: DDP over the LoRA; else None
 
-    start, lock = open_run(args, policy, optimizer, scheduler, device)  # the first write to --out
+    start, lock = open_run(args, policy, optimizer, scheduler, device, is_main)  # the first write to --out
     log_path, state_path = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "state.pt")
-    logger = loggers.make_logger(args.report_to, args.out, asdict(args), start)  # a no-op unless main process
+    logger = loggers.make_logger(args.report_to, args.out, asdict(args), start, is_main)  # a no-op unless main process
 
     def save(step):  # state.pt first (the source of truth), then adapter/; no non-finite number is ever saved
         state = dict(step=step, prompt_pos=step * args.batch_prompts, lora=get_peft_model_state_dict(policy),
@@ -658,18 +677,23 @@ def train(args, reward_fn=intrinsic_rewards):
         runio.atomic_save(state, state_path)
         runio.save_adapter(policy, os.path.join(args.out, "adapter"), adapter_info(args, policy, step))
 
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="gvu", dynamic_ncols=True)
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="gvu", dynamic_ncols=True,
+               disable=not is_main)
     for step in bar:
         probe = probe_reward(umm, policy, prompts, args, autocast, reward_fn) \
             if args.probe_every and step % args.probe_every == 0 else None  # a function of step alone: resume-safe
         t0 = time.time()
         batch = prompt_batch(prompts, step, args.batch_prompts, args.seed)
+        batch = distributed.local_slice(batch, rank, world)  # torchrun: this rank's B/N prompts; else all B
         lr = scheduler.get_last_lr()[0]  # the lr of this step's updates
-        rewards, images, stats, token_logp = gvu_step(umm, policy, optimizer, batch, step, args, autocast, reward_fn)
+        rewards, images, stats, token_logp = gvu_step(umm, policy, optimizer, batch, step, args, autocast, reward_fn,
+                                                      ddp=ddp)  # rewards: all ranks' (B*G,)
         scheduler.step()
-        group_prompts = [p for p in batch for _ in range(args.group_size)]  # (B*G,)
+        if not is_main:
+            continue  # torchrun: the other ranks neither log nor save
+        group_prompts = [p for p in batch for _ in range(args.group_size)]  # (B*G,) (torchrun: rank 0's B/N * G)
         zero_std = (rewards.view(-1, args.group_size).std(1) == 0).float().mean().item()
-        row = dict(step=step, reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
+        row = dict(step=step, samples=len(rewards), reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
                    frac_zero_std=zero_std, **stats, lr=lr, seconds=time.time() - t0)
         if probe is not None:
             row["probe_reward"] = probe  # before this step's update
@@ -681,13 +705,15 @@ def train(args, reward_fn=intrinsic_rewards):
                    f"| clip {row['clip_frac']:.3f} | zero-std {zero_std:.2f} | grad {row['grad_norm']:.3f} | {row['seconds']:.1f}s")
         if is_sample_step(step, args):
             grid = save_grid(os.path.join(args.out, "samples", f"step_{step:05d}.png"), group_prompts, images,
-                             rewards.tolist(), args.group_size, texts=[token_texts(umm, p, args.score_end_of_turn) for p in group_prompts],
+                             rewards[:len(images)].tolist(), args.group_size, texts=[token_texts(umm, p, args.score_end_of_turn) for p in group_prompts],
                              token_logp=token_logp)
             logger.image("samples", grid, step)
         if (step + 1) % args.save_every == 0 or step == args.steps - 1:
             save(step + 1)
     logger.close()
-    lock.close()
+    if lock is not None:
+        lock.close()
+    distributed.teardown()
     return log_path
 
 
@@ -735,7 +761,9 @@ def main(argv=None, reward_fn=intrinsic_rewards):
         msg = f"error: {e}"
     except (TrainingError, OSError) as e:  # OSError: a full disk, a folder made read-only mid-run, ...
         msg = f"error: {(str(e) or type(e).__name__).splitlines()[0]}; {runio.saved_note(args.out)}"
-    sys.exit(msg)  # outside the except: the traceback, and with it the run folder's lock, is already released
+    # outside the except: the traceback, and with it the run folder's lock, is already released;
+    # torchrun: rank 0 says it once, the other ranks exit non-zero
+    sys.exit(msg if os.environ.get("RANK", "0") == "0" else 1)
 
 
 if __name__ == "__main__":
