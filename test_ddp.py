@@ -77,7 +77,7 @@ def test_torchrun_run_logs_the_whole_batch_once_and_resumes_to_its_own_log(tmp_p
     assert [r["step"] for r in a] == [0, 1, 2] and all(r["samples"] == 2 * 2 for r in a)
     strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
     assert strip(rows(tmp_path / "b" / "log.jsonl")) == strip(a)
-    assert sorted(os.listdir(tmp_path / "a")) == ["adapter", "config.json", "log.jsonl", "samples", "state.pt"]
+    assert sorted(os.listdir(tmp_path / "a")) == [".lock", "adapter", "config.json", "log.jsonl", "samples", "state.pt"]
 
 
 def test_batch_not_divisible_by_the_processes_is_a_one_line_error(tmp_path, monkeypatch):
