@@ -16,6 +16,7 @@ CPU smoke test with random weights:                 python gvu.py --model tiny-r
 GPU, a published setting (a config file; flags after it override it; docs/reproduce_paper.md):
   X-Omni, the paper's run (X-Omni's own stack):     python gvu.py configs/xomni_paper.json --flux PATH/FLUX.1-dev --out runs/xomni
   Janus-Pro (T2I-R1's settings where GvU has none): python gvu.py configs/janus_pro_7b.json --out runs/janus7b
+Many GPUs (data parallel, distributed.py):          torchrun --nproc_per_node 8 gvu.py configs/xomni_paper.json ...
 
 Departures from the paper and the official code, and why (the only list; the README points here):
   1. The reward forward is ONE batched teacher-forced pass per micro-batch; the official code runs
