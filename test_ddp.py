@@ -1,6 +1,7 @@
 """torchrun / DistributedDataParallel (distributed.py): 2 CPU processes on gloo against one process."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import zlib
@@ -36,10 +37,22 @@ def flags(tmp_path, out, *extra):
             "--group-size", "2", "--sample-every", "1", *extra]
 
 
-def torchrun(script, *argv):
-    """2 CPU processes (gloo) under torchrun; a hung collective fails the test instead of hanging the suite."""
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           script, *argv], capture_output=True, text=True, env=ENV, timeout=300, cwd=HERE)
+def torchrun(script, *argv, timeout=150):
+    """2 CPU processes (gloo) under torchrun; a hang fails the test instead of hanging the suite. One launch in a CI
+    run on X-Omni's stack once hung past 300 s and was not reproduced in reruns (cause unknown, possibly the
+    standalone rendezvous): a launch that times out is killed with its workers and retried once."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *argv]
+    for attempt in (1, 2):
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=HERE,
+                                start_new_session=True)  # its own process group: the workers die with it
+        try:
+            out, err = proc.communicate(timeout=timeout)
+            return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            if attempt == 2:
+                raise
 
 
 def rows(path):
