@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, JanusConfig, JanusForConditionalGeneration,
                           JanusProcessor, PreTrainedTokenizerFast)
 
+import eval_geneval
 import gvu
 from adapters import ASSISTANT, USER, JanusPro, XOmni, janus_image_processor_class
 
@@ -564,3 +565,17 @@ def run_main(*argv):
     except SystemExit as e:
         return e.code
     return None
+
+
+def write_jsonl(path, rows):
+    """Write dicts (or raw strings) one per line."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def run_error(argv):
+    """Run eval_geneval's CLI in-process and return its one-line error message."""
+    with pytest.raises(SystemExit) as exc:
+        eval_geneval.main(argv)
+    assert isinstance(exc.value.code, str) and "\n" not in exc.value.code
+    return exc.value.code

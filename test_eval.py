@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import eval_geneval as E
+from conftest import run_error, write_jsonl
 import experiments as X
 from eval_geneval import Detection
 
@@ -145,20 +146,6 @@ def test_summary_overall_is_the_unweighted_mean_of_tag_means():
 
 
 # --------------------------------------------------------------------------- metadata, folders, CLI errors
-
-def write_jsonl(path, rows):
-    """Write dicts (or raw strings) one per line."""
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
-def run_error(argv):
-    """Run the CLI in-process and return its one-line error message."""
-    with pytest.raises(SystemExit) as exc:
-        E.main(argv)
-    assert isinstance(exc.value.code, str) and "\n" not in exc.value.code
-    return exc.value.code
-
 
 def test_read_metadata_rejects_bad_lines_with_a_one_line_error(tmp_path):
     """Unknown tags, unknown classes and broken JSON name the file and line."""
