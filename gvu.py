@@ -587,6 +587,8 @@ def check_against_model(umm, args, prompts, lines):
         raise InputError(f"--top-k must be <= the model's {umm.image_vocab_size} image codes (got {args.top_k})")
     check_vocabulary(umm, prompts, lines)
     check_context(umm, args, prompts, lines)
+    if args.reward_input == "codes" and not umm.understands_codes:
+        raise InputError(f"--reward-input codes: {type(umm).__name__}'s understanding does not read its generated codes")
 
 
 def add_lora(umm, args):
@@ -660,8 +662,6 @@ def train(args, reward_fn=intrinsic_rewards):
     umm = load_umm(args.model, args.seed, args.trust_remote_code, args.flux, device, bf16, args.image_size,
                    args.decoder_text).to(device)
     check_against_model(umm, args, prompts, lines)
-    if args.reward_input == "codes" and not umm.understands_codes:
-        raise InputError(f"--reward-input codes: {type(umm).__name__}'s understanding does not read its generated codes")
     torch.manual_seed(args.seed)  # the LoRA init (torch >= 2.13 seeds each process at random otherwise)
     policy, optimizer, scheduler = add_lora(umm, args)
     ddp = distributed.wrap(partial(image_token_logprobs, umm), policy)  # torchrun: DDP over the LoRA; else None
