@@ -3,6 +3,7 @@
 The tiny UMM (tiny_umm.TinyUMM.random), a tiny random Janus-Pro (transformers >= 5) and a toy stand-in for X-Omni's
 remote code (loaded through trust_remote_code from a folder written here), each at toy sizes, no downloads.
 test_umm_contract.py runs the interface's contract tests once, on all three (`stand_in`)."""
+import faulthandler
 import json
 import sys
 from types import SimpleNamespace
@@ -22,6 +23,15 @@ from adapters import ASSISTANT, USER, JanusPro, XOmni, janus_image_processor_cla
 
 needs_janus = pytest.mark.skipif(Version(transformers.__version__) < Version("5"),
                                  reason="the Janus adapter targets transformers >= 5 (4.x is X-Omni's stack)")
+
+
+@pytest.fixture(autouse=True)
+def watchdog():
+    """A test still running after 10 minutes (the slowest takes about 30 s) has hung: every thread's stack is
+    printed and the suite exits with an error, instead of holding CI until its time limit."""
+    faulthandler.dump_traceback_later(600, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,13 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+import time
+import uuid
+import warnings
 import zlib
 
+import pytest
 import torch
 
 import gvu
@@ -37,22 +42,61 @@ def flags(tmp_path, out, *extra):
             "--group-size", "2", "--sample-every", "1", *extra]
 
 
-def torchrun(script, *argv, timeout=150):
-    """2 CPU processes (gloo) under torchrun; a hang fails the test instead of hanging the suite. One launch in a CI
-    run on X-Omni's stack once hung past 300 s and was not reproduced in reruns (cause unknown, possibly the
-    standalone rendezvous): a launch that times out is killed with its workers and retried once."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *argv]
-    for attempt in (1, 2):
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=HERE,
-                                start_new_session=True)  # its own process group: the workers die with it
+def tagged_pids(tag):
+    """Every live process started with GVU_TEST_LAUNCH=tag in its environment: torchrun and its workers."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            out, err = proc.communicate(timeout=timeout)
-            return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if f"GVU_TEST_LAUNCH={tag}".encode() in f.read().split(b"\0"):
+                    pids.append(int(pid))
+        except OSError:  # gone meanwhile, or not ours
+            pass
+    return pids
+
+
+def launch(cmd, timeout):
+    """Run cmd, its output in a file. Returns (the finished run or None if it hung, what it printed); a launch
+    still running after `timeout` seconds has every process's stack dumped into its output, then is killed.
+    torchrun starts each worker in a session of its own, so killing torchrun's process group would leave the
+    workers running (and holding a pipe open forever): the launch is tagged through its environment instead,
+    and SIGABRT makes each Python process dump its stack first (PYTHONFAULTHANDLER)."""
+    tag = uuid.uuid4().hex
+    env = dict(ENV, GVU_TEST_LAUNCH=tag, PYTHONFAULTHANDLER="1")
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env, cwd=HERE)
+        try:
+            proc.wait(timeout=timeout)
+            hung = False
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            if attempt == 2:
-                raise
+            hung = True
+            for sig in (signal.SIGABRT, signal.SIGKILL):
+                for pid in tagged_pids(tag):
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
+                time.sleep(3)
+            proc.wait()
+        out.seek(0)
+        printed = out.read()
+    return (None if hung else subprocess.CompletedProcess(cmd, proc.returncode, printed)), printed
+
+
+def torchrun(script, *argv, timeout=150):
+    """2 CPU processes (gloo) under torchrun. A hang cannot hang the suite: the launch is killed after `timeout`
+    seconds with the stacks printed, and retried once (two CI runs on X-Omni's stack hung here; the cause is not
+    known). A second hang fails the test with both stack dumps."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *argv]
+    dumps = []
+    for _ in range(2):
+        run, output = launch(cmd, timeout)
+        if run is not None:
+            if dumps:
+                warnings.warn(f"torchrun hung once and passed on retry; the hung launch printed:\n{dumps[0]}")
+            return run
+        dumps.append(output[-6000:])
+    pytest.fail(f"torchrun hung twice ({timeout} s each); what the launches printed:\n" + "\n-----\n".join(dumps))
 
 
 def rows(path):
@@ -65,7 +109,7 @@ def test_two_process_update_equals_one_process_update(tmp_path, monkeypatch, one
     monkeypatch.setattr(gvu, "rollout", fixed_rollout)
     gvu.main(argv("one"), reward_fn=fixed_rewards)  # reference: one process, the whole batch, 4 micro-batches
     run = torchrun("test_ddp.py", *argv("two"))  # 2 ranks x 2 micro-batches, one no_sync each (__main__ below)
-    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.returncode == 0, run.stdout[-3000:]
     one, two = (torch.load(tmp_path / o / "state.pt", weights_only=True)["lora"] for o in ("one", "two"))
     assert any(v.abs().max() > 0 for k, v in one.items() if "lora_B" in k)  # it trained
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-6
@@ -85,7 +129,7 @@ def test_torchrun_run_logs_the_whole_batch_once_and_resumes_to_its_own_log(tmp_p
                                   "--save-every", "2", *extra]
     for argv in (common("a", "--steps", "3"), common("b", "--steps", "2"), common("b", "--steps", "3", "--resume")):
         run = torchrun("gvu.py", *argv)
-        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.returncode == 0, run.stdout[-3000:]
     a = rows(tmp_path / "a" / "log.jsonl")
     assert [r["step"] for r in a] == [0, 1, 2] and all(r["samples"] == 2 * 2 for r in a)
     strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
