@@ -48,6 +48,15 @@ from tiny_umm import TinyUMM
 
 USER, ASSISTANT = "<|User|>", "<|Assistant|>"  # Janus's "deepseek" chat roles (sep "\n\n", sep2 EOS)
 PAD_TOKEN = "<｜▁pad▁｜>"  # Janus's pad token, used when a tokenizer names none
+JANUS_TRANSFORMERS = "5"  # the adapter reads get_image_features(...).pooler_output: transformers 5's return type
+
+
+def require_transformers(version, who):
+    """Refuse, in one line, a transformers older than `version` (before any weights load)."""
+    import transformers
+    from packaging.version import Version
+    if Version(transformers.__version__) < Version(version):
+        raise InputError(f"{who} needs transformers >= {version}; this environment has {transformers.__version__}")
 
 
 def janus_image_processor_class():
@@ -85,6 +94,7 @@ class JanusPro:
         normalisation, mean = std = 0.5, at the vision tower's size). system_prompt: text before the
         understanding turn, verbatim; None = the processor's choice (the converted Janus-Pro processors set
         use_default_system_prompt, as the official VLChatProcessor does for understanding), else ""."""
+        require_transformers(JANUS_TRANSFORMERS, "the Janus-Pro adapter")
         proc = processor_or_tokenizer
         if hasattr(proc, "image_processor") and hasattr(proc, "tokenizer"):
             tokenizer, image_processor = proc.tokenizer, image_processor or proc.image_processor
@@ -121,6 +131,8 @@ class JanusPro:
         assert len(tokenizer) <= self.image_offset, "tokenizer ids must stay below the text vocabulary size"
         self.image_vocab_size = model.config.vq_config.num_embeddings  # K (16384)
         self.grid = tuple(model.model.vqmodel.quantize.quant_state_dims)  # (24, 24)
+        levels = len(model.config.vq_config.channel_multiplier)  # the VQ decoder doubles the size at each level but one
+        self.image_size = self.grid[0] * 2 ** (levels - 1)  # its only output size: 24 * 16 = 384 px for Janus-Pro
         self.num_image_tokens = model.model.vision_model.embeddings.num_patches  # 576 understanding slots
         if hasattr(proc, "num_image_tokens"):
             assert proc.num_image_tokens == self.num_image_tokens, "processor and vision tower disagree"
@@ -134,6 +146,7 @@ class JanusPro:
     def from_pretrained(cls, name_or_path, device="cpu", dtype=None, **kwargs):
         """Load a transformers-format Janus(-Pro) checkpoint (hub id or folder) and its processor.
         dtype: None keeps float32 weights (gvu adds bf16 autocast on CUDA); torch.bfloat16 halves memory."""
+        require_transformers(JANUS_TRANSFORMERS, "the Janus-Pro adapter")
         from transformers import JanusForConditionalGeneration, JanusProcessor
         model = JanusForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype or torch.float32)
         processor = JanusProcessor.from_pretrained(name_or_path)
@@ -177,6 +190,12 @@ class JanusPro:
         hidden_states(..., images=...)."""
         img = self.boi_token + self.image_token * self.num_image_tokens + self.eoi_token
         return f"{self.bos}{self.system_prompt}{USER}: {img}\n{instruction}\n\n{ASSISTANT}:"
+
+    def caption_prompts(self, images, instruction):
+        """caption_prompt for a batch: the text does not depend on the image (pixels enter in hidden_states)."""
+        return [self.caption_prompt(im, instruction) for im in images]
+
+    understands_codes = False  # understanding reads SigLIP features of pixels, not VQ codes: no --reward-input codes
 
     answer_prefix = " "  # the chat template writes "<|Assistant|>: {answer}" (byte-level BPE: "Ġword")
 
@@ -230,9 +249,10 @@ class JanusPro:
         return self.lm.lm_head(hidden)
 
     @torch.no_grad()
-    def decode_images(self, codes, generator=None):
+    def decode_images(self, codes, generator=None, prompts=None):
         """codes (N, h*w) in [0, K) -> N PIL images via the VQ-VAE decoder, in batches. Deterministic:
-        `generator` is accepted for API parity and unused. Pixels as in Janus: clip((x + 1) / 2 * 255)."""
+        `generator` and `prompts` are accepted for API parity and unused (the VQ decoder reads no text).
+        Pixels as in Janus: clip((x + 1) / 2 * 255)."""
         images = []
         for chunk in codes.to(self.lm.device).split(self.decode_batch):
             x = self.lm.decode_image_tokens(chunk).float()  # (n, H, W, 3) in about [-1, 1]
@@ -245,9 +265,10 @@ class JanusPro:
 # X-Omni: remote code. The names used below come from X-Omni/X-Omni-En's modeling_xomni.py (XOmniForCausalLM,
 # XOmniModel and their init_vision, set_generation_mode, tokenize_image, mmdecode, detokenize_image, forward),
 # configuration_xomni.py (XOmniConfig) and modeling_siglip_tokenizer.py (SiglipTokenizer.decode), and from the
-# GitHub repo X-Omni-Team/X-Omni's generate.py and chat.py. modeling_siglip_flux.py (the decoder pipeline) was not
-# available to read: it is used only as modeling_xomni.py calls it, plus diffusers FluxPipeline's encode_prompt,
-# *_prompt_embeds and generator arguments, which _cache_decoder_text checks when the model loads.
+# GitHub repo X-Omni-Team/X-Omni's generate.py and chat.py. modeling_siglip_flux.py (the decoder pipeline) was read
+# in the copy GvU's official repo (matrix0721/GvU, omni_r1/models/) ships: FluxPipelineWithSigLIP subclasses diffusers'
+# FluxPipeline; its __call__ takes the *_prompt_embeds and generator arguments (_prepare_decoder_text checks them
+# when the model loads) and encodes text with FluxPipeline.encode_prompt, as _encode_decoder_text does.
 END_OF_TURN = "<|im_end|>"  # Qwen's end of turn; chat.py stops generation at it
 
 
@@ -288,13 +309,16 @@ class XOmni:
     # LoRA on the LM's linear layers only: image_tokenizer (the SigLIP ViT) is a submodule of the same model
     lora_targets = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
     patch = 16  # generate.py's --downsample-size: one image code per 16 x 16 pixels
-    default_image_size = 512  # 32 x 32 codes; generate.py's default is 1152 (72 x 72)
+    default_image_size = 512  # 32 x 32 codes; generate.py's default is 1152 (72 x 72); GvU's official runs use 576
 
-    def __init__(self, model, tokenizer, image_size=None, decode_batch=8, decoder_prompt=""):
+    def __init__(self, model, tokenizer, image_size=None, decode_batch=8, decoder_text="none"):
         """model: XOmniForCausalLM on which init_vision has run. image_size: the square size to generate, in
-        pixels (None: default_image_size). decode_batch: images per decoder call (a memory knob).
-        decoder_prompt: the FLUX decoder's text condition (see _cache_decoder_text)."""
+        pixels, a multiple of 16 (None: default_image_size). decode_batch: images per decoder call (a memory knob).
+        decoder_text: the FLUX decoder's text condition, "none" (the empty prompt) or "prompt" (each image's T2I
+        prompt, as X-Omni's mmdecode and GvU's official code do); see decode_images."""
         image_size = image_size or self.default_image_size
+        assert image_size % self.patch == 0 and decoder_text in ("none", "prompt"), (image_size, decoder_text)
+        self.image_size, self.decoder_text = image_size, decoder_text
         cfg = model.config
         self.lm, self.tokenizer, self.decode_batch = model, tokenizer, decode_batch
         self.som, self.eom, self.img = cfg.mm_special_tokens[:3]  # '<SOM>', '<EOM>', '<IMAGE>'
@@ -312,7 +336,7 @@ class XOmni:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers 5.x : 4.x
         model.model.has_sliding_layers = False  # XOmniModel skips Qwen2Model.__init__; X-Omni's forward sets it too
         model.image_tokenizer.requires_grad_(False).eval()  # frozen: GvU trains LoRA on the LM only
-        self._decoder_text = self._cache_decoder_text(decoder_prompt)
+        self._empty_text = self._prepare_decoder_text()  # (1, L, D), (1, D'): the embeddings of ""
         model.decoder_pipe.to(model.device)
 
     # --- construction --------------------------------------------------------------------
@@ -339,15 +363,16 @@ class XOmni:
 
     def to(self, device):
         self.lm.to(device)  # the image tokenizer is a submodule of lm
-        self.lm.decoder_pipe.to(device)  # a diffusers pipeline: what is left of it after _cache_decoder_text
+        self.lm.decoder_pipe.to(device)  # a diffusers pipeline (without its text encoders with decoder_text "none")
         return self
 
     @torch.no_grad()
-    def _cache_decoder_text(self, text):
-        """Encode the decoder's text condition once with FLUX's CLIP + T5, then drop both encoders and their
-        tokenizers (~10 GB): the decoder is conditioned on the SigLIP-VQ features of the codes, and decode_images
-        passes these cached embeddings. X-Omni's detokenize_image passes the text before <SOM> as the prompt
-        and '' as the negative prompt; gvu's decode_images gets codes only, so both are `text` ("" by default)."""
+    def _prepare_decoder_text(self):
+        """The FLUX decoder's text side. X-Omni's detokenize_image passes the text before <SOM> (the T2I prompt)
+        as the prompt and '' as the negative prompt. Returns the embeddings of '' (CLIP + T5, encoded once); with
+        decoder_text "none" both encoders and their tokenizers are then dropped (~10 GB): the decoder is still
+        conditioned on the SigLIP-VQ features of the codes, just not on text. With "prompt" they stay, and
+        decode_images encodes each batch's prompts."""
         pipe = self.lm.decoder_pipe
         want = {"prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds",
                 "generator"}
@@ -357,11 +382,17 @@ class XOmni:
         device = self.lm.device
         pipe.text_encoder.to(device)
         pipe.text_encoder_2.to(device)
-        embeds, pooled, _ = pipe.encode_prompt(prompt=text, prompt_2=text, device=device)  # (1, L, D), (1, D')
-        for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
-            setattr(pipe, name, None)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        empty = self._encode_decoder_text([""])
+        if self.decoder_text == "none":
+            for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+                setattr(pipe, name, None)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        return empty
+
+    def _encode_decoder_text(self, texts):
+        """FLUX's CLIP + T5 embeddings of `texts`: (n, L, D), (n, D'), as the pipeline itself makes them."""
+        embeds, pooled, _ = self.lm.decoder_pipe.encode_prompt(prompt=texts, prompt_2=texts, device=self.lm.device)
         return embeds, pooled
 
     # --- prompts -----------------------------------------------------------------------------
@@ -390,6 +421,31 @@ class XOmni:
         msgs = [{"role": "user", "content": self.tokenize_image(image) + "\n" + instruction}]
         return self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
+    @torch.no_grad()
+    def caption_prompts(self, images, instruction):
+        """caption_prompt for a batch. Images of one size (decode_images' are) go through the SigLIP-VQ tokenizer
+        in ONE call, with the steps of X-Omni's tokenize_image (image_transform, then image_tokenizer.encode on a
+        batch of one); other sizes, one call each. `images` may also be codes (N, h*w) already: X-Omni's
+        generated codes and understanding codes share one SigLIP-VQ vocabulary (--reward-input codes)."""
+        if torch.is_tensor(images):
+            texts = [self.codes_text(c, self.grid) for c in images]
+        elif len({im.size for im in images}) == 1:
+            self.lm.image_tokenizer.eval()
+            x = torch.stack([self.lm.image_transform(im) for im in images])  # (N, 3, H, W)
+            codes = self.lm.image_tokenizer.encode(x.to(self.lm.device, self.lm.vision_dtype))  # (N, h, w)
+            texts = [self.codes_text(c.reshape(-1), c.shape) for c in codes]
+        else:
+            texts = [self.tokenize_image(im) for im in images]
+        chats = [[{"role": "user", "content": t + "\n" + instruction}] for t in texts]
+        return self.tokenizer.apply_chat_template(chats, add_generation_prompt=True, tokenize=False)
+
+    def codes_text(self, codes, shape):
+        """One image's codes (h*w,) on an (h, w) grid -> tokenize_image's '<SOM>{h} {w}<IMAGE><MM-Token-k>...<EOM>'."""
+        body = "".join(f"<MM-Token-{k}>" for k in codes.tolist())
+        return f"{self.som}{shape[0]} {shape[1]}{self.img}{body}{self.eom}"
+
+    understands_codes = True  # one SigLIP-VQ vocabulary for generation and understanding
+
     def unknown_words(self, text):
         return []  # byte-level BPE: every string is representable
 
@@ -410,19 +466,25 @@ class XOmni:
         return self.lm.lm_head(hidden)
 
     @torch.no_grad()
-    def decode_images(self, codes, generator=None):
+    def decode_images(self, codes, generator=None, prompts=None):
         """codes (N, h*w) in [0, K) -> N PIL images of h*16 x w*16 px, `decode_batch` per decoder call (X-Omni's
         detokenize_image decodes one): SigLIP-VQ codebook -> features (n, h*w, C) -> the FLUX-based decoder with
-        the checkpoint's steps and CFG scales, its noise drawn from `generator`."""
+        the checkpoint's steps and CFG scales, its noise drawn from `generator`. prompts: each row's T2I prompt,
+        the text condition when decoder_text is "prompt" (negative: ''); ignored with "none" ('' for both)."""
         (h, w), dec, pipe = self.grid, self.lm.decoder_config, self.lm.decoder_pipe
-        embeds, pooled = self._decoder_text
+        if self.decoder_text == "prompt":
+            assert prompts is not None and len(prompts) == len(codes), "decoder_text='prompt': one prompt per image"
+        embeds, pooled = self._empty_text
         images = []
-        for chunk in codes.to(self.lm.device).split(self.decode_batch):
+        for s, chunk in zip(range(0, len(codes), self.decode_batch), codes.to(self.lm.device).split(self.decode_batch)):
             n = len(chunk)
             feats = self.lm.image_tokenizer.decode(chunk.reshape(-1), (n, h, w, self.lm.encoder_config.codebook_dim))
             feats = feats.flatten(2).transpose(1, 2).contiguous()  # (n, C, h, w) -> (n, h*w, C), as detokenize_image
-            text = dict(prompt_embeds=embeds.repeat(n, 1, 1), pooled_prompt_embeds=pooled.repeat(n, 1))
-            out = pipe(feats, **text, **{"negative_" + k: v for k, v in text.items()},
+            empty = dict(prompt_embeds=embeds.repeat(n, 1, 1), pooled_prompt_embeds=pooled.repeat(n, 1))
+            text = empty
+            if self.decoder_text == "prompt":
+                text = dict(zip(("prompt_embeds", "pooled_prompt_embeds"), self._encode_decoder_text(prompts[s:s + n])))
+            out = pipe(feats, **text, **{"negative_" + k: v for k, v in empty.items()},
                        height=h * dec.upscale_factor, width=w * dec.upscale_factor,
                        num_inference_steps=dec.num_inference_steps, guidance_scale=1.0,
                        true_cfg_scale=dec.cfg_scale, true_cfg_scale_2=dec.cfg_scale_2, generator=generator)
@@ -437,19 +499,47 @@ class InputError(Exception):
 
 
 def pick_device(name="auto"):
-    """'auto' -> cuda > mps > cpu; anything else as given."""
-    if name != "auto":
-        return name
-    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    """'auto' -> cuda > mps > cpu; anything else as given, if this machine has it (else InputError)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name}: not a device (auto | cuda | cuda:N | mps | cpu)") from None
+    have = {"cpu": 1, "cuda": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+            "mps": int(torch.backends.mps.is_available())}.get(dev.type, 0)
+    if (dev.index or 0) >= have:
+        raise InputError(f"--device {name}: this machine has no such device")
+    return name
 
 
-def load_umm(name, seed=0, trust_remote_code=False, flux="", device="cpu", bf16=False):
+def use_bf16(dtype, device):
+    """--dtype -> bf16 or not. 'auto': bf16 (real weights loaded in bf16, bf16 autocast) on a CUDA GPU that has it,
+    fp32 elsewhere; the trainer and the evaluation both decide with this one rule."""
+    return dtype == "bfloat16" or (dtype == "auto" and device == "cuda" and torch.cuda.is_bf16_supported())
+
+
+def load_umm(name, seed=0, trust_remote_code=False, flux="", device="cpu", bf16=False, image_size=0,
+             decoder_text="none"):
     """The UMM for --model. Real checkpoints load their weights in bf16 when bf16 is on (LoRA stays fp32).
-    X-Omni's model class is Python code from its repository: it runs only with trust_remote_code."""
-    if name == "tiny-random":
-        return TinyUMM.random(seed)
-    if os.path.isdir(name) and TinyUMM.is_tiny_umm(name):
-        return TinyUMM.from_pretrained(name)
+    X-Omni's model class is Python code from its repository: it runs only with trust_remote_code.
+    image_size: pixels per side to generate, 0 = the model's default (X-Omni: any multiple of 16; the tiny UMM and
+    Janus-Pro: their decoder's one size). decoder_text: "prompt" conditions X-Omni's FLUX decoder on each image's
+    T2I prompt; the other decoders read codes only, so they accept "none" alone."""
+    def no_text(kind):
+        if decoder_text != "none":
+            raise InputError(f"--decoder-text {decoder_text}: {kind}'s decoder reads image codes only, not text; "
+                             "use --decoder-text none")
+
+    def native_size(umm, kind):
+        if image_size and image_size != umm.image_size:
+            raise InputError(f"--image-size {image_size}: {kind} generates {umm.image_size} px images only")
+        return umm
+
+    if name == "tiny-random" or (os.path.isdir(name) and TinyUMM.is_tiny_umm(name)):
+        no_text("the tiny UMM")
+        return native_size(TinyUMM.random(seed) if name == "tiny-random" else TinyUMM.from_pretrained(name),
+                           "the tiny UMM")
     if XOmni.is_xomni(name):
         if not trust_remote_code:
             raise InputError(f"--model {name} is X-Omni, whose model is Python code from its repository: "
@@ -457,9 +547,14 @@ def load_umm(name, seed=0, trust_remote_code=False, flux="", device="cpu", bf16=
         if not flux:
             raise InputError(f"--model {name} is X-Omni, which decodes images with a FLUX.1-dev based decoder: "
                              "pass --flux PATH (a FLUX.1-dev folder or hub id)")
+        if image_size < 0 or image_size % XOmni.patch:
+            raise InputError(f"--image-size {image_size}: X-Omni makes one image code per {XOmni.patch} px, "
+                             f"so the size must be a multiple of {XOmni.patch} (GvU's paper: 576)")
         return XOmni.from_pretrained(name, flux, trust_remote_code=True, device=device,
-                                     dtype=torch.bfloat16 if bf16 else torch.float32)
+                                     dtype=torch.bfloat16 if bf16 else torch.float32, image_size=image_size or None,
+                                     decoder_text=decoder_text)
     if JanusPro.is_janus(name):
-        return JanusPro.from_pretrained(name, dtype=torch.bfloat16 if bf16 else None)  # on the CPU; the caller moves it
+        no_text("Janus-Pro")  # from_pretrained checks the transformers version before loading; on the CPU
+        return native_size(JanusPro.from_pretrained(name, dtype=torch.bfloat16 if bf16 else None), "Janus-Pro")
     raise InputError(f"--model {name}: not 'tiny-random', a tiny UMM folder (tiny_umm.json), a Janus(-Pro) or an "
                      "X-Omni checkpoint")

@@ -1,13 +1,19 @@
 """
-Side-by-side measurements of the three things gvu.py does differently from the official code, in one run:
+Side-by-side measurements of what gvu.py does differently from the official code, in one run; every figure is
+the median [min-max] of --repeats runs (5), the contenders interleaved so a busy moment hits both:
 
   1. reward:   one batched teacher-forced forward  vs  the official loop (one uncached forward of the
                full LM per prompt token, one image at a time); the rewards must be identical;
-  2. rollout:  one batched KV-cached pass          vs  recomputing the whole sequence at every token;
-  3. memory:   peak memory of the policy forward + backward with gradient checkpointing on vs off,
-               measured (CUDA: max_memory_allocated; CPU: peak resident set of a fresh process).
+  2. rollout:  one batched KV-cached pass          vs  recomputing the whole sequence at every token
+               (64 image tokens);
+  3. memory:   peak memory of the policy forward + backward (LoRA r=8, as the trainer) with gradient
+               checkpointing on vs off, measured (CUDA: max_memory_allocated; CPU: peak resident set of a
+               fresh process, with glibc's mmap threshold fixed so that freed blocks leave the resident set);
+  4. step:     where the time of a real gvu.gvu_step goes (its timing hook), on the shipped tiny UMM, with
+               --reward-input pixels (decode, re-tokenise) and codes (no decode).
 
-    python bench.py                 # tiny UMM on the CPU, about a minute
+    python bench.py                 # tiny UMM on the CPU, a few minutes
+    python bench.py --reward-agreement prompts/shapes_geneval.jsonl   # codes vs pixels rewards on base samples
 
 And the memory plan for real models (second half of this file):
 
@@ -20,10 +26,15 @@ And the memory plan for real models (second half of this file):
     python bench.py --gpu-rehearsal --configs xomni7b --steps 3 --prompts 8 --group-size 8
     python bench.py --gpu-rehearsal --configs tiny-janus,tiny-xomni   # the same code path, tiny, on the CPU
     python bench.py --estimate --configs xomni7b           # seconds, CPU only
+
+  6. --ddp N: seconds per step of the same gvu.py run in one process and under torchrun with N processes.
+
+    python bench.py --ddp 2 --prompts 4 --group-size 2     # CPU (gloo): a correctness and overhead check
 """
 import argparse
 import gc
 import json
+import os
 import re
 import resource
 import subprocess
@@ -50,12 +61,23 @@ PROMPTS = ["a photo of a red circle", "a photo of two squares", "a photo of a bl
            "a photo of a small circle above a square", "a photo of four circles", "a photo of a green triangle"]
 
 
-def timed(fn, repeat=3):
-    fn()  # warm-up
-    t = time.perf_counter()
+def timed(fns, repeat=5):
+    """Run each of `fns` once to warm up, then `repeat` rounds of all of them in turn (so a busy moment of a
+    shared machine falls on every contender alike). Returns the last outputs and each fn's seconds per round."""
+    outs = [fn() for fn in fns]
+    seconds = [[] for _ in fns]
     for _ in range(repeat):
-        out = fn()
-    return out, (time.perf_counter() - t) / repeat
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            outs[i] = fn()
+            seconds[i].append(time.perf_counter() - t)
+    return outs, [np.array(x) for x in seconds]
+
+
+def spread(x, unit=1e3, fmt="{:.1f}"):
+    """'median [min-max]' of a list of measurements (times `unit`: seconds -> ms by default)."""
+    x = np.asarray(x) * unit
+    return f"{fmt.format(np.median(x))} [{fmt.format(x.min())}-{fmt.format(x.max())}]"
 
 
 def official_rewards(umm, images, prompts, instruction):
@@ -85,9 +107,107 @@ def uncached_rollout(umm, prompts, G, generator):
     return ids[:, enc.input_ids.shape[1]:] - umm.image_offset
 
 
+def step_breakdown(model, steps, prompts_path="prompts/train.txt"):
+    """Seconds per phase of real gvu.gvu_step calls (the trainer's defaults: B=8 x G=8, one micro-batch, LoRA,
+    checkpointing, mu=1) on `model`, through gvu_step's own timing hook, for --reward-input pixels and codes:
+    two copies of the model stepped in turn (pixels step k, codes step k), so machine load falls on both alike.
+    Step 0 (a sample step, and the warm-up) is left out. Image tokenisation happens inside the reward: it is
+    timed on its own right after each pixels step, on the same images, with the batched call the reward makes."""
+    runs = {}
+    for reward_input in ("pixels", "codes"):
+        args = gvu.Args(model=model, reward_input=reward_input)
+        umm = gvu.load_umm(model)
+        torch.manual_seed(args.seed)
+        runs[reward_input] = (args, umm, *gvu.add_lora(umm, args))
+    prompts, rows = gvu.read_prompts(prompts_path), {k: [] for k in runs}
+    for step in range(steps + 1):
+        for reward_input, (args, umm, policy, optimizer) in runs.items():
+            batch, t = gvu.prompt_batch(prompts, step, args.batch_prompts, args.seed), {}
+            start = time.perf_counter()
+            _, images, _ = gvu.gvu_step(umm, policy, optimizer, batch, step, args, timings=t)
+            t["step"] = time.perf_counter() - start
+            if reward_input == "pixels":
+                start = time.perf_counter()
+                umm.caption_prompts(images, args.instruction)
+                t["tokenise"] = time.perf_counter() - start
+            if step > 0:
+                rows[reward_input].append(t)
+    return {k: {name: np.array([r.get(name, 0.0) for r in v]) for name in v[0]} for k, v in rows.items()}
+
+
+@torch.no_grad()
+def reward_agreement(model, metadata, group_size=8, batch=8, seed=0):
+    """--reward-input codes vs pixels on the base model's own samples of `metadata` (eval_geneval's seeds): the
+    share of codes that survive decode -> re-tokenise, the correlation of the two rewards (all samples, and
+    within groups after removing each group's mean), and per tag the within-group AUC of each reward against
+    the shapes world's pixel oracle (experiments.py audit's table)."""
+    from experiments import audit_table
+    from eval_geneval import read_metadata
+    import shapes
+    umm = gvu.load_umm(model)
+    metas = read_metadata(metadata, classes=shapes.SHAPES)
+    rows, kept, r_pix, r_code = {"pixels": [], "codes": []}, [], [], []
+    for b in range(0, len(metas), batch):
+        part, s = metas[b:b + batch], seed * 100_003 + b
+        gen = torch.Generator().manual_seed(s)  # as eval_geneval.sample_groups on the CPU: one generator for both
+        ro = gvu.rollout(umm, [m["prompt"] for m in part], group_size, generator=gen)
+        images = umm.decode_images(ro["codes"], gen)
+        kept.append((umm.image_codes(images) == ro["codes"]).float().mean(1))  # (n,) per image
+        prompts = [m["prompt"] for m in part for _ in range(group_size)]
+        rewards = {k: gvu.intrinsic_reward(*gvu.caption_token_logprobs(umm, x, prompts, INSTRUCTION))
+                   for k, x in (("pixels", images), ("codes", ro["codes"]))}
+        r_pix.append(rewards["pixels"])
+        r_code.append(rewards["codes"])
+        for k, meta in enumerate(part):
+            g = slice(k * group_size, (k + 1) * group_size)
+            correct = [bool(shapes.oracle(im, meta)[0]) for im in images[g]]
+            for path, r in rewards.items():
+                rows[path].append(dict(tag=meta["tag"], rewards=r[g].tolist(), correct=correct))
+    kept, r_pix, r_code = torch.cat(kept), torch.cat(r_pix), torch.cat(r_code)
+    centred = lambda r: r.view(-1, group_size) - r.view(-1, group_size).mean(1, keepdim=True)
+    corr = lambda a, b: np.corrcoef(a.flatten().numpy(), b.flatten().numpy())[0, 1]
+    print(f"agreement of --reward-input codes and pixels, {model}, {len(metas)} prompts x G={group_size} ({metadata})")
+    print(f"  codes surviving decode -> re-tokenise: {kept.mean():.3f} of all codes; images with every code kept: "
+          f"{(kept == 1).float().mean():.3f}")
+    print(f"  reward correlation (Pearson): all samples {corr(r_pix, r_code):.3f}, within groups "
+          f"{corr(centred(r_pix), centred(r_code)):.3f} | mean reward pixels {r_pix.mean():.4f}, codes {r_code.mean():.4f}")
+    tables = {path: audit_table(r) for path, r in rows.items()}
+    fmt = lambda v: "  n/a" if v is None else f"{v:.3f}"
+    print(f"  {'tag':22s} {'groups':>6s} {'accuracy':>8s} {'AUC pixels':>10s} {'AUC codes':>10s}")
+    for tag, v in tables["pixels"].items():
+        print(f"  {tag:22s} {v['groups']:6d} {v['accuracy']:8.3f} {fmt(v['auc']):>10s} {fmt(tables['codes'][tag]['auc']):>10s}")
+    mean_auc = lambda t: np.mean([v["auc"] for v in t.values() if v["auc"] is not None])
+    print(f"  {'mean over tags':22s} {'':6s} {'':8s} {mean_auc(tables['pixels']):10.3f} {mean_auc(tables['codes']):10.3f}")
+
+
+PHASES = ("rollout", "decode", "image tokenisation", "reward forward", "reference", "update")
+
+
+def print_breakdown(model, steps):
+    """The step-time table, --reward-input pixels and codes side by side: ms, median [min-max] of `steps`
+    steps, and the median share of the step."""
+    res = {}
+    for reward_input, t in step_breakdown(model, steps).items():
+        tok = t.pop("tokenise", np.zeros(steps))  # codes: no image tokenizer runs (strings only, in the forward)
+        res[reward_input] = dict(zip(PHASES, (t["rollout"], t["decode"], tok, t["reward"] - tok, t["reference"],
+                                              t["update"])), step=t["step"])
+    print(f"step     one gvu_step on {model} (B=8 x G=8, micro-batch 64, LoRA, checkpointing), ms, median [min-max] "
+          f"of {steps} steps")
+    print(f"         {'':20s} | {'--reward-input pixels':>31s} | {'--reward-input codes':>31s}")
+    for k in PHASES + ("step",):
+        cells = [f"{spread(r[k]):>25s} {np.median(r[k] / r['step']) * 100:4.0f}%" for r in res.values()]
+        print(f"         {k:20s} | " + " | ".join(cells))
+    covered = [np.median(sum(r[k] for k in PHASES) / r["step"]) * 100 for r in res.values()]
+    speedup = res["pixels"]["step"] / res["codes"]["step"]  # steps run in turn: each pair saw the same load
+    print(f"         phases cover {covered[0]:.0f}% / {covered[1]:.0f}% of the step | codes vs pixels: "
+          f"{spread(speedup, 1, '{:.2f}')}x faster per step (the decode on sample steps left out)")
+
+
 def memory_worker(checkpointing, hidden, layers, n):
     """Run in a fresh process: one policy forward + backward; report peak memory above the baseline."""
     umm = TinyUMM.random(0, hidden=hidden, layers=layers, heads=8)
+    umm.lm.requires_grad_(False)  # LoRA r=8 / alpha=32 as gvu.add_lora: the gradients are LoRA's only
+    get_peft_model(umm.lm, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules=umm.lora_targets))
     if checkpointing:
         gvu.enable_checkpointing(umm.lm)
     ro = gvu.rollout(umm, (PROMPTS * n)[:n], G=1, generator=torch.Generator().manual_seed(0))
@@ -298,12 +418,11 @@ class XOmniStandIn(TinyUMM):
         super().__init__(lm, tokenizer, image_tokenizer, decoder, scheduler=None, decode_steps=decode_steps)
         self.decode_batch = decode_batch  # images per FLUX pass
 
-    @torch.no_grad()
-    def tokenize_image(self, image):
-        return self.codes_to_text(self.image_tokenizer.encode([image])[0])
+    def image_codes(self, images):
+        return self.image_tokenizer.encode(images)
 
     @torch.no_grad()
-    def decode_images(self, codes, generator=None):
+    def decode_images(self, codes, generator=None, prompts=None):  # prompts: unused (the empty decoder text)
         pixels = torch.cat([self.decoder(c, generator, self.decode_steps).float() for c in codes.split(self.decode_batch)])
         return tiny_umm.to_pil(pixels.nan_to_num())  # random weights may overflow bf16
 
@@ -370,7 +489,7 @@ def rehearse(name, device="cuda", steps=2, prompts=8, group_size=8, micro_batch=
     seconds, stats = [], []
     for step in range(steps):
         t = time.perf_counter()
-        rewards, _, st = gvu.gvu_step(umm, policy, optimizer, batch, step, args, autocast)
+        rewards, _, st, _ = gvu.gvu_step(umm, policy, optimizer, batch, step, args, autocast)
         stats.append(dict(st, reward=rewards.mean().item()))
         if cuda:
             torch.cuda.synchronize()
@@ -513,6 +632,29 @@ def print_estimate(name, a):
     print()
 
 
+def ddp_bench(n, B, G, steps, micro_batch):
+    """--ddp: gvu.py on the tiny random UMM, B prompts x G a step, in 1 process and in n under torchrun (one thread
+    each; gloo on the CPU, one GPU each with NCCL); s/step = the logs' mean after the first step. Scaling
+    efficiency = t_1 / (n * t_n): 1.0 if n processes take 1/n of the time (the global batch is the same)."""
+    import tempfile
+    if B % n:
+        sys.exit(f"error: --prompts {B} must be divisible by --ddp {n}")
+    seconds = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for procs in (1, n):
+            launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs > 1 else []
+            out = os.path.join(tmp, str(procs))
+            subprocess.run([sys.executable, *launch, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gvu.py"),
+                            "--model", "tiny-random", "--out", out, "--steps", str(steps + 1), "--batch-prompts", str(B),
+                            "--group-size", str(G), "--micro-batch", str(micro_batch), "--sample-every", "1000000"],
+                           check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+            seconds[procs] = float(np.mean([r["seconds"] for r in rows[1:]]))
+    print(f"ddp      {B} prompts x G={G}, {steps} steps | 1 process {seconds[1]:.3f} s/step | {n} processes "
+          f"{seconds[n]:.3f} s/step | scaling efficiency {seconds[1] / (n * seconds[n]):.2f} "
+          f"({'CUDA' if torch.cuda.is_available() else 'CPU, gloo'})")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--group-size", type=int, help="G: images per prompt (default 4 for the CPU bench with its 8 "
@@ -531,7 +673,15 @@ def main(argv=None):
                    help="LM weights (default: as gvu.train loads a real checkpoint, bf16 on CUDA) or fp32 + bf16 autocast")
     p.add_argument("--decode-steps", type=int, default=2, help="FLUX denoising steps per decode (X-Omni stand-in)")
     p.add_argument("--json", help="append one JSON line per rehearsed config to this file")
+    p.add_argument("--reward-agreement", metavar="METADATA", help="--reward-input codes vs pixels on the base "
+                   "model's samples of this metadata file (e.g. prompts/shapes_geneval.jsonl), then exit")
+    p.add_argument("--repeats", type=int, default=5, help="CPU bench: repeats per figure (median and min-max)")
+    p.add_argument("--breakdown-model", default="checkpoints/tiny-umm", help="CPU bench: the model of the step breakdown")
+    p.add_argument("--ddp", type=int, default=0, metavar="N",
+                   help="s/step of gvu.py in 1 process vs N under torchrun (uses --prompts, --group-size, --steps)")
     a = p.parse_args(argv)
+    if a.ddp:
+        return ddp_bench(a.ddp, a.prompts, a.group_size or 2, a.steps, a.micro_batch)
     if a.memory_worker:
         return memory_worker(a.memory_worker == "on", a.mem_hidden, a.mem_layers, a.mem_seqs)
     names = a.configs.split(",")
@@ -543,36 +693,49 @@ def main(argv=None):
         return
     if a.gpu_rehearsal:
         return run_rehearsal(names, a)
+    if a.reward_agreement:
+        return reward_agreement(a.breakdown_model, a.reward_agreement, a.group_size or 8)
     torch.manual_seed(0)
-    umm, G, instr = TinyUMM.random(0), a.group_size or 4, "Describe the image in detail."
+    umm, G, n, instr = TinyUMM.random(0), a.group_size or 4, a.repeats, INSTRUCTION
     prompts = [p for p in PROMPTS for _ in range(G)]
     print(f"tiny UMM: {sum(q.numel() for q in umm.lm.parameters()) / 1e6:.2f}M LM params, {len(prompts)} images, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads; every figure: median [min-max] of {n} repeats")
 
     # 1. reward
     images = umm.decode_images(torch.randint(0, umm.image_vocab_size, (len(prompts), 16)), torch.Generator().manual_seed(0))
     with torch.no_grad():
-        fast, t_fast = timed(lambda: gvu.intrinsic_reward(*gvu.caption_token_logprobs(umm, images, prompts, instr)))
-        slow, t_slow = timed(lambda: official_rewards(umm, images, prompts, instr), repeat=1)
-    print(f"reward   batched {t_fast * 1e3:8.1f} ms | per-token loop {t_slow * 1e3:8.1f} ms | "
-          f"speed-up {t_slow / t_fast:5.1f}x | max |dR| {(fast - slow).abs().max().item():.1e}")
+        (fast, slow), (t_fast, t_slow) = timed([
+            lambda: gvu.intrinsic_reward(*gvu.caption_token_logprobs(umm, images, prompts, instr)),
+            lambda: official_rewards(umm, images, prompts, instr)], n)
+    print(f"reward   batched {spread(t_fast)} ms | per-token loop {spread(t_slow)} ms | speed-up "
+          f"{spread(t_slow / t_fast, 1)}x | max |dR| {(fast - slow).abs().max().item():.1e}")
 
-    # 2. rollout
+    # 2. rollout, at 64 image tokens: the rollout reads only the LM and the grid, so the tiny model samples 8 x 8
+    umm.grid = (8, 8)
     gen = lambda: torch.Generator().manual_seed(1)
-    cached, t_c = timed(lambda: gvu.rollout(umm, PROMPTS, G, generator=gen())["codes"])
-    uncached, t_u = timed(lambda: uncached_rollout(umm, PROMPTS, G, gen()))
-    print(f"rollout  KV-cached {t_c * 1e3:6.1f} ms | uncached {t_u * 1e3:8.1f} ms | speed-up {t_u / t_c:5.1f}x | "
-          f"same codes: {torch.equal(cached, uncached)}")
+    (cached, uncached), (t_c, t_u) = timed([lambda: gvu.rollout(umm, PROMPTS, G, generator=gen())["codes"],
+                                            lambda: uncached_rollout(umm, PROMPTS, G, gen())], n)
+    print(f"rollout  KV-cached {spread(t_c)} ms | uncached {spread(t_u)} ms | speed-up {spread(t_u / t_c, 1)}x | "
+          f"{cached.shape[1]} image tokens | same codes: {torch.equal(cached, uncached)}")
 
-    # 3. memory, each setting in a fresh process so the peaks do not mix
-    peaks = {}
-    for mode in ("off", "on"):
-        cmd = [sys.executable, __file__, "--memory-worker", mode, "--mem-hidden", str(a.mem_hidden),
-               "--mem-layers", str(a.mem_layers), "--mem-seqs", str(a.mem_seqs)]
-        peaks[mode] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
-    print(f"memory   checkpointing off {peaks['off']['peak_mb']:7.1f} MB | on {peaks['on']['peak_mb']:7.1f} MB | "
-          f"ratio {peaks['off']['peak_mb'] / peaks['on']['peak_mb']:4.1f}x  ({peaks['on']['device']}, "
-          f"hidden {a.mem_hidden}, {a.mem_layers} layers, {a.mem_seqs} sequences, forward + backward)")
+    # 3. memory, each setting in a fresh process so the peaks do not mix. On the CPU the peak resident set only
+    # tracks live memory when glibc hands every large block straight back (a fixed mmap threshold): with its
+    # default, a dynamic threshold, freed activations stay in the heap and inflate the later peak
+    peaks = {"off": [], "on": []}
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    for _ in range(n):
+        for mode in peaks:
+            cmd = [sys.executable, __file__, "--memory-worker", mode, "--mem-hidden", str(a.mem_hidden),
+                   "--mem-layers", str(a.mem_layers), "--mem-seqs", str(a.mem_seqs)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.splitlines()[-1]
+            peaks[mode].append(json.loads(out)["peak_mb"])
+    off, on = np.array(peaks["off"]), np.array(peaks["on"])
+    print(f"memory   checkpointing off {spread(off, 1)} MB | on {spread(on, 1)} MB | on / off {spread(on / off, 1, '{:.2f}')}"
+          f"  ({'cuda' if torch.cuda.is_available() else 'cpu'}, hidden {a.mem_hidden}, {a.mem_layers} layers, "
+          f"{a.mem_seqs} sequences, LoRA r=8, forward + backward)")
+
+    # 4. where a real step's time goes, on the shipped tiny UMM
+    print_breakdown(a.breakdown_model, n)
 
 
 if __name__ == "__main__":

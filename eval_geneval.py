@@ -26,9 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import re
+import shutil
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -40,10 +43,10 @@ from tqdm import tqdm
 from transformers import AutoImageProcessor, AutoProcessor, CLIPModel, Mask2FormerForUniversalSegmentation
 
 import gvu
+import runio
 import shapes
 import vlm_judge
-from adapters import InputError, load_umm, pick_device
-
+from adapters import InputError, load_umm, pick_device, use_bf16
 from geneval_rules import (COLORS, Detection, evaluate, image_regions, mean_area,  # noqa: F401 (re-exported)
                            relative_position, select_detections)
 
@@ -475,15 +478,65 @@ def generate_prompts(n: int, seed: int, exclude: set[str] = frozenset()) -> list
 
 # --------------------------------------------------------------------------- generate (the model side)
 
+def check_adapter_path(adapter):
+    """--adapter is a local folder that gvu.py wrote (its --out/adapter). Checked here, before peft, which would
+    take a missing path for a hub id and try the network."""
+    if not os.path.isdir(adapter):
+        raise GenEvalError(f"--adapter {adapter}: no such folder")
+    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        raise GenEvalError(f"--adapter {adapter}: not a peft adapter folder (no adapter_config.json)")
+
+
+def adapter_base(adapter):
+    """(what the adapter says it was trained on, where that comes from), or (None, None). gvu.py writes
+    gvu.json into the adapter; older runs have gvu's config.json next to it; else peft's own record."""
+    info_path, config = os.path.join(adapter, "gvu.json"), os.path.join(adapter, os.pardir, "config.json")
+    if os.path.isfile(info_path):
+        info = json.loads(Path(info_path).read_text())
+        return info.get("base_model"), "its gvu.json"
+    if os.path.isfile(config) and {"model", "seed"} <= set(cfg := json.loads(Path(config).read_text())):
+        return runio.base_model_id(cfg["model"], cfg["seed"]), "the run's config.json"
+    base = json.loads(Path(adapter, "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if base and os.path.isfile(os.path.join(base, os.pardir, "tiny_umm.json")):
+        base = os.path.dirname(os.path.normpath(base))  # peft records the tiny UMM's lm/ subfolder
+    return (runio.base_model_id(base, None), "adapter_config.json") if base else (None, None)
+
+
+def check_adapter_base(umm, args):
+    """Refuse an adapter trained on another base model: by the weights' fingerprint when gvu.json has one
+    (robust to a model's path or hub id changing), else by the recorded base model's name."""
+    info_path = os.path.join(args.adapter, "gvu.json")
+    info = json.loads(Path(info_path).read_text()) if os.path.isfile(info_path) else {}
+    base, source = adapter_base(args.adapter)
+    if "base_fingerprint" in info:
+        same = info["base_fingerprint"] == runio.base_fingerprint(umm.lm)
+    elif base is None:
+        print(f"warning: --adapter {args.adapter} does not say which base model it was trained on", file=sys.stderr)
+        return
+    else:
+        same = base == runio.base_model_id(args.model, args.seed)
+    if not same:
+        raise GenEvalError(f"--adapter {args.adapter} was trained on {base} ({source}), not on --model {args.model}"
+                           + (f" with --seed {args.seed}" if args.model == "tiny-random" else ""))
+
+
 def load_model(args):
-    """Any model gvu.py trains (+ an optional peft adapter saved by gvu.py), in eval mode."""
+    """Any model gvu.py trains (+ an optional peft adapter saved by gvu.py), in eval mode, in the precision the
+    trainer uses (--dtype)."""
+    if args.adapter:
+        check_adapter_path(args.adapter)
     try:
         device = pick_device(args.device or "auto")
-        umm = load_umm(args.model, args.seed, args.trust_remote_code, args.flux, device).to(device)
+        umm = load_umm(args.model, args.seed, args.trust_remote_code, args.flux, device, use_bf16(args.dtype, device),
+                       args.image_size, args.decoder_text).to(device)
     except InputError as e:
         raise GenEvalError(str(e)) from None
     if args.adapter:
-        PeftModel.from_pretrained(umm.lm, args.adapter)  # injects the LoRA layers into umm.lm in place
+        check_adapter_base(umm, args)
+        try:
+            PeftModel.from_pretrained(umm.lm, args.adapter)  # injects the LoRA layers into umm.lm in place
+        except (OSError, ValueError, RuntimeError) as e:
+            raise GenEvalError(f"cannot load --adapter {args.adapter}: {str(e).splitlines()[0]}") from None
     umm.lm.eval()
     return umm
 
@@ -496,21 +549,50 @@ def sample_groups(umm, metas, n, args):
         gvu.check_vocabulary(umm, prompts)
     except InputError as e:
         raise GenEvalError(str(e)) from None
+    device = umm.lm.device.type
+    autocast = torch.autocast(device, torch.bfloat16) if use_bf16(args.dtype, device) else nullcontext()  # as gvu.train
     for b in tqdm(range(0, len(metas), args.batch), desc="sampling", unit="batch" if args.batch > 1 else "prompt"):
         seed = args.seed * 100_003 + b
         gen = torch.Generator(umm.lm.device).manual_seed(seed)  # sampling runs on the model's device
-        ro = gvu.rollout(umm, prompts[b:b + args.batch], n, args.temperature, args.top_k, args.min_p, args.cfg_scale, gen)
-        images = umm.decode_images(ro["codes"], gen if gen.device.type == "cpu" else torch.Generator().manual_seed(seed))
+        batch = prompts[b:b + args.batch]
+        with autocast:
+            ro = gvu.rollout(umm, batch, n, args.temperature, args.top_k, args.min_p, args.cfg_scale, gen)
+            images = umm.decode_images(ro["codes"], gen if gen.device.type == "cpu" else torch.Generator().manual_seed(seed),
+                                       prompts=[p for p in batch for _ in range(n)])
         for k, meta in enumerate(metas[b:b + args.batch]):
             yield b + k, meta, images[k * n:(k + 1) * n]
 
 
+OUTPUT_NAMES = re.compile(r"\d+|results\.jsonl|summary\.(json|md)")  # what generate and score write
+
+
+def check_generate_out(out, overwrite):
+    """generate never mixes its images with an earlier run's: a non-empty --out needs --overwrite, which
+    clears only what generate and score write there."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise GenEvalError(f"--out {out} is a file, not a folder")
+    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if names and not overwrite:
+        raise GenEvalError(f"--out {out} is not empty ({len(names)} entries); pass --overwrite to replace it, "
+                           "or pick another --out")
+    if other := [n for n in names if not OUTPUT_NAMES.fullmatch(n)]:
+        raise GenEvalError(f"--overwrite clears only generate/score output, and {out} also holds {other[0]}")
+
+
 def cmd_generate(args) -> None:
-    """generate: n images per metadata line into GenEval's folder layout."""
+    """generate: n images per metadata line into GenEval's folder layout, written beside --out and renamed
+    into place at the end (an interrupted generate leaves no half-filled --out)."""
     metas = read_metadata(args.metadata, classes=None if args.any_class else GENEVAL_CLASSES)
+    check_generate_out(args.out, args.overwrite)
     umm = load_model(args)
+    out, tmp = Path(args.out), Path(str(Path(args.out)) + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
     for index, meta, images in sample_groups(umm, metas, args.n, args):
-        write_prompt_folder(args.out, index, meta, images)
+        write_prompt_folder(tmp, index, meta, images)
+    if out.exists():
+        shutil.rmtree(out)  # checked above: empty, or --overwrite of generate/score output only
+    tmp.rename(out)
     print(f"wrote {len(metas)} prompts x {args.n} images to {args.out}")
 
 
@@ -527,7 +609,7 @@ def cmd_score(args) -> None:
     out = Path(args.out or args.folder)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    with open(out / "results.jsonl", "w") as f:
+    with open(out / "results.jsonl.tmp", "w") as f:  # renamed at the end: a failed score keeps the last results
         for index, meta, path in samples:
             correct, reason = scorer(load_image(path), meta)
             row = {"index": index, "sample": path.stem, "tag": meta["tag"], "prompt": meta["prompt"],
@@ -539,8 +621,10 @@ def cmd_score(args) -> None:
         summary["notes"] = [PROXY_NOTE]
     if args.scorer == "vlm":
         summary |= {"judge": scorer.spec, "notes": [scorer.note(summary.get("unevaluated", 0), len(results))]}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "summary.md").write_text(format_table(summary) + "\n")
+    (out / "summary.json.tmp").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.md.tmp").write_text(format_table(summary) + "\n")
+    for name in ("results.jsonl", "summary.json", "summary.md"):
+        os.replace(out / f"{name}.tmp", out / name)
     print(format_table(summary))
 
 
@@ -595,6 +679,11 @@ def add_model_flags(q, n_flag: str, n_default: int, n_help: str) -> None:
     q.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
     q.add_argument("--min-p", type=float, default=0.0, help="min-p sampling (0 = off)")
     q.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
+    q.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: as gvu.py trains (bf16 weights + autocast on a CUDA GPU with bf16, else fp32)")
+    q.add_argument("--image-size", type=int, default=0, help="pixels per side (0 = the model's default; X-Omni paper: 576)")
+    q.add_argument("--decoder-text", default="none", choices=["none", "prompt"],
+                   help="X-Omni's decoder text condition: none, or the prompt (the official evaluation's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -604,6 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
     gn = sub.add_parser("generate", help="sample images for a metadata file into GenEval's folder layout")
     add_model_flags(gn, "--n", 4, "images per prompt")
     gn.add_argument("--any-class", action="store_true", help="accept classes outside GenEval's 80 (e.g. shapes)")
+    gn.add_argument("--overwrite", action="store_true", help="replace the images already in --out (else it must be empty)")
     gn.set_defaults(func=cmd_generate)
     s = sub.add_parser("score", help="score a GenEval image folder")
     s.add_argument("folder", help="folder with <00000>/metadata.jsonl and <00000>/samples/<0000>.png")
@@ -638,7 +728,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (GenEvalError, vlm_judge.JudgeError) as e:
+    except (GenEvalError, InputError, gvu.TrainingError, vlm_judge.JudgeError) as e:
         sys.exit(f"error: {e}")
     return 0
 

@@ -5,15 +5,19 @@
     grid          the same prompts and seeds from two `eval_geneval.py generate` folders side by side
     oracle-train  gvu.py with the shapes world's pixel oracle as the reward (gvu_step's reward_fn):
                   same RL, a perfect judge, meant as an upper bound for the intrinsic reward
+    token-view    what the reward sees: a generate folder's images with the prompt's tokens shaded by their
+                  probability under the judge; --edits: the mean reward drop when one attribute word changes
 
     python experiments.py audit --model checkpoints/tiny-umm --metadata prompts/shapes_geneval.jsonl --out runs/audit_base
     python experiments.py curve "GvU=runs/A/log.jsonl" --out assets/reward_curve.png --smooth 20
     python experiments.py grid runs/eval_base/geneval runs/eval_A/geneval --out assets/before_after.png
     python experiments.py oracle-train --out runs/O          # other flags go to gvu.py
+    python experiments.py token-view runs/eval_base/geneval --edits --correct-only --out assets/token_view.png
 """
 import argparse
 import json
 import sys
+from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +27,8 @@ from PIL import Image, ImageDraw
 import gvu
 import shapes
 from adapters import InputError
-from eval_geneval import (GenEvalError, add_detector_flags, add_model_flags, iter_samples, load_image, load_model,
-                          make_scorer, read_metadata, sample_groups, scorer_classes)
+from eval_geneval import (COLORS as GENEVAL_COLORS, GenEvalError, add_detector_flags, add_model_flags, iter_samples,
+                          load_image, load_model, make_scorer, read_metadata, sample_groups, scorer_classes)
 
 
 # --------------------------------------------------------------------------- reward audit
@@ -64,7 +68,8 @@ def cmd_audit(args) -> None:
     for index, meta, images in sample_groups(umm, metas, args.group_size, args):
         with torch.no_grad():
             rewards = gvu.intrinsic_reward(*gvu.caption_token_logprobs(umm, images, [meta["prompt"]] * len(images),
-                                                                        args.instruction))
+                                                                        args.instruction,
+                                                                        end_of_turn=args.end_of_turn == "on"))
         verdicts = [scorer(im, meta) for im in images]
         rows.append({"index": index, "tag": meta["tag"], "prompt": meta["prompt"], "rewards": rewards.tolist(),
                      "correct": [bool(c) for c, _ in verdicts]})
@@ -98,9 +103,12 @@ def cmd_curve(args) -> None:
         rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
         steps = [r["step"] for r in rows]
         smooth = lambda xs, k=args.smooth: [float(np.mean(xs[max(0, i - k + 1):i + 1])) for i in range(len(xs))]
-        ax_r.plot(steps, smooth([r["reward_mean"] for r in rows]), label=label)
+        line, = ax_r.plot(steps, smooth([r["reward_mean"] for r in rows]), label=label, alpha=0.6)
+        probe = [(r["step"], r["probe_reward"]) for r in rows if "probe_reward" in r]
+        if probe:  # fixed prompts and seeds: the curve that shows learning (gvu.py --probe-every)
+            ax_r.plot(*zip(*probe), "o-", color=line.get_color(), label=f"{label}: probe reward")
         ax_k.plot(steps, smooth([r["kl"] for r in rows]), label=label)
-    ax_r.set(xlabel="step", ylabel=f"mean reward ({args.smooth}-step running mean)")
+    ax_r.set(xlabel="step", ylabel=f"reward (lines: {args.smooth}-step running mean; dots: probe)")
     ax_k.set(xlabel="step", ylabel="KL to the base (k3, per token)")
     ax_r.legend()
     fig.tight_layout()
@@ -154,6 +162,104 @@ def cmd_oracle_train(args, gvu_argv) -> None:
     gvu.main(gvu_argv, reward_fn=oracle_reward_fn(args.train_metadata))
 
 
+# --------------------------------------------------------------------------- what the reward sees, token by token
+
+def word_classes(shapes_world):
+    """(class, interchangeable words) for prompt edits: the shapes world's own lists (shapes.py), else GenEval's
+    colours and relations. Counts stay plural (two..four) and shapes keep their number, so one word changes."""
+    colours = list(shapes.COLORS) if shapes_world else GENEVAL_COLORS
+    nouns = [("shape", list(shapes.SHAPES)), ("shape", list(shapes.PLURALS.values()))] if shapes_world else []
+    return [("colour", colours), ("count", list(shapes.NUMBERS[2:]))] + nouns + [
+        ("relation", list(shapes.RELATIONS)), ("region", list(shapes.REGIONS)), ("size", list(shapes.SIZES))]
+
+
+def word_edits(prompt, classes):
+    """Every prompt that differs from `prompt` in one attribute word (or relation phrase): [(class, edited)].
+    A region ("on the left") is told from a relation ("left of", "above") by the "the" before it; an article
+    before the changed word follows it (a red / an orange)."""
+    words, edits = prompt.split(), []
+    for name, options in classes:
+        for i in range(len(words)):
+            for old in options:
+                k = len(old.split())
+                if words[i:i + k] != old.split():
+                    continue
+                if name in ("relation", "region") and (name == "region") != (i > 0 and words[i - 1] == "the"):
+                    continue
+                for new in options:
+                    if new != old:
+                        edited = words[:i] + new.split() + words[i + k:]
+                        if i > 0 and edited[i - 1] in ("a", "an"):
+                            edited[i - 1] = "an" if new[0] in "aeiou" else "a"
+                        edits.append((name, " ".join(edited)))
+    return edits
+
+
+def edit_table(umm, images, prompts, instruction):
+    """Per word class: how many (image, edit) pairs, mean reward for the image's own prompt and for the edited one,
+    the mean drop, and how often the edit lowers the reward. images[i] is scored against prompts[i] and its edits."""
+    shapes_world = all(w in shapes.PROMPT_WORDS for p in prompts for w in p.split())
+    classes, by_class = word_classes(shapes_world), {}
+    for image, prompt in zip(images, prompts):
+        edits = word_edits(prompt, classes)
+        texts = [prompt] + [e for _, e in edits]
+        with torch.no_grad():
+            r = gvu.intrinsic_reward(*gvu.caption_token_logprobs(umm, [image] * len(texts), texts, instruction)).tolist()
+        for (name, _), r_edit in zip(edits, r[1:]):
+            by_class.setdefault(name, []).append((r[0], r_edit))
+    return {name: {"edits": len(pairs), "reward": float(np.mean([a for a, _ in pairs])),
+                   "reward_edited": float(np.mean([b for _, b in pairs])),
+                   "drop": float(np.mean([a - b for a, b in pairs])),
+                   "lowered": float(np.mean([b < a for a, b in pairs]))} for name, pairs in by_class.items()}
+
+
+def cmd_token_view(args) -> None:
+    """token-view: images of a generate folder x their prompt's tokens, shaded by p(token | image, earlier tokens)."""
+    if args.prompts < 1 or args.images < 1 or args.px < 16:
+        raise GenEvalError("--prompts and --images must be >= 1 and --px >= 16")
+    if not Path(args.out).resolve().parent.is_dir():
+        raise GenEvalError(f"--out: folder {Path(args.out).parent} does not exist")
+    samples = list(iter_samples(args.folder, classes=None))
+    groups = {}
+    for index, meta, path in samples:
+        groups.setdefault(index, (meta, []))[1].append(path)
+    if args.correct_only and (args.prompt or any(r["class"] not in shapes.SHAPES for m, _ in groups.values()
+                                                 for r in m["include"])):
+        raise GenEvalError("--correct-only needs a shapes-world folder scored against its own prompts (no --prompt)")
+    n = min(args.images, *(len(paths) for _, paths in groups.values()))
+    by_tag = {}
+    for k in sorted(groups):
+        by_tag.setdefault(groups[k][0]["tag"], []).append(k)
+    shown = [k for turn in zip_longest(*by_tag.values()) for k in turn if k is not None][: args.prompts]  # tags take turns
+    prompts = [args.prompt or groups[k][0]["prompt"] for k in shown for _ in range(n)]
+    umm = load_model(args)
+    try:
+        gvu.check_vocabulary(umm, sorted({args.prompt or m["prompt"] for m, _ in groups.values()}))
+    except InputError as e:
+        raise GenEvalError(str(e)) from None
+    images = [load_image(p) for k in shown for p in groups[k][1][:n]]
+    with torch.no_grad():
+        token_logp, mask = gvu.caption_token_logprobs(umm, images, prompts, args.instruction)
+    rewards = gvu.intrinsic_reward(token_logp, mask).tolist()
+    gvu.save_grid(args.out, prompts, images, rewards, n, rows=len(shown), px=args.px,
+                  texts=[gvu.token_texts(umm, p) for p in prompts], token_logp=token_logp)
+    print(f"wrote {args.out}: {len(shown)} prompts x {n} images; tokens shaded white (p=1) to red (p=0), "
+          "the least likely one framed")
+    if not args.edits:
+        return
+    pairs = [(load_image(p), args.prompt or meta["prompt"], meta) for meta, paths in groups.values() for p in paths]
+    if args.correct_only:
+        pairs = [(im, p, meta) for im, p, meta in pairs if shapes.oracle(im, meta)[0]]
+    table = edit_table(umm, [im for im, _, _ in pairs], [p for _, p, _ in pairs], args.instruction)
+    print(f"\nreward when one word of the prompt changes ({len(pairs)} images"
+          f"{', those the oracle marks correct' if args.correct_only else ''}):")
+    print("| word class | edits | reward | reward, word changed | mean drop | edits that lower it |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, row in table.items():
+        print(f"| {name} | {row['edits']} | {row['reward']:.3f} | {row['reward_edited']:.3f} | {row['drop']:.3f} "
+              f"| {row['lowered']:.0%} |")
+
+
 # --------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(au, "--group-size", 8, "G: images per prompt, as in training")
     au.add_argument("--scorer", choices=["geneval", "shapes"], default="shapes", help="who decides correctness")
     au.add_argument("--instruction", default="Describe the image in detail.", help="as gvu.py --instruction")
+    au.add_argument("--end-of-turn", choices=["on", "off"], default="on",
+                    help="score the end-of-turn token too (gvu.py --score-end-of-turn); off: the paper's T_1..T_L")
     add_detector_flags(au)
     au.set_defaults(func=cmd_audit)
     cv = sub.add_parser("curve", help="plot reward and KL vs step from gvu.py logs (matplotlib)")
@@ -182,6 +290,26 @@ def build_parser() -> argparse.ArgumentParser:
                                              "other flags go to gvu.py")
     ot.add_argument("--train-metadata", default="prompts/train.jsonl", help="metadata of every training prompt")
     ot.set_defaults(func=cmd_oracle_train)
+    tv = sub.add_parser("token-view", help="a generate folder's images with the prompt's tokens shaded by the "
+                                           "judge's probability; --edits: reward drop per changed word class")
+    tv.add_argument("folder", help="an eval_geneval.py generate folder (00000/metadata.jsonl, 00000/samples/0000.png)")
+    tv.add_argument("--model", default="checkpoints/tiny-umm", help="the judge: any model gvu.py loads")
+    tv.add_argument("--adapter", help="a LoRA adapter folder written by gvu.py (its --out/adapter)")
+    tv.add_argument("--trust-remote-code", action="store_true", help="run the model repository's code (X-Omni)")
+    tv.add_argument("--flux", default="", help="X-Omni only: the FLUX.1-dev weights its decoder is built from")
+    tv.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    tv.add_argument("--seed", type=int, default=0, help="seed for building the model ('tiny-random')")
+    tv.add_argument("--instruction", default="Describe the image in detail.", help="as gvu.py --instruction")
+    tv.add_argument("--prompt", help="score every image against this prompt instead of its own")
+    tv.add_argument("--prompts", type=int, default=6, help="rows: N prompts, the tags taking turns (the first "
+                    "prompt of each tag, then the second, ...)")
+    tv.add_argument("--images", type=int, default=4, help="images per prompt")
+    tv.add_argument("--px", type=int, default=96, help="image size in the grid")
+    tv.add_argument("--edits", action="store_true", help="also score every image of the folder against its prompt "
+                    "with one colour / count / shape / relation / region / size word changed; print the mean drop")
+    tv.add_argument("--correct-only", action="store_true", help="--edits on the images the shapes oracle marks correct")
+    tv.add_argument("--out", default="token_view.png", help="PNG to write")
+    tv.set_defaults(func=cmd_token_view)
     return p
 
 

@@ -13,35 +13,44 @@ Given only text prompts, every step:
 
 CPU (the shipped tiny UMM, no downloads, ~10 min):  python gvu.py --prompts prompts/train.txt
 CPU smoke test with random weights:                 python gvu.py --model tiny-random --steps 3 --out runs/smoke
-GPU (Janus-Pro, bf16 autocast):                     python gvu.py --model deepseek-community/Janus-Pro-1B --prompts prompts/geneval_train.txt --cfg-scale 5
-GPU (X-Omni, the paper's base; its own stack):      python gvu.py --model X-Omni/X-Omni-En --flux PATH/FLUX.1-dev --trust-remote-code --group-size 2 --lr 1e-6
+GPU, a published setting (a config file; flags after it override it; docs/reproduce_paper.md):
+  X-Omni, the paper's run (X-Omni's own stack):     python gvu.py configs/xomni_paper.json --flux PATH/FLUX.1-dev --out runs/xomni
+  Janus-Pro (T2I-R1's settings where GvU has none): python gvu.py configs/janus_pro_7b.json --out runs/janus7b
+Many GPUs (data parallel, distributed.py):          torchrun --nproc_per_node 8 gvu.py configs/xomni_paper.json ...
 
 Departures from the paper and the official code, and why (the only list; the README points here):
   1. The reward forward is ONE batched teacher-forced pass per micro-batch; the official code runs
-     one uncached forward per prompt token. Same numbers (tested), >10x faster (bench.py).
-  2. The scored answer is the prompt followed by the end-of-turn token: without it an image with
-     extra objects is as likely as a correct one ("two circles" is a prefix of what it shows).
+     one uncached forward per prompt token, and the images of a micro-batch are tokenised in one call (the
+     official code: one per image). Same numbers (tested), 13-18x faster (bench.py, docs/speed_memory.md).
+  2. By default the scored answer is the prompt followed by the end-of-turn token: without it an image
+     with extra objects is as likely as a correct one ("two circles" is a prefix of what it shows).
+     --no-score-end-of-turn scores T_1..T_L only, the paper's formula (the config files do).
   3. Policy log-probs come from hidden states through the image head, over image positions and the
      image vocabulary only; the official code builds full-vocabulary fp32 logits everywhere.
   4. The ratio and the KL use the untruncated, temperature-scaled conditional policy; top-k / min-p
      truncation and CFG only shape which codes are sampled (T2I-R1's convention). With the defaults
      (no truncation, --cfg-scale 1) the sampler is that policy exactly.
-  5. Defaults are scaled for the tiny CPU model (G=8, lr=5e-4); the paper's X-Omni run is G=2,
-     lr=1e-6, beta=0.03, LoRA r=8 / alpha=32.
+  5. Defaults are scaled for the tiny CPU model (G=8, lr=5e-4, constant lr, 200 steps); the paper's
+     X-Omni run is configs/xomni_paper.json (G=2, 8 prompts a step, lr=1e-6 decaying linearly, 4 epochs).
   6. The judge defaults to the policy itself (--reward-model policy), as the official code ends up
      doing; --reward-model frozen judges with the adapter off.
-  7. X-Omni only: its FLUX decoder gets the empty prompt, not the T2I prompt (adapters.XOmni says why).
+  7. X-Omni only: by default its FLUX decoder gets the empty prompt, so a decoder reading the prompt cannot
+     repair the policy's errors; --decoder-text prompt passes the T2I prompt, as the official code does.
+  8. Optional, off by default: --reward-input codes lets the judge read the generated codes as they are, no
+     decode and re-tokenise (tiny UMM, X-Omni: one code vocabulary); docs/speed_memory.md says when it fits.
 
 The model is anything with the small interface `UMM` below: the shipped tiny UMM (tiny_umm.py) is its
 reference implementation; adapters.py wraps Janus-Pro and X-Omni behind it and loads them (`load_umm`).
 """
 import json
+import math
 import os
 import sys
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from typing import Callable, Protocol
 
 import torch
@@ -49,9 +58,12 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image, ImageDraw
 from tqdm import tqdm
-from transformers import DynamicCache, HfArgumentParser
+from transformers import DynamicCache, HfArgumentParser, get_scheduler
 
-from adapters import InputError, load_umm, pick_device
+import distributed
+import loggers
+import runio
+from adapters import InputError, load_umm, pick_device, use_bf16
 
 warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6")  # peft still uses pre-v6 names
 
@@ -69,9 +81,15 @@ class Args:
         "help": "path or hub id of the FLUX.1-dev decoder weights that X-Omni's init_vision needs"})
     out: str = field(default="runs/gvu", metadata={"help": "output folder: config, log, adapter, state, samples"})
     steps: int = field(default=200, metadata={"help": "training steps (one rollout each)"})
+    epochs: float = field(default=0.0, metadata={
+        "help": "> 0: train ceil(epochs * n_prompts / B) steps instead of --steps (give one of the two)"})
     batch_prompts: int = field(default=8, metadata={"help": "B: prompts per step"})
     group_size: int = field(default=8, metadata={"help": "G: images sampled per prompt (>= 2); paper: 2"})
     lr: float = field(default=5e-4, metadata={"help": "AdamW learning rate on the LoRA weights; paper: 1e-6"})
+    lr_schedule: str = field(default="constant", metadata={
+        "help": "lr over the run: constant, or linear decay to 0 at the last step (the official code's)",
+        "choices": ["constant", "linear"]})
+    warmup_steps: int = field(default=0, metadata={"help": "steps of linear lr warm-up from 0 before the schedule"})
     beta: float = field(default=0.03, metadata={"help": "KL weight (k3 estimator, reference = adapter off); paper: 0.03"})
     clip_eps: float = field(default=0.2, metadata={"help": "PPO clip range for the per-token ratio"})
     num_iterations: int = field(default=1, metadata={"help": "mu: policy updates per rollout (1 = on-policy)"})
@@ -87,8 +105,24 @@ class Args:
         "help": "who judges: 'policy' (the LoRA'd model, as the official code ends up doing) or 'frozen' (adapter off)",
         "choices": ["policy", "frozen"]})
     instruction: str = field(default="Describe the image in detail.", metadata={"help": "understanding instruction before the prompt"})
+    score_end_of_turn: bool = field(default=True, metadata={
+        "help": "the reward also scores the end-of-turn token after the prompt (off: the paper's T_1..T_L only)"})
+    reward_input: str = field(default="pixels", metadata={
+        "help": "what the judge reads: 'pixels' (decode, re-tokenise: the paper's path) or 'codes' (the generated codes "
+                "as they are, no decode; models whose understanding shares the generation vocabulary: tiny UMM, X-Omni)",
+        "choices": ["pixels", "codes"]})
+    image_size: int = field(default=0, metadata={
+        "help": "pixels per side to generate; 0 = the model's default (X-Omni: multiples of 16, paper 576)"})
+    decoder_text: str = field(default="none", metadata={
+        "help": "the image decoder's text condition: none, or the T2I prompt (X-Omni only, as the official code)",
+        "choices": ["none", "prompt"]})
     save_every: int = field(default=50, metadata={"help": "save adapter + resumable state every N steps"})
     sample_every: int = field(default=25, metadata={"help": "write a sample grid every N steps"})
+    probe_every: int = field(default=10, metadata={
+        "help": "every N steps, log probe_reward: the mean reward on fixed training prompts and sampling seeds (0 = off)"})
+    report_to: str = field(default="none", metadata={
+        "help": "also log scalars and sample grids to 'tensorboard' (OUT/tensorboard) or 'wandb' (WANDB_MODE=offline "
+                "works without network); each is an optional package", "choices": ["none", "tensorboard", "wandb"]})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its state.pt"})
     seed: int = field(default=0, metadata={"help": "seeds init, prompt order and every step's sampling"})
     device: str = field(default="auto", metadata={"help": "auto | cuda | mps | cpu"})
@@ -107,16 +141,20 @@ class UMM(Protocol):
     tokenizer: Callable               # a transformers tokenizer over words AND image codes
     grid: tuple                       # (h, w): image codes per image = h * w, row-major
     image_offset: int                 # image code k is token id image_offset + k
+    image_vocab_size: int             # K: image codes are 0 .. K-1
     lora_targets: list                # names of the LM's linear layers that get LoRA
     answer_prefix: str                # the scored answer is answer_prefix + prompt + answer_suffix
-    answer_suffix: str                # (the end-of-turn token; departure 2)
+    answer_suffix: str                # (the end-of-turn token; scored unless --no-score-end-of-turn)
     def set_generation_mode(self, mode: str): ...        # "image" (generation branch) or "text" (understanding)
     def t2i_prompt(self, prompt: str) -> str: ...          # the text the generation branch continues with codes
     def uncond_prompt(self, prompt: str) -> str: ...       # CFG's unconditional version of t2i_prompt
     def caption_prompt(self, image, instruction: str) -> str: ...  # chat context: the image, then the instruction
+    def caption_prompts(self, images, instruction: str) -> list: ...  # the same for N images, one image-tokenizer call
+    understands_codes: bool           # caption_prompts also takes generated codes (N, h*w): --reward-input codes
     def hidden_states(self, input_ids, attention_mask, position_ids=None, cache=None, images=None): ...  # (N, T, D)
     def logits(self, hidden): ...                          # (..., K) image codes in image mode, text ids in text mode
-    def decode_images(self, codes, generator=None) -> list: ...  # (N, h*w) codes -> N PIL images (frozen decoder)
+    def decode_images(self, codes, generator=None, prompts=None) -> list: ...  # (N, h*w) codes -> N PIL images
+    #                                                      (frozen decoder; prompts: the T2I text, if it reads text)
     def unknown_words(self, text: str) -> list: ...        # words the tokenizer cannot spell (would become <unk>)
 
 
@@ -140,8 +178,9 @@ def sampling_probs(cond, uncond=None, cfg_scale=1.0, temperature=1.0, top_k=0, m
 
 @torch.no_grad()
 def rollout(umm, prompts, G, temperature=1.0, top_k=0, min_p=0.0, cfg_scale=1.0, generator=None):
-    """Sample G image-code sequences for each prompt. Returns codes (B*G, N_img), their old log-probs
-    under the untruncated temperature-scaled policy, and the tokenised prefixes for the training pass."""
+    """Sample G image-code sequences for each prompt. Returns codes (B*G, N_img), their log-probs under the
+    untruncated temperature-scaled policy as the sampler saw them (a check on the cache; gvu_step takes pi_old
+    from its training pass), and the tokenised prefixes for the training pass."""
     umm.lm.eval()  # eval mode: gradient checkpointing is off, so the KV cache stays on
     umm.set_generation_mode("image")
     texts = [umm.t2i_prompt(p) for p in prompts for _ in range(G)]  # B*G, group members adjacent
@@ -156,6 +195,8 @@ def rollout(umm, prompts, G, temperature=1.0, top_k=0, min_p=0.0, cfg_scale=1.0,
     codes, old_logp = [], []
     for i in range(n_img):
         logits = umm.logits(hidden).float()  # (R, K) image vocabulary only
+        if not torch.isfinite(logits).all():  # multinomial would crash on them (on CUDA: a device assert)
+            raise TrainingError("the policy's image logits are not finite while sampling")
         cond, uncond = logits.chunk(2) if cfg else (logits, None)  # (B*G, K) each
         probs = sampling_probs(cond, uncond, cfg_scale, temperature, top_k, min_p)
         code = torch.multinomial(probs, 1, generator=generator)  # (B*G, 1)
@@ -179,40 +220,54 @@ def intrinsic_reward(token_logp, mask):
     """R = (prod_j p_j)^(1/L) = exp(mean_j log p_j), in log space, fp32. token_logp, mask: (N, L);
     positions where mask is 0 are ignored whatever token_logp holds there."""
     token_logp, mask = token_logp.float(), mask.float()
-    return torch.exp((token_logp * mask).sum(1) / mask.sum(1))  # (N,)
+    return torch.exp(token_logp.masked_fill(mask == 0, 0.0).sum(1) / mask.sum(1))  # (N,); not `* mask`: -inf * 0 = NaN
 
 
-def caption_token_logprobs(umm, images, prompts, instruction, micro_batch=64):
-    """Understanding branch: log p(T_j | instruction, image, T_<j) for every prompt token (+ end of turn),
-    one teacher-forced forward per micro-batch. Returns logp (N, L) and mask (N, L), right-padded."""
+def answer_ids(umm, prompts, end_of_turn=True):
+    """The scored answer of each prompt as token ids: answer_prefix + prompt (+ answer_suffix, the end-of-turn
+    token, unless end_of_turn is off: the paper scores T_1..T_L only; departure 2)."""
+    suffix = umm.answer_suffix if end_of_turn else ""
+    return umm.tokenizer([umm.answer_prefix + p + suffix for p in prompts], add_special_tokens=False).input_ids
+
+
+def caption_token_logprobs(umm, images, prompts, instruction, micro_batch=64, end_of_turn=True):
+    """Understanding branch: log p(T_j | instruction, image, T_<j) for every prompt token (+ the end-of-turn
+    token if end_of_turn), one teacher-forced forward per micro-batch. `images`: N PIL images, or
+    (--reward-input codes) the generated codes (N, h*w), read as they are. Returns logp (N, L) and mask (N, L),
+    right-padded."""
     umm.set_generation_mode("text")
-    tok = umm.tokenizer
-    ctx = tok([umm.caption_prompt(im, instruction) for im in images], add_special_tokens=False).input_ids
-    ans = tok([umm.answer_prefix + p + umm.answer_suffix for p in prompts], add_special_tokens=False).input_ids
-    L, dev = max(map(len, ans)), umm.lm.device
-    out_logp, out_mask = torch.zeros(len(ans), L, device=dev), torch.zeros(len(ans), L, device=dev)
+    tok, dev = umm.tokenizer, umm.lm.device
+    ctx = tok(umm.caption_prompts(images, instruction), add_special_tokens=False).input_ids  # one image-tokenizer call
+    ans = answer_ids(umm, prompts, end_of_turn)
+    n_ctx, n_ans = torch.tensor([len(c) for c in ctx]), torch.tensor([len(a) for a in ans])  # (N,) each
+    seqs = torch.nn.utils.rnn.pad_sequence([torch.tensor(c + a) for c, a in zip(ctx, ans)], True, tok.pad_token_id)
+    target = torch.nn.utils.rnn.pad_sequence([torch.tensor(a) for a in ans], True, tok.pad_token_id)  # (N, L)
+    L = target.shape[1]
+    valid = (torch.arange(L) < n_ans[:, None]).float()  # (N, L)
+    # position t predicts token t+1: answer token j sits at n_ctx+j, so read position n_ctx+j-1
+    where = n_ctx[:, None] - 1 + torch.arange(L).minimum(n_ans[:, None] - 1)  # (N, L)
+    out_logp = torch.zeros(len(ans), L, device=dev)
     for s in range(0, len(ans), micro_batch):
-        c, a = ctx[s:s + micro_batch], ans[s:s + micro_batch]
-        seqs = [ci + ai for ci, ai in zip(c, a)]
-        T = max(map(len, seqs))
-        ids = torch.tensor([q + [tok.pad_token_id] * (T - len(q)) for q in seqs], device=dev)  # right-padded
-        attn = torch.tensor([[1] * len(q) + [0] * (T - len(q)) for q in seqs], device=dev)
-        # position t predicts token t+1: answer token j sits at len(ctx)+j, so read position len(ctx)+j-1
-        where = torch.tensor([[len(ci) - 1 + min(j, len(ai) - 1) for j in range(L)] for ci, ai in zip(c, a)], device=dev)
-        target = torch.tensor([ai + [tok.pad_token_id] * (L - len(ai)) for ai in a], device=dev)  # (n, L)
-        valid = torch.tensor([[1.0] * len(ai) + [0.0] * (L - len(ai)) for ai in a], device=dev)
-        hidden = umm.hidden_states(ids, attn, images=images[s:s + micro_batch])  # (n, T, D); Janus encodes pixels
-        hidden = hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))  # (n, L, D)
-        logp = F.log_softmax(umm.logits(hidden).float(), -1).gather(-1, target[..., None])[..., 0]
-        out_logp[s:s + len(a)], out_mask[s:s + len(a)] = logp * valid, valid
-    return out_logp, out_mask
+        mb = slice(s, s + micro_batch)
+        T = (n_ctx[mb] + n_ans[mb]).max().item()  # this micro-batch's longest sequence, right-padded
+        ids, attn = seqs[mb, :T].to(dev), (torch.arange(T) < (n_ctx[mb] + n_ans[mb])[:, None]).long().to(dev)
+        hidden = umm.hidden_states(ids, attn, images=images[mb])  # (n, T, D); Janus encodes pixels
+        hidden = hidden.gather(1, where[mb, :, None].to(dev).expand(-1, -1, hidden.shape[-1]))  # (n, L, D)
+        logits = umm.logits(hidden).float()  # (n, L, V) text vocabulary
+        # log p(target) = its logit - logsumexp over the row: no full (n, L, V) log-softmax copy
+        logp = logits.gather(-1, target[mb, :, None].to(dev))[..., 0] - logits.logsumexp(-1)  # (n, L)
+        out_logp[mb] = logp * valid[mb].to(dev)
+    return out_logp, valid.to(dev)
 
 
 @torch.no_grad()
 def intrinsic_rewards(umm, images, prompts, args):
-    """The default reward_fn of gvu_step: each image's intrinsic reward for its prompt, (N,).
-    A fork swaps this for any `reward_fn(umm, images, prompts, args) -> (N,) rewards`."""
-    return intrinsic_reward(*caption_token_logprobs(umm, images, prompts, args.instruction, args.micro_batch))
+    """The default reward_fn of gvu_step: each image's intrinsic reward for its prompt (N,), and the per-token
+    terms it is made of, token_logp and mask (N, L), which the sample grids shade word by word.
+    A fork swaps this for any `reward_fn(umm, images, prompts, args) -> (N,) rewards` (terms optional)."""
+    token_logp, mask = caption_token_logprobs(umm, images, prompts, args.instruction, args.micro_batch,
+                                              args.score_end_of_turn)
+    return intrinsic_reward(token_logp, mask), token_logp, mask
 
 
 # -----------------------------------------------------------------------------
@@ -242,8 +297,8 @@ def grpo_loss(logp, old_logp, ref_logp, adv, clip_eps=0.2, beta=0.03):
     """Clipped surrogate minus beta * k3 KL, per image token. logp/old_logp/ref_logp (N, N_img), adv (N,).
     Reduction: mean over image tokens, then over samples. Image sequences have a fixed length, so the
     GRPO, DAPO and Dr.GRPO reductions differ only by a constant here."""
-    # with mu=1 the ratio is 1 up to rounding (the cached rollout vs this full pass; larger under bf16),
-    # so the clip is inert and this is REINFORCE with a group baseline
+    # gvu_step's first update passes old_logp = logp.detach(): the ratio is exactly 1 while its gradient is
+    # grad logp, so with mu=1 the clip is inert and this is REINFORCE with a group baseline
     ratio = torch.exp(logp - old_logp)  # (N, N_img)
     a = adv[:, None]
     pg_loss = torch.max(-a * ratio, -a * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps))  # (N, N_img)
@@ -257,64 +312,163 @@ def grpo_loss(logp, old_logp, ref_logp, adv, clip_eps=0.2, beta=0.03):
 
 # -----------------------------------------------------------------------------
 # 5. one GvU step: rollout -> decode -> reward -> advantages -> mu clipped, KL-regularised updates
-def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext(), reward_fn=intrinsic_rewards):
+def stopwatch(timings):
+    """lap(name) adds the seconds since the previous lap to timings[name] (CUDA synchronised first, so a lap is
+    the phase's real time); with timings=None every lap is a no-op. bench.py's step-time breakdown."""
+    if timings is None:
+        return lambda name: None
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    last = [time.perf_counter()]
+
+    def lap(name):
+        sync()
+        now = time.perf_counter()
+        timings[name], last[0] = timings.get(name, 0.0) + now - last[0], now
+    return lap
+
+
+def is_sample_step(step, args):
+    return step % args.sample_every == 0 or step == args.steps - 1
+
+
+@torch.no_grad()
+def sample_and_reward(umm, policy, batch, seed, args, reward_fn, decode=True, lap=lambda name: None):
+    """Steps 1-2 on B prompts: G samples each from the current policy (sampling seeded by `seed`), and the judge's
+    rewards. Returns the rollout, the images (None with --reward-input codes unless decode), rewards (B*G,) and
+    the reward's per-token terms (B*G, L) if it hands them back."""
+    judge = policy.disable_adapter if args.reward_model == "frozen" else nullcontext
+    ro = rollout(umm, batch, args.group_size, args.temperature, args.top_k, args.min_p, args.cfg_scale,
+                 torch.Generator(umm.lm.device).manual_seed(seed))
+    lap("rollout")
+    group_prompts = [p for p in batch for _ in range(args.group_size)]  # (B*G,)
+    # the judge reads pixels (decoded, then re-tokenised: the paper's path) or the generated codes as they are;
+    # then the frozen decoder runs only where images are wanted (the sample grids)
+    pixels = args.reward_input == "pixels"
+    images = umm.decode_images(ro["codes"], torch.Generator().manual_seed(seed), prompts=group_prompts) \
+        if pixels or decode else None
+    lap("decode")
+    with judge():
+        out = reward_fn(umm, images if pixels else ro["codes"], group_prompts, args)
+    # the default reward also hands back its per-token terms (the sample grid shades them); a fork may not
+    rewards, token_logp = (out[0], out[1]) if isinstance(out, tuple) else (out, None)  # (B*G,), (B*G, L)
+    lap("reward")
+    return ro, images, rewards, token_logp
+
+
+def probe_reward(umm, policy, prompts, args, autocast=nullcontext(), reward_fn=intrinsic_rewards):
+    """The mean reward on the same B training prompts (the first step's) with the same sampling seed, every time.
+    The per-step reward changes prompts and seeds each step, so its curve is noisy; this one shows learning."""
+    seed = (args.seed + 1) * 1_000_003 - 1  # outside every step's seed (seed * 1_000_003 + step)
+    with autocast:
+        rewards = sample_and_reward(umm, policy, prompt_batch(prompts, 0, args.batch_prompts, args.seed), seed,
+                                    args, reward_fn, decode=False)[2]
+    return rewards.mean().item()
+
+
+def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext(), reward_fn=intrinsic_rewards,
+             timings=None, ddp=None):
     """One GvU step on B prompts, in micro-batches. `reward_fn(umm, images, prompts, args) -> (N,)` is the
-    fork point for other rewards (experiments.py's pixel oracle). Returns (rewards, images, stats)."""
+    fork point for other rewards (experiments.py's pixel oracle); it may also return per-token terms,
+    `(rewards, token_logp, mask)`, as the default does. Returns (rewards, images, stats, token_logp or None);
+    with --reward-input codes, images is None except on sample steps. timings: a dict that gets seconds per phase.
+    torchrun: `batch` is this rank's slice, ddp its DistributedDataParallel training pass (distributed.py);
+    the returned rewards are every rank's (B*G,), the images and token_logp this rank's own."""
     G, mb = args.group_size, args.micro_batch
     N = len(batch) * G
     params = [p for p in policy.parameters() if p.requires_grad]
-    judge = policy.disable_adapter if args.reward_model == "frozen" else nullcontext
-    seed = args.seed * 1_000_003 + step  # every step's sampling derives from (seed, step): resume reproduces it
+    rank = torch.distributed.get_rank() if ddp is not None else 0  # torchrun: each rank samples its own stream
+    seed = args.seed * 1_000_003 + step + rank * 2**48  # every step's sampling derives from (seed, step, rank)
+    train_logprobs = partial(image_token_logprobs, umm) if ddp is None else ddp  # torchrun: the same pass through DDP
+    lap = stopwatch(timings)
     with autocast:
-        ro = rollout(umm, batch, G, args.temperature, args.top_k, args.min_p, args.cfg_scale,
-                     torch.Generator(umm.lm.device).manual_seed(seed))
-        images = umm.decode_images(ro["codes"], torch.Generator().manual_seed(seed))
-        group_prompts = [p for p in batch for _ in range(G)]  # (B*G,)
-        with judge():
-            rewards = reward_fn(umm, images, group_prompts, args)  # (B*G,)
-        if not torch.isfinite(rewards).all():
-            raise TrainingError(f"non-finite reward at step {step}; the last saved state in {args.out} is intact")
-        adv = group_advantages(rewards, G)  # (B*G,)
+        ro, images, rewards, token_logp = sample_and_reward(umm, policy, batch, seed, args, reward_fn,
+                                                            is_sample_step(step, args), lap)
+        adv = group_advantages(rewards, G)  # (B*G,) groups never straddle ranks: local advantages are exact
+        rewards = distributed.gather(rewards.float())  # torchrun: every rank's rewards, in batch order
+        if not torch.isfinite(rewards).all():  # (checked on the gathered rewards: all ranks stop together)
+            raise TrainingError(f"non-finite reward at step {step}")
         with torch.no_grad(), policy.disable_adapter():  # pi_ref: same weights, adapter off
             ref_logp = torch.cat([image_token_logprobs(umm, ro["prefix_ids"][s:s + mb], ro["prefix_mask"][s:s + mb],
                                                        ro["codes"][s:s + mb], args.temperature) for s in range(0, N, mb)])
+        lap("reference")
         umm.lm.train()  # gradient checkpointing is active in train mode
-        for _ in range(args.num_iterations):
+        # pi_old: the policy that sampled, i.e. the weights before this step's first update. Its log-probs are
+        # taken from the first update's own pass (detached), as the official code and TRL do, not from the
+        # rollout: the KV-cached eval-mode pass differs by rounding (more so in bf16), and a ratio off by more
+        # than clip_eps would silently drop that token's gradient. Later iterations (mu > 1) reuse them.
+        old_logp = {}
+        for it in range(args.num_iterations):
             optimizer.zero_grad(set_to_none=True)
             stats = dict(loss=0.0, kl=0.0, clip_frac=0.0, ratio=0.0)
             for s in range(0, N, mb):
                 sl = slice(s, s + mb)
-                logp = image_token_logprobs(umm, ro["prefix_ids"][sl], ro["prefix_mask"][sl], ro["codes"][sl],
-                                            args.temperature)
-                loss, st = grpo_loss(logp, ro["old_logp"][sl], ref_logp[sl], adv[sl], args.clip_eps, args.beta)
-                w = len(logp) / N  # micro-batches add up to the full-batch mean
-                (loss * w).backward()
+                # torchrun: DDP all-reduces the gradients once, in the last micro-batch's backward
+                with ddp.no_sync() if ddp is not None and s + mb < N else nullcontext():
+                    logp = train_logprobs(ro["prefix_ids"][sl], ro["prefix_mask"][sl], ro["codes"][sl],
+                                          args.temperature)
+                    if it == 0:
+                        old_logp[s] = logp.detach()  # (mb, N_img)
+                    loss, st = grpo_loss(logp, old_logp[s], ref_logp[sl], adv[sl], args.clip_eps, args.beta)
+                    if ddp is None and not torch.isfinite(loss):  # (torchrun: the all-reduced grad norm says it)
+                        raise TrainingError(f"non-finite loss at step {step}; its update was not applied")
+                    # micro-batches add up to this rank's mean; DDP then averages the W ranks' means, which is
+                    # exactly the whole-batch mean because every rank holds the same count N = B/W * G
+                    w = len(logp) / N
+                    (loss * w).backward()
                 for k, v in dict(st, loss=loss.item()).items():
                     stats[k] += v * w
+            stats = distributed.mean_over_ranks(stats, umm.lm.device)  # torchrun: whole-batch statistics
             stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+            if not math.isfinite(stats["grad_norm"]):
+                raise TrainingError(f"non-finite gradient norm at step {step}; its update was not applied")
             optimizer.step()
-    return rewards, images, stats
+        lap("update")
+    return rewards, images, stats, token_logp  # token_logp (B*G, L): kept for the sample grid, not recomputed
 
 
 # -----------------------------------------------------------------------------
 # helpers: inputs, the prompt stream, outputs
 def read_prompts(path):
+    """The non-blank lines of a UTF-8 text file (a leading byte-order mark is dropped) and their line numbers."""
+    if os.path.isdir(path):
+        raise InputError(f"prompt file is a directory: {path}")
     if not os.path.isfile(path):
         raise InputError(f"prompt file not found: {path}")
+    with open(path, "rb") as f:
+        data = f.read()
     try:
-        with open(path, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f if line.strip()]
-    except UnicodeDecodeError as e:
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:  # decoded whole, so e.start is the byte offset in the file
         raise InputError(f"prompt file is not UTF-8: {path} (byte {e.start})") from None
-    if not prompts:
+    numbered = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not numbered:
         raise InputError(f"prompt file has no prompts: {path}")
-    return prompts
+    return [p for _, p in numbered], [n for n, _ in numbered]
 
 
-def check_vocabulary(umm, prompts):
-    for n, p in enumerate(prompts, 1):
+def check_vocabulary(umm, prompts, lines=None):
+    for n, p in zip(lines or range(1, len(prompts) + 1), prompts):
         if bad := umm.unknown_words(p):
             raise InputError(f"line {n} has words the model does not know: {', '.join(sorted(set(bad)))} ({p!r})")
+
+
+def check_context(umm, args, prompts, lines):
+    """Every prompt must fit the LM's positions twice: in the rollout (prompt, then the image codes) and in
+    the reward pass (the image and the instruction, then the prompt). Past the limit RoPE models run on,
+    slowly and out of distribution, so this refuses instead, naming the line."""
+    limit = getattr(umm.lm.config.get_text_config(), "max_position_embeddings", None)
+    if not limit:
+        return
+    tok, (h, w) = umm.tokenizer, umm.grid
+    blank = Image.new("RGB", (16 * w, 16 * h))  # the caption context's length does not depend on the pixels
+    ctx = len(tok(umm.caption_prompt(blank, args.instruction), add_special_tokens=False).input_ids)
+    gen = tok([umm.t2i_prompt(p) for p in prompts]).input_ids
+    ans = tok([umm.answer_prefix + p + umm.answer_suffix for p in prompts], add_special_tokens=False).input_ids
+    for n, g, a in zip(lines, gen, ans):
+        if (need := max(len(g) + h * w, ctx + len(a))) > limit:
+            raise InputError(f"line {n} of {args.prompts} is too long: it needs {need} positions with its image, "
+                             f"the model has {limit}")
 
 
 def prompt_batch(prompts, step, B, seed):
@@ -330,113 +484,272 @@ def enable_checkpointing(lm):
     enable({"use_reentrant": False})
 
 
-def save_grid(path, prompts, images, rewards, G, rows=4, px=96):
-    """Rows = prompts, columns = the G samples, each captioned with its reward."""
+def token_texts(umm, prompt, end_of_turn=True):
+    """The scored answer's tokens as text, one per term of the reward (words for the tiny UMM, BPE pieces else)."""
+    return [umm.tokenizer.decode([i]).strip() for i in answer_ids(umm, [prompt], end_of_turn)[0]]
+
+
+def token_layout(draw, texts, token_logp, width, line=11):
+    """Word-wrap one caption into `width` px: [(x, y, text, p)] with p = exp(log p_j), the reward's own terms."""
+    boxes, x, y = [], 0, 0
+    for text, logp in zip(texts, token_logp.tolist()):
+        w = draw.textlength(text) + 4
+        if x and x + w > width:
+            x, y = 0, y + line
+        boxes.append((x, y, text, math.exp(logp)))
+        x += w
+    return boxes
+
+
+def save_grid(path, prompts, images, rewards, G, rows=4, px=96, texts=None, token_logp=None):
+    """Rows = prompts, columns = the G samples, each captioned with its reward. Given the reward's per-token
+    log-probs (N, L) and each prompt's token texts, every image also gets its prompt's tokens shaded by their
+    probability under the judge (white = 1, red = 0) with the least likely one framed. Returns the grid."""
     rows = min(rows, len(prompts) // G)
-    grid = Image.new("RGB", (G * px, rows * (px + 24)), "white")
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    boxes = [token_layout(measure, texts[i], token_logp[i], px - 4) if token_logp is not None else []
+             for i in range(rows * G)]
+    heights = [12 + px + 12 + max([b[1] + 12 for c in range(G) for b in boxes[r * G + c]], default=0)
+               for r in range(rows)]  # prompt line, images, rewards, then the longest token block of the row
+    grid = Image.new("RGB", (G * px, sum(heights)), "white")
     draw = ImageDraw.Draw(grid)
     for r in range(rows):
-        y = r * (px + 24)
+        y = sum(heights[:r])
         draw.text((2, y + 1), prompts[r * G][: G * px // 6], fill="black")
         for c in range(G):
             i = r * G + c
             grid.paste(images[i].resize((px, px), Image.NEAREST), (c * px, y + 12))
             draw.text((c * px + 2, y + 12 + px), f"R={rewards[i]:.3f}", fill="black")
+            lowest = min(boxes[i], key=lambda b: b[3], default=None)
+            for box in boxes[i]:
+                x0, y0, text, p = box
+                x0, y0 = c * px + 2 + x0, y + 24 + px + y0
+                shade = int(60 + 195 * p)  # white at p = 1, red at p = 0
+                draw.rectangle([x0, y0, x0 + draw.textlength(text) + 2, y0 + 11], fill=(255, shade, shade),
+                               outline="black" if box is lowest else None)
+                draw.text((x0 + 1, y0), text, fill="black")
     grid.save(path)
-
-
-def atomic_save(obj, path):
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)  # a kill at any moment leaves the old or the new state, never half
+    return grid
 
 
 # -----------------------------------------------------------------------------
 # the training loop
+RESUME_MAY_CHANGE = {"steps", "epochs", "resume", "out", "save_every", "sample_every", "probe_every", "report_to"}  # all else must match
+
+
 def check_args(args):
-    """Refuse bad input before anything is loaded or written."""
-    if args.group_size < 2:
-        raise InputError(f"--group-size must be >= 2 (got {args.group_size}): advantages compare samples within a group")
-    state_path = os.path.join(args.out, "state.pt")
-    if os.path.exists(state_path) and not args.resume:
+    """Refuse bad input before anything is loaded or written: one line naming every bad flag."""
+    fin = math.isfinite
+    rules = [  # (flag, valid?, what it must be)
+        ("steps", args.steps >= 1, ">= 1"),
+        ("batch_prompts", args.batch_prompts >= 1, ">= 1"),
+        ("group_size", args.group_size >= 2, ">= 2: advantages compare samples within a group"),
+        ("lr", fin(args.lr) and args.lr > 0, "> 0"),
+        ("beta", fin(args.beta) and args.beta >= 0, ">= 0"),
+        ("clip_eps", fin(args.clip_eps) and 0 < args.clip_eps < 1, "in (0, 1)"),
+        ("num_iterations", args.num_iterations >= 1, ">= 1"),
+        ("lora_r", args.lora_r >= 1, ">= 1"),
+        ("lora_alpha", args.lora_alpha >= 1, ">= 1"),
+        ("max_grad_norm", fin(args.max_grad_norm) and args.max_grad_norm > 0, "> 0"),
+        ("temperature", fin(args.temperature) and args.temperature >= 0.1,
+         ">= 0.1: colder, a group's samples are copies, every advantage is 0 and nothing is learned"),
+        ("top_k", args.top_k >= 0, ">= 0"),
+        ("min_p", fin(args.min_p) and 0 <= args.min_p < 1, "in [0, 1)"),
+        ("cfg_scale", fin(args.cfg_scale) and args.cfg_scale >= 1, ">= 1 (1 = off)"),
+        ("micro_batch", args.micro_batch >= 1, ">= 1"),
+        ("save_every", args.save_every >= 1, ">= 1"),
+        ("sample_every", args.sample_every >= 1, ">= 1"),
+        ("probe_every", args.probe_every >= 0, ">= 0 (0 = off)"),
+        ("seed", 0 <= args.seed < 2 ** 32, "in [0, 2**32)"),
+        ("epochs", fin(args.epochs) and args.epochs >= 0, ">= 0 (0 = use --steps)"),
+        ("warmup_steps", args.warmup_steps >= 0, ">= 0"),
+        ("image_size", args.image_size >= 0, ">= 0 (0 = the model's default)"),
+    ]
+    bad = [f"--{flag.replace('_', '-')} must be {what} (got {getattr(args, flag)})" for flag, ok, what in rules if not ok]
+    if bad:
+        raise InputError("; ".join(bad))
+    pick_device(args.device)  # an unavailable device is an InputError
+    if problem := runio.check_out_folder(args.out):
+        raise InputError(problem)
+    is_run = os.path.exists(os.path.join(args.out, "config.json")) or os.path.exists(os.path.join(args.out, "state.pt"))
+    if is_run and not args.resume:
         raise InputError(f"{args.out} already holds a run; pass --resume to continue it or pick another --out")
-    if args.resume and not os.path.exists(state_path):
-        raise InputError(f"--resume: no state.pt in {args.out}")
+    if args.resume and not is_run:
+        raise InputError(f"--resume: no run in {args.out} (no config.json)")
+    if args.resume:  # the first run's config.json: every setting that changes the run must match it
+        runio.check_same_run(runio.read_json(os.path.join(args.out, "config.json")), asdict(args), RESUME_MAY_CHANGE)
     return read_prompts(args.prompts)
 
 
+def check_against_model(umm, args, prompts, lines):
+    """The checks that need the loaded model; they run before anything is written."""
+    if args.top_k > umm.image_vocab_size:
+        raise InputError(f"--top-k must be <= the model's {umm.image_vocab_size} image codes (got {args.top_k})")
+    check_vocabulary(umm, prompts, lines)
+    check_context(umm, args, prompts, lines)
+    if args.reward_input == "codes" and not umm.understands_codes:
+        raise InputError(f"--reward-input codes: {type(umm).__name__}'s understanding does not read its generated codes")
+
+
 def add_lora(umm, args):
-    """LoRA on the LM's linear layers (injected into umm.lm in place), gradient checkpointing, AdamW."""
+    """LoRA on the LM's linear layers (injected into umm.lm in place), gradient checkpointing, AdamW (weight
+    decay 0, as the official run) and its lr schedule over args.steps (transformers' own schedulers)."""
     umm.lm.requires_grad_(False)
     policy = get_peft_model(umm.lm, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
                                                target_modules=umm.lora_targets))
     enable_checkpointing(umm.lm)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    return policy, optimizer
+    name = "constant_with_warmup" if args.lr_schedule == "constant" else args.lr_schedule  # (no warm-up: constant)
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.steps)
+    return policy, optimizer, scheduler
+
+
+def open_run(args, policy, optimizer, scheduler, device, is_main=True):
+    """Create and lock --out (one process per run folder), then start the run (config.json, an empty log) or
+    resume it (check_args has compared the settings): the state's weights, optimizer and RNG, the log cut
+    back to the state's step, an adapter that matches the state. Returns (the step to start from, the lock).
+    torchrun: every rank loads the state; rank 0 alone locks and writes (the others get lock None)."""
+    lock = runio.lock_run_folder(args.out) if is_main else None
+    config, log, state_path, adapter = (os.path.join(args.out, f) for f in ("config.json", "log.jsonl", "state.pt", "adapter"))
+    try:
+        if not args.resume:
+            if not is_main:
+                return 0, None
+            if os.path.exists(config) or os.path.exists(state_path):  # written by a run that held the lock before us
+                raise InputError(f"{args.out} already holds a run; pass --resume to continue it or pick another --out")
+            runio.write_json(asdict(args), config)  # kept for good: every --resume is checked against it
+            runio.write_atomic(log, lambda f: None)
+            return 0, lock
+        start = 0  # no state.pt: killed before its first save, so the run starts again from its seed
+        if os.path.exists(state_path):
+            state = runio.load_state(state_path, device)
+            start = state["step"]
+            if start > args.steps:
+                raise InputError(f"--steps {args.steps} is below the step the run in {args.out} has reached ({start})")
+            set_peft_model_state_dict(policy, state["lora"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"].cpu())
+            if is_main:
+                runio.save_adapter(policy, adapter, adapter_info(args, policy, start))  # a kill may have cut the last save
+        for notice in runio.trim_log(log, start) if is_main else []:  # steps logged after the last save are run again
+            print(f"notice: {notice}", file=sys.stderr)
+        return start, lock
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+
+
+def adapter_info(args, policy, step):
+    """adapter/gvu.json: the step the adapter holds and the base model it was trained on (eval_geneval checks it)."""
+    return dict(step=step, model=args.model, base_model=runio.base_model_id(args.model, args.seed),
+                base_fingerprint=runio.base_fingerprint(policy.get_base_model()))
 
 
 def train(args, reward_fn=intrinsic_rewards):
-    prompts = check_args(args)
+    prompts, lines = check_args(args)
+    rank, world, is_main = distributed.setup(args.batch_prompts)  # torchrun: join the group; else (0, 1, True)
+    loggers.require(args.report_to)  # a missing tensorboard / wandb is refused before anything is created
+    if args.epochs > 0:  # whole passes over the prompts (the official run: 4 x 50,000 / 8 = 25,000 steps)
+        args.steps = math.ceil(args.epochs * len(prompts) / args.batch_prompts)
 
     # device and dtype: cuda > mps > cpu; bf16 autocast where the GPU has it, fp32 elsewhere
     device = pick_device(args.device)
-    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device == "cuda" and torch.cuda.is_bf16_supported())
+    bf16 = use_bf16(args.dtype, device)
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16) if bf16 else nullcontext()
 
-    umm = load_umm(args.model, args.seed, args.trust_remote_code, args.flux, device, bf16).to(device)
-    check_vocabulary(umm, prompts)
+    umm = load_umm(args.model, args.seed, args.trust_remote_code, args.flux, device, bf16, args.image_size,
+                   args.decoder_text).to(device)
+    check_against_model(umm, args, prompts, lines)
     torch.manual_seed(args.seed)  # the LoRA init (torch >= 2.13 seeds each process at random otherwise)
-    policy, optimizer = add_lora(umm, args)
+    policy, optimizer, scheduler = add_lora(umm, args)
+    ddp = distributed.wrap(partial(image_token_logprobs, umm), policy)  # torchrun: DDP over the LoRA; else None
 
-    os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-    log_path, state_path, start = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "state.pt"), 0
-    if args.resume:
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        set_peft_model_state_dict(policy, state["lora"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"].cpu())
-        start = state["step"]
-        assert state["prompt_pos"] == start * args.batch_prompts, "resume with the same --batch-prompts"
-        with open(log_path) as f:  # drop lines logged after the state was saved
-            kept = [line for line in f if json.loads(line)["step"] < start]
-        with open(log_path, "w") as f:
-            f.writelines(kept)
-    else:
-        open(log_path, "w").close()
-    with open(os.path.join(args.out, "config.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
+    start, lock = open_run(args, policy, optimizer, scheduler, device, is_main)  # the first write to --out
+    log_path, state_path = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "state.pt")
+    logger = loggers.make_logger(args.report_to, args.out, asdict(args), start, is_main)  # a no-op unless main process
 
-    def save(step):
-        policy.save_pretrained(os.path.join(args.out, "adapter"))
-        atomic_save(dict(step=step, prompt_pos=step * args.batch_prompts, lora=get_peft_model_state_dict(policy),
-                         optimizer=optimizer.state_dict(), rng=torch.get_rng_state()), state_path)
+    def save(step):  # state.pt first (the source of truth), then adapter/; no non-finite number is ever saved
+        state = dict(step=step, prompt_pos=step * args.batch_prompts, lora=get_peft_model_state_dict(policy),
+                     optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=torch.get_rng_state())
+        if not runio.all_finite(state):
+            raise TrainingError(f"the weights are not finite after step {step - 1}; nothing was saved from it")
+        runio.atomic_save(state, state_path)
+        runio.save_adapter(policy, os.path.join(args.out, "adapter"), adapter_info(args, policy, step))
 
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="gvu", dynamic_ncols=True)
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="gvu", dynamic_ncols=True,
+               disable=not is_main)
     for step in bar:
+        probe = probe_reward(umm, policy, prompts, args, autocast, reward_fn) \
+            if args.probe_every and step % args.probe_every == 0 else None  # a function of step alone: resume-safe
         t0 = time.time()
         batch = prompt_batch(prompts, step, args.batch_prompts, args.seed)
-        rewards, images, stats = gvu_step(umm, policy, optimizer, batch, step, args, autocast, reward_fn)
-        group_prompts = [p for p in batch for _ in range(args.group_size)]  # (B*G,)
+        batch = distributed.local_slice(batch, rank, world)  # torchrun: this rank's B/N prompts; else all B
+        lr = scheduler.get_last_lr()[0]  # the lr of this step's updates
+        rewards, images, stats, token_logp = gvu_step(umm, policy, optimizer, batch, step, args, autocast, reward_fn,
+                                                      ddp=ddp)  # rewards: all ranks' (B*G,)
+        scheduler.step()
+        if not is_main:
+            continue  # torchrun: the other ranks neither log nor save
+        group_prompts = [p for p in batch for _ in range(args.group_size)]  # (B*G,) (torchrun: rank 0's B/N * G)
         zero_std = (rewards.view(-1, args.group_size).std(1) == 0).float().mean().item()
-        row = dict(step=step, reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
-                   frac_zero_std=zero_std, **stats, seconds=time.time() - t0)
+        row = dict(step=step, samples=len(rewards), reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
+                   frac_zero_std=zero_std, **stats, lr=lr, seconds=time.time() - t0)
+        if probe is not None:
+            row["probe_reward"] = probe  # before this step's update
         with open(log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        logger.scalars(row, step)
         bar.set_postfix(reward=f"{row['reward_mean']:.4f}", kl=f"{row['kl']:.4f}")
         tqdm.write(f"step {step:5d} | reward {row['reward_mean']:.4f} ± {row['reward_std']:.4f} | kl {row['kl']:.4f} "
                    f"| clip {row['clip_frac']:.3f} | zero-std {zero_std:.2f} | grad {row['grad_norm']:.3f} | {row['seconds']:.1f}s")
-        if step % args.sample_every == 0 or step == args.steps - 1:
-            save_grid(os.path.join(args.out, "samples", f"step_{step:05d}.png"), group_prompts, images,
-                      rewards.tolist(), args.group_size)
+        if is_sample_step(step, args):
+            grid = save_grid(os.path.join(args.out, "samples", f"step_{step:05d}.png"), group_prompts, images,
+                             rewards[:len(images)].tolist(), args.group_size, texts=[token_texts(umm, p, args.score_end_of_turn) for p in group_prompts],
+                             token_logp=token_logp)
+            logger.image("samples", grid, step)
         if (step + 1) % args.save_every == 0 or step == args.steps - 1:
             save(step + 1)
+    logger.close()
+    if lock is not None:
+        lock.close()
+    distributed.teardown()
     return log_path
 
 
+def config_flags(parser, path, cli):
+    """A JSON config file (Args' field names; a "_sources" key documents them and is skipped) as command-line
+    flags that go BEFORE the real ones, so argparse checks its values and the command line overrides it.
+    --steps and --epochs are alternatives: the one given on the command line drops the file's other."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+    except (OSError, ValueError) as e:
+        parser.error(f"config file {path}: {e}")
+    if not isinstance(values, dict):
+        parser.error(f"config file {path}: not a JSON object")
+    values.pop("_sources", None)
+    if unknown := sorted(set(values) - {f.name for f in fields(Args)}):
+        parser.error(f"config file {path}: unknown keys {', '.join(unknown)}")
+    for flag, other in (("steps", "epochs"), ("epochs", "steps")):
+        if any(a == f"--{flag}" or a.startswith(f"--{flag}=") for a in cli):
+            values.pop(other, None)
+    return [t for k, v in values.items() for t in (f"--{k}", str(v))]
+
+
 def parse_args(argv=None):
+    """Flags, optionally after a config file: `python gvu.py configs/xomni_paper.json --out runs/x`."""
     parser = HfArgumentParser(Args, description=__doc__.split("\n\n")[0])
-    args, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    tokens = config_flags(parser, argv[0], argv[1:]) + argv[1:] if argv and not argv[0].startswith("-") else argv
+    args, rest = parser.parse_args_into_dataclasses(tokens, return_remaining_strings=True)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.epochs > 0 and any(t == "--steps" or t.startswith("--steps=") for t in tokens):
+        parser.error("give --steps or --epochs, not both")
+    if args.epochs < 0 or args.warmup_steps < 0:
+        parser.error("--epochs and --warmup-steps must be >= 0")
     return args
 
 
@@ -444,8 +757,14 @@ def main(argv=None, reward_fn=intrinsic_rewards):
     args = parse_args(argv)
     try:
         train(args, reward_fn)
-    except (InputError, TrainingError) as e:
-        sys.exit(f"error: {e}")
+        return
+    except InputError as e:
+        msg = f"error: {e}"
+    except (TrainingError, OSError) as e:  # OSError: a full disk, a folder made read-only mid-run, ...
+        msg = f"error: {(str(e) or type(e).__name__).splitlines()[0]}; {runio.saved_note(args.out)}"
+    # outside the except: the traceback, and with it the run folder's lock, is already released;
+    # torchrun: rank 0 says it once, the other ranks exit non-zero
+    sys.exit(msg if os.environ.get("RANK", "0") == "0" else 1)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import eval_geneval as E
+from conftest import run_error, write_jsonl
 import experiments as X
 from eval_geneval import Detection
 
@@ -78,6 +80,20 @@ def test_position_rule_compares_to_the_target_group():
         "expected cat>=1, found 0; no target for dog to be right of"
 
 
+def test_position_and_region_rules_read_only_the_count_best_detections():
+    """As GenEval, a clause reads its class's `count` highest-scoring detections (best first): a weaker dog on the
+    wrong side or in the wrong half, or a weaker extra cat as target, changes nothing; the best one decides."""
+    m = meta("position", [{"class": "cat", "count": 1}, {"class": "dog", "count": 1, "position": ["right of", 0]}])
+    cat, cat_weak = det("cat", (40, 40, 50, 50)), det("cat", (90, 40, 100, 50), 0.4)  # the weak cat: right of the dog
+    dog_right, dog_left = det("dog", (70, 40, 80, 50)), det("dog", (0, 40, 10, 50), 0.5)
+    assert E.evaluate(m, {"cat": [cat, cat_weak], "dog": [dog_right, dog_left]}, (100, 100)) == (True, "")
+    best_left = det("dog", (0, 40, 10, 50), 0.99)
+    assert not E.evaluate(m, {"cat": [cat], "dog": [best_left, dog_right]}, (100, 100))[0]
+    r = meta("spatial_count_attr", [{"class": "dog", "count": 1, "region": "right"}])
+    assert E.evaluate(r, {"dog": [dog_right, dog_left]}, (100, 100))[0]
+    assert not E.evaluate(r, {"dog": [best_left, dog_right]}, (100, 100))[0]
+
+
 def test_color_votes_need_count_crops_of_the_target_colour():
     """A count-2 red clause needs 2 of the top-2 crops to be red; only the top `count` are voted."""
     m = meta("color_count_attr", [{"class": "car", "count": 2, "color": "red"}])
@@ -130,20 +146,6 @@ def test_summary_overall_is_the_unweighted_mean_of_tag_means():
 
 
 # --------------------------------------------------------------------------- metadata, folders, CLI errors
-
-def write_jsonl(path, rows):
-    """Write dicts (or raw strings) one per line."""
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
-def run_error(argv):
-    """Run the CLI in-process and return its one-line error message."""
-    with pytest.raises(SystemExit) as exc:
-        E.main(argv)
-    assert isinstance(exc.value.code, str) and "\n" not in exc.value.code
-    return exc.value.code
-
 
 def test_read_metadata_rejects_bad_lines_with_a_one_line_error(tmp_path):
     """Unknown tags, unknown classes and broken JSON name the file and line."""
@@ -330,8 +332,29 @@ def test_generate_names_words_the_model_does_not_know(tmp_path):
     assert "dog" in msg and "\n" not in msg
 
 
-def test_oracle_train_rewards_are_the_oracle_verdicts(tmp_path):
-    """oracle-train runs gvu.py with reward = the pixel oracle's 0/1 verdict per image."""
+def test_oracle_reward_fn_gives_one_to_correct_renders_and_zero_to_wrong_ones(tmp_path):
+    """experiments.oracle_reward_fn (oracle-train's gvu reward_fn) returns the oracle's verdict per image as 1.0 / 0.0
+    for renders whose truth is known: right colour / count pass, wrong ones fail; an unknown prompt is an InputError."""
+    import shapes
+    from adapters import InputError
+    metas = [{"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "red"}], "prompt": "a photo of a red circle"},
+             {"tag": "counting", "include": [{"class": "square", "count": 2}], "exclude": [{"class": "square", "count": 3}],
+              "prompt": "a photo of two squares"}]
+    reward_fn = X.oracle_reward_fn(str(write_jsonl(tmp_path / "m.jsonl", metas)))
+    sq = lambda *cells: [shapes.Obj("square", "green", "small", r, c) for r, c in cells]
+    images = [shapes.render([shapes.Obj("circle", "red", "large", 1, 1)]),
+              shapes.render([shapes.Obj("circle", "blue", "large", 1, 1)]),
+              shapes.render(sq((0, 0), (2, 3))), shapes.render(sq((0, 0), (2, 3), (3, 1)))]
+    prompts = ["a photo of a red circle"] * 2 + ["a photo of two squares"] * 2
+    rewards = reward_fn(None, images, prompts, None)
+    assert rewards.dtype == torch.float32 and rewards.tolist() == [1.0, 0.0, 1.0, 0.0]
+    with pytest.raises(InputError, match="no metadata for prompt 'a photo of a circle'"):
+        reward_fn(None, images[:1], ["a photo of a circle"], None)
+
+
+def test_oracle_train_rewards_are_the_oracle_verdicts(tmp_path, one_thread):
+    """oracle-train runs gvu.py end to end with reward = the pixel oracle's verdict (the verdicts themselves:
+    test_oracle_reward_fn_gives_one_to_correct_renders_and_zero_to_wrong_ones)."""
     metas = [{"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "red"}], "prompt": "a photo of a red circle"}]
     meta_file = write_jsonl(tmp_path / "m.jsonl", metas)
     (tmp_path / "p.txt").write_text("a photo of a red circle\n")

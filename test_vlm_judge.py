@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import eval_geneval as E
+from conftest import run_error, write_jsonl
 import vlm_judge as V
 
 # One line of each of GenEval++'s 7 tags, as in its metadata file (plurals and "on the above" included).
@@ -65,20 +66,6 @@ EXPECTED_CHECKLISTS = {
                 "- 6 clocks present in the image.\n"
                 "- No more than 6 clocks should appear.",
 }
-
-
-def write_jsonl(path, rows):
-    """Write dicts one per line."""
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def run_error(argv):
-    """Run the CLI in-process and return its one-line error message."""
-    with pytest.raises(SystemExit) as exc:
-        E.main(argv)
-    assert isinstance(exc.value.code, str) and "\n" not in exc.value.code
-    return exc.value.code
 
 
 def image_folder(tmp_path, metas, per_prompt=2):

@@ -205,8 +205,12 @@ class TinyUMM:
         return f"{prompt}<SOM>{h} {w}<IMAGE>"
 
     @torch.no_grad()
+    def image_codes(self, images):
+        """N PIL images -> their codes (N, h*w), in one image-tokenizer call."""
+        return self.image_tokenizer.encode(to_pixels(images, self.lm.device))
+
     def tokenize_image(self, image):
-        return self.codes_to_text(self.image_tokenizer.encode(to_pixels([image], self.lm.device))[0])
+        return self.codes_to_text(self.image_codes([image])[0])
 
     def codes_to_text(self, codes):
         """One image's codes (h*w,) -> '<SOM>h w<IMAGE><MM-Token-k>...<EOM>' (what tokenize_image returns)."""
@@ -216,6 +220,14 @@ class TinyUMM:
     def caption_prompt(self, image, instruction):
         """Chat context for understanding: the image, then the instruction, then the assistant's turn."""
         return self.caption_prompt_text(self.tokenize_image(image), instruction)
+
+    understands_codes = True  # understanding reads the generation vocabulary: --reward-input codes works
+
+    def caption_prompts(self, images, instruction):
+        """caption_prompt for a batch, with ONE image-tokenizer call for all images. `images`: N PIL images, or
+        their codes (N, h*w) already (--reward-input codes: the generated codes, read without decoding)."""
+        codes = images if torch.is_tensor(images) else self.image_codes(images)
+        return [self.caption_prompt_text(self.codes_to_text(c), instruction) for c in codes]
 
     def caption_prompt_text(self, image_text, instruction):
         """caption_prompt for an image already tokenised to text (training builds these in batches)."""
@@ -229,9 +241,14 @@ class TinyUMM:
         """CFG's unconditional prompt: X-Omni's image prefix alone."""
         return self.t2i_prompt("")
 
+    @property
+    def image_size(self):
+        return self.decoder.config.image_size  # pixels per side: the only size the decoder makes
+
     @torch.no_grad()
-    def decode_images(self, codes, generator=None, batch_size=64):
-        """codes (N, h*w) in [0, K) -> N PIL images, DDIM-sampled in batches from seeded noise."""
+    def decode_images(self, codes, generator=None, prompts=None, batch_size=64):
+        """codes (N, h*w) in [0, K) -> N PIL images, DDIM-sampled in batches from seeded noise. `prompts` (the
+        T2I prompts) is accepted for the UMM API and unused: this decoder reads codes only."""
         device, s = self.decoder.device, self.decoder.config.image_size
         self.scheduler.set_timesteps(self.decode_steps)
         images = []

@@ -245,6 +245,7 @@ def hf_backend(model_name: str, device: str | None = None):
         chat, images = hf_inputs(messages)
         text = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
         inputs = processor(text=[text], images=images, return_tensors="pt").to(device)
+        inputs.pop("token_type_ids", None)  # some processors return it; older generate() refuses what the model ignores
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
         return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]

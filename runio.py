@@ -1,0 +1,191 @@
+"""
+Run-folder bookkeeping for gvu.py: what makes a run survive kill -9, a full disk or a second process.
+
+    OUT/.lock          held (fcntl.flock) by the one process training in OUT
+    OUT/config.json    the first run's settings; --resume must match them
+    OUT/log.jsonl      one JSON line per finished step, appended
+    OUT/state.pt       resumable state (LoRA, optimizer, RNG, step): the source of truth
+    OUT/adapter/       the LoRA as a peft folder, + gvu.json saying which step it holds
+    OUT/samples/       sample grids
+
+Every file is written beside its final name and renamed into place (os.replace is atomic), so a kill at
+any moment leaves the old or the new version, never half of one. A save writes state.pt first, then
+adapter/: after a kill in between, state.pt is the newest and adapter/gvu.json names the older step
+(--resume writes the adapter again from the state). The log may run ahead of state.pt by the steps
+after the last save; --resume drops them and repeats those steps, which reproduces them exactly.
+This module does not import gvu.
+"""
+import fcntl
+import hashlib
+import json
+import math
+import os
+import shutil
+
+import torch
+
+from adapters import InputError
+
+
+def write_atomic(path, write, mode="w"):
+    """write(f) into path.tmp, then rename it over path."""
+    with open(path + ".tmp", mode) as f:
+        write(f)
+    os.replace(path + ".tmp", path)
+
+
+def write_json(obj, path):
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"))
+
+
+def atomic_save(obj, path):
+    write_atomic(path, lambda f: torch.save(obj, f), "wb")
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read {path}: {e}") from None
+
+
+def all_finite(obj):
+    """True when every floating-point tensor inside obj (dicts, lists, tuples) is finite."""
+    if torch.is_tensor(obj):
+        return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
+    if isinstance(obj, dict):
+        return all(all_finite(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return all(all_finite(v) for v in obj)
+    return not isinstance(obj, float) or math.isfinite(obj)
+
+
+# -----------------------------------------------------------------------------
+# the folder: checked before anything is loaded, then created and locked
+def check_out_folder(out):
+    """Why `out` cannot become a run folder, or None. Writes nothing."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"--out {out} is a file, not a folder"
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"--out {out}: {parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"--out {out}: {parent} is not writable"
+    return None
+
+
+def lock_run_folder(out):
+    """Create `out` and take its lock: one process per run folder. The lock lasts while the returned file
+    stays open (the OS drops it when the process dies, however it dies)."""
+    try:
+        os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+        f = open(os.path.join(out, ".lock"), "a+")
+    except OSError as e:
+        raise InputError(f"cannot create --out {out}: {e.strerror}") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise InputError(f"--out {out} is in use by another gvu.py process (pid {holder}); "
+                         "wait for it or pick another --out") from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+# -----------------------------------------------------------------------------
+# resume: the same run, a log without torn lines, an adapter that matches the state
+def check_same_run(saved, now, may_change):
+    """Refuse to resume when a setting that changes the run differs from the run's config.json: one line
+    naming each differing flag. Keys known to only one side (a flag added or removed since) are skipped."""
+    diffs = [f"--{k.replace('_', '-')} {now[k]} (the run has {saved[k]})"
+             for k in now if k in saved and k not in may_change and now[k] != saved[k]]
+    if diffs:
+        raise InputError(f"--resume: {', '.join(diffs)}; pass the run's values, or start a new --out")
+
+
+def load_state(path, device):
+    """torch.load of state.pt as one-line errors: a damaged file names itself instead of a traceback."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated, empty, not a torch file: each raises a different type
+        raise InputError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'empty'}); "
+                         "it was damaged outside gvu.py, which writes it atomically") from None
+    if not isinstance(state, dict) or not {"step", "prompt_pos", "lora", "optimizer", "rng"} <= set(state):
+        raise InputError(f"{path} is not a gvu.py state (missing keys)")
+    return state
+
+
+def trim_log(path, start):
+    """Keep the log lines of steps < start (later ones are repeated after the resume), rewritten atomically.
+    A last line cut mid-JSON by a kill is dropped with a notice; blank lines are skipped; a missing log
+    starts again with a notice. Returns the notices."""
+    notices = []
+    if not os.path.exists(path):
+        lines = []
+        if start:
+            notices.append(f"{path} is missing: a new log starts at step {start}")
+    else:
+        with open(path) as f:
+            lines = [line for line in f.read().split("\n") if line.strip()]
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n < len(lines):
+                raise InputError(f"{path} line {n} is not JSON (only a last line can be cut by a kill); "
+                                 "repair or delete that line") from None
+            notices.append(f"{path}: dropped a last line cut by a kill ({line[:40]!r}...)")
+    kept = [row for row in rows if row.get("step", start) < start]
+    write_atomic(path, lambda f: f.writelines(json.dumps(row) + "\n" for row in kept))
+    return notices
+
+
+# -----------------------------------------------------------------------------
+# the adapter: a peft folder, swapped in whole
+def save_adapter(policy, folder, info):
+    """policy.save_pretrained into folder.tmp (+ gvu.json = info: the step and the base model), then swap it
+    in: folder -> folder.old, folder.tmp -> folder, remove folder.old. A kill in the middle leaves no
+    folder for a moment; state.pt still holds the same weights and --resume writes the adapter again."""
+    tmp, old = folder + ".tmp", folder + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp)
+    write_json(info, os.path.join(tmp, "gvu.json"))
+    if os.path.exists(folder):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(folder, old)
+    os.rename(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def base_model_id(model, seed):
+    """What identifies a base model's weights: tiny-random's seed, a local folder's real path, or a hub id."""
+    if model == "tiny-random":
+        return f"tiny-random (seed {seed})"
+    return os.path.realpath(model) if os.path.exists(model) else model
+
+
+def saved_note(out):
+    """Which saved step survives a failed run, for its error message."""
+    path = os.path.join(out, "state.pt")
+    try:
+        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+    except Exception:  # missing (nothing saved yet) or unreadable
+        return f"nothing is saved in {out} yet"
+    return f"the saved state in {out} (step {step}) is intact"
+
+
+def base_fingerprint(lm):
+    """A short hash of the base weights: 64 rows spread over the LM's first weight (its input embedding in
+    practice; never LoRA'd), rounded to bf16 so that fp32 and bf16 loads agree. The same weights under another
+    path or hub id match; another base (or tiny-random with another seed) does not."""
+    w = next(p for n, p in lm.named_parameters() if "lora_" not in n).detach()
+    rows = w[torch.linspace(0, len(w) - 1, 64).long().unique().to(w.device)]
+    return hashlib.sha256(rows.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()).hexdigest()[:16]

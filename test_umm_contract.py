@@ -1,0 +1,62 @@
+"""The UMM interface's contract, written once and checked on every model: the tiny UMM, the Janus-Pro stand-in and
+the X-Omni stand-in (conftest.stand_in). Each test compares gvu's batched, KV-cached code paths against the model's
+own slow ones (unbatched per-token forwards), or checks where LoRA lands and what one update moves."""
+import re
+
+import pytest
+import torch
+
+import gvu
+from conftest import INSTRUCTION, PROMPTS
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*deprecated and will be removed in v6")  # peft's pre-v6 names
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+@torch.no_grad()
+def test_rollout_old_logprobs_equal_teacher_forced_logprobs(stand_in, cfg_scale):
+    """The KV-cached, left-padded, (CFG-)sampled rollout's old log-probs equal the teacher-forced conditional ones
+    (untruncated, same temperature), so the first ratio is 1."""
+    umm = stand_in.umm
+    ro = gvu.rollout(umm, PROMPTS, G=2, temperature=0.7, top_k=20, min_p=0.05, cfg_scale=cfg_scale,
+                     generator=torch.Generator().manual_seed(1))
+    codes = ro["codes"]
+    assert codes.shape == (2 * len(PROMPTS), umm.grid[0] * umm.grid[1]) and ro["prefix_mask"].eq(0).any()
+    assert 0 <= codes.min() and codes.max() < umm.image_vocab_size
+    logp = gvu.image_token_logprobs(umm, ro["prefix_ids"], ro["prefix_mask"], codes, temperature=0.7)
+    torch.testing.assert_close(logp, ro["old_logp"], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_reward_pass_equals_the_per_token_reference_loop(stand_in):
+    """gvu's teacher-forced reward pass, at any micro-batch (uneven ones included), equals the model's own loop of
+    one uncached forward per prompt token (+ end of turn), and counts the same number of tokens."""
+    umm, images = stand_in.umm, stand_in.images
+    want, lengths = stand_in.reference(umm, images, PROMPTS)
+    for micro_batch in (64, 2, 1):
+        logp, mask = gvu.caption_token_logprobs(umm, images, PROMPTS, INSTRUCTION, micro_batch=micro_batch)
+        assert mask.sum(1).tolist() == lengths
+        torch.testing.assert_close(gvu.intrinsic_reward(logp, mask).double(), want, atol=1e-5, rtol=0)
+
+
+def test_lora_lands_in_the_lm_blocks_and_one_update_moves_only_lora(stand_in):
+    """gvu.add_lora wraps the 7 linear layers of every LM block and nothing else; with checkpointing on the first
+    ratio is 1, and one grpo_loss backward + AdamW step changes LoRA weights only (B included)."""
+    umm = stand_in.build(1)
+    policy, opt, _ = gvu.add_lora(umm, gvu.Args(lora_r=4, lora_alpha=16, lr=1e-2))
+    wrapped = {n.rsplit(".lora_", 1)[0] for n, _ in umm.lm.named_modules() if ".lora_A" in n}
+    assert len(wrapped) == stand_in.n_lora and all(re.search(stand_in.lora_scope, n) for n in wrapped), wrapped
+    assert all("lora_" in n for n, p in umm.lm.named_parameters() if p.requires_grad)
+    before = {n: p.detach().clone() for n, p in umm.lm.named_parameters()}
+
+    ro = gvu.rollout(umm, PROMPTS[:2], G=2, cfg_scale=3.0, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), policy.disable_adapter():
+        ref = gvu.image_token_logprobs(umm, ro["prefix_ids"], ro["prefix_mask"], ro["codes"])
+    umm.lm.train()
+    logp = gvu.image_token_logprobs(umm, ro["prefix_ids"], ro["prefix_mask"], ro["codes"])
+    loss, stats = gvu.grpo_loss(logp, ro["old_logp"], ref, torch.tensor([1.0, -1.0, 0.5, -0.5]))
+    assert abs(stats["ratio"] - 1) < 1e-5 and stats["clip_frac"] == 0
+    loss.backward()
+    opt.step()
+    changed = {n for n, p in umm.lm.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed) and any("lora_B" in n for n in changed)
