@@ -166,7 +166,7 @@ def cmd_oracle_train(args, gvu_argv) -> None:
 
 def word_classes(shapes_world):
     """(class, interchangeable words) for prompt edits: the shapes world's own lists (shapes.py), else GenEval's
-    colours and relations. Counts stay plural (two..four) and shapes keep their number, so one word changes."""
+    colours and relations. Counts stay plural (two..seven) and shapes keep their number, so one word changes."""
     colours = list(shapes.COLORS) if shapes_world else GENEVAL_COLORS
     nouns = [("shape", list(shapes.SHAPES)), ("shape", list(shapes.PLURALS.values()))] if shapes_world else []
     return [("colour", colours), ("count", list(shapes.NUMBERS[2:]))] + nouns + [

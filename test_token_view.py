@@ -125,11 +125,15 @@ def test_word_edits_change_one_attribute_word_and_fix_the_article():
     for name, text in edits:
         by_class.setdefault(name, []).append(text)
     stem = "a photo of {} circle left of two squares on the right"
+    # the v2 world: GenEval's 10 colours in GenEval's order, counts up to seven, 8 shapes (plural "crosses")
     assert by_class["colour"] == [stem.format(f"{'an' if c[0] in 'aeiou' else 'a'} {c}")
-                                  for c in ["red", "green", "blue", "yellow", "purple"]]
-    assert by_class["count"] == [f"a photo of an orange circle left of {n} squares on the right" for n in ["three", "four"]]
-    assert by_class["shape"] == [f"a photo of an orange {s} left of two squares on the right" for s in ["square", "triangle"]] \
-        + [f"a photo of an orange circle left of two {s} on the right" for s in ["circles", "triangles"]]
+                                  for c in ["red", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white"]]
+    assert by_class["count"] == [f"a photo of an orange circle left of {n} squares on the right"
+                                 for n in ["three", "four", "five", "six", "seven"]]
+    assert by_class["shape"] == [f"a photo of an orange {s} left of two squares on the right"
+                                 for s in ["square", "triangle", "diamond", "cross", "ring", "star", "heart"]] \
+        + [f"a photo of an orange circle left of two {s} on the right"
+           for s in ["circles", "triangles", "diamonds", "crosses", "rings", "stars", "hearts"]]
     assert by_class["relation"] == [f"a photo of an orange circle {r} two squares on the right"
                                     for r in ["right of", "above", "below"]]
     assert by_class["region"] == [f"a photo of an orange circle left of two squares on the {r}"
