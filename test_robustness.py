@@ -19,7 +19,6 @@ import gvu
 from conftest import run_main
 import runio
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPTS = ["a photo of a red circle", "a photo of two squares", "a photo of a blue triangle"]
 
 
@@ -190,15 +189,26 @@ def test_resume_rewrites_an_adapter_older_than_the_state(tmp_path, prompt_file):
 # --- 1. non-finite updates --------------------------------------------------------------------
 def test_non_finite_gradient_is_not_applied_and_nothing_non_finite_is_saved(tmp_path, prompt_file):
     """The issue's --lr 1e6 run (B=2, G=2) has a NaN gradient at step 1: one-line error naming the intact saved
-    step, and state.pt and adapter/ hold step 1's finite weights. --resume stops the same way (not in sampling)."""
+    step, and state.pt and adapter/ hold step 1's finite weights. --resume stops the same way (not in sampling).
+    The issue ran on the v1 world's prompts/train.txt; its steps 0-1 drew these four lines, kept here in the order
+    that puts them in the same batches (the v2 train.txt draws other lines, on which step 1 happens to stay finite)."""
+    issue_prompts = write(tmp_path / "issue.txt", "\n".join([
+        "a photo of one circle on the right and two squares on the left",
+        "a photo of a smaller triangle on the left and a larger circle on the right",
+        "a photo of a smaller triangle on the left and a larger square on the right",
+        "a photo of a small green circle"]) + "\n")
+    assert [gvu.prompt_batch(open(issue_prompts).read().splitlines(), s, 2, 0) for s in (0, 1)] == [
+        ["a photo of one circle on the right and two squares on the left",
+         "a photo of a smaller triangle on the left and a larger circle on the right"],
+        ["a photo of a small green circle", "a photo of a smaller triangle on the left and a larger square on the right"]]
     out, flags = tmp_path / "run", ["--steps", "4", "--lr", "1e6", "--batch-prompts", "2"]
-    msg = run_main(*common(os.path.join(HERE, "prompts", "train.txt"), out, *flags))
+    msg = run_main(*common(issue_prompts, out, *flags))
     assert msg == f"error: non-finite gradient norm at step 1; its update was not applied; " \
                   f"the saved state in {out} (step 1) is intact"
     state = torch.load(out / "state.pt", weights_only=True)
     assert state["step"] == 1 and nonfinite(state) == []
     assert nonfinite(load_file(out / "adapter" / "adapter_model.safetensors")) == []
-    assert run_main(*common(os.path.join(HERE, "prompts", "train.txt"), out, *flags, "--resume")) == msg
+    assert run_main(*common(issue_prompts, out, *flags, "--resume")) == msg
 
 
 def test_non_finite_loss_is_not_applied(tmp_path, prompt_file, monkeypatch):
