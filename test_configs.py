@@ -181,7 +181,7 @@ def test_decoder_text_prompt_gives_the_pipeline_that_prompts_embeddings(xomni_di
 
 
 @pytest.mark.parametrize("flags, expect", [(["--decoder-text", "prompt"], "--decoder-text prompt"),
-                                           (["--image-size", "64"], "--image-size 64")])
+                                           (["--image-size", "48"], "--image-size 48")])  # v2 world: 64 px
 def test_tiny_umm_refuses_decoder_text_and_a_foreign_size_before_writing(tmp_path, flags, expect):
     """The tiny UMM's decoder reads no text and makes one size: one line, non-zero exit, no run folder."""
     out = tmp_path / "run"
@@ -283,8 +283,8 @@ def test_eval_generate_uses_the_trainers_precision_rule(monkeypatch, tmp_path):
     for dtype, bf16 in (("bfloat16", True), ("auto", False)):
         out = tmp_path / dtype
         eval_geneval.main(["generate", "--model", "tiny-random", "--metadata", str(meta), "--out", str(out), "--n", "2",
-                           "--any-class", "--device", "cpu", "--dtype", dtype, "--image-size", "48"])
-        assert seen["load_args"][5:] == (bf16, 48, "none") and seen["autocast"] is bf16
+                           "--any-class", "--device", "cpu", "--dtype", dtype, "--image-size", "64"])
+        assert seen["load_args"][5:] == (bf16, 64, "none") and seen["autocast"] is bf16  # the v2 world's 64 px
 
 
 def test_janus_adapter_refuses_transformers_older_than_5(monkeypatch, tmp_path):
