@@ -53,7 +53,7 @@ def fast_decoder(monkeypatch):
     """Runs through gvu.main decode codes to flat images: these tests check plumbing, and the tiny UMM's
     diffusion decoder is most of a CPU step."""
     monkeypatch.setattr(TinyUMM, "decode_images", lambda self, codes, generator=None, prompts=None:
-                        [Image.new("RGB", (48, 48), (int(c[0]) * 3, 90, 160)) for c in codes])
+                        [Image.new("RGB", (self.image_size,) * 2, (int(c[0]) * 3, 90, 160)) for c in codes])
 
 
 def small_run(tmp_path, out, *extra):
