@@ -324,11 +324,25 @@ def train_lm(umm, metas, captions, rng, steps, batch, t2i_frac, lr, rank_weight)
     umm.lm.eval().requires_grad_(False)
 
 
+def semantic_code_init(umm):
+    """Image code k's input embedding starts as the mean of its shape, colour and size words' embeddings (a
+    SigLIP-VQ code is a semantic feature too): every red code then shares one direction from step 0."""
+    emb = umm.lm.get_input_embeddings().weight
+    unk = umm.tokenizer.unk_token_id
+    with torch.no_grad():
+        for k, kind in enumerate(KINDS[1:], 1):
+            ids = [umm.tokenizer.convert_tokens_to_ids(w) for w in kind]
+            assert unk not in ids, kind
+            emb[umm.image_offset + k] = emb[ids].sum(0) / len(ids) ** 0.5
+
+
 def train(a):
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
     umm = TinyUMM.random(a.seed, a.hidden, a.layers, a.heads, a.num_codes)
+    if a.semantic_codes:
+        semantic_code_init(umm)
     if a.vision_from:  # reuse a trained tokenizer + decoder (same seed -> same result, faster)
         src = TinyUMM.from_pretrained(a.vision_from)
         umm.image_tokenizer, umm.decoder = src.image_tokenizer, src.decoder
@@ -402,6 +416,7 @@ if __name__ == "__main__":
     t.add_argument("--rank-weight", type=float, default=1.0, help="weight of the caption-vs-distractor ranking loss")
     t.add_argument("--tok-steps", type=int, default=300, help="image tokenizer steps")
     t.add_argument("--dec-steps", type=int, default=200, help="diffusion decoder steps")
+    t.add_argument("--semantic-codes", action="store_true", help="image code embeddings start from their words'")
     t.add_argument("--vision-from", default="", help="reuse the tokenizer + decoder of this tiny UMM folder")
     t.add_argument("--prompts", default="prompts/train.jsonl", help="train metadata lines")
     t.add_argument("--hidden", type=int, default=128)
