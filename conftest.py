@@ -27,7 +27,7 @@ needs_janus = pytest.mark.skipif(Version(transformers.__version__) < Version("5"
 
 @pytest.fixture(autouse=True)
 def watchdog():
-    """A test still running after 10 minutes (the slowest takes about 30 s) has hung: every thread's stack is
+    """A test still running after 10 minutes (the slowest, a 2-process torchrun test, takes about a minute) has hung: every thread's stack is
     printed and the suite exits with an error, instead of holding CI until its time limit."""
     faulthandler.dump_traceback_later(600, exit=True)
     yield
