@@ -662,28 +662,33 @@ def add_detector_flags(q) -> None:
     q.add_argument("--max-objects", type=int, default=16, help="max detections kept per class")
 
 
-def add_model_flags(q, n_flag: str, n_default: int, n_help: str) -> None:
-    """Which model to sample from, and how (generate, and experiments.py audit)."""
-    q.add_argument("--model", default="tiny-random", help="a model gvu.py loads (tiny UMM folder, 'tiny-random', "
+def add_load_flags(q, model_default: str = "tiny-random") -> None:
+    """Which model to load, and how: every flag `load_model` reads (generate, audit, token-view)."""
+    q.add_argument("--model", default=model_default, help="a model gvu.py loads (tiny UMM folder, 'tiny-random', "
                    "a Janus(-Pro) or X-Omni checkpoint)")
     q.add_argument("--trust-remote-code", action="store_true", help="run the model repository's code (X-Omni; never implied)")
     q.add_argument("--flux", default="", help="X-Omni only: the FLUX.1-dev weights its decoder is built from")
     q.add_argument("--device", help="torch device for the model (and the scorer): default cuda if available, else cpu")
     q.add_argument("--adapter", help="a LoRA adapter folder written by gvu.py (its --out/adapter)")
-    q.add_argument("--metadata", required=True, help="GenEval-format metadata .jsonl")
-    q.add_argument("--out", required=True, help="output folder")
-    q.add_argument(n_flag, type=int, default=n_default, help=n_help)
-    q.add_argument("--batch", type=int, default=8, help="prompts per sampling batch")
-    q.add_argument("--seed", type=int, default=0, help="sampling seed (same seed -> same noise for any model)")
-    q.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    q.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
-    q.add_argument("--min-p", type=float, default=0.0, help="min-p sampling (0 = off)")
-    q.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (same seed -> same noise for any model) and of 'tiny-random'")
     q.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto: as gvu.py trains (bf16 weights + autocast on a CUDA GPU with bf16, else fp32)")
     q.add_argument("--image-size", type=int, default=0, help="pixels per side (0 = the model's default; X-Omni paper: 576)")
     q.add_argument("--decoder-text", default="none", choices=["none", "prompt"],
                    help="X-Omni's decoder text condition: none, or the prompt (the official evaluation's)")
+
+
+def add_model_flags(q, n_flag: str, n_default: int, n_help: str) -> None:
+    """Which model to sample from, and how (generate, and experiments.py audit)."""
+    add_load_flags(q)
+    q.add_argument("--metadata", required=True, help="GenEval-format metadata .jsonl")
+    q.add_argument("--out", required=True, help="output folder")
+    q.add_argument(n_flag, type=int, default=n_default, help=n_help)
+    q.add_argument("--batch", type=int, default=8, help="prompts per sampling batch")
+    q.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    q.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
+    q.add_argument("--min-p", type=float, default=0.0, help="min-p sampling (0 = off)")
+    q.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
 
 
 def build_parser() -> argparse.ArgumentParser:

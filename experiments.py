@@ -27,8 +27,8 @@ from PIL import Image, ImageDraw
 import gvu
 import shapes
 from adapters import InputError
-from eval_geneval import (COLORS as GENEVAL_COLORS, GenEvalError, add_detector_flags, add_model_flags, iter_samples,
-                          load_image, load_model, make_scorer, read_metadata, sample_groups, scorer_classes)
+from eval_geneval import (COLORS as GENEVAL_COLORS, GenEvalError, add_detector_flags, add_load_flags, add_model_flags,
+                          iter_samples, load_image, load_model, make_scorer, read_metadata, sample_groups, scorer_classes)
 
 
 # --------------------------------------------------------------------------- reward audit
@@ -293,12 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     tv = sub.add_parser("token-view", help="a generate folder's images with the prompt's tokens shaded by the "
                                            "judge's probability; --edits: reward drop per changed word class")
     tv.add_argument("folder", help="an eval_geneval.py generate folder (00000/metadata.jsonl, 00000/samples/0000.png)")
-    tv.add_argument("--model", default="checkpoints/tiny-umm", help="the judge: any model gvu.py loads")
-    tv.add_argument("--adapter", help="a LoRA adapter folder written by gvu.py (its --out/adapter)")
-    tv.add_argument("--trust-remote-code", action="store_true", help="run the model repository's code (X-Omni)")
-    tv.add_argument("--flux", default="", help="X-Omni only: the FLUX.1-dev weights its decoder is built from")
-    tv.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    tv.add_argument("--seed", type=int, default=0, help="seed for building the model ('tiny-random')")
+    add_load_flags(tv, model_default="checkpoints/tiny-umm")  # the judge: any model gvu.py loads, as generate
     tv.add_argument("--instruction", default="Describe the image in detail.", help="as gvu.py --instruction")
     tv.add_argument("--prompt", help="score every image against this prompt instead of its own")
     tv.add_argument("--prompts", type=int, default=6, help="rows: N prompts, the tags taking turns (the first "

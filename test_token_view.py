@@ -187,3 +187,29 @@ def test_wandb_offline_run_logs_scalars_and_grids(tmp_path, monkeypatch, fast_de
     [run] = [d for d in os.listdir(out / "wandb") if d.startswith("offline-run-")]
     media = os.listdir(out / "wandb" / run / "files" / "media" / "images")
     assert sorted(m.split("_")[1] for m in media) == ["0", "1"]
+
+
+def test_token_view_cli_draws_the_grid_and_prints_the_edit_table_of_its_folder(tmp_path, capsys):
+    """experiments.py token-view end to end on a generate folder: it writes the PNG, and its printed edit table is
+    edit_table's on the same images and prompts (the CLI once crashed on a flag its parser lacked)."""
+    from conftest import write_jsonl
+    import eval_geneval
+    metas = [{"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "red"}], "prompt": PROMPTS[0]},
+             {"tag": "counting", "include": [{"class": "square", "count": 2}], "prompt": PROMPTS[1]}]
+    meta_file = write_jsonl(tmp_path / "m.jsonl", metas)
+    gen = tmp_path / "gen"
+    eval_geneval.main(["generate", "--metadata", str(meta_file), "--out", str(gen), "--n", "2", "--any-class"])
+    capsys.readouterr()
+    assert experiments.main(["token-view", str(gen), "--model", "tiny-random", "--edits", "--out",
+                             str(tmp_path / "tv.png")]) in (None, 0)
+    assert Image.open(tmp_path / "tv.png").size[0] > 0
+    printed = {line.split("|")[1].strip(): line.split("|")[2:6] for line in capsys.readouterr().out.splitlines()
+               if line.startswith("| ") and not line.startswith("| word class")}
+    umm = TinyUMM.random(seed=0)
+    images = [Image.open(gen / f"0000{i}" / "samples" / f"000{j}.png") for i in range(2) for j in range(2)]
+    want = experiments.edit_table(umm, images, [m["prompt"] for m in metas for _ in range(2)], INSTRUCTION)
+    assert set(printed) == set(want) and want
+    for name, row in want.items():
+        edits, reward, edited, drop = (c.strip() for c in printed[name])
+        assert int(edits) == row["edits"] and float(reward) == pytest.approx(row["reward"], abs=6e-4)
+        assert float(drop) == pytest.approx(row["drop"], abs=6e-4)
