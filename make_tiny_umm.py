@@ -1,9 +1,9 @@
 """
 The recipe that trains the shipped tiny UMM (tiny_umm.py) in the shapes world, and measures it.
 
-    python make_tiny_umm.py train --out checkpoints/tiny-umm --t2i-frac 0.1 --seed 0       (normal base)
-    python make_tiny_umm.py train --out checkpoints/tiny-umm-weak --t2i-frac 0.03 \
-           --vision-from checkpoints/tiny-umm                                              (weak base)
+    python make_tiny_umm.py train --out checkpoints/tiny-umm --t2i-frac 0.2 --steps 5000 --seed 0   (normal base)
+    python make_tiny_umm.py train --out checkpoints/tiny-umm-weak --semantic-codes \
+           --vision-from checkpoints/tiny-umm --seed 0                                     (weak base)
     python make_tiny_umm.py understand --model checkpoints/tiny-umm --n 300 [--adapter RUN/adapter]
     python make_tiny_umm.py random --out /tmp/tiny   # a random-init model folder (safetensors)
 
@@ -341,6 +341,7 @@ def train(a):
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
     umm = TinyUMM.random(a.seed, a.hidden, a.layers, a.heads, a.num_codes)
+    umm.decode_steps = a.decode_steps  # saved with the model; the round-trip check below uses it too
     if a.semantic_codes:
         semantic_code_init(umm)
     if a.vision_from:  # reuse a trained tokenizer + decoder (same seed -> same result, faster)
@@ -416,6 +417,8 @@ if __name__ == "__main__":
     t.add_argument("--rank-weight", type=float, default=1.0, help="weight of the caption-vs-distractor ranking loss")
     t.add_argument("--tok-steps", type=int, default=300, help="image tokenizer steps")
     t.add_argument("--dec-steps", type=int, default=200, help="diffusion decoder steps")
+    t.add_argument("--decode-steps", type=int, default=2,
+                   help="DDIM steps the saved model decodes with (decode -> re-tokenise stays exact at 2)")
     t.add_argument("--semantic-codes", action="store_true", help="image code embeddings start from their words'")
     t.add_argument("--vision-from", default="", help="reuse the tokenizer + decoder of this tiny UMM folder")
     t.add_argument("--prompts", default="prompts/train.jsonl", help="train metadata lines")

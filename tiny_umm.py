@@ -21,7 +21,7 @@ Parts:
   concatenated with a learned 16x16 patch per code, sampled with a diffusers `DDIMScheduler`.
 
 The recipe that trains it (and measures its understanding) is make_tiny_umm.py; the checkpoints it
-wrote is checkpoints/tiny-umm (the default --model of gvu.py; the weak base is not yet rebuilt for v2).
+wrote are checkpoints/tiny-umm (the default --model of gvu.py) and checkpoints/tiny-umm-weak.
 """
 import json
 import os
