@@ -249,6 +249,14 @@ def test_eval_prompts_never_in_train(prompt_sets):
         with open(os.path.join(HERE, "prompts", name)) as f:
             assert not {json.loads(line)["prompt"] for line in f} & train_txt
 
+
+def test_dev_split_is_distinct_training_lines(prompt_sets):
+    """prompts/shapes_dev.jsonl (the tuning split) holds distinct lines of train.jsonl, so no eval prompt."""
+    train = {json.dumps(m, sort_keys=True) for m in prompt_sets[0]}
+    with open(os.path.join(HERE, "prompts", "shapes_dev.jsonl")) as f:
+        dev = [json.dumps(json.loads(line), sort_keys=True) for line in f]
+    assert dev and len(set(dev)) == len(dev) and set(dev) <= train
+
 def test_every_prompt_uses_only_prompt_words():
     """Every prompt in every prompt file tokenizes into PROMPT_WORDS only."""
     vocab = set(S.PROMPT_WORDS)
