@@ -107,24 +107,26 @@ def uncached_rollout(umm, prompts, G, generator):
     return ids[:, enc.input_ids.shape[1]:] - umm.image_offset
 
 
-def step_breakdown(model, steps, prompts_path="prompts/train.txt"):
+def step_breakdown(model, steps, prompts_path="prompts/train.txt", **overrides):
     """Seconds per phase of real gvu.gvu_step calls (the trainer's defaults: B=8 x G=8, one micro-batch, LoRA,
     checkpointing, mu=1) on `model`, through gvu_step's own timing hook, for --reward-input pixels and codes:
     two copies of the model stepped in turn (pixels step k, codes step k), so machine load falls on both alike.
     Step 0 (a sample step, and the warm-up) is left out. Image tokenisation happens inside the reward: it is
-    timed on its own right after each pixels step, on the same images, with the batched call the reward makes."""
+    timed on its own right after each pixels step, on the same images, with the batched call the reward makes.
+    `overrides`: other gvu.Args fields (the tests use a smaller batch)."""
     runs = {}
     for reward_input in ("pixels", "codes"):
-        args = gvu.Args(model=model, reward_input=reward_input)
+        args = gvu.Args(model=model, reward_input=reward_input, **overrides)
         umm = gvu.load_umm(model)
         torch.manual_seed(args.seed)
         runs[reward_input] = (args, umm, *gvu.add_lora(umm, args))
-    prompts, rows = gvu.read_prompts(prompts_path), {k: [] for k in runs}
+    (prompts, _), rows = gvu.read_prompts(prompts_path), {k: [] for k in runs}
     for step in range(steps + 1):
-        for reward_input, (args, umm, policy, optimizer) in runs.items():
+        for reward_input, (args, umm, policy, optimizer, scheduler) in runs.items():
             batch, t = gvu.prompt_batch(prompts, step, args.batch_prompts, args.seed), {}
             start = time.perf_counter()
-            _, images, _ = gvu.gvu_step(umm, policy, optimizer, batch, step, args, timings=t)
+            _, images, _, _ = gvu.gvu_step(umm, policy, optimizer, batch, step, args, timings=t)
+            scheduler.step()  # as gvu.train
             t["step"] = time.perf_counter() - start
             if reward_input == "pixels":
                 start = time.perf_counter()

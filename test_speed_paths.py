@@ -165,3 +165,15 @@ def test_step_timings_cover_the_step_wall_time():
     wall = time.perf_counter() - start
     assert list(t) == ["rollout", "decode", "reward", "reference", "update"] and all(v > 0 for v in t.values())
     assert 0.9 * wall <= sum(t.values()) <= wall
+
+
+def test_bench_step_breakdown_times_every_phase_of_real_steps_for_both_reward_inputs():
+    """bench.py's breakdown drives gvu.add_lora and gvu_step as the trainer does (it once broke when they gained a
+    return value): per reward input, one row per timed step, every phase booked, codes steps never decode."""
+    import bench
+    res = bench.step_breakdown("tiny-random", steps=1, batch_prompts=1, group_size=2)
+    assert set(res) == {"pixels", "codes"}
+    for reward_input, t in res.items():
+        assert {"rollout", "reward", "reference", "update", "step"} <= set(t) and all(len(v) == 1 for v in t.values())
+        assert (t["step"] > 0).all() and (t["update"] > 0).all()
+    assert (res["codes"]["decode"] < 0.01 * res["pixels"]["decode"]).all()  # codes: the phase is booked, nothing decodes
