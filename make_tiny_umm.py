@@ -325,8 +325,9 @@ def train_lm(umm, metas, captions, rng, steps, batch, t2i_frac, lr, rank_weight)
 
 
 def semantic_code_init(umm):
-    """Image code k's input embedding starts as the mean of its shape, colour and size words' embeddings (a
-    SigLIP-VQ code is a semantic feature too): every red code then shares one direction from step 0."""
+    """Image code k's input embedding starts as the sum of its shape, colour and size words' embeddings over
+    sqrt(3), which keeps the norm of a random row (a SigLIP-VQ code is a semantic feature too): every red code then
+    shares one direction from step 0."""
     emb = umm.lm.get_input_embeddings().weight
     unk = umm.tokenizer.unk_token_id
     with torch.no_grad():

@@ -559,9 +559,9 @@ def test_shipped_tiny_umm_prefers_the_true_caption_of_a_render():
 def test_lm_batch_t2i_sees_train_lines_only_while_captions_span_every_tag():
     """make_tiny_umm.lm_batch: T2I sequences come from the train lines alone; I2T captions are drawn
     from every tag's whole space (so mostly texts that are not train lines)."""
-    import make_tiny_umm as tiny_umm
+    import make_tiny_umm as make
     import shapes
-    umm = TinyUMM.random(seed=0, hidden=64, layers=2, num_codes=len(tiny_umm.KINDS))  # a code per cell kind
+    umm = TinyUMM.random(seed=0, hidden=64, layers=2, num_codes=len(make.KINDS))  # a code per cell kind
     space = tiny_umm.caption_space()
     read = lambda f: tiny_umm.read_jsonl(os.path.join(HERE, f))
     train, evals = read("prompts/train.jsonl"), [m for f in tiny_umm.EVAL_FILES for m in read(f)]
@@ -575,18 +575,19 @@ def test_lm_batch_t2i_sees_train_lines_only_while_captions_span_every_tag():
         [m["prompt"] + umm.answer_suffix for m in train], add_special_tokens=False).input_ids}
     assert len(i2t) == 40 and sum(tuple(ans) not in train_answers for _, ans, _ in i2t) >= 20
 
+
 def test_semantic_codes_start_each_code_as_its_words_and_leave_the_rest_alone():
     """make_tiny_umm --semantic-codes: code k's input embedding = (shape + colour + size word embeddings) / sqrt 3,
     computed here from the word rows; the empty code, the unused codes and every text row keep their init."""
-    import make_tiny_umm as tiny_umm
-    umm = TinyUMM.random(seed=0, hidden=64, layers=2, num_codes=len(tiny_umm.KINDS) + 3)
+    import make_tiny_umm as make
+    umm = TinyUMM.random(seed=0, hidden=64, layers=2, num_codes=len(make.KINDS) + 3)
     before = umm.lm.get_input_embeddings().weight.detach().clone()
-    tiny_umm.semantic_code_init(umm)
+    make.semantic_code_init(umm)
     after = umm.lm.get_input_embeddings().weight.detach()
     for kind in [("circle", "red", "large"), ("heart", "white", "small"), ("cross", "brown", "large")]:
         words = before[[umm.tokenizer.vocab[w] for w in kind]]
-        torch.testing.assert_close(after[umm.image_offset + tiny_umm.KIND_ID[kind]], words.sum(0) / 3 ** 0.5)
-    kept = list(range(umm.image_offset + 1)) + list(range(umm.image_offset + len(tiny_umm.KINDS), len(after)))
+        torch.testing.assert_close(after[umm.image_offset + make.KIND_ID[kind]], words.sum(0) / 3 ** 0.5)
+    kept = list(range(umm.image_offset + 1)) + list(range(umm.image_offset + len(make.KINDS), len(after)))
     assert torch.equal(after[kept], before[kept])
 
 

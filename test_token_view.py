@@ -11,9 +11,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+import eval_geneval
 import experiments
 import gvu
 import loggers
+from conftest import write_jsonl
 from tiny_umm import TinyUMM
 
 PROMPTS = ["a photo of a red circle", "a photo of two squares", "a photo of a blue triangle left of a large circle"]
@@ -192,8 +194,6 @@ def test_wandb_offline_run_logs_scalars_and_grids(tmp_path, monkeypatch, fast_de
 def test_token_view_cli_draws_the_grid_and_prints_the_edit_table_of_its_folder(tmp_path, capsys):
     """experiments.py token-view end to end on a generate folder: it writes the PNG, and its printed edit table is
     edit_table's on the same images and prompts (the CLI once crashed on a flag its parser lacked)."""
-    from conftest import write_jsonl
-    import eval_geneval
     metas = [{"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "red"}], "prompt": PROMPTS[0]},
              {"tag": "counting", "include": [{"class": "square", "count": 2}], "prompt": PROMPTS[1]}]
     meta_file = write_jsonl(tmp_path / "m.jsonl", metas)
@@ -210,6 +210,6 @@ def test_token_view_cli_draws_the_grid_and_prints_the_edit_table_of_its_folder(t
     want = experiments.edit_table(umm, images, [m["prompt"] for m in metas for _ in range(2)], INSTRUCTION)
     assert set(printed) == set(want) and want
     for name, row in want.items():
-        edits, reward, edited, drop = (c.strip() for c in printed[name])
+        edits, reward, _, drop = (c.strip() for c in printed[name])
         assert int(edits) == row["edits"] and float(reward) == pytest.approx(row["reward"], abs=6e-4)
         assert float(drop) == pytest.approx(row["drop"], abs=6e-4)
