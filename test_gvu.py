@@ -559,9 +559,9 @@ def test_shipped_tiny_umm_prefers_the_true_caption_of_a_render():
 def test_lm_batch_t2i_sees_train_lines_only_while_captions_span_every_tag():
     """make_tiny_umm.lm_batch: T2I sequences come from the train lines alone; I2T captions are drawn
     from every tag's whole space (so mostly texts that are not train lines)."""
-    import make_tiny_umm as make
+    import make_tiny_umm as tiny_umm
     import shapes
-    umm = TinyUMM.random(seed=0, hidden=64, layers=2, num_codes=len(make.KINDS))  # a code per cell kind
+    umm = TinyUMM.random(seed=0, hidden=64, layers=2, num_codes=len(tiny_umm.KINDS))  # a code per cell kind
     space = tiny_umm.caption_space()
     read = lambda f: tiny_umm.read_jsonl(os.path.join(HERE, f))
     train, evals = read("prompts/train.jsonl"), [m for f in tiny_umm.EVAL_FILES for m in read(f)]
