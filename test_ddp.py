@@ -1,6 +1,7 @@
 """torchrun / DistributedDataParallel (distributed.py): 2 CPU processes on gloo against one process."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,13 +86,24 @@ def launch(cmd, timeout):
 
 def torchrun(script, *argv, timeout=150):
     """2 CPU processes (gloo) under torchrun. A hang cannot hang the suite: the launch is killed after `timeout`
-    seconds with the stacks printed, and retried once (two CI runs on X-Omni's stack hung here; the cause is not
-    known). A second hang fails the test with both stack dumps."""
+    seconds with the stacks printed, and retried once (three CI runs hung here, two on X-Omni's stack and one on
+    the default stack; the cause is not known). The retry starts from the --out folder as it was before the hung
+    launch: the third hang came after its run had written the folder, and the retry was refused as "already holds
+    a run". A second hang fails the test with both stack dumps."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *argv]
+    out = argv[argv.index("--out") + 1]
+    before = out + ".before_launch"
+    if os.path.exists(out):
+        shutil.copytree(out, before)
     dumps = []
     for _ in range(2):
         run, output = launch(cmd, timeout)
-        if run is not None:
+        if run is None:  # hung: put --out back as it was
+            shutil.rmtree(out, ignore_errors=True)
+            if os.path.exists(before):
+                shutil.copytree(before, out)
+        else:
+            shutil.rmtree(before, ignore_errors=True)
             if dumps:
                 warnings.warn(f"torchrun hung once and passed on retry; the hung launch printed:\n{dumps[0]}")
             return run
@@ -147,6 +159,28 @@ def test_batch_not_divisible_by_the_processes_is_a_one_line_error(tmp_path, monk
         msg = e.code
     assert msg == "error: --batch-prompts 3 must be divisible by the 2 processes"
     assert not (tmp_path / "run").exists()
+
+
+def test_a_hung_launch_is_retried_from_the_out_folder_as_it_was(tmp_path, monkeypatch):
+    """The harness itself: a launch that writes into --out and then hangs is retried on the folder as it was."""
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "log.jsonl").write_text("step 0\n")
+    seen = []
+
+    def fake_launch(cmd, timeout):
+        seen.append(sorted(os.listdir(out)) if out.exists() else None)
+        if len(seen) == 1:  # the first launch writes a step and hangs
+            (out / "log.jsonl").write_text("step 0\nstep 1\n")
+            (out / "state.pt").write_text("x")
+            return None, "hung"
+        return subprocess.CompletedProcess(cmd, 0, (out / "log.jsonl").read_text()), ""
+
+    monkeypatch.setattr(sys.modules[__name__], "launch", fake_launch)
+    with pytest.warns(UserWarning, match="hung once"):
+        run = torchrun("gvu.py", "--out", str(out), "--resume")
+    assert seen == [["log.jsonl"], ["log.jsonl"]] and run.stdout == "step 0\n"
+    assert sorted(os.listdir(tmp_path)) == ["b"]  # the copy is gone
 
 
 if __name__ == "__main__":  # run by the equivalence test under torchrun: gvu on the fixed rollout and rewards
