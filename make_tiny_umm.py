@@ -380,7 +380,7 @@ def understand(a):
     umm.lm.eval()
     rng = np.random.default_rng(a.seed)
     metas = [(os.path.basename(f).split(".")[0], m) for f in EVAL_FILES for m in read_jsonl(f)]
-    hits, by_tag = {}, {}
+    hits, by_tag, position = {}, {}, {}  # position: its comparisons split into relations and regions
     for i in range(a.n):
         name, meta = metas[i % len(metas)] if a.n >= len(metas) else metas[int(rng.integers(len(metas)))]
         image = shapes.render(shapes.sample_scene(meta, rng), jitter=1, rng=rng)
@@ -393,11 +393,16 @@ def understand(a):
             hit = r[0] > max(r[k:k + len(ps)])
             hits.setdefault(attr, []).append(hit)
             by_tag.setdefault(f"{name}/{meta['tag']}", []).append(hit)
+            if attr == "position":  # "a circle left of a square" or "a circle on the left"
+                kind = "relation" if any("position" in r for r in meta["include"]) else "region"
+                position.setdefault(kind, []).append(hit)
             k += len(ps)
     for tag, h in sorted(by_tag.items()):
         print(f"understanding {tag:40s} {np.mean(h):.3f}  (n={len(h)})")
     for attr, h in hits.items():
         print(f"understanding {attr:9s} {np.mean(h):.3f}  (n={len(h)})")
+    for kind, h in sorted(position.items()):
+        print(f"  position, {kind:8s} {np.mean(h):.3f}  (n={len(h)})")
     print(f"understanding overall   {np.mean([np.mean(h) for h in hits.values()]):.3f}  (mean of attributes)")
     return hits
 
