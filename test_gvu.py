@@ -15,6 +15,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import bench
 import gvu
+import make_tiny_umm as make
+import shapes
 from conftest import run_main
 from tiny_umm import TinyUMM
 
@@ -543,7 +545,6 @@ def test_tokenize_image_follows_x_omni_format(umm):
 
 def test_shipped_tiny_umm_prefers_the_true_caption_of_a_render():
     """The shipped checkpoint's intrinsic reward ranks each render's true caption above a one-word change."""
-    import shapes
     umm = TinyUMM.from_pretrained(os.path.join(HERE, "checkpoints", "tiny-umm"))
     scenes = [[shapes.Obj("circle", "red", "large", 1, 1)],
               [shapes.Obj("square", "blue", "small", 2, 0), shapes.Obj("triangle", "yellow", "large", 2, 3)]]
@@ -557,17 +558,15 @@ def test_shipped_tiny_umm_prefers_the_true_caption_of_a_render():
 
 
 def test_lm_batch_t2i_sees_train_lines_only_while_captions_span_every_tag():
-    """make_tiny_umm.lm_batch: T2I sequences come from the train lines alone; I2T captions are drawn
+    """make_make.lm_batch: T2I sequences come from the train lines alone; I2T captions are drawn
     from every tag's whole space (so mostly texts that are not train lines)."""
-    import make_tiny_umm as tiny_umm
-    import shapes
-    umm = TinyUMM.random(seed=0, hidden=64, layers=2, num_codes=len(tiny_umm.KINDS))  # a code per cell kind
-    space = tiny_umm.caption_space()
-    read = lambda f: tiny_umm.read_jsonl(os.path.join(HERE, f))
-    train, evals = read("prompts/train.jsonl"), [m for f in tiny_umm.EVAL_FILES for m in read(f)]
+    umm = TinyUMM.random(seed=0, hidden=64, layers=2, num_codes=len(make.KINDS))  # a code per cell kind
+    space = make.caption_space()
+    read = lambda f: make.read_jsonl(os.path.join(HERE, f))
+    train, evals = read("prompts/train.jsonl"), [m for f in make.EVAL_FILES for m in read(f)]
     assert {m["tag"] for m in train + evals} <= {tag for _, tag in space}
     assert all(shapes.make_line(m["tag"], m["include"]) == m for m in train + evals)  # in their tag's phrasing
-    seqs, i2t = tiny_umm.lm_batch(umm, train[:1], space, np.random.default_rng(0), batch=48, n_t2i=8,
+    seqs, i2t = make.lm_batch(umm, train[:1], space, np.random.default_rng(0), batch=48, n_t2i=8,
                                   with_distractor=False)
     prefix = umm.tokenizer(umm.t2i_prompt(train[0]["prompt"]), add_special_tokens=False).input_ids
     assert len(seqs) == 8 and all(s == len(prefix) and q[:s] == prefix for q, s in seqs)
@@ -579,7 +578,6 @@ def test_lm_batch_t2i_sees_train_lines_only_while_captions_span_every_tag():
 def test_semantic_codes_start_each_code_as_its_words_and_leave_the_rest_alone():
     """make_tiny_umm --semantic-codes: code k's input embedding = (shape + colour + size word embeddings) / sqrt 3,
     computed here from the word rows; the empty code, the unused codes and every text row keep their init."""
-    import make_tiny_umm as make
     umm = TinyUMM.random(seed=0, hidden=64, layers=2, num_codes=len(make.KINDS) + 3)
     before = umm.lm.get_input_embeddings().weight.detach().clone()
     make.semantic_code_init(umm)
