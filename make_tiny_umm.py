@@ -203,6 +203,16 @@ def distractors(meta):
     return out
 
 
+def regions_swapped(meta):
+    """The line with every region swapped, or None. Region lines always name an opposite pair ("on the left
+    ... on the right"), so a distractor that changes ONE region names a pair no caption has, and language
+    alone rejects it. The swap keeps an opposite pair: only the image can rule it out."""
+    if sum("region" in r for r in meta["include"]) < 2:
+        return None
+    return caption_of({"tag": meta["tag"], "include": [
+        dict(r, region=shapes.OPPOSITE[r["region"]]) if "region" in r else dict(r) for r in meta["include"]]})
+
+
 def false_distractors(image, meta, rng, per_attr=3):
     """Per attribute, up to `per_attr` distractor prompts that the pixel oracle says are FALSE
     for this image (a changed attribute can happen to be true too, e.g. a second relation)."""
@@ -381,11 +391,14 @@ def understand(a):
     rng = np.random.default_rng(a.seed)
     metas = [(os.path.basename(f).split(".")[0], m) for f in EVAL_FILES for m in read_jsonl(f)]
     hits, by_tag, position = {}, {}, {}  # position: its comparisons split into relations and regions
+    swapped = []  # region lines: true caption vs every region swapped (regions_swapped)
     for i in range(a.n):
         name, meta = metas[i % len(metas)] if a.n >= len(metas) else metas[int(rng.integers(len(metas)))]
         image = shapes.render(shapes.sample_scene(meta, rng), jitter=1, rng=rng)
         bad = false_distractors(image, meta, rng)
         prompts = [meta["prompt"]] + [p for ps in bad.values() for p in ps]
+        if regions_swapped(meta):  # scored apart, so the attributes keep their one-change distractors
+            prompts.append(regions_swapped(meta)["prompt"])  # false for every scene of the line
         logp, mask = gvu.caption_token_logprobs(umm, [image] * len(prompts), prompts, INSTRUCTION)
         r = gvu.intrinsic_reward(logp, mask).tolist()
         k = 1
@@ -397,12 +410,16 @@ def understand(a):
                 kind = "relation" if any("position" in r for r in meta["include"]) else "region"
                 position.setdefault(kind, []).append(hit)
             k += len(ps)
+        if regions_swapped(meta):
+            swapped.append(r[0] > r[-1])
     for tag, h in sorted(by_tag.items()):
         print(f"understanding {tag:40s} {np.mean(h):.3f}  (n={len(h)})")
     for attr, h in hits.items():
         print(f"understanding {attr:9s} {np.mean(h):.3f}  (n={len(h)})")
     for kind, h in sorted(position.items()):
         print(f"  position, {kind:8s} {np.mean(h):.3f}  (n={len(h)})")
+    if swapped:  # chance is 0.5: a judge blind to where things are scores ~0.5 here and ~1.0 on regions above
+        print(f"  regions, both swapped {np.mean(swapped):.3f}  (n={len(swapped)}: true caption above the one with every region swapped)")
     print(f"understanding overall   {np.mean([np.mean(h) for h in hits.values()]):.3f}  (mean of attributes)")
     return hits
 

@@ -558,7 +558,7 @@ def test_shipped_tiny_umm_prefers_the_true_caption_of_a_render():
 
 
 def test_lm_batch_t2i_sees_train_lines_only_while_captions_span_every_tag():
-    """make_make.lm_batch: T2I sequences come from the train lines alone; I2T captions are drawn
+    """make_tiny_umm.lm_batch: T2I sequences come from the train lines alone; I2T captions are drawn
     from every tag's whole space (so mostly texts that are not train lines)."""
     umm = TinyUMM.random(seed=0, hidden=64, layers=2, num_codes=len(make.KINDS))  # a code per cell kind
     space = make.caption_space()
@@ -574,6 +574,22 @@ def test_lm_batch_t2i_sees_train_lines_only_while_captions_span_every_tag():
         [m["prompt"] + umm.answer_suffix for m in train], add_special_tokens=False).input_ids}
     assert len(i2t) == 40 and sum(tuple(ans) not in train_answers for _, ans, _ in i2t) >= 20
 
+
+def test_understanding_scores_regions_against_the_swap_that_only_the_image_rules_out():
+    """Region lines always name an opposite pair, so a one-region distractor names a pair no caption has
+    (language rejects it). regions_swapped keeps the pair opposite, and the oracle rejects it on every scene."""
+    rng = np.random.default_rng(0)
+    lines = [m for m in make.read_jsonl(os.path.join(HERE, "prompts/shapes_geneval_plus.jsonl"))
+             if sum("region" in r for r in m["include"]) == 2]
+    assert lines and make.regions_swapped({"tag": "position", "include": [{"class": "circle", "count": 1}]}) is None
+    for m in lines[:20]:
+        regions = [r["region"] for r in m["include"]]
+        swapped = make.regions_swapped(m)
+        assert [r["region"] for r in swapped["include"]] == [shapes.OPPOSITE[g] for g in regions]
+        pairs = [[r["region"] for r in d["include"]] for d in make.distractors(m)["position"]]
+        assert shapes.OPPOSITE[regions[0]] == regions[1] and all(shapes.OPPOSITE[a] != b for a, b in pairs)
+        dets = shapes.detect(shapes.render(shapes.sample_scene(m, rng), jitter=1, rng=rng))
+        assert shapes.judge(dets, m)[0] and not shapes.judge(dets, swapped)[0]
 
 def test_semantic_codes_start_each_code_as_its_words_and_leave_the_rest_alone():
     """make_tiny_umm --semantic-codes: code k's input embedding = (shape + colour + size word embeddings) / sqrt 3,
