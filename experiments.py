@@ -7,12 +7,15 @@
                   same RL, a perfect judge, meant as an upper bound for the intrinsic reward
     token-view    what the reward sees: a generate folder's images with the prompt's tokens shaded by their
                   probability under the judge; --edits: the mean reward drop when one attribute word changes
+    where         can the tiny UMM's LM learn to read WHERE an object is? fine-tunes a copy on one-object
+                  region captions and reports how often it names the right half
 
     python experiments.py audit --model checkpoints/tiny-umm --metadata prompts/shapes_geneval.jsonl --out runs/audit_base
     python experiments.py curve "GvU=runs/A/log.jsonl" --out assets/reward_curve.png --smooth 20
     python experiments.py grid runs/eval_base/geneval runs/eval_A/geneval --out assets/before_after.png
     python experiments.py oracle-train --out runs/O          # other flags go to gvu.py
     python experiments.py token-view runs/eval_base/geneval --edits --correct-only --out assets/token_view.png
+    python experiments.py where --model checkpoints/tiny-umm --others 0 --cell-embedding 2
 """
 import argparse
 import json
@@ -162,6 +165,89 @@ def cmd_oracle_train(args, gvu_argv) -> None:
     gvu.main(gvu_argv, reward_fn=oracle_reward_fn(args.train_metadata))
 
 
+# --------------------------------------------------------------------------- where: can the LM read positions?
+
+def add_cell_embedding(umm, scale, seed=1234):
+    """Hand the LM where each image code sits: a fixed random row embedding + column embedding (norm about
+    `scale`) added to each code's input embedding, through a forward hook on the LM's input embeddings."""
+    import make_tiny_umm as make
+    g, d = umm.grid[0], umm.lm.config.hidden_size
+    gen = torch.Generator().manual_seed(seed)
+    rows, cols = torch.randn(g, d, generator=gen), torch.randn(g, d, generator=gen)
+    table = (rows[:, None] + cols[None]).reshape(g * g, d) * scale / (2 * d) ** 0.5  # (h*w, D), row-major cells
+
+    def hook(module, inputs, embeds):  # inputs[0]: ids (B, T); each run of image ids is one image, cell 0 first
+        img = inputs[0] >= umm.image_offset
+        seen = img.long().cumsum(1)
+        start = torch.where(~img, seen, torch.zeros_like(seen)).cummax(1).values  # image ids before this image
+        cell = (seen - start - 1).clamp(0, g * g - 1)
+        return embeds + table.to(embeds.dtype)[cell] * img[..., None]
+    assert make.GRID == g
+    return umm.lm.get_input_embeddings().register_forward_hook(hook)
+
+
+def region_line(rng):
+    """'a photo of a red circle on the left': one object in one half (a caption family only this probe uses)."""
+    req = shapes.item(str(rng.choice(shapes.SHAPES)), color=str(rng.choice(list(shapes.COLORS))),
+                      region=str(rng.choice(shapes.REGIONS)))
+    return shapes.make_line("color_spatial_attr", [req])
+
+
+@torch.no_grad()
+def region_direction(umm, rng, others, n=120):
+    """Mean over n held-out scenes of p(true half) / (p(true half) + p(opposite half)) for the word after
+    'a photo of a red circle on the', each scene with one of `others` extra objects of other shapes (0.5: blind)."""
+    import make_tiny_umm as make
+    words = list(shapes.REGIONS)
+    ids = [umm.tokenizer.convert_tokens_to_ids(w) for w in words]
+    umm.set_generation_mode("text")
+    out = []
+    for _ in range(n):
+        m = region_line(rng)
+        req = m["include"][0]
+        image = shapes.render(shapes.sample_scene(m, rng, extra=int(rng.choice(others))), jitter=1, rng=rng)
+        text = umm.caption_prompt(image, make.INSTRUCTION) + f"a photo of a {req['color']} {req['class']} on the"
+        x = torch.tensor([umm.tokenizer(text, add_special_tokens=False).input_ids])
+        p = torch.softmax(umm.logits(umm.hidden_states(x, torch.ones_like(x))[:, -1]), -1)[0, ids]
+        t = words.index(req["region"])
+        out.append((p[t] / (p[t] + p[words.index(shapes.OPPOSITE[req['region']])])).item())
+    return float(np.mean(out))
+
+
+def cmd_where(args) -> None:
+    """where: fine-tune a copy of the LM (never saved) on one-object region captions, with `--others` extra
+    objects in each training scene, then read the region word with no other object and with 1-2 others.
+    Alone, the LM only has to find the one object; among others it must find the one the caption names."""
+    import make_tiny_umm as make
+    from tiny_umm import TinyUMM
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    umm = TinyUMM.from_pretrained(args.model)
+    if args.cell_embedding:
+        add_cell_embedding(umm, args.cell_embedding)
+    rng = np.random.default_rng(args.seed)
+    params = list(umm.lm.parameters())
+    umm.lm.train().requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=max(1, args.steps), pct_start=0.05)
+    for step in range(args.steps):
+        i2t = make.i2t_batch(umm, [region_line(rng) for _ in range(args.batch)], rng, False, extras=args.others)
+        logp, n = make.lm_loss(umm, [(ctx + ans, len(ctx)) for ctx, ans, _ in i2t])
+        loss = -logp.sum() / n.sum()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == args.steps - 1:
+            print(f"where step {step:4d}  caption nll {loss.item():.4f}", flush=True)
+    umm.lm.eval().requires_grad_(False)
+    test = np.random.default_rng(10_000 + args.seed)  # held-out scenes, the same for every variant of a seed
+    alone, among = region_direction(umm, test, [0], args.scenes), region_direction(umm, test, [1, 2], args.scenes)
+    print(f"where: right half named {alone:.3f} alone, {among:.3f} among 1-2 others (0.5: blind; "
+          f"steps {args.steps}, others {args.others}, cell embedding {args.cell_embedding})")
+
+
 # --------------------------------------------------------------------------- what the reward sees, token by token
 
 def word_classes(shapes_world):
@@ -305,6 +391,19 @@ def build_parser() -> argparse.ArgumentParser:
     tv.add_argument("--correct-only", action="store_true", help="--edits on the images the shapes oracle marks correct")
     tv.add_argument("--out", default="token_view.png", help="PNG to write")
     tv.set_defaults(func=cmd_token_view)
+    wh = sub.add_parser("where", help="can the LM learn to read where an object is? (fine-tunes a copy, saves nothing)")
+    wh.add_argument("--model", default="checkpoints/tiny-umm", help="a tiny UMM folder")
+    wh.add_argument("--steps", type=int, default=400, help="fine-tuning steps (0: read the model as it is)")
+    wh.add_argument("--batch", type=int, default=64, help="captions per step")
+    wh.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle, as make_tiny_umm.py)")
+    wh.add_argument("--others", type=int, nargs="+", default=[0, 0, 1, 2],
+                    help="extra objects per training scene, drawn from this list (make_tiny_umm.py's draw by default)")
+    wh.add_argument("--cell-embedding", type=float, default=0.0,
+                    help="norm of a fixed row + column embedding added to each image code (0: none)")
+    wh.add_argument("--scenes", type=int, default=120, help="held-out scenes read, alone and among others")
+    wh.add_argument("--seed", type=int, default=0, help="seeds the fine-tuning data; held-out scenes use 10000 + seed")
+    wh.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    wh.set_defaults(func=cmd_where)
     return p
 
 

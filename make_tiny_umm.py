@@ -234,12 +234,13 @@ def t2i_example(umm, meta, rng):
     return prefix + codes, len(prefix)
 
 
-def i2t_batch(umm, metas, rng, with_distractor):
+def i2t_batch(umm, metas, rng, with_distractor, extras=(0, 0, 1, 2)):
     """I2T: caption_prompt(image, instruction) + prompt + <|im_end|> (loss on the answer), exactly
     gvu.caption_token_logprobs' layout. Images are jittered renders of scenes sampled for the line,
     sometimes with extra unmentioned objects (as generated images have); the context uses the
-    trained image tokenizer's codes. Optionally one oracle-checked one-attribute distractor each."""
-    scenes = [shapes.sample_scene(m, rng, extra=int(rng.choice([0, 0, 1, 2]))) for m in metas]
+    trained image tokenizer's codes (extra objects: one of `extras`, uniformly). Optionally one oracle-checked
+    one-attribute distractor each."""
+    scenes = [shapes.sample_scene(m, rng, extra=int(rng.choice(extras))) for m in metas]
     images = [shapes.render(s, jitter=1, rng=rng) for s in scenes]
     codes = umm.image_tokenizer.encode(to_pixels(images))
     tok = umm.tokenizer

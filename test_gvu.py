@@ -3,6 +3,7 @@ against an independent computation (a slow loop, a hand formula, or the unwrappe
 import copy
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -590,6 +591,41 @@ def test_understanding_scores_regions_against_the_swap_that_only_the_image_rules
         assert shapes.OPPOSITE[regions[0]] == regions[1] and all(shapes.OPPOSITE[a] != b for a, b in pairs)
         dets = shapes.detect(shapes.render(shapes.sample_scene(m, rng), jitter=1, rng=rng))
         assert shapes.judge(dets, m)[0] and not shapes.judge(dets, swapped)[0]
+
+
+def test_cell_embedding_adds_each_codes_row_plus_column_and_leaves_words_alone():
+    """experiments.py where --cell-embedding: code j of every image gets row(j // 4) + col(j % 4), scaled to the
+    asked norm; words (the instruction, the caption) and the hook's removal leave embeddings as they were."""
+    import experiments
+    umm = TinyUMM.random(seed=0, hidden=64, layers=2)
+    codes = torch.randint(0, umm.image_vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    text = umm.caption_prompt_text(umm.codes_to_text(codes[0]), "describe") + umm.codes_to_text(codes[1]) + " a circle"
+    ids = torch.tensor([umm.tokenizer(text, add_special_tokens=False).input_ids])
+    embed = umm.lm.get_input_embeddings()
+    before = embed(ids).detach()
+    handle = experiments.add_cell_embedding(umm, scale=2.0)
+    added = (embed(ids).detach() - before)[0]
+    handle.remove()
+    assert torch.equal(embed(ids), before)
+    is_code = ids[0] >= umm.image_offset
+    assert is_code.sum() == 32 and added[~is_code].abs().max() == 0
+    cells = added[is_code].reshape(2, 4, 4, -1)  # (image, row, col, D)
+    torch.testing.assert_close(cells[0], cells[1])  # the same cell in either image
+    row0, col0 = cells[0, :, :1] - cells[0, :1, :1], cells[0, :1, :] - cells[0, :1, :1]
+    torch.testing.assert_close(cells[0], cells[0, :1, :1] + row0 + col0)  # additive: row part + column part
+    assert 1.5 < cells[0].norm(dim=-1).mean() < 2.5 and (cells[0, 0, 0] - cells[0, 1, 2]).norm() > 1
+
+
+def test_where_fine_tunes_a_copy_and_prints_how_often_the_named_half_wins(capsys, one_thread):
+    """experiments.py where on the shipped checkpoint: one step, two scenes; nothing is written next to it."""
+    import experiments
+    folder = os.path.join(HERE, "checkpoints/tiny-umm")
+    listing = sorted(os.listdir(folder))
+    experiments.main(["where", "--model", folder, "--steps", "1", "--batch", "2", "--scenes", "2", "--cell-embedding", "1"])
+    out = capsys.readouterr().out
+    assert "where step    0" in out and sorted(os.listdir(folder)) == listing
+    alone, among = map(float, re.search(r"named ([\d.]+) alone, ([\d.]+) among", out).groups())
+    assert 0 < alone < 1 and 0 < among < 1
 
 def test_semantic_codes_start_each_code_as_its_words_and_leave_the_rest_alone():
     """make_tiny_umm --semantic-codes: code k's input embedding = (shape + colour + size word embeddings) / sqrt 3,
