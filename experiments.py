@@ -28,10 +28,12 @@ import torch
 from PIL import Image, ImageDraw
 
 import gvu
+import make_tiny_umm as make
 import shapes
 from adapters import InputError
 from eval_geneval import (COLORS as GENEVAL_COLORS, GenEvalError, add_detector_flags, add_load_flags, add_model_flags,
                           iter_samples, load_image, load_model, make_scorer, read_metadata, sample_groups, scorer_classes)
+from tiny_umm import TinyUMM
 
 
 # --------------------------------------------------------------------------- reward audit
@@ -170,7 +172,6 @@ def cmd_oracle_train(args, gvu_argv) -> None:
 def add_cell_embedding(umm, scale, seed=1234):
     """Hand the LM where each image code sits: a fixed random row embedding + column embedding (norm about
     `scale`) added to each code's input embedding, through a forward hook on the LM's input embeddings."""
-    import make_tiny_umm as make
     g, d = umm.grid[0], umm.lm.config.hidden_size
     gen = torch.Generator().manual_seed(seed)
     rows, cols = torch.randn(g, d, generator=gen), torch.randn(g, d, generator=gen)
@@ -182,7 +183,6 @@ def add_cell_embedding(umm, scale, seed=1234):
         start = torch.where(~img, seen, torch.zeros_like(seen)).cummax(1).values  # image ids before this image
         cell = (seen - start - 1).clamp(0, g * g - 1)
         return embeds + table.to(embeds.dtype)[cell] * img[..., None]
-    assert make.GRID == g
     return umm.lm.get_input_embeddings().register_forward_hook(hook)
 
 
@@ -197,7 +197,6 @@ def region_line(rng):
 def region_direction(umm, rng, others, n=120):
     """Mean over n held-out scenes of p(true half) / (p(true half) + p(opposite half)) for the word after
     'a photo of a red circle on the', each scene with one of `others` extra objects of other shapes (0.5: blind)."""
-    import make_tiny_umm as make
     words = list(shapes.REGIONS)
     ids = [umm.tokenizer.convert_tokens_to_ids(w) for w in words]
     umm.set_generation_mode("text")
@@ -218,8 +217,6 @@ def cmd_where(args) -> None:
     """where: fine-tune a copy of the LM (never saved) on one-object region captions, with `--others` extra
     objects in each training scene, then read the region word with no other object and with 1-2 others.
     Alone, the LM only has to find the one object; among others it must find the one the caption names."""
-    import make_tiny_umm as make
-    from tiny_umm import TinyUMM
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     umm = TinyUMM.from_pretrained(args.model)
