@@ -398,8 +398,8 @@ def understand(a):
         image = shapes.render(shapes.sample_scene(meta, rng), jitter=1, rng=rng)
         bad = false_distractors(image, meta, rng)
         prompts = [meta["prompt"]] + [p for ps in bad.values() for p in ps]
-        if regions_swapped(meta):  # scored apart, so the attributes keep their one-change distractors
-            prompts.append(regions_swapped(meta)["prompt"])  # false for every scene of the line
+        swap = regions_swapped(meta)  # false for every scene of the line; scored apart, last, so that the
+        prompts += [swap["prompt"]] if swap else []  # attributes keep their one-change distractors
         logp, mask = gvu.caption_token_logprobs(umm, [image] * len(prompts), prompts, INSTRUCTION)
         r = gvu.intrinsic_reward(logp, mask).tolist()
         k = 1
@@ -411,7 +411,7 @@ def understand(a):
                 kind = "relation" if any("position" in r for r in meta["include"]) else "region"
                 position.setdefault(kind, []).append(hit)
             k += len(ps)
-        if regions_swapped(meta):
+        if swap:
             swapped.append(r[0] > r[-1])
     for tag, h in sorted(by_tag.items()):
         print(f"understanding {tag:40s} {np.mean(h):.3f}  (n={len(h)})")

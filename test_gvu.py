@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import bench
+import experiments
 import gvu
 import make_tiny_umm as make
 import shapes
@@ -596,7 +597,6 @@ def test_understanding_scores_regions_against_the_swap_that_only_the_image_rules
 def test_cell_embedding_adds_each_codes_row_plus_column_and_leaves_words_alone():
     """experiments.py where --cell-embedding: code j of every image gets row(j // 4) + col(j % 4), scaled to the
     asked norm; words (the instruction, the caption) and the hook's removal leave embeddings as they were."""
-    import experiments
     umm = TinyUMM.random(seed=0, hidden=64, layers=2)
     codes = torch.randint(0, umm.image_vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     text = umm.caption_prompt_text(umm.codes_to_text(codes[0]), "describe") + umm.codes_to_text(codes[1]) + " a circle"
@@ -618,7 +618,6 @@ def test_cell_embedding_adds_each_codes_row_plus_column_and_leaves_words_alone()
 
 def test_where_fine_tunes_a_copy_and_prints_how_often_the_named_half_wins(capsys, one_thread):
     """experiments.py where on the shipped checkpoint: one step, two scenes; nothing is written next to it."""
-    import experiments
     folder = os.path.join(HERE, "checkpoints/tiny-umm")
     listing = sorted(os.listdir(folder))
     experiments.main(["where", "--model", folder, "--steps", "1", "--batch", "2", "--scenes", "2", "--cell-embedding", "1"])
@@ -626,6 +625,7 @@ def test_where_fine_tunes_a_copy_and_prints_how_often_the_named_half_wins(capsys
     assert "where step    0" in out and sorted(os.listdir(folder)) == listing
     alone, among = map(float, re.search(r"named ([\d.]+) alone, ([\d.]+) among", out).groups())
     assert 0 < alone < 1 and 0 < among < 1
+
 
 def test_semantic_codes_start_each_code_as_its_words_and_leave_the_rest_alone():
     """make_tiny_umm --semantic-codes: code k's input embedding = (shape + colour + size word embeddings) / sqrt 3,
