@@ -197,10 +197,14 @@ def distractors(meta):
         if r.get("size") in shapes.SIZES:
             out["size"].append(variant(i, size=[z for z in shapes.SIZES if z != r["size"]][0]))
     if any(r.get("size") in ("larger", "smaller") for r in inc):  # swap which one is larger
-        swap = {"larger": "smaller", "smaller": "larger"}
-        out["size"].append(caption_of({"tag": meta["tag"], "include": [
-            dict(r, size=swap[r["size"]]) if r.get("size") in swap else dict(r) for r in inc]}))
+        out["size"].append(swap_all(meta, "size", {"larger": "smaller", "smaller": "larger"}))
     return out
+
+
+def swap_all(meta, key, swap):
+    """The line with every object's `key` (size, region) replaced by swap[value]; objects without it kept."""
+    return caption_of({"tag": meta["tag"], "include": [
+        dict(r, **{key: swap[r[key]]}) if r.get(key) in swap else dict(r) for r in meta["include"]]})
 
 
 def regions_swapped(meta):
@@ -209,8 +213,7 @@ def regions_swapped(meta):
     alone rejects it. The swap keeps an opposite pair: only the image can rule it out."""
     if sum("region" in r for r in meta["include"]) < 2:
         return None
-    return caption_of({"tag": meta["tag"], "include": [
-        dict(r, region=shapes.OPPOSITE[r["region"]]) if "region" in r else dict(r) for r in meta["include"]]})
+    return swap_all(meta, "region", shapes.OPPOSITE)
 
 
 def false_distractors(image, meta, rng, per_attr=3):
