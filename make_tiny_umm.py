@@ -2,7 +2,7 @@
 The recipe that trains the shipped tiny UMM (tiny_umm.py) in the shapes world, and measures it.
 
     python make_tiny_umm.py train --out checkpoints/tiny-umm --t2i-frac 0.2 --steps 5000 --seed 0   (normal base)
-    python make_tiny_umm.py train --out checkpoints/tiny-umm-weak --semantic-codes \
+    python make_tiny_umm.py train --out checkpoints/tiny-umm-weak --semantic-codes --t2i-frac 0.3 \
            --vision-from checkpoints/tiny-umm --seed 0                                     (weak base)
     python make_tiny_umm.py understand --model checkpoints/tiny-umm --n 300 [--adapter RUN/adapter]
     python make_tiny_umm.py random --out /tmp/tiny   # a random-init model folder (safetensors)
