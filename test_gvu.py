@@ -641,6 +641,23 @@ def test_semantic_codes_start_each_code_as_its_words_and_leave_the_rest_alone():
     assert torch.equal(after[kept], before[kept])
 
 
+def test_shipped_bases_share_one_vision_stage_differ_in_the_lm_and_fit_in_20_mb():
+    """checkpoints/tiny-umm and tiny-umm-weak: the same image tokenizer and decoder tensor for tensor (the weak
+    base is trained --vision-from the normal one, so only its LM differs), and all weights under 20 MB."""
+    from safetensors.torch import load_file
+    root = os.path.join(HERE, "checkpoints")
+    normal, weak = (os.path.join(root, name) for name in ("tiny-umm", "tiny-umm-weak"))
+    for part in ("image_tokenizer/diffusion_pytorch_model.safetensors", "decoder/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(os.path.join(normal, part)), load_file(os.path.join(weak, part))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    lm_a, lm_b = (load_file(os.path.join(m, "lm", "model.safetensors")) for m in (normal, weak))
+    assert lm_a.keys() == lm_b.keys() and not all(torch.equal(lm_a[k], lm_b[k]) for k in lm_a)
+    with open(os.path.join(weak, "train_args.json")) as f:
+        assert json.load(f)["vision_from"] == "checkpoints/tiny-umm"
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
+    assert size < 20 * 2 ** 20
+
+
 # --- bench.py's GPU rehearsal and memory estimate: the real-size code path on the CPU --------------
 import math  # noqa: E402  (appended section)
 
