@@ -1,9 +1,9 @@
 """
 The recipe that trains the shipped tiny UMM (tiny_umm.py) in the shapes world, and measures it.
 
-    python make_tiny_umm.py train --out checkpoints/tiny-umm --t2i-frac 0.2 --steps 5000 --seed 0   (normal base)
-    python make_tiny_umm.py train --out checkpoints/tiny-umm-weak --semantic-codes --t2i-frac 0.3 \
-           --vision-from checkpoints/tiny-umm --seed 0                                     (weak base)
+    python make_tiny_umm.py train --out checkpoints/tiny-umm --seed 0 --threads 1     (the default base: the defaults)
+    python make_tiny_umm.py train --out checkpoints/tiny-umm-weak --semantic-codes --t2i-frac 0.3 --steps 1500 \
+           --vision-from checkpoints/tiny-umm --seed 0 --threads 1                        (the weak base)
     python make_tiny_umm.py understand --model checkpoints/tiny-umm --n 300 [--adapter RUN/adapter]
     python make_tiny_umm.py random --out /tmp/tiny   # a random-init model folder (safetensors)
 
@@ -437,8 +437,8 @@ if __name__ == "__main__":
     t = sub.add_parser("train", help="train tokenizer, decoder and LM in the shapes world")
     t.add_argument("--out", required=True, help="folder to write")
     t.add_argument("--seed", type=int, default=0, help="seeds init, data and every random choice")
-    t.add_argument("--t2i-frac", type=float, default=0.1, help="share of T2I sequences per LM batch (0.1: 6 of 64)")
-    t.add_argument("--steps", type=int, default=1500, help="LM steps")
+    t.add_argument("--t2i-frac", type=float, default=0.2, help="share of T2I sequences per LM batch (0.2: 13 of 64)")
+    t.add_argument("--steps", type=int, default=2000, help="LM steps")
     t.add_argument("--batch", type=int, default=64, help="LM sequences per step (+ distractors)")
     t.add_argument("--lr", type=float, default=2e-3, help="LM peak learning rate (one-cycle)")
     t.add_argument("--rank-weight", type=float, default=1.0, help="weight of the caption-vs-distractor ranking loss")
