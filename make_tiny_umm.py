@@ -428,7 +428,8 @@ def understand(a):
     return hits
 
 
-if __name__ == "__main__":
+def parser():
+    """The command line; `train`'s defaults are the shipped default base's recipe (checkpoints/tiny-umm)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("random", help="save a randomly initialised tiny UMM")
@@ -460,7 +461,11 @@ if __name__ == "__main__":
     u.add_argument("--n", type=int, default=300, help="held-out scenes")
     u.add_argument("--seed", type=int, default=1234)
     u.add_argument("--threads", type=int, default=2)
-    a = p.parse_args()
+    return p
+
+
+if __name__ == "__main__":
+    a = parser().parse_args()
     if a.cmd == "random":
         TinyUMM.random(a.seed).save_pretrained(a.out)
         print(f"saved a random tiny UMM to {a.out}")

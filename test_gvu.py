@@ -658,6 +658,19 @@ def test_shipped_bases_share_one_vision_stage_differ_in_the_lm_and_fit_in_20_mb(
     assert size < 20 * 2 ** 20
 
 
+def test_make_tiny_umm_train_defaults_are_the_shipped_default_base_recipe():
+    """`make_tiny_umm.py train --out checkpoints/tiny-umm --seed 0 --threads 1` is the default base's recipe: every
+    setting its train_args.json records, except where it was written and where its vision stage came from, is the
+    parser's default (and the weak base's differ, so the check can fail)."""
+    defaults = vars(make.parser().parse_args(["train", "--out", "X", "--threads", "1"]))
+    for name, differs in (("tiny-umm", False), ("tiny-umm-weak", True)):
+        with open(os.path.join(HERE, "checkpoints", name, "train_args.json")) as f:
+            recorded = json.load(f)
+        keys = set(recorded) - {"out", "vision_from"}
+        assert keys <= set(defaults)
+        assert any(recorded[k] != defaults[k] for k in keys) == differs, name
+
+
 # --- bench.py's GPU rehearsal and memory estimate: the real-size code path on the CPU --------------
 import math  # noqa: E402  (appended section)
 
