@@ -627,18 +627,22 @@ def test_where_fine_tunes_a_copy_and_prints_how_often_the_named_half_wins(capsys
     assert 0 < alone < 1 and 0 < among < 1
 
 
-def test_semantic_codes_start_each_code_as_its_words_and_leave_the_rest_alone():
-    """make_tiny_umm --semantic-codes: code k's input embedding = (shape + colour + size word embeddings) / sqrt 3,
-    computed here from the word rows; the empty code, the unused codes and every text row keep their init."""
+@pytest.mark.parametrize("init, rows", [("semantic_code_init", lambda lm: lm.get_input_embeddings().weight),
+                                        ("semantic_head_init", lambda lm: lm.lm_head.weight)])
+def test_semantic_inits_start_each_code_as_its_words_and_leave_the_rest_alone(init, rows):
+    """make_tiny_umm --semantic-codes (input embeddings) and --semantic-head (output rows): code k's row =
+    (shape + colour + size word rows) / sqrt 3 of the same matrix, computed here from the word rows; the empty code,
+    the unused codes, every text row and the other matrix keep their init."""
     umm = TinyUMM.random(seed=0, hidden=64, layers=2, num_codes=len(make.KINDS) + 3)
-    before = umm.lm.get_input_embeddings().weight.detach().clone()
-    make.semantic_code_init(umm)
-    after = umm.lm.get_input_embeddings().weight.detach()
+    other = {"semantic_code_init": umm.lm.lm_head.weight, "semantic_head_init": umm.lm.get_input_embeddings().weight}
+    before, other_before = rows(umm.lm).detach().clone(), other[init].detach().clone()
+    getattr(make, init)(umm)
+    after = rows(umm.lm).detach()
     for kind in [("circle", "red", "large"), ("heart", "white", "small"), ("cross", "brown", "large")]:
         words = before[[umm.tokenizer.vocab[w] for w in kind]]
         torch.testing.assert_close(after[umm.image_offset + make.KIND_ID[kind]], words.sum(0) / 3 ** 0.5)
     kept = list(range(umm.image_offset + 1)) + list(range(umm.image_offset + len(make.KINDS), len(after)))
-    assert torch.equal(after[kept], before[kept])
+    assert torch.equal(after[kept], before[kept]) and torch.equal(other[init], other_before)
 
 
 def test_shipped_bases_share_one_vision_stage_differ_in_the_lm_and_fit_in_20_mb():
