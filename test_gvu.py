@@ -645,6 +645,30 @@ def test_semantic_inits_start_each_code_as_its_words_and_leave_the_rest_alone(in
     assert torch.equal(after[kept], before[kept]) and torch.equal(other[init], other_before)
 
 
+def test_draw_reads_the_named_shape_and_colour_off_the_full_lm_logits(tmp_path, capsys):
+    """make_tiny_umm draw: for one colours line, its two numbers equal the ones computed here from the LM's full-
+    vocabulary logits (HF forward, image slice, softmax) after the prompt and the empty cells before the object."""
+    umm = TinyUMM.random(seed=0, hidden=64, layers=2, num_codes=len(make.KINDS))
+    umm.save_pretrained(tmp_path / "m")
+    meta = {"tag": "colors", "include": [{"class": "heart", "count": 1, "color": "green"}],
+            "prompt": "a photo of a green heart"}
+    (tmp_path / "one.jsonl").write_text(json.dumps(meta) + "\n")
+    make.draw(make.parser().parse_args(["draw", "--model", str(tmp_path / "m"), "--metadata",
+                                        str(tmp_path / "one.jsonl"), "--seed", "5", "--threads", "1"]))
+    shape, colour = map(float, re.search(r"named shape ([\d.]+)  named colour ([\d.]+)", capsys.readouterr().out).groups())
+    (o,) = shapes.sample_scene(meta, np.random.default_rng(5))
+    prefix = umm.tokenizer(umm.t2i_prompt(meta["prompt"]), add_special_tokens=False).input_ids
+    ids = prefix + [umm.image_offset] * (o.row * shapes.GRID + o.col)  # code 0 = empty cell
+    with torch.no_grad():
+        p = umm.lm(input_ids=torch.tensor([ids])).logits[0, -1, umm.image_offset:].softmax(-1)
+    kinds = make.KINDS
+    is_obj = torch.tensor([k is not None for k in kinds])
+    heart = torch.tensor([k is not None and k[0] == "heart" for k in kinds])
+    heart_size = torch.tensor([k is not None and k[0] == "heart" and k[2] == o.size for k in kinds])
+    assert shape == pytest.approx((p[heart].sum() / p[is_obj].sum()).item(), abs=1e-3)
+    assert colour == pytest.approx((p[make.KIND_ID[("heart", "green", o.size)]] / p[heart_size].sum()).item(), abs=1e-3)
+
+
 def test_shipped_bases_share_one_vision_stage_differ_in_the_lm_and_fit_in_20_mb():
     """checkpoints/tiny-umm and tiny-umm-weak: the same image tokenizer and decoder tensor for tensor (the weak
     base is trained --vision-from the normal one, so only its LM differs), and all weights under 20 MB."""
