@@ -357,9 +357,9 @@ def semantic_code_init(umm):
 
 
 def semantic_head_init(umm):
-    """--semantic-head: the codes' output rows start from their words' output rows (what T2I writes), so that a colour
-    is learned once for every shape. From random rows the default base C draws the named shape but not the named
-    colour (`draw` on the train colour lines: shape 0.91, colour 0.15, chance 0.10)."""
+    """--semantic-head: the codes' output rows start from their words' output rows (what T2I writes), meant to let a
+    colour be learned once for every shape. Measured: it does not make C's recipe draw the named colour (`draw`:
+    0.13-0.17 with it, 0.15 without, chance 0.10; docs/shapes_world.md, "Colour generation, measured")."""
     start_codes_from_words(umm, umm.lm.lm_head.weight)
 
 
@@ -396,16 +396,22 @@ def train(a):
 
 
 # --- measuring a base -------------------------------------------------------------------
+def load_measured(a):
+    """The model a measuring subcommand reads: --model, with --adapter (a GvU-trained LoRA) applied if given."""
+    torch.set_num_threads(a.threads)
+    umm = TinyUMM.from_pretrained(a.model)
+    if a.adapter:
+        PeftModel.from_pretrained(umm.lm, a.adapter)
+    umm.lm.eval()
+    return umm
+
+
 @torch.no_grad()
 def understand(a):
     """Held-out renders of scenes for EVAL lines; per attribute, is the true caption's intrinsic
     reward above every oracle-false one-attribute distractor's? Reported per attribute and per
     (eval file, tag) (a tag's rate pools its images' attribute comparisons)."""
-    torch.set_num_threads(a.threads)
-    umm = TinyUMM.from_pretrained(a.model)
-    if a.adapter:  # a GvU-trained LoRA: does understanding survive the RL?
-        PeftModel.from_pretrained(umm.lm, a.adapter)
-    umm.lm.eval()
+    umm = load_measured(a)  # with --adapter: does understanding survive the RL?
     rng = np.random.default_rng(a.seed)
     metas = [(os.path.basename(f).split(".")[0], m) for f in EVAL_FILES for m in read_jsonl(f)]
     hits, by_tag, position = {}, {}, {}  # position: its comparisons split into relations and regions
@@ -447,11 +453,7 @@ def draw(a):
     """Does T2I draw what a one-object line names? Teacher-forced on a scene sampled for the line, at the object's
     own cell: the LM's image-mode probability of the named shape (among all objects) and of the named colour (among
     the ten colours of that shape and size). Chance: 1/8 and 1/10. Per tag of `--metadata`, up to --n lines each."""
-    torch.set_num_threads(a.threads)
-    umm = TinyUMM.from_pretrained(a.model)
-    if a.adapter:
-        PeftModel.from_pretrained(umm.lm, a.adapter)
-    umm.lm.eval()
+    umm = load_measured(a)
     umm.set_generation_mode("image")
     rng, by_tag = np.random.default_rng(a.seed), {}
     for meta in read_jsonl(a.metadata):
@@ -502,18 +504,15 @@ def parser():
     t.add_argument("--num-codes", type=int, default=192, help="image codes (>= the 161 cell kinds)")
     t.add_argument("--threads", type=int, default=2)
     u = sub.add_parser("understand", help="caption-vs-distractor accuracy per attribute on eval lines")
-    u.add_argument("--model", required=True)
-    u.add_argument("--adapter", default="", help="a LoRA adapter folder written by gvu.py")
     u.add_argument("--n", type=int, default=300, help="held-out scenes")
-    u.add_argument("--seed", type=int, default=1234)
-    u.add_argument("--threads", type=int, default=2)
     d = sub.add_parser("draw", help="T2I probability of the named shape and colour at the object's cell, per tag")
-    d.add_argument("--model", required=True)
-    d.add_argument("--adapter", default="", help="a LoRA adapter folder written by gvu.py")
     d.add_argument("--metadata", default="prompts/train.jsonl", help="lines to read (one-object lines are used)")
     d.add_argument("--n", type=int, default=100, help="lines per tag, at most")
-    d.add_argument("--seed", type=int, default=1234)
-    d.add_argument("--threads", type=int, default=2)
+    for m in (u, d):  # what load_measured reads
+        m.add_argument("--model", required=True)
+        m.add_argument("--adapter", default="", help="a LoRA adapter folder written by gvu.py")
+        m.add_argument("--seed", type=int, default=1234)
+        m.add_argument("--threads", type=int, default=2)
     return p
 
 
