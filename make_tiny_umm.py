@@ -264,15 +264,17 @@ def i2t_batch(umm, metas, rng, with_distractor, extras=(0, 0, 1, 2)):
     return out
 
 
-def lm_loss(umm, seqs):
+def lm_loss(umm, seqs, empty_weight=1.0):
     """seqs: list of (ids, start) = targets are ids[start:]. Right-padded batch; each target is
     scored over its own mode's vocabulary (text or image codes), as gvu's `logits` does.
-    Returns per-sequence (sum of target log-probs, number of targets)."""
+    Returns per-sequence (weighted sum of target log-probs, sum of weights): every target weighs 1,
+    except the empty image code, which weighs `empty_weight` (train_lm's warm-up; 1 = plain NLL)."""
     T = max(len(q) for q, _ in seqs)
     pad = umm.tokenizer.pad_token_id
     ids = torch.tensor([q + [pad] * (T - len(q)) for q, _ in seqs])
     attn = torch.tensor([[1] * len(q) + [0] * (T - len(q)) for q, _ in seqs])
     tmask = torch.tensor([[0] * s + [1] * (len(q) - s) + [0] * (T - len(q)) for q, s in seqs])[:, 1:].bool()
+    weight = tmask * torch.where(ids[:, 1:] == umm.image_offset, empty_weight, 1.0)  # (B, T-1); code 0 = empty
     hidden = umm.lm.model(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
     target = ids[:, 1:]
     is_img = target >= umm.image_offset
@@ -282,7 +284,7 @@ def lm_loss(umm, seqs):
             umm.set_generation_mode(mode)
             lp = F.log_softmax(umm.logits(hidden[sel]), -1)
             logp[sel] = lp.gather(-1, (target[sel] - offset)[:, None])[:, 0]
-    return logp.sum(1), tmask.sum(1)
+    return (logp * weight).sum(1), weight.sum(1)
 
 
 def caption_space():
@@ -304,10 +306,14 @@ def lm_batch(umm, metas, captions, rng, batch, n_t2i, with_distractor):
     return seqs, i2t_batch(umm, [shapes.sample_line(*t, rng) for t in tags], rng, with_distractor)
 
 
-def train_lm(umm, metas, captions, rng, steps, batch, t2i_frac, lr, rank_weight):
+def train_lm(umm, metas, captions, rng, steps, batch, t2i_frac, lr, rank_weight, empty_weight=1.0, empty_until=0.0):
     """Mixed batches (`lm_batch`): round(batch * t2i_frac) T2I sequences, the rest I2T. Loss = mean token NLL
     over all targets + rank_weight * a ranking loss that puts the true caption's reward (mean
-    log-prob of prompt + end-of-turn, the intrinsic reward) above a one-attribute distractor's."""
+    log-prob of prompt + end-of-turn, the intrinsic reward) above a one-attribute distractor's.
+    Empty-cell warm-up: for the first `empty_until` share of the steps, T2I's empty-cell targets (most of every
+    scene) weigh `empty_weight`; after it, plain NLL, which calibrates how often a cell is empty again. Without it
+    T2I learns where to leave cells empty and hardly what to draw: the named colour stays near chance
+    (docs/shapes_world.md, "Colour generation, measured")."""
     n_t2i = int(round(batch * t2i_frac))
     opt = torch.optim.AdamW(umm.lm.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
@@ -317,7 +323,7 @@ def train_lm(umm, metas, captions, rng, steps, batch, t2i_frac, lr, rank_weight)
         seqs += [(c + a, len(c)) for c, a, _ in i2t]
         ranked = [k for k, (_, _, b) in enumerate(i2t) if b is not None]
         seqs += [(i2t[k][0] + i2t[k][2], len(i2t[k][0])) for k in ranked]
-        lp, n = lm_loss(umm, seqs)
+        lp, n = lm_loss(umm, seqs, empty_weight if step < empty_until * steps else 1.0)
         n_main = n_t2i + len(i2t)
         nll = -lp[:n_main].sum() / n[:n_main].sum()
         nll_img = -lp[:n_t2i].sum() / max(1, n[:n_t2i].sum())
@@ -388,7 +394,8 @@ def train(a):
     eval_prompts = {m["prompt"] for f in EVAL_FILES for m in read_jsonl(f)}
     assert not eval_prompts & {m["prompt"] for m in metas}, "train prompts must not contain eval prompts"
     rng = np.random.default_rng([a.seed, 1])  # the LM's data does not depend on how the vision parts were made
-    train_lm(umm, metas, caption_space(), rng, a.steps, a.batch, a.t2i_frac, a.lr, a.rank_weight)
+    train_lm(umm, metas, caption_space(), rng, a.steps, a.batch, a.t2i_frac, a.lr, a.rank_weight,
+             a.empty_weight, a.empty_until)
     umm.save_pretrained(a.out)
     with open(os.path.join(a.out, "train_args.json"), "w") as f:
         json.dump(vars(a), f, indent=1)
@@ -490,6 +497,9 @@ def parser():
     t.add_argument("--batch", type=int, default=64, help="LM sequences per step (+ distractors)")
     t.add_argument("--lr", type=float, default=2e-3, help="LM peak learning rate (one-cycle)")
     t.add_argument("--rank-weight", type=float, default=1.0, help="weight of the caption-vs-distractor ranking loss")
+    t.add_argument("--empty-weight", type=float, default=1.0,
+                   help="weight of T2I's empty-cell targets during the warm-up (1: plain NLL throughout)")
+    t.add_argument("--empty-until", type=float, default=0.0, help="share of the LM steps the empty-cell warm-up lasts")
     t.add_argument("--tok-steps", type=int, default=300, help="image tokenizer steps")
     t.add_argument("--dec-steps", type=int, default=200, help="diffusion decoder steps")
     t.add_argument("--decode-steps", type=int, default=2,

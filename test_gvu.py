@@ -669,6 +669,51 @@ def test_draw_reads_the_named_shape_and_colour_off_the_full_lm_logits(tmp_path, 
     assert colour == pytest.approx((p[make.KIND_ID[("heart", "green", o.size)]] / p[heart_size].sum()).item(), abs=1e-3)
 
 
+@pytest.mark.parametrize("empty_weight", [1.0, 0.05])
+def test_lm_loss_weighs_each_empty_cell_target_by_empty_weight_and_every_other_target_by_one(empty_weight):
+    """make_tiny_umm.lm_loss on one T2I and one I2T sequence: per sequence, the sum of weight x log-prob and the sum
+    of weights, recomputed here token by token from the HF model's full logits (each target over its own mode's
+    slice of the vocabulary), with weight empty_weight on the empty code (code 0) and 1 elsewhere."""
+    umm = TinyUMM.random(seed=0, hidden=64, layers=2, num_codes=len(make.KINDS))
+    rng = np.random.default_rng(0)
+    meta = {"tag": "colors", "include": [{"class": "star", "count": 1, "color": "blue"}], "prompt": "a photo of a blue star"}
+    t2i = make.t2i_example(umm, meta, rng)
+    ctx = umm.tokenizer(umm.caption_prompt_text(umm.codes_to_text(torch.zeros(16, dtype=torch.long)), "describe"),
+                        add_special_tokens=False).input_ids
+    i2t = (ctx + umm.tokenizer("a photo of a star<|im_end|>", add_special_tokens=False).input_ids, len(ctx))
+    with torch.no_grad():
+        lp, n = make.lm_loss(umm, [t2i, i2t], empty_weight)
+        for k, (ids, start) in enumerate([t2i, i2t]):
+            logits = umm.lm(input_ids=torch.tensor([ids])).logits[0]
+            want_lp = want_n = 0.0
+            for j in range(start, len(ids)):
+                row, t = logits[j - 1], ids[j]
+                img = t >= umm.image_offset
+                row = row[umm.image_offset:umm.image_offset + len(make.KINDS)] if img else row[:umm.image_offset]
+                w = empty_weight if t == umm.image_offset else 1.0
+                want_lp += w * row.log_softmax(-1)[t - umm.image_offset if img else t].item()
+                want_n += w
+            assert lp[k].item() == pytest.approx(want_lp, rel=1e-4) and n[k].item() == pytest.approx(want_n)
+    assert (n[0] < 16) == (empty_weight < 1)  # the T2I scene is one object and 15 empty cells
+
+
+def test_empty_cell_warm_up_lasts_its_share_of_the_steps_then_the_loss_is_plain_nll(monkeypatch):
+    """train_lm --empty-weight 0.05 --empty-until 0.5 over 4 steps: lm_loss gets 0.05 on steps 0-1 and 1 after."""
+    seen = []
+
+    def spy(umm, seqs, empty_weight=1.0):
+        seen.append(empty_weight)
+        return real(umm, seqs, empty_weight)
+
+    real = make.lm_loss
+    monkeypatch.setattr(make, "lm_loss", spy)
+    umm = TinyUMM.random(seed=0, hidden=32, layers=1, num_codes=len(make.KINDS))
+    metas = make.read_jsonl(os.path.join(HERE, "prompts/train.jsonl"))[:5]
+    make.train_lm(umm, metas, [("geneval", "colors")], np.random.default_rng(0), steps=4, batch=4, t2i_frac=0.5,
+                  lr=1e-3, rank_weight=0.0, empty_weight=0.05, empty_until=0.5)
+    assert seen == [0.05, 0.05, 1.0, 1.0]
+
+
 def test_shipped_bases_share_one_vision_stage_differ_in_the_lm_and_fit_in_20_mb():
     """checkpoints/tiny-umm and tiny-umm-weak: the same image tokenizer and decoder tensor for tensor (the weak
     base is trained --vision-from the normal one, so only its LM differs), and all weights under 20 MB."""
