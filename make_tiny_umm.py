@@ -306,20 +306,25 @@ def lm_batch(umm, metas, captions, rng, batch, n_t2i, with_distractor):
     return seqs, i2t_batch(umm, [shapes.sample_line(*t, rng) for t in tags], rng, with_distractor)
 
 
-def train_lm(umm, metas, captions, rng, steps, batch, t2i_frac, lr, rank_weight, empty_weight=1.0, empty_until=0.0):
+def train_lm(umm, metas, captions, rng, steps, batch, t2i_frac, lr, rank_weight, empty_weight=1.0, empty_until=0.0,
+             colour_first=0.0):
     """Mixed batches (`lm_batch`): round(batch * t2i_frac) T2I sequences, the rest I2T. Loss = mean token NLL
     over all targets + rank_weight * a ranking loss that puts the true caption's reward (mean
     log-prob of prompt + end-of-turn, the intrinsic reward) above a one-attribute distractor's.
     Empty-cell warm-up: for the first `empty_until` share of the steps, T2I's empty-cell targets (most of every
     scene) weigh `empty_weight`; after it, plain NLL, which calibrates how often a cell is empty again. Without it
     T2I learns where to leave cells empty and hardly what to draw: the named colour stays near chance
-    (docs/shapes_world.md, "Colour generation, measured")."""
+    (docs/shapes_world.md, "Colour generation, measured").
+    Colour first: for the first `colour_first` share of the steps, T2I draws only train lines that name a colour;
+    after it, every train line. Lines that name none draw random colours, and in the full mix they keep T2I from
+    tying a colour word to the codes it writes."""
+    coloured = [m for m in metas if any("color" in r for r in m["include"])]
     n_t2i = int(round(batch * t2i_frac))
     opt = torch.optim.AdamW(umm.lm.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
     umm.lm.train().requires_grad_(True)
     for step in range(steps):
-        seqs, i2t = lm_batch(umm, metas, captions, rng, batch, n_t2i, with_distractor=rank_weight > 0)
+        seqs, i2t = lm_batch(umm, coloured if step < colour_first * steps else metas, captions, rng, batch, n_t2i, with_distractor=rank_weight > 0)
         seqs += [(c + a, len(c)) for c, a, _ in i2t]
         ranked = [k for k, (_, _, b) in enumerate(i2t) if b is not None]
         seqs += [(i2t[k][0] + i2t[k][2], len(i2t[k][0])) for k in ranked]
@@ -395,7 +400,7 @@ def train(a):
     assert not eval_prompts & {m["prompt"] for m in metas}, "train prompts must not contain eval prompts"
     rng = np.random.default_rng([a.seed, 1])  # the LM's data does not depend on how the vision parts were made
     train_lm(umm, metas, caption_space(), rng, a.steps, a.batch, a.t2i_frac, a.lr, a.rank_weight,
-             a.empty_weight, a.empty_until)
+             a.empty_weight, a.empty_until, a.colour_first)
     umm.save_pretrained(a.out)
     with open(os.path.join(a.out, "train_args.json"), "w") as f:
         json.dump(vars(a), f, indent=1)
@@ -500,6 +505,8 @@ def parser():
     t.add_argument("--empty-weight", type=float, default=1.0,
                    help="weight of T2I's empty-cell targets during the warm-up (1: plain NLL throughout)")
     t.add_argument("--empty-until", type=float, default=0.0, help="share of the LM steps the empty-cell warm-up lasts")
+    t.add_argument("--colour-first", type=float, default=0.0,
+                   help="share of the LM steps whose T2I lines all name a colour (0: every train line from the start)")
     t.add_argument("--tok-steps", type=int, default=300, help="image tokenizer steps")
     t.add_argument("--dec-steps", type=int, default=200, help="diffusion decoder steps")
     t.add_argument("--decode-steps", type=int, default=2,
