@@ -19,7 +19,9 @@ share, deliberately weaker), in gvu.py's formats.
 """
 import argparse
 import json
+import math
 import os
+import shutil
 import time
 
 import numpy as np
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 
 import gvu
+import runio
 import shapes
 from shapes import GRID
 from tiny_umm import TinyUMM, to_pixels
@@ -307,7 +310,7 @@ def lm_batch(umm, metas, captions, rng, batch, n_t2i, with_distractor):
 
 
 def train_lm(umm, metas, captions, rng, steps, batch, t2i_frac, lr, rank_weight, empty_weight=1.0, empty_until=0.0,
-             colour_first=0.0):
+             colour_first=0.0, draw_every=0):
     """Mixed batches (`lm_batch`): round(batch * t2i_frac) T2I sequences, the rest I2T. Loss = mean token NLL
     over all targets + rank_weight * a ranking loss that puts the true caption's reward (mean
     log-prob of prompt + end-of-turn, the intrinsic reward) above a one-attribute distractor's.
@@ -316,7 +319,8 @@ def train_lm(umm, metas, captions, rng, steps, batch, t2i_frac, lr, rank_weight,
     `nll img` is the weighted one meanwhile). Measured in the full recipe (session 9, `--empty-weight 0.05|0.2
     --empty-until 0.5`, seed 0): `draw`'s named colour stays at 0.15 / 0.14, as without it.
     Colour first: for the first `colour_first` share of the steps, T2I draws only train lines that name a colour;
-    after it, every train line (meant for lines that name no colour and draw a random one; not yet measured)."""
+    after it, every train line (meant for lines that name no colour and draw a random one; not yet measured).
+    draw_every > 0 logs `draw_rates` on the train lines every that many steps (its own rng: the run is unchanged)."""
     coloured = [m for m in metas if any("color" in r for r in m["include"])]
     n_t2i = int(round(batch * t2i_frac))
     opt = torch.optim.AdamW(umm.lm.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -344,6 +348,9 @@ def train_lm(umm, metas, captions, rng, steps, batch, t2i_frac, lr, rank_weight,
         torch.nn.utils.clip_grad_norm_(umm.lm.parameters(), 1.0)
         opt.step()
         sched.step()
+        if draw_every and (step % draw_every == 0 or step == steps - 1):
+            log("draw " + "  ".join(f"{t} shape {s:.3f} colour {c:.3f}" for t, (s, c, _) in
+                                    draw_rates(umm, metas, n=50).items() if not np.isnan(c)))
         if step % 100 == 0 or step == steps - 1:
             log(f"lm step {step:5d}  nll img {nll_img.item():.3f}  txt {nll_txt.item():.3f}  rank {rank.item():.3f}"
                 f"  lr {sched.get_last_lr()[0]:.1e}")
@@ -374,6 +381,24 @@ def semantic_head_init(umm):
     start_codes_from_words(umm, umm.lm.lm_head.weight)
 
 
+def check_train_args(p, a):
+    """Refuse bad `train` input before anything is trained or written: one line naming every bad flag."""
+    n_t2i = round(a.batch * a.t2i_frac)
+    rules = [("steps", a.steps >= 1, ">= 1"), ("batch", a.batch >= 2, ">= 2"),
+             ("t2i_frac", 0 <= n_t2i < a.batch, "in [0, 1) with round(batch * t2i_frac) < batch (an I2T sequence)"),
+             ("lr", math.isfinite(a.lr) and a.lr > 0, "> 0"), ("rank_weight", a.rank_weight >= 0, ">= 0"),
+             ("empty_weight", math.isfinite(a.empty_weight) and a.empty_weight > 0, "> 0"),
+             ("empty_until", 0 <= a.empty_until <= 1, "in [0, 1]"), ("colour_first", 0 <= a.colour_first <= 1, "in [0, 1]"),
+             ("draw_every", a.draw_every >= 0, ">= 0 (0 = never)"), ("threads", a.threads >= 1, ">= 1")]
+    bad = [f"--{f.replace('_', '-')} must be {what} (got {getattr(a, f)})" for f, ok, what in rules if not ok]
+    if problem := runio.check_out_folder(a.out):
+        bad.append(problem)
+    elif os.path.isdir(a.out) and os.listdir(a.out):
+        bad.append(f"--out {a.out} is not empty (a model there is never overwritten); remove it or pick another folder")
+    if bad:
+        p.error("; ".join(bad))
+
+
 def train(a):
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -400,10 +425,13 @@ def train(a):
     assert not eval_prompts & {m["prompt"] for m in metas}, "train prompts must not contain eval prompts"
     rng = np.random.default_rng([a.seed, 1])  # the LM's data does not depend on how the vision parts were made
     train_lm(umm, metas, caption_space(), rng, a.steps, a.batch, a.t2i_frac, a.lr, a.rank_weight,
-             a.empty_weight, a.empty_until, a.colour_first)
-    umm.save_pretrained(a.out)
-    with open(os.path.join(a.out, "train_args.json"), "w") as f:
+             a.empty_weight, a.empty_until, a.colour_first, a.draw_every)
+    tmp = a.out.rstrip("/") + ".tmp"  # written whole, then renamed: a killed run leaves no half model at --out
+    shutil.rmtree(tmp, ignore_errors=True)
+    umm.save_pretrained(tmp)
+    with open(os.path.join(tmp, "train_args.json"), "w") as f:
         json.dump(vars(a), f, indent=1)
+    os.replace(tmp, a.out)  # --out is absent or an empty folder (check_train_args)
     log(f"saved {a.out}")
 
 
@@ -461,16 +489,18 @@ def understand(a):
 
 
 @torch.no_grad()
-def draw(a):
+def draw_rates(umm, metas, seed=1234, n=100):
     """Does T2I draw what a one-object line names? Teacher-forced on a scene sampled for the line, at the object's
     own cell: the LM's image-mode probability of the named shape (among all objects) and of the named colour (among
-    the ten colours of that shape and size). Chance: 1/8 and 1/10. Per tag of `--metadata`, up to --n lines each."""
-    umm = load_measured(a)
+    the ten colours of that shape and size). Chance: 1/8 and 1/10. Returns {tag: (shape, colour or nan, lines)}
+    over up to n one-object lines per tag of `metas`; its own rng, so a probe inside train_lm changes nothing."""
+    was_training, mode = umm.lm.training, umm.generation_mode
+    umm.lm.eval()
     umm.set_generation_mode("image")
-    rng, by_tag = np.random.default_rng(a.seed), {}
-    for meta in read_jsonl(a.metadata):
+    rng, by_tag = np.random.default_rng(seed), {}
+    for meta in metas:
         obj = meta["include"]
-        if len(obj) != 1 or obj[0]["count"] != 1 or len(by_tag.get(meta["tag"], [])) >= a.n:
+        if len(obj) != 1 or obj[0]["count"] != 1 or len(by_tag.get(meta["tag"], [])) >= n:
             continue
         (o,) = shapes.sample_scene(meta, rng)
         cell = o.row * GRID + o.col
@@ -481,10 +511,21 @@ def draw(a):
         shape = sum(p[KIND_ID[(o.shape, c, z)]] for c in shapes.COLORS for z in shapes.SIZES) / objects
         colour = p[KIND_ID[(o.shape, o.color, o.size)]] / sum(p[KIND_ID[(o.shape, c, o.size)]] for c in shapes.COLORS)
         by_tag.setdefault(meta["tag"], []).append((shape.item(), colour.item() if "color" in obj[0] else np.nan))
+    umm.lm.train(was_training)
+    umm.set_generation_mode(mode)
+    out = {}
     for tag, rows in sorted(by_tag.items()):
         shape, colour = np.array(rows).T
-        named = f"{np.nanmean(colour):.3f}" if not np.isnan(colour).all() else "  -  "
-        print(f"draw {tag:14s} named shape {shape.mean():.3f}  named colour {named}  (n={len(rows)} lines)")
+        out[tag] = (shape.mean(), np.nan if np.isnan(colour).all() else np.nanmean(colour), len(rows))
+    return out
+
+
+def draw(a):
+    """`draw_rates` of --model on --metadata, one printed line per tag."""
+    umm = load_measured(a)
+    for tag, (shape, colour, n) in draw_rates(umm, read_jsonl(a.metadata), a.seed, a.n).items():
+        named = "  -  " if np.isnan(colour) else f"{colour:.3f}"
+        print(f"draw {tag:14s} named shape {shape:.3f}  named colour {named}  (n={n} lines)")
 
 
 def parser():
@@ -507,6 +548,8 @@ def parser():
     t.add_argument("--empty-until", type=float, default=0.0, help="share of the LM steps the empty-cell warm-up lasts")
     t.add_argument("--colour-first", type=float, default=0.0,
                    help="share of the LM steps whose T2I lines all name a colour (0: every train line from the start)")
+    t.add_argument("--draw-every", type=int, default=0,
+                   help="log `draw`'s named shape and colour on the train lines every N LM steps (0: never)")
     t.add_argument("--tok-steps", type=int, default=300, help="image tokenizer steps")
     t.add_argument("--dec-steps", type=int, default=200, help="diffusion decoder steps")
     t.add_argument("--decode-steps", type=int, default=2,
@@ -534,11 +577,13 @@ def parser():
 
 
 if __name__ == "__main__":
-    a = parser().parse_args()
+    p = parser()
+    a = p.parse_args()
     if a.cmd == "random":
         TinyUMM.random(a.seed).save_pretrained(a.out)
         print(f"saved a random tiny UMM to {a.out}")
     elif a.cmd == "train":
+        check_train_args(p, a)
         train(a)
     elif a.cmd == "understand":
         understand(a)

@@ -722,6 +722,48 @@ def test_warm_ups_last_their_share_of_the_steps_then_the_loss_is_plain_nll_over_
     assert 0 < coloured < len(metas) and lines == [coloured] + [len(metas)] * 3
 
 
+def test_a_draw_probe_inside_train_lm_logs_draw_rates_and_leaves_the_run_unchanged(capsys):
+    """train_lm --draw-every 2 over 3 steps: the same weights as without the probe (its own rng, train mode restored),
+    and a probe line after steps 0 and 2; draw_rates of the trained LM is what the last line says."""
+    metas = make.read_jsonl(os.path.join(HERE, "prompts/train.jsonl"))
+    metas = [m for m in metas if m["tag"] == "colors"][:3] + [m for m in metas if m["tag"] == "two_object"][:2]
+    trained = []
+    for every in (0, 2):
+        umm = TinyUMM.random(seed=0, hidden=32, layers=1, num_codes=len(make.KINDS))
+        for layer in umm.lm.model.layers:  # dropout: a probe that left eval mode on would change the next steps
+            layer.self_attn.attention_dropout = 0.5
+        make.train_lm(umm, metas, [("geneval", "colors")], np.random.default_rng(0), steps=3, batch=4, t2i_frac=0.5,
+                      lr=1e-2, rank_weight=1.0, draw_every=every)
+        trained.append(umm)
+    a, b = (dict(u.lm.named_parameters()) for u in trained)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    probes = [line for line in capsys.readouterr().out.splitlines() if "] draw " in line]
+    assert len(probes) == 2  # after steps 0 and 2 (the last)
+    shape, colour, n = make.draw_rates(trained[1], metas, n=50)["colors"]
+    assert n == 3 and f"colors shape {shape:.3f} colour {colour:.3f}" in probes[-1]
+
+
+def test_make_tiny_umm_train_refuses_bad_flags_and_a_non_empty_out_before_writing_anything(tmp_path, capsys):
+    """One error line naming every bad flag, exit 2, nothing created; a folder that holds anything is never a target."""
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "lm").mkdir()
+    for argv, words in [(["--t2i-frac", "1.0"], ["--t2i-frac"]), (["--steps", "0", "--empty-weight", "0"],
+                        ["--steps", "--empty-weight"]), (["--colour-first", "1.5", "--draw-every", "-1"],
+                        ["--colour-first", "--draw-every"])]:
+        p = make.parser()
+        a = p.parse_args(["train", "--out", str(tmp_path / "new")] + argv)
+        with pytest.raises(SystemExit) as e:
+            make.check_train_args(p, a)
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and all(w in err for w in words), err
+    p = make.parser()
+    with pytest.raises(SystemExit):
+        make.check_train_args(p, p.parse_args(["train", "--out", str(tmp_path / "full")]))
+    assert "not empty" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["full"]
+    make.check_train_args(p, p.parse_args(["train", "--out", str(tmp_path / "new")]))  # good flags pass
+
+
 def test_shipped_bases_share_one_vision_stage_differ_in_the_lm_and_fit_in_20_mb():
     """checkpoints/tiny-umm and tiny-umm-weak: the same image tokenizer and decoder tensor for tensor (the weak
     base is trained --vision-from the normal one, so only its LM differs), and all weights under 20 MB."""
