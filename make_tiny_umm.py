@@ -318,10 +318,10 @@ def train_lm(umm, metas, captions, rng, steps, batch, t2i_frac, lr, rank_weight,
     scene) weigh `empty_weight`; after it, plain NLL, which calibrates how often a cell is empty again (the logged
     `nll img` is the weighted one meanwhile). Measured in the full recipe (session 9, `--empty-weight 0.05|0.2
     --empty-until 0.5`, seed 0): `draw`'s named colour stays at 0.15 / 0.14, as without it.
-    Colour first: for the first `colour_first` share of the steps, T2I draws only train lines that name a colour;
-    after it, every train line (meant for lines that name no colour and draw a random one; not yet measured).
+    Colour first: for the first `colour_first` share of the steps, T2I draws only the train lines of one object
+    that name its colour; after it, every train line (meant for lines that name no colour and draw a random one).
     draw_every > 0 logs `draw_rates` on the train lines every that many steps (its own rng: the run is unchanged)."""
-    coloured = [m for m in metas if any("color" in r for r in m["include"])]
+    coloured = [m for m in metas if len(m["include"]) == 1 and m["include"][0]["count"] == 1 and "color" in m["include"][0]]
     n_t2i = int(round(batch * t2i_frac))
     opt = torch.optim.AdamW(umm.lm.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
@@ -547,7 +547,7 @@ def parser():
                    help="weight of T2I's empty-cell targets during the warm-up (1: plain NLL throughout)")
     t.add_argument("--empty-until", type=float, default=0.0, help="share of the LM steps the empty-cell warm-up lasts")
     t.add_argument("--colour-first", type=float, default=0.0,
-                   help="share of the LM steps whose T2I lines all name a colour (0: every train line from the start)")
+                   help="share of the LM steps whose T2I lines are one object of a named colour (0: every line from the start)")
     t.add_argument("--draw-every", type=int, default=0,
                    help="log `draw`'s named shape and colour on the train lines every N LM steps (0: never)")
     t.add_argument("--tok-steps", type=int, default=300, help="image tokenizer steps")

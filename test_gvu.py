@@ -699,7 +699,8 @@ def test_lm_loss_weighs_each_empty_cell_target_by_empty_weight_and_every_other_t
 
 def test_warm_ups_last_their_share_of_the_steps_then_the_loss_is_plain_nll_over_every_line(monkeypatch):
     """train_lm --empty-weight 0.05 --empty-until 0.5 --colour-first 0.25 over 4 steps: lm_loss gets 0.05 on steps
-    0-1 and 1 after; T2I draws only the colour-naming lines on step 0 and every line after."""
+    0-1 and 1 after; T2I draws only the one-object lines that name a colour on step 0 (not color_attr's two) and
+    every line after."""
     seen, lines = [], []
 
     def spy(umm, seqs, empty_weight=1.0):
@@ -714,11 +715,12 @@ def test_warm_ups_last_their_share_of_the_steps_then_the_loss_is_plain_nll_over_
     monkeypatch.setattr(make, "lm_loss", spy)
     monkeypatch.setattr(make, "lm_batch", batch_spy)
     umm = TinyUMM.random(seed=0, hidden=32, layers=1, num_codes=len(make.KINDS))
-    metas = make.read_jsonl(os.path.join(HERE, "prompts/train.jsonl"))[:5]
+    metas = make.read_jsonl(os.path.join(HERE, "prompts/train.jsonl"))
+    metas = [m for m in metas if m["tag"] == "colors"][:2] + [m for m in metas if m["tag"] == "color_attr"][:3]
     make.train_lm(umm, metas, [("geneval", "colors")], np.random.default_rng(0), steps=4, batch=4, t2i_frac=0.5,
                   lr=1e-3, rank_weight=0.0, empty_weight=0.05, empty_until=0.5, colour_first=0.25)
     assert seen == [0.05, 0.05, 1.0, 1.0]
-    coloured = sum(any("color" in r for r in m["include"]) for m in metas)
+    coloured = sum(len(m["include"]) == 1 and m["include"][0]["count"] == 1 and "color" in m["include"][0] for m in metas)
     assert 0 < coloured < len(metas) and lines == [coloured] + [len(metas)] * 3
 
 
