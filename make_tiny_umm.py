@@ -301,16 +301,19 @@ def caption_space():
     return keys + [("geneval", "position")] * (POSITION_SHARES - 1)
 
 
-def lm_batch(umm, metas, captions, rng, batch, n_t2i, with_distractor):
-    """n_t2i T2I examples of train lines `metas`, and batch - n_t2i I2T examples whose captions are
-    drawn from `captions` ((benchmark, tag) keys: a tag uniformly, then one of its lines)."""
-    seqs = [t2i_example(umm, metas[i], rng) for i in rng.integers(0, len(metas), n_t2i)]
+def lm_batch(umm, metas, captions, rng, batch, n_t2i, with_distractor, coloured=(), n_coloured=0):
+    """n_t2i T2I examples, n_coloured of them of the lines `coloured` and the rest of train lines `metas`, and
+    batch - n_t2i I2T examples whose captions are drawn from `captions` ((benchmark, tag) keys: a tag uniformly,
+    then one of its lines)."""
+    seqs = [t2i_example(umm, metas[i], rng) for i in rng.integers(0, len(metas), n_t2i - n_coloured)]
+    if n_coloured:  # drawn only when asked, so the default recipe's random stream is unchanged
+        seqs += [t2i_example(umm, coloured[i], rng) for i in rng.integers(0, len(coloured), n_coloured)]
     tags = [captions[i] for i in rng.integers(0, len(captions), batch - n_t2i)]
     return seqs, i2t_batch(umm, [shapes.sample_line(*t, rng) for t in tags], rng, with_distractor)
 
 
 def train_lm(umm, metas, captions, rng, steps, batch, t2i_frac, lr, rank_weight, empty_weight=1.0, empty_until=0.0,
-             colour_first=0.0, draw_every=0):
+             colour_first=0.0, draw_every=0, colour_share=0.0):
     """Mixed batches (`lm_batch`): round(batch * t2i_frac) T2I sequences, the rest I2T. Loss = mean token NLL
     over all targets + rank_weight * a ranking loss that puts the true caption's reward (mean
     log-prob of prompt + end-of-turn, the intrinsic reward) above a one-attribute distractor's.
@@ -322,6 +325,8 @@ def train_lm(umm, metas, captions, rng, steps, batch, t2i_frac, lr, rank_weight,
     that name its colour; after it, every train line (the 55% of lines that name no colour draw a random one and
     outnumber the rest). Measured with the warm-up in 600-step runs: named colour 0.56 by step 500, 0.87 with
     t2i_frac 0.5 (docs/shapes_world.md, "Colour generation, a curriculum"); in the full recipe, not yet.
+    After the curriculum the drawn colour is forgotten within 200 steps (0.36-0.46 -> 0.14-0.19 in the full recipe);
+    colour_share keeps round(n_t2i * colour_share) of every later T2I batch on those one-object colour lines.
     draw_every > 0 logs `draw_rates` on the train lines every that many steps (its own rng: the run is unchanged)."""
     coloured = [m for m in metas if len(m["include"]) == 1 and m["include"][0]["count"] == 1 and "color" in m["include"][0]]
     n_t2i = int(round(batch * t2i_frac))
@@ -329,8 +334,9 @@ def train_lm(umm, metas, captions, rng, steps, batch, t2i_frac, lr, rank_weight,
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
     umm.lm.train().requires_grad_(True)
     for step in range(steps):
-        t2i_lines = coloured if step < colour_first * steps else metas
-        seqs, i2t = lm_batch(umm, t2i_lines, captions, rng, batch, n_t2i, with_distractor=rank_weight > 0)
+        first = step < colour_first * steps
+        seqs, i2t = lm_batch(umm, coloured if first else metas, captions, rng, batch, n_t2i, rank_weight > 0,
+                             coloured, 0 if first else int(round(n_t2i * colour_share)))
         seqs += [(c + a, len(c)) for c, a, _ in i2t]
         ranked = [k for k, (_, _, b) in enumerate(i2t) if b is not None]
         seqs += [(i2t[k][0] + i2t[k][2], len(i2t[k][0])) for k in ranked]
@@ -391,6 +397,7 @@ def check_train_args(p, a):
              ("lr", math.isfinite(a.lr) and a.lr > 0, "> 0"), ("rank_weight", a.rank_weight >= 0, ">= 0"),
              ("empty_weight", math.isfinite(a.empty_weight) and a.empty_weight > 0, "> 0"),
              ("empty_until", 0 <= a.empty_until <= 1, "in [0, 1]"), ("colour_first", 0 <= a.colour_first <= 1, "in [0, 1]"),
+             ("colour_share", 0 <= a.colour_share <= 1, "in [0, 1]"),
              ("draw_every", a.draw_every >= 0, ">= 0 (0 = never)"), ("threads", a.threads >= 1, ">= 1")]
     bad = [f"--{f.replace('_', '-')} must be {what} (got {getattr(a, f)})" for f, ok, what in rules if not ok]
     if problem := runio.check_out_folder(a.out):
@@ -427,7 +434,7 @@ def train(a):
     assert not eval_prompts & {m["prompt"] for m in metas}, "train prompts must not contain eval prompts"
     rng = np.random.default_rng([a.seed, 1])  # the LM's data does not depend on how the vision parts were made
     train_lm(umm, metas, caption_space(), rng, a.steps, a.batch, a.t2i_frac, a.lr, a.rank_weight,
-             a.empty_weight, a.empty_until, a.colour_first, a.draw_every)
+             a.empty_weight, a.empty_until, a.colour_first, a.draw_every, a.colour_share)
     tmp = a.out.rstrip("/") + ".tmp"  # written whole, then renamed: a killed run leaves no half model at --out
     shutil.rmtree(tmp, ignore_errors=True)
     umm.save_pretrained(tmp)
@@ -550,6 +557,8 @@ def parser():
     t.add_argument("--empty-until", type=float, default=0.0, help="share of the LM steps the empty-cell warm-up lasts")
     t.add_argument("--colour-first", type=float, default=0.0,
                    help="share of the LM steps whose T2I lines are one object of a named colour (0: every line from the start)")
+    t.add_argument("--colour-share", type=float, default=0.0,
+                   help="after --colour-first, share of each T2I batch still drawn from those lines (0: none)")
     t.add_argument("--draw-every", type=int, default=0,
                    help="log `draw`'s named shape and colour on the train lines every N LM steps (0: never)")
     t.add_argument("--tok-steps", type=int, default=300, help="image tokenizer steps")

@@ -724,6 +724,32 @@ def test_warm_ups_last_their_share_of_the_steps_then_the_loss_is_plain_nll_over_
     assert 0 < coloured < len(metas) and lines == [coloured] + [len(metas)] * 3
 
 
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_after_the_colour_curriculum_colour_share_keeps_that_share_of_t2i_on_one_object_colour_lines(monkeypatch, share):
+    """train_lm --colour-first 0.25 --colour-share S, 2 T2I sequences a step over 8 steps: step 0's T2I prompts are
+    all one-object colour lines; after it, every line is offered, and with S = 1 each T2I prompt is still one of
+    those lines, while with S = 0 the color_attr lines (3 of 5) come back. Read off the sequences' own tokens."""
+    metas = make.read_jsonl(os.path.join(HERE, "prompts/train.jsonl"))
+    metas = [m for m in metas if m["tag"] == "colors"][:2] + [m for m in metas if m["tag"] == "color_attr"][:3]
+    umm = TinyUMM.random(seed=0, hidden=32, layers=1, num_codes=len(make.KINDS))
+    prompts_of = {umm.tokenizer.decode(umm.tokenizer(umm.t2i_prompt(m["prompt"]), add_special_tokens=False).input_ids):
+                  m["tag"] for m in metas}
+    tags = []
+
+    def batch_spy(*args, **kw):
+        seqs, i2t = real_batch(*args, **kw)
+        tags.append([prompts_of[umm.tokenizer.decode(ids[:start])] for ids, start in seqs])
+        return seqs, i2t
+
+    real_batch = make.lm_batch
+    monkeypatch.setattr(make, "lm_batch", batch_spy)
+    make.train_lm(umm, metas, [("geneval", "colors")], np.random.default_rng(0), steps=8, batch=4, t2i_frac=0.5,
+                  lr=1e-3, rank_weight=0.0, colour_first=0.125, colour_share=share)
+    assert tags[0] == ["colors", "colors"]
+    later = [t for step in tags[1:] for t in step]
+    assert len(later) == 14 and (set(later) == {"colors"}) == (share == 1.0)
+
+
 def test_a_draw_probe_inside_train_lm_logs_draw_rates_and_leaves_the_run_unchanged(capsys):
     """train_lm --draw-every 2 over 3 steps: the same weights as without the probe (its own rng, train mode restored),
     and a probe line after steps 0 and 2; draw_rates of the trained LM is what the last line says."""
