@@ -233,6 +233,12 @@ def false_distractors(image, meta, rng, per_attr=3):
 
 
 # --- stage 3: the LM --------------------------------------------------------------------
+def lone_object(meta):
+    """The line's one object (count 1), or None: what `draw` measures and --colour-first trains on."""
+    obj = meta["include"]
+    return obj[0] if len(obj) == 1 and obj[0]["count"] == 1 else None
+
+
 def t2i_example(umm, meta, rng):
     """T2I: t2i_prompt(prompt) + the codes of a scene satisfying it (loss on the codes only),
     exactly the sequence gvu.rollout samples and gvu.token_logprobs scores."""
@@ -321,14 +327,12 @@ def train_lm(umm, metas, captions, rng, steps, batch, t2i_frac, lr, rank_weight,
     scene) weigh `empty_weight`; after it, plain NLL, which calibrates how often a cell is empty again (the logged
     `nll img` is the weighted one meanwhile). Measured in the full recipe (session 9, `--empty-weight 0.05|0.2
     --empty-until 0.5`, seed 0): `draw`'s named colour stays at 0.15 / 0.14, as without it.
-    Colour first: for the first `colour_first` share of the steps, T2I draws only the train lines of one object
-    that name its colour; after it, every train line (the 55% of lines that name no colour draw a random one and
-    outnumber the rest). Measured with the warm-up in 600-step runs: named colour 0.56 by step 500, 0.87 with
-    t2i_frac 0.5 (docs/shapes_world.md, "Colour generation, a curriculum"); in the full recipe, not yet.
-    After the curriculum the drawn colour is forgotten within 200 steps (0.36-0.46 -> 0.14-0.19 in the full recipe);
-    colour_share keeps round(n_t2i * colour_share) of every later T2I batch on those one-object colour lines.
+    Colour first: for the first `colour_first` share of the steps, T2I draws only the one-object lines that name
+    their colour; after it, every train line (55% name no colour and draw a random one), of which
+    round(n_t2i * colour_share) a batch stay on those lines. Without that share the curriculum's colour is
+    forgotten within 200 steps (docs/shapes_world.md, "Colour generation, a curriculum": one seed per run).
     draw_every > 0 logs `draw_rates` on the train lines every that many steps (its own rng: the run is unchanged)."""
-    coloured = [m for m in metas if len(m["include"]) == 1 and m["include"][0]["count"] == 1 and "color" in m["include"][0]]
+    coloured = [m for m in metas if "color" in (lone_object(m) or {})]
     n_t2i = int(round(batch * t2i_frac))
     opt = torch.optim.AdamW(umm.lm.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
@@ -400,6 +404,10 @@ def check_train_args(p, a):
              ("colour_share", 0 <= a.colour_share <= 1, "in [0, 1]"),
              ("draw_every", a.draw_every >= 0, ">= 0 (0 = never)"), ("threads", a.threads >= 1, ">= 1")]
     bad = [f"--{f.replace('_', '-')} must be {what} (got {getattr(a, f)})" for f, ok, what in rules if not ok]
+    if not os.path.isfile(a.prompts):
+        bad.append(f"--prompts {a.prompts}: no such file")
+    elif (a.colour_first or a.colour_share) and not any("color" in (lone_object(m) or {}) for m in read_jsonl(a.prompts)):
+        bad.append(f"--colour-first/--colour-share: {a.prompts} has no one-object line that names a colour")
     if problem := runio.check_out_folder(a.out):
         bad.append(problem)
     elif os.path.isdir(a.out) and os.listdir(a.out):
@@ -508,8 +516,8 @@ def draw_rates(umm, metas, seed=1234, n=100):
     umm.set_generation_mode("image")
     rng, by_tag = np.random.default_rng(seed), {}
     for meta in metas:
-        obj = meta["include"]
-        if len(obj) != 1 or obj[0]["count"] != 1 or len(by_tag.get(meta["tag"], [])) >= n:
+        obj = lone_object(meta)
+        if obj is None or len(by_tag.get(meta["tag"], [])) >= n:
             continue
         (o,) = shapes.sample_scene(meta, rng)
         cell = o.row * GRID + o.col
@@ -519,7 +527,7 @@ def draw_rates(umm, metas, seed=1234, n=100):
         objects = p[1:len(KINDS)].sum()
         shape = sum(p[KIND_ID[(o.shape, c, z)]] for c in shapes.COLORS for z in shapes.SIZES) / objects
         colour = p[KIND_ID[(o.shape, o.color, o.size)]] / sum(p[KIND_ID[(o.shape, c, o.size)]] for c in shapes.COLORS)
-        by_tag.setdefault(meta["tag"], []).append((shape.item(), colour.item() if "color" in obj[0] else np.nan))
+        by_tag.setdefault(meta["tag"], []).append((shape.item(), colour.item() if "color" in obj else np.nan))
     umm.lm.train(was_training)
     umm.set_generation_mode(mode)
     out = {}
