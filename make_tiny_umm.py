@@ -239,6 +239,12 @@ def lone_object(meta):
     return obj[0] if len(obj) == 1 and obj[0]["count"] == 1 else None
 
 
+def colour_pair(meta):
+    """Two or more objects, one of each, every one of a named colour (color_attr's kind of line): --pair-share."""
+    obj = meta["include"]
+    return len(obj) >= 2 and all(o["count"] == 1 and "color" in o for o in obj)
+
+
 def t2i_example(umm, meta, rng):
     """T2I: t2i_prompt(prompt) + the codes of a scene satisfying it (loss on the codes only),
     exactly the sequence gvu.rollout samples and gvu.token_logprobs scores."""
@@ -307,19 +313,20 @@ def caption_space():
     return keys + [("geneval", "position")] * (POSITION_SHARES - 1)
 
 
-def lm_batch(umm, metas, captions, rng, batch, n_t2i, with_distractor, coloured=(), n_coloured=0):
-    """n_t2i T2I examples, n_coloured of them of the lines `coloured` and the rest of train lines `metas`, and
-    batch - n_t2i I2T examples whose captions are drawn from `captions` ((benchmark, tag) keys: a tag uniformly,
-    then one of its lines)."""
-    seqs = [t2i_example(umm, metas[i], rng) for i in rng.integers(0, len(metas), n_t2i - n_coloured)]
-    if n_coloured:  # drawn only when asked, so the default recipe's random stream is unchanged
-        seqs += [t2i_example(umm, coloured[i], rng) for i in rng.integers(0, len(coloured), n_coloured)]
+def lm_batch(umm, metas, captions, rng, batch, n_t2i, with_distractor, kept=()):
+    """n_t2i T2I examples and batch - n_t2i I2T examples whose captions are drawn from `captions` ((benchmark, tag)
+    keys: a tag uniformly, then one of its lines). kept: (lines, n) pairs; n of the T2I examples are drawn from
+    those lines, the rest from the train lines `metas`."""
+    seqs = [t2i_example(umm, metas[i], rng) for i in rng.integers(0, len(metas), n_t2i - sum(n for _, n in kept))]
+    for lines, n in kept:
+        if n:  # drawn only when asked, so the default recipe's random stream is unchanged
+            seqs += [t2i_example(umm, lines[i], rng) for i in rng.integers(0, len(lines), n)]
     tags = [captions[i] for i in rng.integers(0, len(captions), batch - n_t2i)]
     return seqs, i2t_batch(umm, [shapes.sample_line(*t, rng) for t in tags], rng, with_distractor)
 
 
 def train_lm(umm, metas, captions, rng, steps, batch, t2i_frac, lr, rank_weight, empty_weight=1.0, empty_until=0.0,
-             colour_first=0.0, draw_every=0, colour_share=0.0):
+             colour_first=0.0, draw_every=0, colour_share=0.0, pair_share=0.0):
     """Mixed batches (`lm_batch`): round(batch * t2i_frac) T2I sequences, the rest I2T. Loss = mean token NLL
     over all targets + rank_weight * a ranking loss that puts the true caption's reward (mean
     log-prob of prompt + end-of-turn, the intrinsic reward) above a one-attribute distractor's.
@@ -331,16 +338,18 @@ def train_lm(umm, metas, captions, rng, steps, batch, t2i_frac, lr, rank_weight,
     their colour; after it, every train line (55% name no colour and draw a random one), of which
     round(n_t2i * colour_share) a batch stay on those lines. Without that share the curriculum's colour is
     forgotten within 200 steps (docs/shapes_world.md, "Colour generation, a curriculum": one seed per run).
+    After it, round(n_t2i * pair_share) a batch are lines of two or more objects, each of a named colour (`colour_pair`).
     draw_every > 0 logs `draw_rates` on the train lines every that many steps (its own rng: the run is unchanged)."""
     coloured = [m for m in metas if "color" in (lone_object(m) or {})]
+    pairs = [m for m in metas if colour_pair(m)]
     n_t2i = int(round(batch * t2i_frac))
     opt = torch.optim.AdamW(umm.lm.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
     umm.lm.train().requires_grad_(True)
     for step in range(steps):
         first = step < colour_first * steps
-        seqs, i2t = lm_batch(umm, coloured if first else metas, captions, rng, batch, n_t2i, rank_weight > 0,
-                             coloured, 0 if first else int(round(n_t2i * colour_share)))
+        kept = () if first else ((coloured, round(n_t2i * colour_share)), (pairs, round(n_t2i * pair_share)))
+        seqs, i2t = lm_batch(umm, coloured if first else metas, captions, rng, batch, n_t2i, rank_weight > 0, kept)
         seqs += [(c + a, len(c)) for c, a, _ in i2t]
         ranked = [k for k, (_, _, b) in enumerate(i2t) if b is not None]
         seqs += [(i2t[k][0] + i2t[k][2], len(i2t[k][0])) for k in ranked]
@@ -401,13 +410,17 @@ def check_train_args(p, a):
              ("lr", math.isfinite(a.lr) and a.lr > 0, "> 0"), ("rank_weight", a.rank_weight >= 0, ">= 0"),
              ("empty_weight", math.isfinite(a.empty_weight) and a.empty_weight > 0, "> 0"),
              ("empty_until", 0 <= a.empty_until <= 1, "in [0, 1]"), ("colour_first", 0 <= a.colour_first <= 1, "in [0, 1]"),
-             ("colour_share", 0 <= a.colour_share <= 1, "in [0, 1]"),
+             ("colour_share", 0 <= a.colour_share <= 1, "in [0, 1]"), ("pair_share", 0 <= a.pair_share <= 1, "in [0, 1]"),
              ("draw_every", a.draw_every >= 0, ">= 0 (0 = never)"), ("threads", a.threads >= 1, ">= 1")]
     bad = [f"--{f.replace('_', '-')} must be {what} (got {getattr(a, f)})" for f, ok, what in rules if not ok]
+    if a.colour_share + a.pair_share > 1:
+        bad.append(f"--colour-share + --pair-share must be <= 1 (got {a.colour_share + a.pair_share:g})")
     if not os.path.isfile(a.prompts):
         bad.append(f"--prompts {a.prompts}: no such file")
     elif (a.colour_first or a.colour_share) and not any("color" in (lone_object(m) or {}) for m in read_jsonl(a.prompts)):
         bad.append(f"--colour-first/--colour-share: {a.prompts} has no one-object line that names a colour")
+    elif a.pair_share and not any(colour_pair(m) for m in read_jsonl(a.prompts)):
+        bad.append(f"--pair-share: {a.prompts} has no line of one-of-each objects that all name a colour")
     if problem := runio.check_out_folder(a.out):
         bad.append(problem)
     elif os.path.isdir(a.out) and os.listdir(a.out):
@@ -442,7 +455,7 @@ def train(a):
     assert not eval_prompts & {m["prompt"] for m in metas}, "train prompts must not contain eval prompts"
     rng = np.random.default_rng([a.seed, 1])  # the LM's data does not depend on how the vision parts were made
     train_lm(umm, metas, caption_space(), rng, a.steps, a.batch, a.t2i_frac, a.lr, a.rank_weight,
-             a.empty_weight, a.empty_until, a.colour_first, a.draw_every, a.colour_share)
+             a.empty_weight, a.empty_until, a.colour_first, a.draw_every, a.colour_share, a.pair_share)
     tmp = a.out.rstrip("/") + ".tmp"  # written whole, then renamed: a killed run leaves no half model at --out
     shutil.rmtree(tmp, ignore_errors=True)
     umm.save_pretrained(tmp)
@@ -567,6 +580,8 @@ def parser():
                    help="share of the LM steps whose T2I lines are one object of a named colour (0: every line from the start)")
     t.add_argument("--colour-share", type=float, default=0.0,
                    help="after --colour-first, share of each T2I batch still drawn from those lines (0: none)")
+    t.add_argument("--pair-share", type=float, default=0.0,
+                   help="after --colour-first, share of each T2I batch drawn from lines of one-of-each objects that all name a colour")
     t.add_argument("--draw-every", type=int, default=0,
                    help="log `draw`'s named shape and colour on the train lines every N LM steps (0: never)")
     t.add_argument("--tok-steps", type=int, default=300, help="image tokenizer steps")

@@ -724,11 +724,14 @@ def test_warm_ups_last_their_share_of_the_steps_then_the_loss_is_plain_nll_over_
     assert 0 < coloured < len(metas) and lines == [coloured] + [len(metas)] * 3
 
 
-@pytest.mark.parametrize("share", [0.0, 1.0])
-def test_after_the_colour_curriculum_colour_share_keeps_that_share_of_t2i_on_one_object_colour_lines(monkeypatch, share):
-    """train_lm --colour-first 0.25 --colour-share S, 2 T2I sequences a step over 8 steps: step 0's T2I prompts are
-    all one-object colour lines; after it, every line is offered, and with S = 1 each T2I prompt is still one of
-    those lines, while with S = 0 the color_attr lines (3 of 5) come back. Read off the sequences' own tokens."""
+@pytest.mark.parametrize("colour_share, pair_share, later_tags", [(0.0, 0.0, {"colors", "color_attr"}),
+                                                                   (1.0, 0.0, {"colors"}), (0.0, 1.0, {"color_attr"})])
+def test_after_the_colour_curriculum_the_kept_shares_of_t2i_stay_on_their_lines(monkeypatch, colour_share, pair_share,
+                                                                                 later_tags):
+    """train_lm --colour-first 0.25 --colour-share S --pair-share P, 2 T2I sequences a step over 8 steps: step 0's
+    T2I prompts are all one-object colour lines; after it every line is offered (S = P = 0: color_attr's 3 of 5 come
+    back), S = 1 keeps every T2I prompt on the one-object colour lines and P = 1 on the two-colour lines
+    (color_attr's). Read off the sequences' own tokens."""
     metas = make.read_jsonl(os.path.join(HERE, "prompts/train.jsonl"))
     metas = [m for m in metas if m["tag"] == "colors"][:2] + [m for m in metas if m["tag"] == "color_attr"][:3]
     umm = TinyUMM.random(seed=0, hidden=32, layers=1, num_codes=len(make.KINDS))
@@ -744,10 +747,10 @@ def test_after_the_colour_curriculum_colour_share_keeps_that_share_of_t2i_on_one
     real_batch = make.lm_batch
     monkeypatch.setattr(make, "lm_batch", batch_spy)
     make.train_lm(umm, metas, [("geneval", "colors")], np.random.default_rng(0), steps=8, batch=4, t2i_frac=0.5,
-                  lr=1e-3, rank_weight=0.0, colour_first=0.125, colour_share=share)
+                  lr=1e-3, rank_weight=0.0, colour_first=0.125, colour_share=colour_share, pair_share=pair_share)
     assert tags[0] == ["colors", "colors"]
     later = [t for step in tags[1:] for t in step]
-    assert len(later) == 14 and (set(later) == {"colors"}) == (share == 1.0)
+    assert len(later) == 14 and set(later) == later_tags
 
 
 def test_a_draw_probe_inside_train_lm_logs_draw_rates_and_leaves_the_run_unchanged(capsys):
@@ -777,7 +780,8 @@ def test_make_tiny_umm_train_refuses_bad_flags_and_a_non_empty_out_before_writin
     (tmp_path / "full" / "lm").mkdir()
     for argv, words in [(["--t2i-frac", "1.0"], ["--t2i-frac"]), (["--steps", "0", "--empty-weight", "0"],
                         ["--steps", "--empty-weight"]), (["--colour-first", "1.5", "--draw-every", "-1"],
-                        ["--colour-first", "--draw-every"])]:
+                        ["--colour-first", "--draw-every"]), (["--colour-share", "0.6", "--pair-share", "0.5"],
+                        ["--colour-share + --pair-share"])]:
         p = make.parser()
         a = p.parse_args(["train", "--out", str(tmp_path / "new")] + argv)
         with pytest.raises(SystemExit) as e:
