@@ -3,7 +3,8 @@ The recipe that trains the shipped tiny UMM (tiny_umm.py) in the shapes world, a
 
     python make_tiny_umm.py train --out checkpoints/tiny-umm --seed 0 --threads 1     (the default base: the defaults)
     python make_tiny_umm.py train --out checkpoints/tiny-umm-weak --semantic-codes --t2i-frac 0.3 --steps 1500 \
-           --vision-from checkpoints/tiny-umm --seed 0 --threads 1                        (the weak base)
+           --empty-weight 1 --empty-until 0 --colour-first 0 --colour-share 0 --pair-share 0 \
+           --vision-from checkpoints/tiny-umm --seed 0 --threads 1                        (the weak base: no colour curriculum)
     python make_tiny_umm.py understand --model checkpoints/tiny-umm --n 300 [--adapter RUN/adapter]
     python make_tiny_umm.py draw --model checkpoints/tiny-umm --metadata prompts/train.jsonl
     python make_tiny_umm.py random --out /tmp/tiny   # a random-init model folder (safetensors)
@@ -338,7 +339,8 @@ def train_lm(umm, metas, captions, rng, steps, batch, t2i_frac, lr, rank_weight,
     their colour; after it, every train line (55% name no colour and draw a random one), of which
     round(n_t2i * colour_share) a batch stay on those lines. Without that share the curriculum's colour is
     forgotten within 200 steps (docs/shapes_world.md, "Colour generation, a curriculum": one seed per run).
-    After it, round(n_t2i * pair_share) a batch are lines of two or more objects, each of a named colour (`colour_pair`).
+    After it, round(n_t2i * pair_share) a batch are lines of two or more objects, each of a named colour (`colour_pair`);
+    in the default base (session 11, one seed) that did not teach colour binding: color_attr stayed at 0.
     draw_every > 0 logs `draw_rates` on the train lines every that many steps (its own rng: the run is unchanged)."""
     coloured = [m for m in metas if "color" in (lone_object(m) or {})]
     pairs = [m for m in metas if colour_pair(m)]
@@ -573,16 +575,16 @@ def parser():
     t.add_argument("--batch", type=int, default=64, help="LM sequences per step (+ distractors)")
     t.add_argument("--lr", type=float, default=2e-3, help="LM peak learning rate (one-cycle)")
     t.add_argument("--rank-weight", type=float, default=1.0, help="weight of the caption-vs-distractor ranking loss")
-    t.add_argument("--empty-weight", type=float, default=1.0,
+    t.add_argument("--empty-weight", type=float, default=0.05,
                    help="weight of T2I's empty-cell targets during the warm-up (1: plain NLL throughout)")
-    t.add_argument("--empty-until", type=float, default=0.0, help="share of the LM steps the empty-cell warm-up lasts")
-    t.add_argument("--colour-first", type=float, default=0.0,
+    t.add_argument("--empty-until", type=float, default=0.3, help="share of the LM steps the empty-cell warm-up lasts")
+    t.add_argument("--colour-first", type=float, default=0.3,
                    help="share of the LM steps whose T2I lines are one object of a named colour (0: every line from the start)")
-    t.add_argument("--colour-share", type=float, default=0.0,
+    t.add_argument("--colour-share", type=float, default=0.5,
                    help="after --colour-first, share of each T2I batch still drawn from those lines (0: none)")
-    t.add_argument("--pair-share", type=float, default=0.0,
+    t.add_argument("--pair-share", type=float, default=0.25,
                    help="after --colour-first, share of each T2I batch drawn from lines of one-of-each objects that all name a colour")
-    t.add_argument("--draw-every", type=int, default=0,
+    t.add_argument("--draw-every", type=int, default=200,
                    help="log `draw`'s named shape and colour on the train lines every N LM steps (0: never)")
     t.add_argument("--tok-steps", type=int, default=300, help="image tokenizer steps")
     t.add_argument("--dec-steps", type=int, default=200, help="diffusion decoder steps")
