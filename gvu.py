@@ -11,7 +11,7 @@ Given only text prompts, every step:
   4. GRPO:       maximise mean_i min(r_i A_i, clip(r_i, 1-eps, 1+eps) A_i) - beta KL_k3(pi || pi_ref),
                  r = per-image-token ratio, pi_ref = the same weights with the LoRA adapter disabled.
 
-CPU (the shipped tiny UMM, no downloads, ~10 min):  python gvu.py --prompts prompts/train.txt
+CPU (the shipped tiny UMM, no downloads, ~13 min):  python gvu.py --prompts prompts/train.txt
 CPU smoke test with random weights:                 python gvu.py --model tiny-random --steps 3 --out runs/smoke
 GPU, a published setting (a config file; flags after it override it; docs/reproduce_paper.md):
   X-Omni, the paper's run (X-Omni's own stack):     python gvu.py configs/xomni_paper.json --flux PATH/FLUX.1-dev --out runs/xomni
