@@ -417,12 +417,19 @@ def check_train_args(p, a):
     bad = [f"--{f.replace('_', '-')} must be {what} (got {getattr(a, f)})" for f, ok, what in rules if not ok]
     if a.colour_share + a.pair_share > 1:
         bad.append(f"--colour-share + --pair-share must be <= 1 (got {a.colour_share + a.pair_share:g})")
-    if not os.path.isfile(a.prompts):
-        bad.append(f"--prompts {a.prompts}: no such file")
-    elif (a.colour_first or a.colour_share) and not any("color" in (lone_object(m) or {}) for m in read_jsonl(a.prompts)):
-        bad.append(f"--colour-first/--colour-share: {a.prompts} has no one-object line that names a colour")
-    elif a.pair_share and not any(colour_pair(m) for m in read_jsonl(a.prompts)):
-        bad.append(f"--pair-share: {a.prompts} has no line of one-of-each objects that all name a colour")
+    try:
+        metas = read_jsonl(a.prompts)
+        coloured = any("color" in (lone_object(m) or {}) for m in metas)
+        pairs = any(colour_pair(m) for m in metas)
+    except OSError as e:  # missing, a folder, unreadable
+        bad.append(f"--prompts {a.prompts}: {e.strerror or e}")
+    except (ValueError, KeyError, TypeError) as e:  # bad JSON, bad UTF-8, or a line without GenEval's fields
+        bad.append(f"--prompts {a.prompts}: not GenEval-format JSON lines ({type(e).__name__}: {e})")
+    else:
+        if (a.colour_first or a.colour_share) and not coloured:
+            bad.append(f"--colour-first/--colour-share: {a.prompts} has no one-object line that names a colour")
+        if a.pair_share and not pairs:
+            bad.append(f"--pair-share: {a.prompts} has no line of one-of-each objects that all name a colour")
     if problem := runio.check_out_folder(a.out):
         bad.append(problem)
     elif os.path.isdir(a.out) and os.listdir(a.out):

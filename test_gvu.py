@@ -792,6 +792,13 @@ def test_make_tiny_umm_train_refuses_bad_flags_and_a_non_empty_out_before_writin
     with pytest.raises(SystemExit):
         make.check_train_args(p, p.parse_args(["train", "--out", str(tmp_path / "full")]))
     assert "not empty" in capsys.readouterr().err
+    (tmp_path / "full" / "bad.jsonl").write_text('{"tag": "colors", "include": []}\n{"tag": "colors", "inc\n')
+    for prompts, words in [(tmp_path / "full" / "bad.jsonl", "not GenEval-format JSON lines"),
+                           (tmp_path / "full" / "none.jsonl", "No such file"), (tmp_path / "full", "Is a directory")]:
+        with pytest.raises(SystemExit) as e:
+            make.check_train_args(p, p.parse_args(["train", "--out", str(tmp_path / "new"), "--prompts", str(prompts)]))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and f"--prompts {prompts}: {words}" in err[-1] and "Traceback" not in "".join(err)
     assert sorted(os.listdir(tmp_path)) == ["full"]
     make.check_train_args(p, p.parse_args(["train", "--out", str(tmp_path / "new")]))  # good flags pass
 
