@@ -2,6 +2,8 @@
 
     audit         per tag, does the model's own intrinsic reward rank its images like the scorer?
     curve         reward (and KL) vs step from gvu.py log.jsonl files
+    failures      per tag, how many of a scored folder's wrong images lack a named object (and how many draw
+                  every object but get a colour, size or relation wrong)
     grid          the same prompts and seeds from two `eval_geneval.py generate` folders side by side
     oracle-train  gvu.py with the shapes world's pixel oracle as the reward (gvu_step's reward_fn):
                   same RL, a perfect judge, meant as an upper bound for the intrinsic reward
@@ -12,6 +14,7 @@
 
     python experiments.py audit --model checkpoints/tiny-umm --metadata prompts/shapes_geneval.jsonl --out runs/audit_base
     python experiments.py curve "GvU=runs/A/log.jsonl" --out assets/reward_curve.png --smooth 20
+    python experiments.py failures runs/eval_base/shapes_geneval runs/eval_A/shapes_geneval
     python experiments.py grid runs/eval_base/geneval runs/eval_A/geneval --out assets/before_after.png
     python experiments.py oracle-train --out runs/O          # other flags go to gvu.py
     python experiments.py token-view runs/eval_base/geneval --edits --correct-only --out assets/token_view.png
@@ -33,6 +36,7 @@ import shapes
 from adapters import InputError
 from eval_geneval import (COLORS as GENEVAL_COLORS, GenEvalError, add_detector_flags, add_load_flags, add_model_flags,
                           iter_samples, load_image, load_model, make_scorer, read_metadata, sample_groups, scorer_classes)
+from geneval_rules import lacks_an_object
 from tiny_umm import TinyUMM
 
 
@@ -119,6 +123,30 @@ def cmd_curve(args) -> None:
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")
+
+
+def failure_counts(results: list[dict]) -> dict[str, tuple[int, int, int]]:
+    """{tag: (images, wrong, wrong with a named object missing)} from `eval_geneval.py score`'s results.jsonl rows."""
+    counts = {}
+    for r in results:
+        images, wrong, missing = counts.get(r["tag"], (0, 0, 0))
+        bad = r["correct"] is False
+        counts[r["tag"]] = (images + 1, wrong + bad, missing + (bad and lacks_an_object(r["reason"])))
+    return counts
+
+
+def cmd_failures(args) -> None:
+    """failures: why a scored folder's images are wrong, per tag: a named object missing, or every object drawn
+    and one of its attributes (colour, size, relation, region) wrong."""
+    for folder in args.folders:
+        path = Path(folder) / "results.jsonl"
+        if not path.is_file():
+            raise GenEvalError(f"{folder}: no results.jsonl (run eval_geneval.py score on it first)")
+        counts = failure_counts([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+        print(f"{folder}\n| tag | images | wrong | an object missing | every object drawn, an attribute wrong |")
+        print("|---|---:|---:|---:|---:|")
+        for tag, (images, wrong, missing) in sorted(counts.items()):
+            print(f"| {tag} | {images} | {wrong} | {missing} | {wrong - missing} |")
 
 
 def cmd_grid(args) -> None:
@@ -361,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--out", default="reward_curve.png", help="PNG to write")
     cv.add_argument("--smooth", type=int, default=10, help="running-mean window in steps")
     cv.set_defaults(func=cmd_curve)
+    fl = sub.add_parser("failures", help="per tag, wrong images with a named object missing vs an attribute wrong")
+    fl.add_argument("folders", nargs="+", help="folders scored by eval_geneval.py score (with results.jsonl)")
+    fl.set_defaults(func=cmd_failures)
     gr = sub.add_parser("grid", help="before/after sample grid from two generate folders (same prompts and seeds)")
     gr.add_argument("run_a", help="generate folder of the base model")
     gr.add_argument("run_b", help="generate folder of the trained model")

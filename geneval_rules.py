@@ -15,6 +15,7 @@ half of the image), comparative `size` (mean box areas). The shapes world's abso
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -73,6 +74,11 @@ def mean_area(group: list[Detection]) -> float:
     return float(np.mean([(d.box[2] - d.box[0]) * (d.box[3] - d.box[1]) for d in group]))
 
 
+def lacks_an_object(reason: str) -> bool:
+    """Did `evaluate` fail an image because a named class has fewer detections than the prompt asks for?"""
+    return any(re.fullmatch(r"expected .+>=\d+, found \d+", r) for r in reason.split("; "))
+
+
 def evaluate(meta: dict, detected: dict[str, list[Detection]], image_size,
              color_fn: Callable | None = None, margin=0.1) -> tuple[bool, str]:
     """Apply GenEval's rules (+ GenEval++ proxies) to grouped detections -> (correct, reason).
@@ -87,7 +93,7 @@ def evaluate(meta: dict, detected: dict[str, list[Detection]], image_size,
         found = detected.get(cls, [])[:n]
         ok = len(found) >= n
         if not ok:
-            reasons.append(f"expected {cls}>={n}, found {len(found)}")
+            reasons.append(f"expected {cls}>={n}, found {len(found)}")  # read back by `lacks_an_object`
         if ok and "color" in req:
             colors = color_fn(found, cls)
             if colors.count(req["color"]) < n:

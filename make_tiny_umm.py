@@ -240,6 +240,11 @@ def lone_object(meta):
     return obj[0] if len(obj) == 1 and obj[0]["count"] == 1 else None
 
 
+def lone_colour(meta):
+    """One object of a named colour (the colors tag's kind of line): --colour-first and --colour-share."""
+    return "color" in (lone_object(meta) or {})
+
+
 def colour_pair(meta):
     """Two or more objects, one of each, every one of a named colour (color_attr's kind of line): --pair-share."""
     obj = meta["include"]
@@ -342,7 +347,7 @@ def train_lm(umm, metas, captions, rng, steps, batch, t2i_frac, lr, rank_weight,
     After it, round(n_t2i * pair_share) a batch are lines of two or more objects, each of a named colour (`colour_pair`);
     in the default base (session 11, one seed) that did not teach colour binding: color_attr stayed at 0.
     draw_every > 0 logs `draw_rates` on the train lines every that many steps (its own rng: the run is unchanged)."""
-    coloured = [m for m in metas if "color" in (lone_object(m) or {})]
+    coloured = [m for m in metas if lone_colour(m)]
     pairs = [m for m in metas if colour_pair(m)]
     n_t2i = int(round(batch * t2i_frac))
     opt = torch.optim.AdamW(umm.lm.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -419,8 +424,8 @@ def check_train_args(p, a):
         bad.append(f"--colour-share + --pair-share must be <= 1 (got {a.colour_share + a.pair_share:g})")
     try:
         metas = read_jsonl(a.prompts)
-        coloured = any("color" in (lone_object(m) or {}) for m in metas)
-        pairs = any(colour_pair(m) for m in metas)
+        coloured = any(map(lone_colour, metas))
+        pairs = any(map(colour_pair, metas))
     except OSError as e:  # missing, a folder, unreadable
         bad.append(f"--prompts {a.prompts}: {e.strerror or e}")
     except (ValueError, KeyError, TypeError) as e:  # bad JSON, bad UTF-8, or a line without GenEval's fields

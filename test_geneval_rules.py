@@ -88,3 +88,24 @@ def test_shapes_oracle_applies_the_engine_to_pixel_detections():
                 "heart": [det("heart", (51, 51, 60, 60), "pink", "small")]}
         assert R.evaluate(meta, hand, (64, 64))[0] == want
         assert S.oracle(image, meta)[0] == want
+
+
+def test_failures_split_wrong_images_into_a_missing_object_or_a_wrong_attribute():
+    """experiments.failure_counts on the pixel oracle's verdicts for four renders of "a red circle and a blue
+    square", each built to be right or wrong in a known way: right; square missing; square green; circle missing and
+    square green. Wrong: 3; of them, an object missing: 2. lacks_an_object also reads the count rule's reason for
+    multi-word classes and counts above one, and not the colour rule's."""
+    import experiments
+    meta = S.make_line("color_attr", [S.item("circle", color="red"), S.item("square", color="blue")])
+    circle, square, green = S.Obj("circle", "red", "large", 0, 0), S.Obj("square", "blue", "large", 2, 2), \
+        S.Obj("square", "green", "large", 2, 2)
+    scenes = [([circle, square], True, False), ([circle], False, True), ([circle, green], False, False),
+              ([green], False, True)]
+    rows = []
+    for objects, correct, missing in scenes:
+        ok, reason = S.oracle(S.render(objects), meta)
+        assert ok == correct and (not ok and R.lacks_an_object(reason)) == missing, reason
+        rows.append({"tag": meta["tag"], "correct": ok, "reason": reason})
+    assert experiments.failure_counts(rows) == {"color_attr": (4, 3, 2)}
+    assert R.lacks_an_object("expected traffic light>=3, found 2; expected red car>=1, found 1 blue")
+    assert not R.lacks_an_object("expected red traffic light>=1, found 1 green, 1 red")
