@@ -93,6 +93,9 @@ class Args:
     beta: float = field(default=0.03, metadata={"help": "KL weight (k3 estimator, reference = adapter off); paper: 0.03"})
     clip_eps: float = field(default=0.2, metadata={"help": "PPO clip range for the per-token ratio"})
     num_iterations: int = field(default=1, metadata={"help": "mu: policy updates per rollout (1 = on-policy)"})
+    dynamic_sampling: int = field(default=0, metadata={
+        "help": "DAPO's dynamic sampling: up to N more rollouts of B fresh prompts a step, until B groups have "
+                "rewards that differ (a group without spread has advantage 0 and teaches nothing; 0 = off)"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank on the LM's linear layers; paper: 8"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha; paper: 32"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the LoRA gradient to this norm"})
@@ -356,6 +359,50 @@ def sample_and_reward(umm, policy, batch, seed, args, reward_fn, decode=True, la
     return ro, images, rewards, token_logp
 
 
+def sampling_seed(seed, step, rank=0):
+    """Every step's sampling derives from (run seed, step, torchrun rank). A CPU generator keeps only the low 32
+    bits of its seed, so ranks (and dynamic sampling's further batches, + r * 0x85EBCA6B) are spread by large odd
+    multipliers, never by high bits alone."""
+    return seed * 1_000_003 + step + rank * 0x9E3779B1
+
+
+def dynamic_sample(umm, policy, batches, seed, args, reward_fn, decode=True, lap=lambda name: None):
+    """DAPO's dynamic sampling around sample_and_reward: roll out batches[0], then each next batch of fresh prompts
+    while fewer than B groups have rewards that differ; keep the first B groups with spread, in order, filled up
+    with groups without spread (the first batch's first) when the batches run out, so B stays fixed. Returns
+    the kept prompts (B,), then what sample_and_reward returns for them, and how many batches were rolled out."""
+    B, G = len(batches[0]), args.group_size
+    outs = []
+    for r, batch in enumerate(batches):
+        outs.append(sample_and_reward(umm, policy, batch, seed + r * 0x85EBCA6B, args, reward_fn, decode, lap))
+        spread = torch.cat([o[2].view(-1, G).std(1).cpu() > 0 for o in outs])  # (groups so far,)
+        if spread.sum() >= B:
+            break
+    if len(outs) == 1:
+        return batches[0], *outs[0], 1
+    ros, images, rewards, token_logp = zip(*outs)
+    keep = torch.cat([spread.nonzero()[:, 0], (~spread).nonzero()[:, 0]])[:B].sort().values  # (B,) group indices
+    rows = (keep[:, None] * G + torch.arange(G)).view(-1)  # (B*G,) their samples
+    ro = dict(codes=torch.cat([r["codes"] for r in ros])[rows], old_logp=torch.cat([r["old_logp"] for r in ros])[rows],
+              prefix_ids=torch.cat(left_pad([r["prefix_ids"] for r in ros], umm.tokenizer.pad_token_id))[rows],
+              prefix_mask=torch.cat(left_pad([r["prefix_mask"] for r in ros], 0))[rows])
+    if images[0] is not None:
+        images = [im for ims in images for im in ims]
+        images = [images[i] for i in rows.tolist()]
+    else:
+        images = None
+    token_logp = None if token_logp[0] is None else torch.nn.utils.rnn.pad_sequence(
+        [t for tl in token_logp for t in tl], batch_first=True)[rows]  # each batch's (N, L_r), right-padded to the longest
+    prompts = [p for batch in batches[:len(outs)] for p in batch]
+    return [prompts[i] for i in keep.tolist()], ro, images, torch.cat(rewards)[rows], token_logp, len(outs)
+
+
+def left_pad(tensors, value):
+    """Left-pad (n_i, P_i) tensors to the longest P, as the rollout pads its prefixes, to concatenate them."""
+    P = max(t.shape[1] for t in tensors)
+    return [F.pad(t, (P - t.shape[1], 0), value=value) for t in tensors]
+
+
 def probe_reward(umm, policy, prompts, args, autocast=nullcontext(), reward_fn=intrinsic_rewards):
     """The mean reward on the same B training prompts (the first step's) with the same sampling seed, every time.
     The per-step reward changes prompts and seeds each step, so its curve is noisy; this one shows learning."""
@@ -367,23 +414,25 @@ def probe_reward(umm, policy, prompts, args, autocast=nullcontext(), reward_fn=i
 
 
 def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext(), reward_fn=intrinsic_rewards,
-             timings=None, ddp=None):
+             timings=None, ddp=None, reserve=()):
     """One GvU step on B prompts, in micro-batches. `reward_fn(umm, images, prompts, args) -> (N,)` is the
     fork point for other rewards (experiments.py's pixel oracle); it may also return per-token terms,
     `(rewards, token_logp, mask)`, as the default does. Returns (rewards, images, stats, token_logp or None);
     with --reward-input codes, images is None except on sample steps. timings: a dict that gets seconds per phase.
+    reserve: further batches of B prompts for --dynamic-sampling; the groups trained on may then come from them,
+    and stats["batch"] holds their prompts.
     torchrun: `batch` is this rank's slice, ddp its DistributedDataParallel training pass (distributed.py);
     the returned rewards are every rank's (B*G,), the images and token_logp this rank's own."""
     G, mb = args.group_size, args.micro_batch
     N = len(batch) * G
     params = [p for p in policy.parameters() if p.requires_grad]
     rank = torch.distributed.get_rank() if ddp is not None else 0  # torchrun: each rank samples its own stream
-    seed = args.seed * 1_000_003 + step + rank * 2**48  # every step's sampling derives from (seed, step, rank)
+    seed = sampling_seed(args.seed, step, rank)
     train_logprobs = partial(image_token_logprobs, umm) if ddp is None else ddp  # torchrun: the same pass through DDP
     lap = stopwatch(timings)
     with autocast:
-        ro, images, rewards, token_logp = sample_and_reward(umm, policy, batch, seed, args, reward_fn,
-                                                            is_sample_step(step, args), lap)
+        batch, ro, images, rewards, token_logp, n_batches = dynamic_sample(
+            umm, policy, [batch, *reserve], seed, args, reward_fn, is_sample_step(step, args), lap)
         adv = group_advantages(rewards, G)  # (B*G,) groups never straddle ranks: local advantages are exact
         rewards = distributed.gather(rewards.float())  # torchrun: every rank's rewards, in batch order
         if not torch.isfinite(rewards).all():  # (checked on the gathered rewards: all ranks stop together)
@@ -424,6 +473,8 @@ def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext(), 
                 raise TrainingError(f"non-finite gradient norm at step {step}; its update was not applied")
             optimizer.step()
         lap("update")
+    if reserve:  # --dynamic-sampling: how many batches were rolled out, and the prompts of the groups kept
+        stats.update(rollout_batches=n_batches, batch=batch)
     return rewards, images, stats, token_logp  # token_logp (B*G, L): kept for the sample grid, not recomputed
 
 
@@ -476,6 +527,13 @@ def prompt_batch(prompts, step, B, seed):
     n, ks = len(prompts), range(step * B, (step + 1) * B)
     perms = {e: torch.randperm(n, generator=torch.Generator().manual_seed(seed + e)).tolist() for e in {k // n for k in ks}}
     return [prompts[perms[k // n][k % n]] for k in ks]
+
+
+def reserve_batches(prompts, step, args):
+    """--dynamic-sampling's fresh prompts for `step`: N batches of B from a second seeded stream, so that they too
+    are a function of step (resume-safe) and the main stream is the same with or without it."""
+    K, B = args.dynamic_sampling, args.batch_prompts
+    return [prompt_batch(prompts, step * K + k, B, args.seed + 2**32) for k in range(K)]
 
 
 def enable_checkpointing(lm):
@@ -548,6 +606,7 @@ def check_args(args):
         ("beta", fin(args.beta) and args.beta >= 0, ">= 0"),
         ("clip_eps", fin(args.clip_eps) and 0 < args.clip_eps < 1, "in (0, 1)"),
         ("num_iterations", args.num_iterations >= 1, ">= 1"),
+        ("dynamic_sampling", args.dynamic_sampling >= 0, ">= 0 (0 = off)"),
         ("lora_r", args.lora_r >= 1, ">= 1"),
         ("lora_alpha", args.lora_alpha >= 1, ">= 1"),
         ("max_grad_norm", fin(args.max_grad_norm) and args.max_grad_norm > 0, "> 0"),
@@ -686,9 +745,11 @@ def train(args, reward_fn=intrinsic_rewards):
         t0 = time.time()
         batch = prompt_batch(prompts, step, args.batch_prompts, args.seed)
         batch = distributed.local_slice(batch, rank, world)  # torchrun: this rank's B/N prompts; else all B
+        reserve = [distributed.local_slice(b, rank, world) for b in reserve_batches(prompts, step, args)]
         lr = scheduler.get_last_lr()[0]  # the lr of this step's updates
         rewards, images, stats, token_logp = gvu_step(umm, policy, optimizer, batch, step, args, autocast, reward_fn,
-                                                      ddp=ddp)  # rewards: all ranks' (B*G,)
+                                                      ddp=ddp, reserve=reserve)  # rewards: all ranks' (B*G,)
+        batch = stats.pop("batch", batch)  # --dynamic-sampling: the groups kept may come from the reserve
         scheduler.step()
         if not is_main:
             continue  # torchrun: the other ranks neither log nor save
@@ -703,7 +764,8 @@ def train(args, reward_fn=intrinsic_rewards):
         logger.scalars(row, step)
         bar.set_postfix(reward=f"{row['reward_mean']:.4f}", kl=f"{row['kl']:.4f}")
         tqdm.write(f"step {step:5d} | reward {row['reward_mean']:.4f} ± {row['reward_std']:.4f} | kl {row['kl']:.4f} "
-                   f"| clip {row['clip_frac']:.3f} | zero-std {zero_std:.2f} | grad {row['grad_norm']:.3f} | {row['seconds']:.1f}s")
+                   f"| clip {row['clip_frac']:.3f} | zero-std {zero_std:.2f} | grad {row['grad_norm']:.3f} | {row['seconds']:.1f}s"
+                   + (f" | {row['rollout_batches']} batches" if "rollout_batches" in row else ""))
         if is_sample_step(step, args):
             grid = save_grid(os.path.join(args.out, "samples", f"step_{step:05d}.png"), group_prompts, images,
                              rewards[:len(images)].tolist(), args.group_size, texts=[token_texts(umm, p, args.score_end_of_turn) for p in group_prompts],

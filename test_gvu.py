@@ -322,6 +322,49 @@ def test_reference_policy_in_gvu_step_is_the_base_model_not_the_moved_policy(mon
     assert (want_ref - want_old).abs().max() > 1e-2
 
 
+def test_dynamic_sampling_trains_on_the_first_b_groups_whose_rewards_differ(monkeypatch, one_thread):
+    """--dynamic-sampling: prompts whose G rewards are all equal are swapped for the reserve's prompts that have
+    spread, in order. The kept groups carry their own rollout's rewards (each batch rolled out alone, the next
+    one's seed 0x85EBCA6B on) and their own codes, read through re-padded prefixes: the reference log-probs handed to the loss
+    equal one unpadded base forward per kept sample. Without spread anywhere the first batch is trained on."""
+    u, base, policy = moved_lora()
+    flat = {PROMPTS[0], PROMPTS[2]}  # a reward without spread for these two prompts
+
+    def rewards_fn(umm, images, prompts, args):
+        r = pixel_mean_rewards(umm, images, prompts, args)
+        return torch.where(torch.tensor([p in flat for p in prompts]), torch.full_like(r, 0.5), r)
+
+    args = gvu.Args(group_size=2, dynamic_sampling=2)
+    losses = spy(monkeypatch, "grpo_loss")
+    batches = [PROMPTS[:2], PROMPTS[2:], [PROMPTS[0], PROMPTS[2]]]
+    rewards, _, stats, _ = gvu.gvu_step(u, policy, sgd(policy, 0.0), batches[0], 0, args, reward_fn=rewards_fn,
+                                        reserve=batches[1:])
+    assert stats["batch"] == [PROMPTS[1], PROMPTS[3]] and stats["rollout_batches"] == 2  # the third never rolled out
+    alone = [gvu.sample_and_reward(u, policy, b, r * 0x85EBCA6B, args, rewards_fn) for r, b in enumerate(batches[:2])]
+    torch.testing.assert_close(rewards, torch.cat([alone[0][2][2:], alone[1][2][2:]]), atol=0, rtol=0)
+    codes = torch.cat([alone[0][0]["codes"][2:], alone[1][0]["codes"][2:]])
+    (_, _, ref, adv, *_), _ = losses[0]
+    u.lm.eval()
+    want = slow_logprobs(u, base, [p for p in stats["batch"] for _ in range(2)], codes)
+    torch.testing.assert_close(ref.double(), want, atol=1e-5, rtol=0)
+    assert (adv.abs() > 0.5).all()  # every kept group teaches
+
+    flat |= set(PROMPTS)  # no group anywhere has spread: the first batch stays, after every reserve was tried
+    _, _, stats, _ = gvu.gvu_step(u, policy, sgd(policy, 0.0), batches[0], 0, args, reward_fn=rewards_fn,
+                                  reserve=batches[1:])
+    assert stats["batch"] == PROMPTS[:2] and stats["rollout_batches"] == 3
+
+
+def test_ranks_and_dynamic_sampling_batches_draw_different_cpu_streams():
+    """A CPU generator keeps only a seed's low 32 bits: torchrun ranks and dynamic sampling's further batches must
+    differ there, or they sample the same codes (rank * 2**48 did). Rank 0's first batch keeps seed * 1_000_003 + step."""
+    draw = lambda s: torch.rand(4, generator=torch.Generator().manual_seed(s))
+    assert gvu.sampling_seed(3, 5) == 3 * 1_000_003 + 5
+    seeds = [gvu.sampling_seed(3, 5, rank) + r * 0x85EBCA6B for rank in range(4) for r in range(4)]
+    streams = {tuple(draw(s).tolist()) for s in seeds + [gvu.sampling_seed(3, 6), gvu.sampling_seed(4, 5)]}
+    assert len(streams) == len(seeds) + 2
+
+
 def test_gvu_step_standardises_rewards_within_each_prompt_group(monkeypatch, one_thread):
     """The advantages gvu_step hands to the loss are (R - group mean) / (group stdev + 1e-4) over each prompt's G
     samples (adjacent), by the statistics module on the rewards it returns, never over the whole batch."""
