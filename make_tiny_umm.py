@@ -2,9 +2,8 @@
 The recipe that trains the shipped tiny UMM (tiny_umm.py) in the shapes world, and measures it.
 
     python make_tiny_umm.py train --out checkpoints/tiny-umm --seed 0 --threads 1     (the default base: the defaults)
-    python make_tiny_umm.py train --out checkpoints/tiny-umm-weak --semantic-codes --t2i-frac 0.3 --steps 1500 \
-           --empty-weight 1 --empty-until 0 --colour-first 0 --colour-share 0 --pair-share 0 \
-           --vision-from checkpoints/tiny-umm --seed 0 --threads 1                        (the weak base: no colour curriculum)
+    python make_tiny_umm.py train --out checkpoints/tiny-umm-weak --t2i-frac 0.1 --vision-from checkpoints/tiny-umm \
+           --seed 0 --threads 1                    (the weak base: the default's recipe, half its share of T2I lines)
     python make_tiny_umm.py understand --model checkpoints/tiny-umm --n 300 [--adapter RUN/adapter]
     python make_tiny_umm.py draw --model checkpoints/tiny-umm --metadata prompts/train.jsonl
     python make_tiny_umm.py random --out /tmp/tiny   # a random-init model folder (safetensors)
