@@ -359,22 +359,25 @@ def sample_and_reward(umm, policy, batch, seed, args, reward_fn, decode=True, la
     return ro, images, rewards, token_logp
 
 
-def sampling_seed(seed, step, rank=0):
-    """Every step's sampling derives from (run seed, step, torchrun rank). A CPU generator keeps only the low 32
-    bits of its seed, so ranks (and dynamic sampling's further batches, + r * 0x85EBCA6B) are spread by large odd
-    multipliers, never by high bits alone."""
-    return seed * 1_000_003 + step + rank * 0x9E3779B1
+def sampling_seed(seed, step, rank=0, batch=0):
+    """Every rollout's sampling derives from (run seed, step, torchrun rank, dynamic sampling's batch). A CPU
+    generator keeps only the low 32 bits of its seed, so ranks and batches are spread by large odd multipliers,
+    never by high bits alone."""
+    return seed * 1_000_003 + step + rank * 0x9E3779B1 + batch * 0x85EBCA6B
 
 
-def dynamic_sample(umm, policy, batches, seed, args, reward_fn, decode=True, lap=lambda name: None):
+def dynamic_sample(umm, policy, batches, seeds, args, reward_fn, decode=True, lap=lambda name: None):
     """DAPO's dynamic sampling around sample_and_reward: roll out batches[0], then each next batch of fresh prompts
     while fewer than B groups have rewards that differ; keep the first B groups with spread, in order, filled up
     with groups without spread (the first batch's first) when the batches run out, so B stays fixed. Returns
-    the kept prompts (B,), then what sample_and_reward returns for them, and how many batches were rolled out."""
+    the kept prompts (B,), then what sample_and_reward returns for them, and how many batches were rolled out.
+    seeds: one sampling seed per batch. A batch with a non-finite reward is returned as it is, for gvu_step to stop."""
     B, G = len(batches[0]), args.group_size
     outs = []
-    for r, batch in enumerate(batches):
-        outs.append(sample_and_reward(umm, policy, batch, seed + r * 0x85EBCA6B, args, reward_fn, decode, lap))
+    for batch, seed in zip(batches, seeds):
+        outs.append(sample_and_reward(umm, policy, batch, seed, args, reward_fn, decode, lap))
+        if not torch.isfinite(outs[-1][2]).all():  # NaN > 0 is False: such a group would be swapped out unseen
+            return batch, *outs[-1], len(outs)
         spread = torch.cat([o[2].view(-1, G).std(1).cpu() > 0 for o in outs])  # (groups so far,)
         if spread.sum() >= B:
             break
@@ -383,9 +386,9 @@ def dynamic_sample(umm, policy, batches, seed, args, reward_fn, decode=True, lap
     ros, images, rewards, token_logp = zip(*outs)
     keep = torch.cat([spread.nonzero()[:, 0], (~spread).nonzero()[:, 0]])[:B].sort().values  # (B,) group indices
     rows = (keep[:, None] * G + torch.arange(G)).view(-1)  # (B*G,) their samples
-    ro = dict(codes=torch.cat([r["codes"] for r in ros])[rows], old_logp=torch.cat([r["old_logp"] for r in ros])[rows],
-              prefix_ids=torch.cat(left_pad([r["prefix_ids"] for r in ros], umm.tokenizer.pad_token_id))[rows],
-              prefix_mask=torch.cat(left_pad([r["prefix_mask"] for r in ros], 0))[rows])
+    ro = dict(codes=torch.cat([o["codes"] for o in ros])[rows], old_logp=torch.cat([o["old_logp"] for o in ros])[rows],
+              prefix_ids=torch.cat(left_pad([o["prefix_ids"] for o in ros], umm.tokenizer.pad_token_id))[rows],
+              prefix_mask=torch.cat(left_pad([o["prefix_mask"] for o in ros], 0))[rows])
     if images[0] is not None:
         images = [im for ims in images for im in ims]
         images = [images[i] for i in rows.tolist()]
@@ -427,12 +430,12 @@ def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext(), 
     N = len(batch) * G
     params = [p for p in policy.parameters() if p.requires_grad]
     rank = torch.distributed.get_rank() if ddp is not None else 0  # torchrun: each rank samples its own stream
-    seed = sampling_seed(args.seed, step, rank)
     train_logprobs = partial(image_token_logprobs, umm) if ddp is None else ddp  # torchrun: the same pass through DDP
     lap = stopwatch(timings)
     with autocast:
+        seeds = [sampling_seed(args.seed, step, rank, r) for r in range(1 + len(reserve))]
         batch, ro, images, rewards, token_logp, n_batches = dynamic_sample(
-            umm, policy, [batch, *reserve], seed, args, reward_fn, is_sample_step(step, args), lap)
+            umm, policy, [batch, *reserve], seeds, args, reward_fn, is_sample_step(step, args), lap)
         adv = group_advantages(rewards, G)  # (B*G,) groups never straddle ranks: local advantages are exact
         rewards = distributed.gather(rewards.float())  # torchrun: every rank's rewards, in batch order
         if not torch.isfinite(rewards).all():  # (checked on the gathered rewards: all ranks stop together)
@@ -473,7 +476,7 @@ def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext(), 
                 raise TrainingError(f"non-finite gradient norm at step {step}; its update was not applied")
             optimizer.step()
         lap("update")
-    if reserve:  # --dynamic-sampling: how many batches were rolled out, and the prompts of the groups kept
+    if reserve:  # --dynamic-sampling: how many batches this rank rolled out, and the prompts of its groups kept
         stats.update(rollout_batches=n_batches, batch=batch)
     return rewards, images, stats, token_logp  # token_logp (B*G, L): kept for the sample grid, not recomputed
 
@@ -530,10 +533,11 @@ def prompt_batch(prompts, step, B, seed):
 
 
 def reserve_batches(prompts, step, args):
-    """--dynamic-sampling's fresh prompts for `step`: N batches of B from a second seeded stream, so that they too
-    are a function of step (resume-safe) and the main stream is the same with or without it."""
+    """--dynamic-sampling's fresh prompts for `step`: N batches of B from a second stream, shuffled with other seeds
+    (a CPU generator keeps a seed's low 32 bits: the offset must change them), so that they too are a function of
+    step (resume-safe) and the main stream is the same with or without it."""
     K, B = args.dynamic_sampling, args.batch_prompts
-    return [prompt_batch(prompts, step * K + k, B, args.seed + 2**32) for k in range(K)]
+    return [prompt_batch(prompts, step * K + k, B, args.seed + 0x5BD1E995) for k in range(K)]
 
 
 def enable_checkpointing(lm):

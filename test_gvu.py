@@ -349,6 +349,11 @@ def test_dynamic_sampling_trains_on_the_first_b_groups_whose_rewards_differ(monk
     torch.testing.assert_close(ref.double(), want, atol=1e-5, rtol=0)
     assert (adv.abs() > 0.5).all()  # every kept group teaches
 
+    nan = lambda umm, images, prompts, args: torch.where(torch.tensor([p == PROMPTS[3] for p in prompts]),
+                                                         float("nan"), rewards_fn(umm, images, prompts, args))
+    with pytest.raises(gvu.TrainingError, match="non-finite reward"):  # never swapped out unseen
+        gvu.gvu_step(u, policy, sgd(policy, 0.0), batches[0], 0, args, reward_fn=nan, reserve=batches[1:])
+
     flat |= set(PROMPTS)  # no group anywhere has spread: the first batch stays, after every reserve was tried
     _, _, stats, _ = gvu.gvu_step(u, policy, sgd(policy, 0.0), batches[0], 0, args, reward_fn=rewards_fn,
                                   reserve=batches[1:])
@@ -357,12 +362,18 @@ def test_dynamic_sampling_trains_on_the_first_b_groups_whose_rewards_differ(monk
 
 def test_ranks_and_dynamic_sampling_batches_draw_different_cpu_streams():
     """A CPU generator keeps only a seed's low 32 bits: torchrun ranks and dynamic sampling's further batches must
-    differ there, or they sample the same codes (rank * 2**48 did). Rank 0's first batch keeps seed * 1_000_003 + step."""
+    differ there, or they sample the same codes (rank * 2**48 did). Rank 0's first batch keeps seed * 1_000_003 + step.
+    The same holds for the prompts: dynamic sampling's reserve is a stream of its own, not the main one read ahead
+    (an offset of 2**32 on the shuffle's seed was), and each of its epochs still holds every prompt once."""
     draw = lambda s: torch.rand(4, generator=torch.Generator().manual_seed(s))
     assert gvu.sampling_seed(3, 5) == 3 * 1_000_003 + 5
-    seeds = [gvu.sampling_seed(3, 5, rank) + r * 0x85EBCA6B for rank in range(4) for r in range(4)]
+    seeds = [gvu.sampling_seed(3, 5, rank, r) for rank in range(4) for r in range(4)]
     streams = {tuple(draw(s).tolist()) for s in seeds + [gvu.sampling_seed(3, 6), gvu.sampling_seed(4, 5)]}
     assert len(streams) == len(seeds) + 2
+    prompts, args = [f"p{i}" for i in range(24)], gvu.Args(batch_prompts=4, dynamic_sampling=2, seed=3)
+    reserve = [p for step in range(3) for b in gvu.reserve_batches(prompts, step, args) for p in b]  # one epoch
+    main = [p for step in range(6) for p in gvu.prompt_batch(prompts, step, 4, 3)]
+    assert sorted(reserve) == sorted(prompts) and reserve != main
 
 
 def test_gvu_step_standardises_rewards_within_each_prompt_group(monkeypatch, one_thread):
