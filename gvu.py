@@ -386,14 +386,10 @@ def dynamic_sample(umm, policy, batches, seeds, args, reward_fn, decode=True, la
     ros, images, rewards, token_logp = zip(*outs)
     keep = torch.cat([spread.nonzero()[:, 0], (~spread).nonzero()[:, 0]])[:B].sort().values  # (B,) group indices
     rows = (keep[:, None] * G + torch.arange(G)).view(-1)  # (B*G,) their samples
-    ro = dict(codes=torch.cat([o["codes"] for o in ros])[rows], old_logp=torch.cat([o["old_logp"] for o in ros])[rows],
-              prefix_ids=torch.cat(left_pad([o["prefix_ids"] for o in ros], umm.tokenizer.pad_token_id))[rows],
-              prefix_mask=torch.cat(left_pad([o["prefix_mask"] for o in ros], 0))[rows])
-    if images[0] is not None:
-        images = [im for ims in images for im in ims]
-        images = [images[i] for i in rows.tolist()]
-    else:
-        images = None
+    pads = dict(prefix_ids=umm.tokenizer.pad_token_id, prefix_mask=0)  # prefixes: left-padded per batch, as rolled out
+    ro = {k: torch.cat(left_pad([o[k] for o in ros], pads[k]) if k in pads else [o[k] for o in ros])[rows] for k in ros[0]}
+    images = None if images[0] is None else [im for ims in images for im in ims]
+    images = images and [images[i] for i in rows.tolist()]
     token_logp = None if token_logp[0] is None else torch.nn.utils.rnn.pad_sequence(
         [t for tl in token_logp for t in tl], batch_first=True)[rows]  # each batch's (N, L_r), right-padded to the longest
     prompts = [p for batch in batches[:len(outs)] for p in batch]
