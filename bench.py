@@ -52,6 +52,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 import gvu
+import runio
 from adapters import dtype_kwarg
 import tiny_umm
 from tiny_umm import TinyUMM
@@ -120,7 +121,7 @@ def step_breakdown(model, steps, prompts_path="prompts/train.txt", **overrides):
         umm = gvu.load_umm(model)
         torch.manual_seed(args.seed)
         runs[reward_input] = (args, umm, *gvu.add_lora(umm, args))
-    (prompts, _), rows = gvu.read_prompts(prompts_path), {k: [] for k in runs}
+    (prompts, _), rows = runio.read_prompts(prompts_path), {k: [] for k in runs}
     for step in range(steps + 1):
         for reward_input, (args, umm, policy, optimizer, scheduler) in runs.items():
             batch, t = gvu.prompt_batch(prompts, step, args.batch_prompts, args.seed), {}

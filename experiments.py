@@ -31,6 +31,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import gvu
+import loggers
 import make_tiny_umm as make
 import shapes
 from adapters import InputError
@@ -352,7 +353,7 @@ def cmd_token_view(args) -> None:
     with torch.no_grad():
         token_logp, mask = gvu.caption_token_logprobs(umm, images, prompts, args.instruction)
     rewards = gvu.intrinsic_reward(token_logp, mask).tolist()
-    gvu.save_grid(args.out, prompts, images, rewards, n, rows=len(shown), px=args.px,
+    loggers.save_grid(args.out, prompts, images, rewards, n, rows=len(shown), px=args.px,
                   texts=[gvu.token_texts(umm, p) for p in prompts], token_logp=token_logp)
     print(f"wrote {args.out}: {len(shown)} prompts x {n} images; tokens shaded white (p=1) to red (p=0), "
           "the least likely one framed")

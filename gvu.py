@@ -55,8 +55,8 @@ from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from PIL import Image, ImageDraw
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from PIL import Image
 from tqdm import tqdm
 from transformers import DynamicCache, HfArgumentParser, get_scheduler
 
@@ -479,24 +479,6 @@ def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext(), 
 
 # -----------------------------------------------------------------------------
 # helpers: inputs, the prompt stream, outputs
-def read_prompts(path):
-    """The non-blank lines of a UTF-8 text file (a leading byte-order mark is dropped) and their line numbers."""
-    if os.path.isdir(path):
-        raise InputError(f"prompt file is a directory: {path}")
-    if not os.path.isfile(path):
-        raise InputError(f"prompt file not found: {path}")
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as e:  # decoded whole, so e.start is the byte offset in the file
-        raise InputError(f"prompt file is not UTF-8: {path} (byte {e.start})") from None
-    numbered = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-    if not numbered:
-        raise InputError(f"prompt file has no prompts: {path}")
-    return [p for _, p in numbered], [n for n, _ in numbered]
-
-
 def check_vocabulary(umm, prompts, lines=None):
     for n, p in zip(lines or range(1, len(prompts) + 1), prompts):
         if bad := umm.unknown_words(p):
@@ -547,49 +529,6 @@ def token_texts(umm, prompt, end_of_turn=True):
     return [umm.tokenizer.decode([i]).strip() for i in answer_ids(umm, [prompt], end_of_turn)[0]]
 
 
-def token_layout(draw, texts, token_logp, width, line=11):
-    """Word-wrap one caption into `width` px: [(x, y, text, p)] with p = exp(log p_j), the reward's own terms."""
-    boxes, x, y = [], 0, 0
-    for text, logp in zip(texts, token_logp.tolist()):
-        w = draw.textlength(text) + 4
-        if x and x + w > width:
-            x, y = 0, y + line
-        boxes.append((x, y, text, math.exp(logp)))
-        x += w
-    return boxes
-
-
-def save_grid(path, prompts, images, rewards, G, rows=4, px=96, texts=None, token_logp=None):
-    """Rows = prompts, columns = the G samples, each captioned with its reward. Given the reward's per-token
-    log-probs (N, L) and each prompt's token texts, every image also gets its prompt's tokens shaded by their
-    probability under the judge (white = 1, red = 0) with the least likely one framed. Returns the grid."""
-    rows = min(rows, len(prompts) // G)
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    boxes = [token_layout(measure, texts[i], token_logp[i], px - 4) if token_logp is not None else []
-             for i in range(rows * G)]
-    heights = [12 + px + 12 + max([b[1] + 12 for c in range(G) for b in boxes[r * G + c]], default=0)
-               for r in range(rows)]  # prompt line, images, rewards, then the longest token block of the row
-    grid = Image.new("RGB", (G * px, sum(heights)), "white")
-    draw = ImageDraw.Draw(grid)
-    for r in range(rows):
-        y = sum(heights[:r])
-        draw.text((2, y + 1), prompts[r * G][: G * px // 6], fill="black")
-        for c in range(G):
-            i = r * G + c
-            grid.paste(images[i].resize((px, px), Image.NEAREST), (c * px, y + 12))
-            draw.text((c * px + 2, y + 12 + px), f"R={rewards[i]:.3f}", fill="black")
-            lowest = min(boxes[i], key=lambda b: b[3], default=None)
-            for box in boxes[i]:
-                x0, y0, text, p = box
-                x0, y0 = c * px + 2 + x0, y + 24 + px + y0
-                shade = int(60 + 195 * p)  # white at p = 1, red at p = 0
-                draw.rectangle([x0, y0, x0 + draw.textlength(text) + 2, y0 + 11], fill=(255, shade, shade),
-                               outline="black" if box is lowest else None)
-                draw.text((x0 + 1, y0), text, fill="black")
-    grid.save(path)
-    return grid
-
-
 # -----------------------------------------------------------------------------
 # the training loop
 RESUME_MAY_CHANGE = {"steps", "epochs", "resume", "out", "save_every", "sample_every", "probe_every", "report_to"}  # all else must match
@@ -628,16 +567,8 @@ def check_args(args):
     if bad:
         raise InputError("; ".join(bad))
     pick_device(args.device)  # an unavailable device is an InputError
-    if problem := runio.check_out_folder(args.out):
-        raise InputError(problem)
-    is_run = os.path.exists(os.path.join(args.out, "config.json")) or os.path.exists(os.path.join(args.out, "state.pt"))
-    if is_run and not args.resume:
-        raise InputError(f"{args.out} already holds a run; pass --resume to continue it or pick another --out")
-    if args.resume and not is_run:
-        raise InputError(f"--resume: no run in {args.out} (no config.json)")
-    if args.resume:  # the first run's config.json: every setting that changes the run must match it
-        runio.check_same_run(runio.read_json(os.path.join(args.out, "config.json")), asdict(args), RESUME_MAY_CHANGE)
-    return read_prompts(args.prompts)
+    runio.check_run_folder(args.out, args.resume, asdict(args), RESUME_MAY_CHANGE)  # a new run, or the same one resumed
+    return runio.read_prompts(args.prompts)
 
 
 def check_against_model(umm, args, prompts, lines):
@@ -663,49 +594,6 @@ def add_lora(umm, args):
     return policy, optimizer, scheduler
 
 
-def open_run(args, policy, optimizer, scheduler, device, is_main=True):
-    """Create and lock --out (one process per run folder), then start the run (config.json, an empty log) or
-    resume it (check_args has compared the settings): the state's weights, optimizer and RNG, the log cut
-    back to the state's step, an adapter that matches the state. Returns (the step to start from, the lock).
-    torchrun: every rank loads the state; rank 0 alone locks and writes (the others get lock None)."""
-    lock = runio.lock_run_folder(args.out) if is_main else None
-    config, log, state_path, adapter = (os.path.join(args.out, f) for f in ("config.json", "log.jsonl", "state.pt", "adapter"))
-    try:
-        if not args.resume:
-            if not is_main:
-                return 0, None
-            if os.path.exists(config) or os.path.exists(state_path):  # written by a run that held the lock before us
-                raise InputError(f"{args.out} already holds a run; pass --resume to continue it or pick another --out")
-            runio.write_json(asdict(args), config)  # kept for good: every --resume is checked against it
-            runio.write_atomic(log, lambda f: None)
-            return 0, lock
-        start = 0  # no state.pt: killed before its first save, so the run starts again from its seed
-        if os.path.exists(state_path):
-            state = runio.load_state(state_path, device)
-            start = state["step"]
-            if start > args.steps:
-                raise InputError(f"--steps {args.steps} is below the step the run in {args.out} has reached ({start})")
-            set_peft_model_state_dict(policy, state["lora"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["rng"].cpu())
-            if is_main:
-                runio.save_adapter(policy, adapter, adapter_info(args, policy, start))  # a kill may have cut the last save
-        for notice in runio.trim_log(log, start) if is_main else []:  # steps logged after the last save are run again
-            print(f"notice: {notice}", file=sys.stderr)
-        return start, lock
-    except BaseException:
-        if lock is not None:
-            lock.close()
-        raise
-
-
-def adapter_info(args, policy, step):
-    """adapter/gvu.json: the step the adapter holds and the base model it was trained on (eval_geneval checks it)."""
-    return dict(step=step, model=args.model, base_model=runio.base_model_id(args.model, args.seed),
-                base_fingerprint=runio.base_fingerprint(policy.get_base_model()))
-
-
 def train(args, reward_fn=intrinsic_rewards):
     prompts, lines = check_args(args)
     rank, world, is_main = distributed.setup(args.batch_prompts)  # torchrun: join the group; else (0, 1, True)
@@ -725,7 +613,7 @@ def train(args, reward_fn=intrinsic_rewards):
     policy, optimizer, scheduler = add_lora(umm, args)
     ddp = distributed.wrap(partial(image_token_logprobs, umm), policy)  # torchrun: DDP over the LoRA; else None
 
-    start, lock = open_run(args, policy, optimizer, scheduler, device, is_main)  # the first write to --out
+    start, lock = runio.open_run(args, policy, optimizer, scheduler, device, is_main)  # the first write to --out
     log_path, state_path = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "state.pt")
     logger = loggers.make_logger(args.report_to, args.out, asdict(args), start, is_main)  # a no-op unless main process
 
@@ -735,7 +623,7 @@ def train(args, reward_fn=intrinsic_rewards):
         if not runio.all_finite(state):
             raise TrainingError(f"the weights are not finite after step {step - 1}; nothing was saved from it")
         runio.atomic_save(state, state_path)
-        runio.save_adapter(policy, os.path.join(args.out, "adapter"), adapter_info(args, policy, step))
+        runio.save_adapter(policy, os.path.join(args.out, "adapter"), runio.adapter_info(args, policy, step))
 
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="gvu", dynamic_ncols=True,
                disable=not is_main)
@@ -767,9 +655,9 @@ def train(args, reward_fn=intrinsic_rewards):
                    f"| clip {row['clip_frac']:.3f} | zero-std {zero_std:.2f} | grad {row['grad_norm']:.3f} | {row['seconds']:.1f}s"
                    + (f" | {row['rollout_batches']} batches" if "rollout_batches" in row else ""))
         if is_sample_step(step, args):
-            grid = save_grid(os.path.join(args.out, "samples", f"step_{step:05d}.png"), group_prompts, images,
-                             rewards[:len(images)].tolist(), args.group_size, texts=[token_texts(umm, p, args.score_end_of_turn) for p in group_prompts],
-                             token_logp=token_logp)
+            texts = [token_texts(umm, p, args.score_end_of_turn) for p in group_prompts]
+            grid = loggers.save_grid(os.path.join(args.out, "samples", f"step_{step:05d}.png"), group_prompts, images,
+                                     rewards[:len(images)].tolist(), args.group_size, texts=texts, token_logp=token_logp)
             logger.image("samples", grid, step)
         if (step + 1) % args.save_every == 0 or step == args.steps - 1:
             save(step + 1)
@@ -780,31 +668,15 @@ def train(args, reward_fn=intrinsic_rewards):
     return log_path
 
 
-def config_flags(parser, path, cli):
-    """A JSON config file (Args' field names; a "_sources" key documents them and is skipped) as command-line
-    flags that go BEFORE the real ones, so argparse checks its values and the command line overrides it.
-    --steps and --epochs are alternatives: the one given on the command line drops the file's other."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            values = json.load(f)
-    except (OSError, ValueError) as e:
-        parser.error(f"config file {path}: {e}")
-    if not isinstance(values, dict):
-        parser.error(f"config file {path}: not a JSON object")
-    values.pop("_sources", None)
-    if unknown := sorted(set(values) - {f.name for f in fields(Args)}):
-        parser.error(f"config file {path}: unknown keys {', '.join(unknown)}")
-    for flag, other in (("steps", "epochs"), ("epochs", "steps")):
-        if any(a == f"--{flag}" or a.startswith(f"--{flag}=") for a in cli):
-            values.pop(other, None)
-    return [t for k, v in values.items() for t in (f"--{k}", str(v))]
-
-
 def parse_args(argv=None):
     """Flags, optionally after a config file: `python gvu.py configs/xomni_paper.json --out runs/x`."""
     parser = HfArgumentParser(Args, description=__doc__.split("\n\n")[0])
     argv = list(sys.argv[1:] if argv is None else argv)
-    tokens = config_flags(parser, argv[0], argv[1:]) + argv[1:] if argv and not argv[0].startswith("-") else argv
+    try:
+        tokens = runio.config_flags(argv[0], argv[1:], [f.name for f in fields(Args)]) + argv[1:] \
+            if argv and not argv[0].startswith("-") else argv
+    except InputError as e:
+        parser.error(str(e))
     args, rest = parser.parse_args_into_dataclasses(tokens, return_remaining_strings=True)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -1,5 +1,7 @@
 """
-Run-folder bookkeeping for gvu.py: what makes a run survive kill -9, a full disk or a second process.
+gvu.py's inputs and outputs: the prompt file and the config file read into one-line errors, then the run
+folder: what makes a run survive kill -9, a full disk or a second process, and open_run, which starts a run
+in OUT or resumes the one there.
 
     OUT/.lock          held (fcntl.flock) by the one process training in OUT
     OUT/config.json    the first run's settings; --resume must match them
@@ -21,8 +23,11 @@ import json
 import math
 import os
 import shutil
+import sys
+from dataclasses import asdict
 
 import torch
+from peft import set_peft_model_state_dict
 
 from adapters import InputError
 
@@ -62,6 +67,46 @@ def all_finite(obj):
 
 
 # -----------------------------------------------------------------------------
+# inputs
+def read_prompts(path):
+    """The non-blank lines of a UTF-8 text file (a leading byte-order mark is dropped) and their line numbers."""
+    if os.path.isdir(path):
+        raise InputError(f"prompt file is a directory: {path}")
+    if not os.path.isfile(path):
+        raise InputError(f"prompt file not found: {path}")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:  # decoded whole, so e.start is the byte offset in the file
+        raise InputError(f"prompt file is not UTF-8: {path} (byte {e.start})") from None
+    numbered = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not numbered:
+        raise InputError(f"prompt file has no prompts: {path}")
+    return [p for _, p in numbered], [n for n, _ in numbered]
+
+
+def config_flags(path, cli, known):
+    """A JSON config file (gvu.Args' field names, `known`; a "_sources" key documents them and is skipped) as
+    command-line flags that go BEFORE the real ones, so argparse checks its values and the command line
+    overrides it. --steps and --epochs are alternatives: the one given on the command line drops the file's other."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"config file {path}: {e}") from None
+    if not isinstance(values, dict):
+        raise InputError(f"config file {path}: not a JSON object")
+    values.pop("_sources", None)
+    if unknown := sorted(set(values) - set(known)):
+        raise InputError(f"config file {path}: unknown keys {', '.join(unknown)}")
+    for flag, other in (("steps", "epochs"), ("epochs", "steps")):
+        if any(a == f"--{flag}" or a.startswith(f"--{flag}=") for a in cli):
+            values.pop(other, None)
+    return [t for k, v in values.items() for t in (f"--{k}", str(v))]
+
+
+# -----------------------------------------------------------------------------
 # the folder: checked before anything is loaded, then created and locked
 def check_out_folder(out):
     """Why `out` cannot become a run folder, or None. Writes nothing."""
@@ -75,6 +120,21 @@ def check_out_folder(out):
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"--out {out}: {parent} is not writable"
     return None
+
+
+def check_run_folder(out, resume, config, may_change):
+    """Refuse an --out that cannot hold this run: not a writable folder, a finished or started run without
+    --resume, --resume without a run, or a resume whose settings (`config`) differ from the run's config.json
+    outside `may_change`."""
+    if problem := check_out_folder(out):
+        raise InputError(problem)
+    is_run = os.path.exists(os.path.join(out, "config.json")) or os.path.exists(os.path.join(out, "state.pt"))
+    if is_run and not resume:
+        raise InputError(f"{out} already holds a run; pass --resume to continue it or pick another --out")
+    if resume and not is_run:
+        raise InputError(f"--resume: no run in {out} (no config.json)")
+    if resume:  # the first run's config.json: every setting that changes the run must match it
+        check_same_run(read_json(os.path.join(out, "config.json")), config, may_change)
 
 
 def lock_run_folder(out):
@@ -189,3 +249,48 @@ def base_fingerprint(lm):
     w = next(p for n, p in lm.named_parameters() if "lora_" not in n).detach()
     rows = w[torch.linspace(0, len(w) - 1, 64).long().unique().to(w.device)]
     return hashlib.sha256(rows.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+# -----------------------------------------------------------------------------
+# start or resume a run: the first write to --out
+def open_run(args, policy, optimizer, scheduler, device, is_main=True):
+    """Create and lock --out (one process per run folder), then start the run (config.json, an empty log) or
+    resume it (check_args has compared the settings): the state's weights, optimizer and RNG, the log cut
+    back to the state's step, an adapter that matches the state. Returns (the step to start from, the lock).
+    torchrun: every rank loads the state; rank 0 alone locks and writes (the others get lock None)."""
+    lock = lock_run_folder(args.out) if is_main else None
+    config, log, state_path, adapter = (os.path.join(args.out, f) for f in ("config.json", "log.jsonl", "state.pt", "adapter"))
+    try:
+        if not args.resume:
+            if not is_main:
+                return 0, None
+            if os.path.exists(config) or os.path.exists(state_path):  # written by a run that held the lock before us
+                raise InputError(f"{args.out} already holds a run; pass --resume to continue it or pick another --out")
+            write_json(asdict(args), config)  # kept for good: every --resume is checked against it
+            write_atomic(log, lambda f: None)
+            return 0, lock
+        start = 0  # no state.pt: killed before its first save, so the run starts again from its seed
+        if os.path.exists(state_path):
+            state = load_state(state_path, device)
+            start = state["step"]
+            if start > args.steps:
+                raise InputError(f"--steps {args.steps} is below the step the run in {args.out} has reached ({start})")
+            set_peft_model_state_dict(policy, state["lora"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"].cpu())
+            if is_main:
+                save_adapter(policy, adapter, adapter_info(args, policy, start))  # a kill may have cut the last save
+        for notice in trim_log(log, start) if is_main else []:  # steps logged after the last save are run again
+            print(f"notice: {notice}", file=sys.stderr)
+        return start, lock
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+
+
+def adapter_info(args, policy, step):
+    """adapter/gvu.json: the step the adapter holds and the base model it was trained on (eval_geneval checks it)."""
+    return dict(step=step, model=args.model, base_model=base_model_id(args.model, args.seed),
+                base_fingerprint=base_fingerprint(policy.get_base_model()))

@@ -484,10 +484,10 @@ def test_non_utf8_error_gives_the_true_byte_offset_past_8kb(tmp_path):
     """A bad byte at offset 10 000 (beyond any read buffer) is reported at 10 000."""
     path = write(tmp_path / "p.txt", b"a red circle\n" * 769 + b"abc\xff\n")  # 13 * 769 = 9997, + 3
     with pytest.raises(gvu.InputError, match=r"\(byte 10000\)"):
-        gvu.read_prompts(path)
+        runio.read_prompts(path)
 
 
 def test_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path):
     """A file saved with a UTF-8 BOM reads as the same prompts, the same line numbers."""
     path = write(tmp_path / "p.txt", "\ufeffa red circle\n\ntwo squares\r\n".encode())
-    assert gvu.read_prompts(path) == (["a red circle", "two squares"], [1, 3])
+    assert runio.read_prompts(path) == (["a red circle", "two squares"], [1, 3])

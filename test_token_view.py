@@ -78,7 +78,7 @@ def test_shaded_tokens_are_the_rewards_own_terms(umm):
             slow = slow_token_logprobs(umm, image, prompt)
         texts = gvu.token_texts(umm, prompt)
         assert texts == prompt.split() + ["<|im_end|>"]  # the tiny UMM is word-level
-        boxes = gvu.token_layout(measure, texts, token_logp[i], width=92)
+        boxes = loggers.token_layout(measure, texts, token_logp[i], width=92)
         assert [b[2] for b in boxes] == texts
         assert [b[3] for b in boxes] == pytest.approx([math.exp(s) for s in slow], rel=1e-5)
         assert rewards[i].item() == pytest.approx(math.exp(sum(slow) / len(slow)), rel=1e-5)
@@ -89,10 +89,10 @@ def test_grid_shades_white_to_red_and_frames_the_least_likely_token(tmp_path):
     probs = [0.9, 0.05, 0.5, 1.0]
     texts, px = ["a", "red", "circle", "<|im_end|>"], 96
     image = Image.new("RGB", (8, 8), "gray")
-    grid = gvu.save_grid(str(tmp_path / "grid.png"), ["p"], [image], [0.3], G=1, px=px, texts=[texts],
+    grid = loggers.save_grid(str(tmp_path / "grid.png"), ["p"], [image], [0.3], G=1, px=px, texts=[texts],
                          token_logp=torch.log(torch.tensor([probs])))
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    boxes = gvu.token_layout(measure, texts, torch.log(torch.tensor(probs)), px - 4)
+    boxes = loggers.token_layout(measure, texts, torch.log(torch.tensor(probs)), px - 4)
     for (x, y, _, _), p in zip(boxes, probs):
         corner = grid.getpixel((2 + int(x), 24 + px + int(y)))  # the box's top-left pixel: frame or fill
         shade = int(60 + 195 * p)
@@ -103,9 +103,9 @@ def test_grid_uses_the_steps_kept_terms_and_a_fork_reward_needs_none(tmp_path, m
     """train() shades the grid with the log-probs its reward_fn returned (no second reward pass), and a reward_fn
     that returns only (N,) rewards still trains and writes grids (without token shading)."""
     returned, drawn, calls = [], [], []
-    real_caption, real_grid = gvu.caption_token_logprobs, gvu.save_grid
+    real_caption, real_grid = gvu.caption_token_logprobs, loggers.save_grid
     monkeypatch.setattr(gvu, "caption_token_logprobs", lambda *a, **k: calls.append(1) or real_caption(*a, **k))
-    monkeypatch.setattr(gvu, "save_grid", lambda *a, **k: drawn.append(k["token_logp"]) or real_grid(*a, **k))
+    monkeypatch.setattr(loggers, "save_grid", lambda *a, **k: drawn.append(k["token_logp"]) or real_grid(*a, **k))
 
     def recording_reward(*a):
         returned.append(gvu.intrinsic_rewards(*a))
