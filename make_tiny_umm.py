@@ -483,8 +483,7 @@ def load_measured(a):
     """The model a measuring subcommand reads: --model, with --adapter (a GvU-trained LoRA) applied if given."""
     torch.set_num_threads(a.threads)
     umm = TinyUMM.from_pretrained(a.model)
-    if a.adapter:
-        PeftModel.from_pretrained(umm.lm, a.adapter)
+    umm.adapter = PeftModel.from_pretrained(umm.lm, a.adapter) if a.adapter else None  # injected into umm.lm
     umm.lm.eval()
     return umm
 
@@ -495,6 +494,7 @@ def understand(a):
     reward above every oracle-false one-attribute distractor's? Reported per attribute and per
     (eval file, tag) (a tag's rate pools its images' attribute comparisons)."""
     umm = load_measured(a)  # with --adapter: does understanding survive the RL?
+    paired, base_hits = bool(a.adapter and getattr(a, "paired", False)), {}
     rng = np.random.default_rng(a.seed)
     metas = [(os.path.basename(f).split(".")[0], m) for f in EVAL_FILES for m in read_jsonl(f)]
     hits, by_tag, position = {}, {}, {}  # position: its comparisons split into relations and regions
@@ -508,10 +508,16 @@ def understand(a):
         prompts += [swap["prompt"]] if swap else []  # attributes keep their one-change distractors
         logp, mask = gvu.caption_token_logprobs(umm, [image] * len(prompts), prompts, INSTRUCTION)
         r = gvu.intrinsic_reward(logp, mask).tolist()
+        if paired:  # the same comparisons read by the base model, the adapter off
+            with umm.adapter.disable_adapter():
+                r_base = gvu.intrinsic_reward(*gvu.caption_token_logprobs(
+                    umm, [image] * len(prompts), prompts, INSTRUCTION)).tolist()
         k = 1
         for attr, ps in bad.items():
             hit = r[0] > max(r[k:k + len(ps)])
             hits.setdefault(attr, []).append(hit)
+            if paired:
+                base_hits.setdefault(attr, []).append(r_base[0] > max(r_base[k:k + len(ps)]))
             by_tag.setdefault(f"{name}/{meta['tag']}", []).append(hit)
             if attr == "position":  # "a circle left of a square" or "a circle on the left"
                 kind = "relation" if any("position" in r for r in meta["include"]) else "region"
@@ -528,7 +534,14 @@ def understand(a):
     if swapped:  # chance is 0.5: a judge blind to where things are scores ~0.5 here and ~1.0 on regions above
         print(f"  regions, both swapped {np.mean(swapped):.3f}  (n={len(swapped)}: true caption above the one with every region swapped)")
     print(f"understanding overall   {np.mean([np.mean(h) for h in hits.values()]):.3f}  (mean of attributes)")
-    return hits
+    for attr, h in base_hits.items():  # paired: which comparisons the adapter lost and gained, and the change's interval
+        b, x = np.array(h), np.array(hits[attr])
+        lost, gained, n = int((b & ~x).sum()), int((~b & x).sum()), len(b)
+        d = (gained - lost) / n
+        half = 1.96 * np.sqrt(max((gained + lost) / n - d * d, 0) / n)  # Wald interval of a paired difference
+        print(f"paired with the base {attr:9s} {b.mean():.3f} -> {x.mean():.3f}: lost {lost}, gained {gained} of {n}; "
+              f"{100 * d:+.1f} points [{100 * (d - half):+.1f}, {100 * (d + half):+.1f}]")
+    return (hits, base_hits) if paired else hits
 
 
 @torch.no_grad()
@@ -612,6 +625,8 @@ def parser():
     t.add_argument("--threads", type=int, default=2)
     u = sub.add_parser("understand", help="caption-vs-distractor accuracy per attribute on eval lines")
     u.add_argument("--n", type=int, default=300, help="held-out scenes")
+    u.add_argument("--paired", action="store_true", help="with --adapter: also read every comparison with the "
+                   "adapter off, and print per attribute how many the adapter lost and gained, with a 95%% interval")
     d = sub.add_parser("draw", help="T2I probability of the named shape and colour at the object's cell, per tag")
     d.add_argument("--metadata", default="prompts/train.jsonl", help="lines to read (one-object lines are used)")
     d.add_argument("--n", type=int, default=100, help="lines per tag, at most")

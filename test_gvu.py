@@ -648,6 +648,30 @@ def test_understanding_scores_regions_against_the_swap_that_only_the_image_rules
         assert shapes.judge(dets, m)[0] and not shapes.judge(dets, swapped)[0]
 
 
+def test_paired_understanding_reads_the_same_comparisons_with_the_adapter_off(tmp_path, capsys, one_thread):
+    """understand --paired: its base column is exactly `understand` without the adapter, its adapter column
+    `understand` with it, and the printed lost / gained counts are the two columns' disagreements."""
+    import argparse
+    folder = os.path.join(HERE, "checkpoints/tiny-umm")
+    lm = TinyUMM.from_pretrained(folder).lm
+    policy = get_peft_model(lm, LoraConfig(r=4, lora_alpha=16, target_modules=TinyUMM.lora_targets))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))  # a LoRA that moves the judge
+    policy.save_pretrained(tmp_path / "adapter")
+    run = lambda adapter, paired: make.understand(argparse.Namespace(
+        model=folder, adapter=adapter, n=12, seed=3, threads=1, paired=paired))
+    on, base = run(str(tmp_path / "adapter"), True)
+    printed = capsys.readouterr().out
+    assert base == run("", False) and on == run(str(tmp_path / "adapter"), False)
+    assert on != base  # the adapter changes some verdicts, so the counts below are not trivially 0
+    for attr in base:
+        lost = sum(b and not x for b, x in zip(base[attr], on[attr]))
+        gained = sum(x and not b for b, x in zip(base[attr], on[attr]))
+        assert re.search(rf"paired with the base {attr} .*lost {lost}, gained {gained} of {len(base[attr])};", printed)
+
+
 def test_cell_embedding_adds_each_codes_row_plus_column_and_leaves_words_alone():
     """experiments.py where --cell-embedding: code j of every image gets row(j // 4) + col(j % 4), scaled to the
     asked norm; words (the instruction, the caption) and the hook's removal leave embeddings as they were."""
