@@ -56,6 +56,7 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from peft.tuners.tuners_utils import check_target_module_exists
 from PIL import Image
 from tqdm import tqdm
 from transformers import DynamicCache, HfArgumentParser, get_scheduler
@@ -98,6 +99,9 @@ class Args:
                 "rewards that differ (a group without spread has advantage 0 and teaches nothing; 0 = off)"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank on the LM's linear layers; paper: 8"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha; paper: 32"})
+    lora_targets: str = field(default="", metadata={
+        "help": "LoRA on these of the model's LoRA layers only, by name, comma-separated (e.g. q_proj,k_proj,v_proj,"
+                "o_proj: attention only); empty = all of them (every linear layer of the LM)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the LoRA gradient to this norm"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (also used in the ratio)"})
     top_k: int = field(default=0, metadata={"help": "sample from the k most likely codes only (0 = off)"})
@@ -478,7 +482,7 @@ def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext(), 
 
 
 # -----------------------------------------------------------------------------
-# helpers: inputs, the prompt stream, outputs
+# helpers: checks on the prompts, the prompt stream, the sample grid's words (runio.py reads the files)
 def check_vocabulary(umm, prompts, lines=None):
     for n, p in zip(lines or range(1, len(prompts) + 1), prompts):
         if bad := umm.unknown_words(p):
@@ -577,8 +581,22 @@ def check_against_model(umm, args, prompts, lines):
         raise InputError(f"--top-k must be <= the model's {umm.image_vocab_size} image codes (got {args.top_k})")
     check_vocabulary(umm, prompts, lines)
     check_context(umm, args, prompts, lines)
+    lora_modules(umm, args.lora_targets)
     if args.reward_input == "codes" and not umm.understands_codes:
         raise InputError(f"--reward-input codes: {type(umm).__name__}'s understanding does not read its generated codes")
+
+
+def lora_modules(umm, only=""):
+    """What gets LoRA: the model's own targets (umm.lora_targets, as peft matches them), or with --lora-targets
+    the names of those modules whose last part is listed in `only`; a listed name that none has is an InputError."""
+    if not only:
+        return umm.lora_targets
+    own, keep = LoraConfig(target_modules=umm.lora_targets), only.split(",")
+    names = [n for n, _ in umm.lm.named_modules() if check_target_module_exists(own, n)]
+    if missing := [k for k in keep if not any(n.rsplit(".", 1)[-1] == k for n in names)]:
+        raise InputError(f"--lora-targets: the model has no LoRA layer named {', '.join(missing)} "
+                         f"(its layers: {', '.join(sorted({n.rsplit('.', 1)[-1] for n in names}))})")
+    return [n for n in names if n.rsplit(".", 1)[-1] in keep]
 
 
 def add_lora(umm, args):
@@ -586,7 +604,7 @@ def add_lora(umm, args):
     decay 0, as the official run) and its lr schedule over args.steps (transformers' own schedulers)."""
     umm.lm.requires_grad_(False)
     policy = get_peft_model(umm.lm, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-                                               target_modules=umm.lora_targets))
+                                               target_modules=lora_modules(umm, args.lora_targets)))
     enable_checkpointing(umm.lm)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     name = "constant_with_warmup" if args.lr_schedule == "constant" else args.lr_schedule  # (no warm-up: constant)

@@ -429,6 +429,7 @@ BAD_FLAGS = [
     (["--top-k", "65"], "--top-k must be <= the model's 64 image codes"),
     (["--device", "nonsense"], "--device nonsense: not a device"), (["--device", "cuda:7"], "no such device"),
     (["--resume"], "--resume: no run in"),
+    (["--lora-targets", "q_proj,qkv"], "--lora-targets: the model has no LoRA layer named qkv (its layers: down_proj"),
     (["--lr", "-1", "--steps", "0"], "--steps must be >= 1 (got 0); --lr must be > 0 (got -1.0)"),
 ]
 

@@ -60,3 +60,13 @@ def test_lora_lands_in_the_lm_blocks_and_one_update_moves_only_lora(stand_in):
     opt.step()
     changed = {n for n, p in umm.lm.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed) and any("lora_B" in n for n in changed)
+
+
+def test_lora_targets_narrows_lora_to_the_named_layers_of_the_lm_blocks(stand_in):
+    """--lora-targets q_proj,v_proj wraps exactly those two of the 7 layers in every LM block: the model's own
+    targets still decide the scope (a vision tower's q_proj stays out), the flag only picks among them."""
+    umm = stand_in.build(2)
+    gvu.add_lora(umm, gvu.Args(lora_r=4, lora_alpha=16, lora_targets="q_proj,v_proj"))
+    wrapped = {n.rsplit(".lora_", 1)[0] for n, _ in umm.lm.named_modules() if ".lora_A" in n}
+    assert len(wrapped) == stand_in.n_lora * 2 // 7 and all(re.search(stand_in.lora_scope, n) for n in wrapped), wrapped
+    assert {n.rsplit(".", 1)[-1] for n in wrapped} == {"q_proj", "v_proj"}
