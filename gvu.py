@@ -45,6 +45,7 @@ reference implementation; adapters.py wraps Janus-Pro and X-Omni behind it and l
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -571,7 +572,7 @@ def check_args(args):
     if bad:
         raise InputError("; ".join(bad))
     pick_device(args.device)  # an unavailable device is an InputError
-    runio.check_run_folder(args.out, args.resume, asdict(args), RESUME_MAY_CHANGE)  # a new run, or the same one resumed
+    runio.check_run_folder(args.out, args.resume, asdict(args), RESUME_MAY_CHANGE, asdict(Args()))  # new, or resumed
     return runio.read_prompts(args.prompts)
 
 
@@ -588,15 +589,17 @@ def check_against_model(umm, args, prompts, lines):
 
 def lora_modules(umm, only=""):
     """What gets LoRA: the model's own targets (umm.lora_targets, as peft matches them), or with --lora-targets
-    the names of those modules whose last part is listed in `only`; a listed name that none has is an InputError."""
+    those of them whose last name is listed in `only`, as one anchored regex of their full names (peft fullmatches
+    a string, so no other module whose name merely ends like one of them is wrapped); an unknown name is an InputError."""
     if not only:
         return umm.lora_targets
-    own, keep = LoraConfig(target_modules=umm.lora_targets), only.split(",")
+    own, keep = LoraConfig(target_modules=umm.lora_targets), [k.strip() for k in only.split(",") if k.strip()]
     names = [n for n, _ in umm.lm.named_modules() if check_target_module_exists(own, n)]
-    if missing := [k for k in keep if not any(n.rsplit(".", 1)[-1] == k for n in names)]:
-        raise InputError(f"--lora-targets: the model has no LoRA layer named {', '.join(missing)} "
+    missing = [k for k in keep if not any(n.rsplit(".", 1)[-1] == k for n in names)]
+    if missing or not keep:
+        raise InputError(f"--lora-targets: the model has no LoRA layer named {', '.join(missing) or repr(only)} "
                          f"(its layers: {', '.join(sorted({n.rsplit('.', 1)[-1] for n in names}))})")
-    return [n for n in names if n.rsplit(".", 1)[-1] in keep]
+    return "|".join(re.escape(n) for n in names if n.rsplit(".", 1)[-1] in keep)
 
 
 def add_lora(umm, args):

@@ -488,6 +488,16 @@ def load_measured(a):
     return umm
 
 
+def paired_change(before, after):
+    """Two verdict lists on the same comparisons: (lost, gained, n, change, low, high), the change in accuracy with
+    its 95% Wald interval for a paired difference. Rough at a handful of changed verdicts (none: zero width)."""
+    b, x = np.array(before, bool), np.array(after, bool)
+    lost, gained, n = int((b & ~x).sum()), int((~b & x).sum()), len(b)
+    d = (gained - lost) / n
+    half = 1.96 * np.sqrt(max((gained + lost) / n - d * d, 0) / n)
+    return lost, gained, n, d, d - half, d + half
+
+
 @torch.no_grad()
 def understand(a):
     """Held-out renders of scenes for EVAL lines; per attribute, is the true caption's intrinsic
@@ -535,12 +545,9 @@ def understand(a):
         print(f"  regions, both swapped {np.mean(swapped):.3f}  (n={len(swapped)}: true caption above the one with every region swapped)")
     print(f"understanding overall   {np.mean([np.mean(h) for h in hits.values()]):.3f}  (mean of attributes)")
     for attr, h in base_hits.items():  # paired: which comparisons the adapter lost and gained, and the change's interval
-        b, x = np.array(h), np.array(hits[attr])
-        lost, gained, n = int((b & ~x).sum()), int((~b & x).sum()), len(b)
-        d = (gained - lost) / n
-        half = 1.96 * np.sqrt(max((gained + lost) / n - d * d, 0) / n)  # Wald interval of a paired difference
-        print(f"paired with the base {attr:9s} {b.mean():.3f} -> {x.mean():.3f}: lost {lost}, gained {gained} of {n}; "
-              f"{100 * d:+.1f} points [{100 * (d - half):+.1f}, {100 * (d + half):+.1f}]")
+        lost, gained, n, d, lo, hi = paired_change(h, hits[attr])
+        print(f"paired with the base {attr:9s} {np.mean(h):.3f} -> {np.mean(hits[attr]):.3f}: lost {lost}, gained {gained} "
+              f"of {n}; {100 * d:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}]")
     return (hits, base_hits) if paired else hits
 
 
@@ -648,6 +655,8 @@ if __name__ == "__main__":
         check_train_args(p, a)
         train(a)
     elif a.cmd == "understand":
+        if a.paired and not a.adapter:
+            p.error("--paired needs --adapter (it reads each comparison with the adapter on and off)")
         understand(a)
     elif a.cmd == "draw":
         draw(a)

@@ -122,10 +122,11 @@ def check_out_folder(out):
     return None
 
 
-def check_run_folder(out, resume, config, may_change):
+def check_run_folder(out, resume, config, may_change, defaults):
     """Refuse an --out that cannot hold this run: not a writable folder, a finished or started run without
     --resume, --resume without a run, or a resume whose settings (`config`) differ from the run's config.json
-    outside `may_change`."""
+    outside `may_change`. A flag added since the run started counts as its default there (new flags default
+    to the old behaviour)."""
     if problem := check_out_folder(out):
         raise InputError(problem)
     is_run = os.path.exists(os.path.join(out, "config.json")) or os.path.exists(os.path.join(out, "state.pt"))
@@ -134,7 +135,7 @@ def check_run_folder(out, resume, config, may_change):
     if resume and not is_run:
         raise InputError(f"--resume: no run in {out} (no config.json)")
     if resume:  # the first run's config.json: every setting that changes the run must match it
-        check_same_run(read_json(os.path.join(out, "config.json")), config, may_change)
+        check_same_run({**defaults, **read_json(os.path.join(out, "config.json"))}, config, may_change)
 
 
 def lock_run_folder(out):

@@ -670,6 +670,11 @@ def test_paired_understanding_reads_the_same_comparisons_with_the_adapter_off(tm
         lost = sum(b and not x for b, x in zip(base[attr], on[attr]))
         gained = sum(x and not b for b, x in zip(base[attr], on[attr]))
         assert re.search(rf"paired with the base {attr} .*lost {lost}, gained {gained} of {len(base[attr])};", printed)
+    # the interval, by hand: 7 lost and 2 gained of 216 -> d = -5/216, var = (9/216 - d^2) / 216
+    lost, gained, n, d, lo, hi = make.paired_change([True] * 9 + [True] * 205 + [False] * 2, [False] * 7 + [True] * 2 + [True] * 205 + [True] * 2)
+    half = 1.96 * ((9 / 216 - (5 / 216) ** 2) / 216) ** 0.5
+    assert (lost, gained, n) == (7, 2, 216) and d == pytest.approx(-5 / 216)
+    assert (lo, hi) == pytest.approx((-5 / 216 - half, -5 / 216 + half)) and (round(100 * lo, 1), round(100 * hi, 1)) == (-5.0, 0.4)
 
 
 def test_cell_embedding_adds_each_codes_row_plus_column_and_leaves_words_alone():

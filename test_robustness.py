@@ -328,6 +328,18 @@ def test_resume_refuses_changed_settings_naming_each_flag_and_keeps_config(tmp_p
     assert (out / "config.json").read_bytes() == config
 
 
+def test_resume_counts_a_flag_added_since_the_run_began_as_its_default(tmp_path, prompt_file):
+    """A run whose config.json predates --lora-targets resumes with the default, and refuses another value in
+    one line (not a traceback from the optimizer state of another set of LoRA layers)."""
+    out = short_run(prompt_file, tmp_path, 1)
+    config = json.loads((out / "config.json").read_text())
+    del config["lora_targets"]
+    (out / "config.json").write_text(json.dumps(config))
+    msg = run_main(*common(prompt_file, out, "--steps", "2", "--resume", "--lora-targets", "q_proj"))
+    assert msg == "error: --resume: --lora-targets q_proj (the run has ); pass the run's values, or start a new --out"
+    assert run_main(*common(prompt_file, out, "--steps", "2", "--resume")) is None
+
+
 def test_resume_refuses_another_model(tmp_path, prompt_file):
     """--model differs: refused before anything is loaded or written."""
     out = short_run(prompt_file, tmp_path, 1)

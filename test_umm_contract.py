@@ -70,3 +70,26 @@ def test_lora_targets_narrows_lora_to_the_named_layers_of_the_lm_blocks(stand_in
     wrapped = {n.rsplit(".lora_", 1)[0] for n, _ in umm.lm.named_modules() if ".lora_A" in n}
     assert len(wrapped) == stand_in.n_lora * 2 // 7 and all(re.search(stand_in.lora_scope, n) for n in wrapped), wrapped
     assert {n.rsplit(".", 1)[-1] for n in wrapped} == {"q_proj", "v_proj"}
+
+
+def test_lora_targets_skip_a_module_outside_the_scope_whose_name_ends_like_one_inside():
+    """A vision tower at vision.model.layers.0.self_attn.q_proj ends with the LM's model.layers.0.self_attn.q_proj:
+    --lora-targets q_proj must still wrap the LM's only (peft matches a list of names by suffix, so it gets a regex)."""
+    from types import SimpleNamespace
+    from peft import LoraConfig, get_peft_model
+
+    def stack():
+        block = torch.nn.Module()
+        block.self_attn = torch.nn.Module()
+        block.self_attn.q_proj, block.self_attn.v_proj = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        s = torch.nn.Module()
+        s.layers = torch.nn.ModuleList([block])
+        return s
+    lm = torch.nn.Module()
+    lm.model, lm.vision = stack(), torch.nn.Module()
+    lm.vision.model = stack()
+    umm = SimpleNamespace(lm=lm, lora_targets=r"model\.layers\.\d+\.self_attn\.(q|v)_proj")
+    get_peft_model(lm, LoraConfig(r=2, target_modules=gvu.lora_modules(umm, "q_proj, ")))  # spaces, a trailing comma
+    assert {n.rsplit(".lora_", 1)[0] for n, _ in lm.named_modules() if ".lora_A" in n} == {"model.layers.0.self_attn.q_proj"}
+    with pytest.raises(gvu.InputError, match=r"no LoRA layer named ',' \(its layers: q_proj, v_proj\)"):
+        gvu.lora_modules(umm, ",")
