@@ -582,7 +582,6 @@ def check_against_model(umm, args, prompts, lines):
         raise InputError(f"--top-k must be <= the model's {umm.image_vocab_size} image codes (got {args.top_k})")
     check_vocabulary(umm, prompts, lines)
     check_context(umm, args, prompts, lines)
-    lora_modules(umm, args.lora_targets)
     if args.reward_input == "codes" and not umm.understands_codes:
         raise InputError(f"--reward-input codes: {type(umm).__name__}'s understanding does not read its generated codes")
 
@@ -594,12 +593,12 @@ def lora_modules(umm, only=""):
     if not only:
         return umm.lora_targets
     own, keep = LoraConfig(target_modules=umm.lora_targets), [k.strip() for k in only.split(",") if k.strip()]
-    names = [n for n, _ in umm.lm.named_modules() if check_target_module_exists(own, n)]
-    missing = [k for k in keep if not any(n.rsplit(".", 1)[-1] == k for n in names)]
-    if missing or not keep:
+    last = {n: n.rsplit(".", 1)[-1] for n, _ in umm.lm.named_modules() if check_target_module_exists(own, n)}
+    missing = [k for k in keep if k not in last.values()]
+    if missing or not keep:  # add_lora runs before open_run, so this is still refused before anything is written
         raise InputError(f"--lora-targets: the model has no LoRA layer named {', '.join(missing) or repr(only)} "
-                         f"(its layers: {', '.join(sorted({n.rsplit('.', 1)[-1] for n in names}))})")
-    return "|".join(re.escape(n) for n in names if n.rsplit(".", 1)[-1] in keep)
+                         f"(its layers: {', '.join(sorted(set(last.values())))})")
+    return "|".join(re.escape(n) for n, k in last.items() if k in keep)
 
 
 def add_lora(umm, args):
