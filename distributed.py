@@ -77,5 +77,14 @@ def mean_over_ranks(stats, device):
 
 
 def teardown():
+    """Leave the process group; the caller has dropped its DDP first, so that the group is destroyed here.
+    Why the care: the group's destructor joins gloo's worker threads while holding the GIL, and a worker that frees
+    a collective's last reference needs the GIL (the tensors and the thread-local state it holds are Python
+    objects). A rank that tore down a few ms after its last collective hung there for good (about 1 launch in 7 of
+    test_ddp's under load). So every rank first waits at a barrier, with the GIL released, while its workers free
+    what they hold; the barrier's own handle is kept until the group is gone, so no worker ever frees it."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        done = dist.barrier(async_op=True)
+        done.wait()
+        dist.destroy_process_group()  # the group's last reference: its worker threads are joined here
+        del done

@@ -684,6 +684,7 @@ def train(args, reward_fn=intrinsic_rewards):
     logger.close()
     if lock is not None:
         lock.close()
+    del ddp  # torchrun: DDP holds the process group, which distributed.teardown must be the one to destroy
     distributed.teardown()
     return log_path
 

@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -86,10 +87,12 @@ def launch(cmd, timeout):
 
 def torchrun(script, *argv, timeout=150):
     """2 CPU processes (gloo) under torchrun. A hang cannot hang the suite: the launch is killed after `timeout`
-    seconds with the stacks printed, and retried once (three CI runs hung here, two on X-Omni's stack and one on
-    the default stack; the cause is not known). The retry starts from the --out folder as it was before the hung
-    launch: the third hang came after its run had written the folder, and the retry was refused as "already holds
-    a run". A second hang fails the test with both stack dumps."""
+    seconds with the stacks printed, and retried once. Four CI runs hung here, at the very end of a run: a gloo
+    worker needing the GIL while the main thread, holding it, joined that worker in the process group's destructor
+    (gdb's stacks; distributed.teardown now avoids it: 5 hangs in 34 launches under load before, 0 in 80 after).
+    The retry stays as a guard; it starts from the --out folder as it was before the hung launch (a hang after the
+    run had written the folder once made the retry fail as "already holds a run"). A second hang fails the test
+    with both stack dumps."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *argv]
     out = argv[argv.index("--out") + 1]
     before = out + ".before_launch"
@@ -159,6 +162,34 @@ def test_batch_not_divisible_by_the_processes_is_a_one_line_error(tmp_path, monk
         msg = e.code
     assert msg == "error: --batch-prompts 3 must be divisible by the 2 processes"
     assert not (tmp_path / "run").exists()
+
+
+def gloo_workers():
+    """This process's threads that run a gloo process group's collectives (their names: pt_gloo_runloop)."""
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    return [n for n in names if n.startswith("pt_gloo")]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread names from /proc (Linux)")
+def test_the_process_group_dies_inside_teardown_after_its_barrier(tmp_path, monkeypatch):
+    """The hang CI saw: the gloo group's destructor joins its worker threads while holding the GIL, and a worker
+    freeing a collective needs the GIL. So the group must be destroyed inside distributed.teardown, after its
+    barrier, and not later when train's frame drops DDP: right after destroy_process_group its workers are gone.
+    (One process, world size 1, gloo: the same code path as under torchrun.)"""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+    real, seen = torch.distributed.destroy_process_group, []
+
+    def destroy(*a, **k):
+        seen.append(gloo_workers())  # the group is alive here...
+        real(*a, **k)
+        seen.append(gloo_workers())  # ...and gone here
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", destroy)
+    gvu.main(flags(tmp_path, "run", "--steps", "1"))
+    assert len(seen) == 2 and seen[0] and seen[1] == [], seen
 
 
 def test_a_hung_launch_is_retried_from_the_out_folder_as_it_was(tmp_path, monkeypatch):
