@@ -546,7 +546,7 @@ def sample_groups(umm, metas, n, args):
     so a base and a trained model are compared on the same noise."""
     prompts = [m["prompt"] for m in metas]
     try:
-        gvu.check_vocabulary(umm, prompts)
+        runio.check_vocabulary(umm, prompts)
     except InputError as e:
         raise GenEvalError(str(e)) from None
     device = umm.lm.device.type

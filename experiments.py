@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw
 import gvu
 import loggers
 import make_tiny_umm as make
+import runio
 import shapes
 from adapters import InputError
 from eval_geneval import (COLORS as GENEVAL_COLORS, GenEvalError, add_detector_flags, add_load_flags, add_model_flags,
@@ -346,7 +347,7 @@ def cmd_token_view(args) -> None:
     prompts = [args.prompt or groups[k][0]["prompt"] for k in shown for _ in range(n)]
     umm = load_model(args)
     try:
-        gvu.check_vocabulary(umm, sorted({args.prompt or m["prompt"] for m, _ in groups.values()}))
+        runio.check_vocabulary(umm, sorted({args.prompt or m["prompt"] for m, _ in groups.values()}))
     except InputError as e:
         raise GenEvalError(str(e)) from None
     images = [load_image(p) for k in shown for p in groups[k][1][:n]]

@@ -58,7 +58,6 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from peft.tuners.tuners_utils import check_target_module_exists
-from PIL import Image
 from tqdm import tqdm
 from transformers import DynamicCache, HfArgumentParser, get_scheduler
 
@@ -483,31 +482,7 @@ def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext(), 
 
 
 # -----------------------------------------------------------------------------
-# helpers: checks on the prompts, the prompt stream, the sample grid's words (runio.py reads the files)
-def check_vocabulary(umm, prompts, lines=None):
-    for n, p in zip(lines or range(1, len(prompts) + 1), prompts):
-        if bad := umm.unknown_words(p):
-            raise InputError(f"line {n} has words the model does not know: {', '.join(sorted(set(bad)))} ({p!r})")
-
-
-def check_context(umm, args, prompts, lines):
-    """Every prompt must fit the LM's positions twice: in the rollout (prompt, then the image codes) and in
-    the reward pass (the image and the instruction, then the prompt). Past the limit RoPE models run on,
-    slowly and out of distribution, so this refuses instead, naming the line."""
-    limit = getattr(umm.lm.config.get_text_config(), "max_position_embeddings", None)
-    if not limit:
-        return
-    tok, (h, w) = umm.tokenizer, umm.grid
-    blank = Image.new("RGB", (16 * w, 16 * h))  # the caption context's length does not depend on the pixels
-    ctx = len(tok(umm.caption_prompt(blank, args.instruction), add_special_tokens=False).input_ids)
-    gen = tok([umm.t2i_prompt(p) for p in prompts]).input_ids
-    ans = tok([umm.answer_prefix + p + umm.answer_suffix for p in prompts], add_special_tokens=False).input_ids
-    for n, g, a in zip(lines, gen, ans):
-        if (need := max(len(g) + h * w, ctx + len(a))) > limit:
-            raise InputError(f"line {n} of {args.prompts} is too long: it needs {need} positions with its image, "
-                             f"the model has {limit}")
-
-
+# helpers: the prompt stream, checkpointing, the sample grid's words (runio.py reads and checks the prompts)
 def prompt_batch(prompts, step, B, seed):
     """The B prompts of `step`: a fresh seeded shuffle per epoch, so the stream is a function of step."""
     n, ks = len(prompts), range(step * B, (step + 1) * B)
@@ -580,8 +555,8 @@ def check_against_model(umm, args, prompts, lines):
     """The checks that need the loaded model; they run before anything is written."""
     if args.top_k > umm.image_vocab_size:
         raise InputError(f"--top-k must be <= the model's {umm.image_vocab_size} image codes (got {args.top_k})")
-    check_vocabulary(umm, prompts, lines)
-    check_context(umm, args, prompts, lines)
+    runio.check_vocabulary(umm, prompts, lines)
+    runio.check_context(umm, prompts, lines, args.instruction, args.prompts)
     if args.reward_input == "codes" and not umm.understands_codes:
         raise InputError(f"--reward-input codes: {type(umm).__name__}'s understanding does not read its generated codes")
 

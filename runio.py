@@ -1,5 +1,6 @@
 """
-gvu.py's inputs and outputs: the prompt file and the config file read into one-line errors, then the run
+gvu.py's inputs and outputs: the prompt file and the config file read into one-line errors, the prompts checked
+against the loaded model (words it can spell, lengths that fit its positions), then the run
 folder: what makes a run survive kill -9, a full disk or a second process, and open_run, which starts a run
 in OUT or resumes the one there.
 
@@ -28,6 +29,7 @@ from dataclasses import asdict
 
 import torch
 from peft import set_peft_model_state_dict
+from PIL import Image
 
 from adapters import InputError
 
@@ -84,6 +86,31 @@ def read_prompts(path):
     if not numbered:
         raise InputError(f"prompt file has no prompts: {path}")
     return [p for _, p in numbered], [n for n, _ in numbered]
+
+
+def check_vocabulary(umm, prompts, lines=None):
+    """Every word of every prompt must be one the model can spell (else it would silently become <unk>)."""
+    for n, p in zip(lines or range(1, len(prompts) + 1), prompts):
+        if bad := umm.unknown_words(p):
+            raise InputError(f"line {n} has words the model does not know: {', '.join(sorted(set(bad)))} ({p!r})")
+
+
+def check_context(umm, prompts, lines, instruction, path):
+    """Every prompt must fit the LM's positions twice: in the rollout (prompt, then the image codes) and in
+    the reward pass (the image and the instruction, then the prompt). Past the limit RoPE models run on,
+    slowly and out of distribution, so this refuses instead, naming the line."""
+    limit = getattr(umm.lm.config.get_text_config(), "max_position_embeddings", None)
+    if not limit:
+        return
+    tok, (h, w) = umm.tokenizer, umm.grid
+    blank = Image.new("RGB", (16 * w, 16 * h))  # the caption context's length does not depend on the pixels
+    ctx = len(tok(umm.caption_prompt(blank, instruction), add_special_tokens=False).input_ids)
+    gen = tok([umm.t2i_prompt(p) for p in prompts]).input_ids
+    ans = tok([umm.answer_prefix + p + umm.answer_suffix for p in prompts], add_special_tokens=False).input_ids
+    for n, g, a in zip(lines, gen, ans):
+        if (need := max(len(g) + h * w, ctx + len(a))) > limit:
+            raise InputError(f"line {n} of {path} is too long: it needs {need} positions with its image, "
+                             f"the model has {limit}")
 
 
 def config_flags(path, cli, known):
