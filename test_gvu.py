@@ -559,9 +559,12 @@ def test_same_seed_gives_identical_logs_and_another_seed_a_different_one(tmp_pat
     (b"a photo of a \xff circle\n", [], "not UTF-8"),
     ("a photo of a circle\n", ["--group-size", "1"], "--group-size must be >= 2"),
     ("a photo of a circle\na photo of a zebra and a Dog\n", [], "line 2 has words the model does not know: Dog, zebra"),
+    ("a photo of a circle\na photo of a " + "circle and a " * 80 + "square\n", [],  # 246 words: > 256 positions
+     "p.txt is too long: it needs"),
 ])
 def test_bad_input_gives_one_line_error(tmp_path, content, extra, expect):
-    """Missing, empty or non-UTF-8 prompt files, G < 2 and unknown words: one line, non-zero exit."""
+    """Missing, empty or non-UTF-8 prompt files, G < 2, unknown words and a prompt longer than the model's positions:
+    one line, non-zero exit."""
     pf = str(tmp_path / "missing.txt") if content is None else write(tmp_path, "p.txt", content)
     msg = run_main("--model", "tiny-random", "--prompts", pf, "--out", str(tmp_path / "o"), *extra)
     assert isinstance(msg, str) and msg.startswith("error: ") and expect in msg and "\n" not in msg
