@@ -32,8 +32,9 @@ def fixed_rollout(umm, prompts, G, temperature, top_k, min_p, cfg_scale, generat
 
 
 def fixed_rewards(umm, images, prompts, args):
-    """Rewards from the prompt and the sample's place in its group only (the decoder's noise is rank-seeded)."""
-    return torch.tensor([zlib.crc32(p.encode()) % 97 / 97 + 0.1 * (i % args.group_size)
+    """Rewards from the prompt and the sample's place in its group only (the decoder's noise is rank-seeded).
+    A prompt with "square" in it gets the same reward for all G samples: a group without spread."""
+    return torch.tensor([zlib.crc32(p.encode()) % 97 / 97 + (0 if "square" in p else 0.1 * (i % args.group_size))
                          for i, p in enumerate(prompts)])
 
 
@@ -150,6 +151,26 @@ def test_torchrun_run_logs_the_whole_batch_once_and_resumes_to_its_own_log(tmp_p
     strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
     assert strip(rows(tmp_path / "b" / "log.jsonl")) == strip(a)
     assert sorted(os.listdir(tmp_path / "a")) == [".lock", "adapter", "config.json", "log.jsonl", "samples", "state.pt"]
+
+
+def test_torchrun_dynamic_sampling_refills_every_ranks_groups(tmp_path):
+    """--dynamic-sampling under torchrun: each rank refills its own B/N groups from its slice of the reserve, so
+    ranks roll out different numbers of batches in a step, yet their collectives still meet. Six prompts, one
+    without reward spread, B = 2 for 3 steps (one epoch: the spread-less prompt is drawn once). Without the flag
+    that step has a group without spread (frac_zero_std, over every rank's rewards, > 0); with it no step has."""
+    pf = tmp_path / "p.txt"
+    pf.write_text("a photo of a red circle\na photo of a blue triangle\na photo of two squares\n"
+                  "a photo of a blue circle\na photo of a red triangle\na photo of a circle\n")
+    logs = {}
+    for out, extra in (("plain", []), ("refill", ["--dynamic-sampling", "2"])):
+        run = torchrun("test_ddp.py", "--model", "tiny-random", "--prompts", str(pf), "--out", str(tmp_path / out),
+                       "--batch-prompts", "2", "--group-size", "2", "--steps", "3", *extra)
+        assert run.returncode == 0, run.stdout[-3000:]
+        logs[out] = rows(tmp_path / out / "log.jsonl")
+    assert all(r["samples"] == 2 * 2 for rs in logs.values() for r in rs)
+    assert sorted(r["frac_zero_std"] for r in logs["plain"]) == [0.0, 0.0, 0.5]
+    assert [r["frac_zero_std"] for r in logs["refill"]] == [0.0, 0.0, 0.0]
+    assert all(r["rollout_batches"] >= 1 for r in logs["refill"])  # rank 0's count
 
 
 def test_batch_not_divisible_by_the_processes_is_a_one_line_error(tmp_path, monkeypatch):
