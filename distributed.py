@@ -5,8 +5,10 @@
 
 Every process (rank) holds a full replica of the frozen base and the LoRA adapter. A step's B prompts are split
 into contiguous slices of B/N prompts, one per rank; a group of G samples never straddles ranks, so each rank
-computes its own advantages exactly as one process would. DDP averages the LoRA gradients over ranks; rewards
-and statistics are gathered so that rank 0, the only one that writes, logs the whole batch.
+computes its own advantages exactly as one process would (--dynamic-sampling refills each rank's B/N groups from
+its own slice of the reserve, so ranks may roll out different numbers of batches in a step). DDP averages the
+LoRA gradients over ranks; rewards and statistics are gathered so that rank 0, the only one that writes, logs
+the whole batch.
 Plain `python gvu.py` starts no process group, and every function here is then a no-op.
 """
 import os
