@@ -434,6 +434,10 @@ def check_train_args(p, a):
             bad.append(f"--colour-first/--colour-share: {a.prompts} has no one-object line that names a colour")
         if a.pair_share and not pairs:
             bad.append(f"--pair-share: {a.prompts} has no line of one-of-each objects that all name a colour")
+    if a.lm_from and (a.vision_from or a.semantic_codes or a.semantic_head):
+        bad.append("--lm-from starts from a trained model: --vision-from, --semantic-codes and --semantic-head do not apply")
+    if a.lm_from and not os.path.isfile(os.path.join(a.lm_from, "tiny_umm.json")):
+        bad.append(f"--lm-from {a.lm_from} is not a tiny UMM folder (no tiny_umm.json)")
     if problem := runio.check_out_folder(a.out):
         bad.append(problem)
     elif os.path.isdir(a.out) and os.listdir(a.out):
@@ -446,7 +450,11 @@ def train(a):
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
-    umm = TinyUMM.random(a.seed, a.hidden, a.layers, a.heads, a.num_codes)
+    if a.lm_from:  # a further LM stage: the whole model (LM, tokenizer, decoder) starts from a trained folder
+        umm = TinyUMM.from_pretrained(a.lm_from)
+        log(f"LM, image tokenizer and decoder loaded from {a.lm_from}")
+    else:
+        umm = TinyUMM.random(a.seed, a.hidden, a.layers, a.heads, a.num_codes)
     umm.decode_steps = a.decode_steps  # saved with the model; the round-trip check below uses it too
     if a.semantic_codes:
         semantic_code_init(umm)
@@ -456,7 +464,7 @@ def train(a):
         src = TinyUMM.from_pretrained(a.vision_from)
         umm.image_tokenizer, umm.decoder = src.image_tokenizer, src.decoder
         log(f"image tokenizer + decoder loaded from {a.vision_from}")
-    else:
+    elif not a.lm_from:
         train_image_tokenizer(umm.image_tokenizer, rng, a.tok_steps)
         log(f"tokenizer cell accuracy: clean {tokenizer_accuracy(umm.image_tokenizer, rng):.4f}"
             f"  noise 12: {tokenizer_accuracy(umm.image_tokenizer, rng, noise=12.0):.4f}")
@@ -583,12 +591,46 @@ def draw_rates(umm, metas, seed=1234, n=100):
     return out
 
 
+@torch.no_grad()
+def binding_rates(umm, metas, seed=1234, n=150):
+    """Does T2I bind each colour to its own object? On up to n color_attr lines of `metas` (2+ objects, each of a
+    named colour), teacher-forced on a scene sampled for the line, at each object's cell: the probability of the
+    colour its prompt names and of the colours the prompt names for the OTHER objects, both among the ten colours of
+    that shape and size. A bag of the prompt's colours puts about as much on each named colour (a first object's
+    own colour and another's then tie); binding puts it on the object's own. Returns (own, another's, lines)."""
+    was_training, mode = umm.lm.training, umm.generation_mode
+    umm.lm.eval()
+    umm.set_generation_mode("image")
+    rng, own, other = np.random.default_rng(seed), [], []
+    lines = [m for m in metas if m["tag"] == "color_attr" and colour_pair(m)][:n]
+    for meta in lines:
+        objs = shapes.sample_scene(meta, rng)
+        prefix = umm.tokenizer(umm.t2i_prompt(meta["prompt"]), add_special_tokens=False).input_ids
+        ids = prefix + [umm.image_offset + k for k in scene_codes(objs)]
+        hidden = umm.lm.model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+        named = {r["color"] for r in meta["include"]}
+        for o in objs:  # the hidden state before the object's own cell predicts its code
+            p = F.softmax(umm.logits(hidden[len(prefix) + o.row * GRID + o.col - 1]), -1)
+            of = lambda colours: sum(p[KIND_ID[(o.shape, c, o.size)]] for c in colours).item()
+            total = of(shapes.COLORS)
+            own.append(of([o.color]) / total)
+            other.append(of(named - {o.color}) / total)
+    umm.lm.train(was_training)
+    umm.set_generation_mode(mode)
+    return float(np.mean(own)), float(np.mean(other)), len(lines)
+
+
 def draw(a):
-    """`draw_rates` of --model on --metadata, one printed line per tag."""
+    """`draw_rates` of --model on --metadata, one printed line per tag, then `binding_rates`."""
     umm = load_measured(a)
-    for tag, (shape, colour, n) in draw_rates(umm, read_jsonl(a.metadata), a.seed, a.n).items():
+    metas = read_jsonl(a.metadata)
+    for tag, (shape, colour, n) in draw_rates(umm, metas, a.seed, a.n).items():
         named = "  -  " if np.isnan(colour) else f"{colour:.3f}"
         print(f"draw {tag:14s} named shape {shape:.3f}  named colour {named}  (n={n} lines)")
+    own, other, n = binding_rates(umm, metas, a.seed)
+    if n:
+        print(f"draw binding: at each object of a color_attr line, its own colour {own:.3f}, the other objects' "
+              f"named colours {other:.3f} (n={n} lines; a bag of the named colours spreads over both)")
 
 
 def parser():
@@ -624,6 +666,8 @@ def parser():
     t.add_argument("--semantic-codes", action="store_true", help="image code embeddings start from their words'")
     t.add_argument("--semantic-head", action="store_true", help="image code output rows start from their words'")
     t.add_argument("--vision-from", default="", help="reuse the tokenizer + decoder of this tiny UMM folder")
+    t.add_argument("--lm-from", default="",
+                   help="start from this trained tiny UMM folder (LM, tokenizer and decoder) and train its LM further: a second stage")
     t.add_argument("--prompts", default="prompts/train.jsonl", help="train metadata lines")
     t.add_argument("--hidden", type=int, default=128)
     t.add_argument("--layers", type=int, default=4)

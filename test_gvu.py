@@ -860,6 +860,32 @@ def test_a_draw_probe_inside_train_lm_logs_draw_rates_and_leaves_the_run_unchang
     assert n == 3 and f"colors shape {shape:.3f} colour {colour:.3f}" in probes[-1]
 
 
+def test_binding_rates_read_each_objects_own_cell_of_the_teacher_forced_scene():
+    """binding_rates against a loop that feeds the LM only the codes before each object's cell (no look-ahead) and
+    reads its next-code distribution there: the same own-colour and other-named-colour probabilities."""
+    import shapes
+    metas = [m for m in make.read_jsonl(os.path.join(HERE, "prompts/train.jsonl")) if m["tag"] == "color_attr"][:3]
+    umm = TinyUMM.random(seed=0, hidden=32, layers=1, num_codes=len(make.KINDS))
+    own, other, n = make.binding_rates(umm, metas, seed=7)
+    rng, want = np.random.default_rng(7), []
+    umm.set_generation_mode("image")
+    for meta in metas:
+        objs = shapes.sample_scene(meta, rng)
+        codes = make.scene_codes(objs)
+        named = {r["color"] for r in meta["include"]}
+        for o in objs:
+            cell = o.row * make.GRID + o.col
+            ids = umm.tokenizer(umm.t2i_prompt(meta["prompt"]), add_special_tokens=False).input_ids
+            ids += [umm.image_offset + k for k in codes[:cell]]
+            with torch.no_grad():
+                p = torch.softmax(umm.logits(umm.lm.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]), -1)
+            colour = {c: p[make.KIND_ID[(o.shape, c, o.size)]].item() for c in shapes.COLORS}
+            total = sum(colour.values())
+            want.append((colour[o.color] / total, sum(colour[c] for c in named - {o.color}) / total))
+    assert n == 3 and len(want) >= 6
+    assert np.allclose([own, other], np.mean(want, 0), atol=1e-5)
+
+
 def test_make_tiny_umm_train_refuses_bad_flags_and_a_non_empty_out_before_writing_anything(tmp_path, capsys):
     """One error line naming every bad flag, exit 2, nothing created; a folder that holds anything is never a target."""
     (tmp_path / "full").mkdir()
@@ -867,7 +893,8 @@ def test_make_tiny_umm_train_refuses_bad_flags_and_a_non_empty_out_before_writin
     for argv, words in [(["--t2i-frac", "1.0"], ["--t2i-frac"]), (["--steps", "0", "--empty-weight", "0"],
                         ["--steps", "--empty-weight"]), (["--colour-first", "1.5", "--draw-every", "-1"],
                         ["--colour-first", "--draw-every"]), (["--colour-share", "0.6", "--pair-share", "0.5"],
-                        ["--colour-share + --pair-share"])]:
+                        ["--colour-share + --pair-share"]), (["--lm-from", str(tmp_path / "full"), "--vision-from", "x"],
+                        ["--vision-from, --semantic-codes and --semantic-head do not apply", "not a tiny UMM folder"])]:
         p = make.parser()
         a = p.parse_args(["train", "--out", str(tmp_path / "new")] + argv)
         with pytest.raises(SystemExit) as e:
