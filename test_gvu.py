@@ -933,6 +933,24 @@ def test_shipped_bases_share_one_vision_stage_differ_in_the_lm_and_fit_in_20_mb(
     assert size < 20 * 2 ** 20
 
 
+def test_train_lm_from_a_folder_trains_only_its_lm_further(tmp_path):
+    """train --lm-from X: starts from X's LM, tokenizer and decoder, trains the LM only, and records where it began."""
+    from safetensors.torch import load_file
+    start, out = tmp_path / "start", tmp_path / "next"
+    TinyUMM.random(0, hidden=32, layers=1, num_codes=len(make.KINDS)).save_pretrained(str(start))
+    p = make.parser()
+    a = p.parse_args(["train", "--lm-from", str(start), "--out", str(out), "--steps", "1", "--batch", "2",
+                      "--t2i-frac", "0.5", "--draw-every", "0", "--threads", "1"])
+    make.check_train_args(p, a)
+    make.train(a)
+    for part in ("image_tokenizer/diffusion_pytorch_model.safetensors", "decoder/diffusion_pytorch_model.safetensors",
+                 "lm/model.safetensors"):
+        before, after = load_file(str(start / part)), load_file(str(out / part))
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[k], after[k]) for k in before) == (not part.startswith("lm")), part
+    assert json.load(open(out / "train_args.json"))["lm_from"] == str(start)
+
+
 def test_make_tiny_umm_train_defaults_are_the_shipped_default_base_recipe():
     """`make_tiny_umm.py train --out checkpoints/tiny-umm --seed 0 --threads 1` is the default base's recipe: every
     setting its train_args.json records, except where it was written and where its vision stage came from, is the
