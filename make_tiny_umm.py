@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -559,31 +560,40 @@ def understand(a):
     return (hits, base_hits) if paired else hits
 
 
+@contextmanager
+def image_mode_eval(umm):
+    """The LM in eval and image mode inside the block, then back as it was (a probe inside train_lm changes nothing)."""
+    was_training, mode = umm.lm.training, umm.generation_mode
+    umm.lm.eval()
+    umm.set_generation_mode("image")
+    try:
+        yield
+    finally:
+        umm.lm.train(was_training)
+        umm.set_generation_mode(mode)
+
+
 @torch.no_grad()
 def draw_rates(umm, metas, seed=1234, n=100):
     """Does T2I draw what a one-object line names? Teacher-forced on a scene sampled for the line, at the object's
     own cell: the LM's image-mode probability of the named shape (among all objects) and of the named colour (among
     the ten colours of that shape and size). Chance: 1/8 and 1/10. Returns {tag: (shape, colour or nan, lines)}
     over up to n one-object lines per tag of `metas`; its own rng, so a probe inside train_lm changes nothing."""
-    was_training, mode = umm.lm.training, umm.generation_mode
-    umm.lm.eval()
-    umm.set_generation_mode("image")
     rng, by_tag = np.random.default_rng(seed), {}
-    for meta in metas:
-        obj = lone_object(meta)
-        if obj is None or len(by_tag.get(meta["tag"], [])) >= n:
-            continue
-        (o,) = shapes.sample_scene(meta, rng)
-        cell = o.row * GRID + o.col
-        ids = umm.tokenizer(umm.t2i_prompt(meta["prompt"]), add_special_tokens=False).input_ids
-        ids += [umm.image_offset + k for k in scene_codes([o])[:cell]]  # the empty cells before it
-        p = F.softmax(umm.logits(umm.lm.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]), -1)
-        objects = p[1:len(KINDS)].sum()
-        shape = sum(p[KIND_ID[(o.shape, c, z)]] for c in shapes.COLORS for z in shapes.SIZES) / objects
-        colour = p[KIND_ID[(o.shape, o.color, o.size)]] / sum(p[KIND_ID[(o.shape, c, o.size)]] for c in shapes.COLORS)
-        by_tag.setdefault(meta["tag"], []).append((shape.item(), colour.item() if "color" in obj else np.nan))
-    umm.lm.train(was_training)
-    umm.set_generation_mode(mode)
+    with image_mode_eval(umm):
+        for meta in metas:
+            obj = lone_object(meta)
+            if obj is None or len(by_tag.get(meta["tag"], [])) >= n:
+                continue
+            (o,) = shapes.sample_scene(meta, rng)
+            cell = o.row * GRID + o.col
+            ids = umm.tokenizer(umm.t2i_prompt(meta["prompt"]), add_special_tokens=False).input_ids
+            ids += [umm.image_offset + k for k in scene_codes([o])[:cell]]  # the empty cells before it
+            p = F.softmax(umm.logits(umm.lm.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]), -1)
+            objects = p[1:len(KINDS)].sum()
+            shape = sum(p[KIND_ID[(o.shape, c, z)]] for c in shapes.COLORS for z in shapes.SIZES) / objects
+            colour = p[KIND_ID[(o.shape, o.color, o.size)]] / sum(p[KIND_ID[(o.shape, c, o.size)]] for c in shapes.COLORS)
+            by_tag.setdefault(meta["tag"], []).append((shape.item(), colour.item() if "color" in obj else np.nan))
     out = {}
     for tag, rows in sorted(by_tag.items()):
         shape, colour = np.array(rows).T
@@ -598,25 +608,21 @@ def binding_rates(umm, metas, seed=1234, n=150):
     colour its prompt names and of the colours the prompt names for the OTHER objects, both among the ten colours of
     that shape and size. A bag of the prompt's colours puts about as much on each named colour (a first object's
     own colour and another's then tie); binding puts it on the object's own. Returns (own, another's, lines)."""
-    was_training, mode = umm.lm.training, umm.generation_mode
-    umm.lm.eval()
-    umm.set_generation_mode("image")
     rng, own, other = np.random.default_rng(seed), [], []
     lines = [m for m in metas if m["tag"] == "color_attr" and colour_pair(m)][:n]
-    for meta in lines:
-        objs = shapes.sample_scene(meta, rng)
-        prefix = umm.tokenizer(umm.t2i_prompt(meta["prompt"]), add_special_tokens=False).input_ids
-        ids = prefix + [umm.image_offset + k for k in scene_codes(objs)]
-        hidden = umm.lm.model(input_ids=torch.tensor([ids])).last_hidden_state[0]
-        named = {r["color"] for r in meta["include"]}
-        for o in objs:  # the hidden state before the object's own cell predicts its code
-            p = F.softmax(umm.logits(hidden[len(prefix) + o.row * GRID + o.col - 1]), -1)
-            of = lambda colours: sum(p[KIND_ID[(o.shape, c, o.size)]] for c in colours).item()
-            total = of(shapes.COLORS)
-            own.append(of([o.color]) / total)
-            other.append(of(named - {o.color}) / total)
-    umm.lm.train(was_training)
-    umm.set_generation_mode(mode)
+    with image_mode_eval(umm):
+        for meta in lines:
+            objs = shapes.sample_scene(meta, rng)
+            prefix = umm.tokenizer(umm.t2i_prompt(meta["prompt"]), add_special_tokens=False).input_ids
+            ids = prefix + [umm.image_offset + k for k in scene_codes(objs)]
+            hidden = umm.lm.model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+            named = {r["color"] for r in meta["include"]}
+            for o in objs:  # the hidden state before the object's own cell predicts its code
+                p = F.softmax(umm.logits(hidden[len(prefix) + o.row * GRID + o.col - 1]), -1)
+                of = lambda colours: sum(p[KIND_ID[(o.shape, c, o.size)]] for c in colours).item()
+                total = of(shapes.COLORS)
+                own.append(of([o.color]) / total)
+                other.append(of(named - {o.color}) / total)
     return float(np.mean(own)), float(np.mean(other)), len(lines)
 
 
