@@ -409,6 +409,10 @@ def semantic_head_init(umm):
     start_codes_from_words(umm, umm.lm.lm_head.weight)
 
 
+# what --lm-from takes from its folder; check_train_args refuses these flags beside it
+FROM_THE_FOLDER = ("hidden", "layers", "heads", "num_codes", "tok_steps", "dec_steps", "decode_steps")
+
+
 def check_train_args(p, a):
     """Refuse bad `train` input before anything is trained or written: one line naming every bad flag."""
     n_t2i = round(a.batch * a.t2i_frac)
@@ -437,6 +441,9 @@ def check_train_args(p, a):
             bad.append(f"--pair-share: {a.prompts} has no line of one-of-each objects that all name a colour")
     if a.lm_from and (a.vision_from or a.semantic_codes or a.semantic_head):
         bad.append("--lm-from starts from a trained model: --vision-from, --semantic-codes and --semantic-head do not apply")
+    default = parser().parse_args(["train", "--out", a.out])
+    if a.lm_from and (given := [f"--{f.replace('_', '-')}" for f in FROM_THE_FOLDER if getattr(a, f) != getattr(default, f)]):
+        bad.append(f"--lm-from keeps the folder's model: {', '.join(given)} do not apply")
     if a.lm_from and not os.path.isfile(os.path.join(a.lm_from, "tiny_umm.json")):
         bad.append(f"--lm-from {a.lm_from} is not a tiny UMM folder (no tiny_umm.json)")
     if problem := runio.check_out_folder(a.out):
@@ -456,7 +463,7 @@ def train(a):
         log(f"LM, image tokenizer and decoder loaded from {a.lm_from}")
     else:
         umm = TinyUMM.random(a.seed, a.hidden, a.layers, a.heads, a.num_codes)
-    umm.decode_steps = a.decode_steps  # saved with the model; the round-trip check below uses it too
+        umm.decode_steps = a.decode_steps  # saved with the model; the round-trip check below uses it too
     if a.semantic_codes:
         semantic_code_init(umm)
     if a.semantic_head:
@@ -673,7 +680,8 @@ def parser():
     t.add_argument("--semantic-head", action="store_true", help="image code output rows start from their words'")
     t.add_argument("--vision-from", default="", help="reuse the tokenizer + decoder of this tiny UMM folder")
     t.add_argument("--lm-from", default="",
-                   help="start from this trained tiny UMM folder (LM, tokenizer and decoder) and train its LM further: a second stage")
+                   help="start from this trained tiny UMM folder (LM, tokenizer, decoder and its decode steps) and train its LM "
+                   "further: a second stage")
     t.add_argument("--prompts", default="prompts/train.jsonl", help="train metadata lines")
     t.add_argument("--hidden", type=int, default=128)
     t.add_argument("--layers", type=int, default=4)

@@ -894,7 +894,9 @@ def test_make_tiny_umm_train_refuses_bad_flags_and_a_non_empty_out_before_writin
                         ["--steps", "--empty-weight"]), (["--colour-first", "1.5", "--draw-every", "-1"],
                         ["--colour-first", "--draw-every"]), (["--colour-share", "0.6", "--pair-share", "0.5"],
                         ["--colour-share + --pair-share"]), (["--lm-from", str(tmp_path / "full"), "--vision-from", "x"],
-                        ["--vision-from, --semantic-codes and --semantic-head do not apply", "not a tiny UMM folder"])]:
+                        ["--vision-from, --semantic-codes and --semantic-head do not apply", "not a tiny UMM folder"]),
+                       (["--lm-from", str(tmp_path / "full"), "--hidden", "256", "--decode-steps", "3"],
+                        ["--lm-from keeps the folder's model: --hidden, --decode-steps do not apply"])]:
         p = make.parser()
         a = p.parse_args(["train", "--out", str(tmp_path / "new")] + argv)
         with pytest.raises(SystemExit) as e:
@@ -934,7 +936,8 @@ def test_shipped_bases_share_one_vision_stage_differ_in_the_lm_and_fit_in_20_mb(
 
 
 def test_train_lm_from_a_folder_trains_only_its_lm_further(tmp_path):
-    """train --lm-from X: starts from X's LM, tokenizer and decoder, trains the LM only, and records where it began."""
+    """train --lm-from X: starts from X's LM, tokenizer, decoder and decode steps, trains the LM only, and records
+    where it began."""
     from safetensors.torch import load_file
     start, out = tmp_path / "start", tmp_path / "next"
     TinyUMM.random(0, hidden=32, layers=1, num_codes=len(make.KINDS)).save_pretrained(str(start))
@@ -949,6 +952,7 @@ def test_train_lm_from_a_folder_trains_only_its_lm_further(tmp_path):
         assert before.keys() == after.keys()
         assert all(torch.equal(before[k], after[k]) for k in before) == (not part.startswith("lm")), part
     assert json.load(open(out / "train_args.json"))["lm_from"] == str(start)
+    assert json.load(open(out / "tiny_umm.json")) == json.load(open(start / "tiny_umm.json")) != {"decode_steps": 2}
 
 
 def test_make_tiny_umm_train_defaults_are_the_shipped_default_base_recipe():
