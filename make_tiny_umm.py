@@ -251,12 +251,16 @@ def colour_pair(meta):
     return len(obj) >= 2 and all(o["count"] == 1 and "color" in o for o in obj)
 
 
+def t2i_sequence(umm, prompt, objs):
+    """t2i_prompt(prompt) + the codes of the scene `objs`: exactly the sequence gvu.rollout samples and
+    gvu.token_logprobs scores. Returns (ids, where the codes start)."""
+    prefix = umm.tokenizer(umm.t2i_prompt(prompt), add_special_tokens=False).input_ids
+    return prefix + [umm.image_offset + k for k in scene_codes(objs)], len(prefix)
+
+
 def t2i_example(umm, meta, rng):
-    """T2I: t2i_prompt(prompt) + the codes of a scene satisfying it (loss on the codes only),
-    exactly the sequence gvu.rollout samples and gvu.token_logprobs scores."""
-    prefix = umm.tokenizer(umm.t2i_prompt(meta["prompt"]), add_special_tokens=False).input_ids
-    codes = [umm.image_offset + k for k in scene_codes(shapes.sample_scene(meta, rng))]
-    return prefix + codes, len(prefix)
+    """T2I: the sequence of a scene satisfying the line (loss on the codes only)."""
+    return t2i_sequence(umm, meta["prompt"], shapes.sample_scene(meta, rng))
 
 
 def i2t_batch(umm, metas, rng, with_distractor, extras=(0, 0, 1, 2)):
@@ -594,8 +598,8 @@ def draw_rates(umm, metas, seed=1234, n=100):
                 continue
             (o,) = shapes.sample_scene(meta, rng)
             cell = o.row * GRID + o.col
-            ids = umm.tokenizer(umm.t2i_prompt(meta["prompt"]), add_special_tokens=False).input_ids
-            ids += [umm.image_offset + k for k in scene_codes([o])[:cell]]  # the empty cells before it
+            ids, start = t2i_sequence(umm, meta["prompt"], [o])
+            ids = ids[:start + cell]  # the prompt and the empty cells before the object
             p = F.softmax(umm.logits(umm.lm.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]), -1)
             objects = p[1:len(KINDS)].sum()
             shape = sum(p[KIND_ID[(o.shape, c, z)]] for c in shapes.COLORS for z in shapes.SIZES) / objects
@@ -620,12 +624,11 @@ def binding_rates(umm, metas, seed=1234, n=150):
     with image_mode_eval(umm):
         for meta in lines:
             objs = shapes.sample_scene(meta, rng)
-            prefix = umm.tokenizer(umm.t2i_prompt(meta["prompt"]), add_special_tokens=False).input_ids
-            ids = prefix + [umm.image_offset + k for k in scene_codes(objs)]
+            ids, start = t2i_sequence(umm, meta["prompt"], objs)
             hidden = umm.lm.model(input_ids=torch.tensor([ids])).last_hidden_state[0]
             named = {r["color"] for r in meta["include"]}
             for o in objs:  # the hidden state before the object's own cell predicts its code
-                p = F.softmax(umm.logits(hidden[len(prefix) + o.row * GRID + o.col - 1]), -1)
+                p = F.softmax(umm.logits(hidden[start + o.row * GRID + o.col - 1]), -1)
                 of = lambda colours: sum(p[KIND_ID[(o.shape, c, o.size)]] for c in colours).item()
                 total = of(shapes.COLORS)
                 own.append(of([o.color]) / total)
