@@ -500,12 +500,13 @@ def train(a):
 
 # --- measuring a base -------------------------------------------------------------------
 def load_measured(a):
-    """The model a measuring subcommand reads: --model, with --adapter (a GvU-trained LoRA) applied if given."""
+    """The model a measuring subcommand reads: --model, with --adapter (a GvU-trained LoRA) applied if given.
+    Returns (umm, the PeftModel or None); the LoRA is injected into umm.lm, so umm reads with it."""
     torch.set_num_threads(a.threads)
     umm = TinyUMM.from_pretrained(a.model)
-    umm.adapter = PeftModel.from_pretrained(umm.lm, a.adapter) if a.adapter else None  # injected into umm.lm
+    lora = PeftModel.from_pretrained(umm.lm, a.adapter) if a.adapter else None
     umm.lm.eval()
-    return umm
+    return umm, lora
 
 
 def paired_change(before, after):
@@ -523,7 +524,7 @@ def understand(a):
     """Held-out renders of scenes for EVAL lines; per attribute, is the true caption's intrinsic
     reward above every oracle-false one-attribute distractor's? Reported per attribute and per
     (eval file, tag) (a tag's rate pools its images' attribute comparisons)."""
-    umm = load_measured(a)  # with --adapter: does understanding survive the RL?
+    umm, lora = load_measured(a)  # with --adapter: does understanding survive the RL?
     paired, base_hits = bool(a.adapter and getattr(a, "paired", False)), {}
     rng = np.random.default_rng(a.seed)
     metas = [(os.path.basename(f).split(".")[0], m) for f in EVAL_FILES for m in read_jsonl(f)]
@@ -539,7 +540,7 @@ def understand(a):
         logp, mask = gvu.caption_token_logprobs(umm, [image] * len(prompts), prompts, INSTRUCTION)
         r = gvu.intrinsic_reward(logp, mask).tolist()
         if paired:  # the same comparisons read by the base model, the adapter off
-            with umm.adapter.disable_adapter():
+            with lora.disable_adapter():
                 r_base = gvu.intrinsic_reward(*gvu.caption_token_logprobs(
                     umm, [image] * len(prompts), prompts, INSTRUCTION)).tolist()
         k = 1
@@ -638,7 +639,7 @@ def binding_rates(umm, metas, seed=1234, n=150):
 
 def draw(a):
     """`draw_rates` of --model on --metadata, one printed line per tag, then `binding_rates`."""
-    umm = load_measured(a)
+    umm, _ = load_measured(a)
     metas = read_jsonl(a.metadata)
     for tag, (shape, colour, n) in draw_rates(umm, metas, a.seed, a.n).items():
         named = "  -  " if np.isnan(colour) else f"{colour:.3f}"
