@@ -445,8 +445,8 @@ def check_train_args(p, a):
             bad.append(f"--pair-share: {a.prompts} has no line of one-of-each objects that all name a colour")
     if a.lm_from and (a.vision_from or a.semantic_codes or a.semantic_head):
         bad.append("--lm-from starts from a trained model: --vision-from, --semantic-codes and --semantic-head do not apply")
-    default = parser().parse_args(["train", "--out", a.out])
-    if a.lm_from and (given := [f"--{f.replace('_', '-')}" for f in FROM_THE_FOLDER if getattr(a, f) != getattr(default, f)]):
+    default = vars(parser().parse_args(["train", "--out", a.out]))
+    if a.lm_from and (given := [f"--{f.replace('_', '-')}" for f in FROM_THE_FOLDER if getattr(a, f) != default[f]]):
         bad.append(f"--lm-from keeps the folder's model: {', '.join(given)} do not apply")
     if a.lm_from and not os.path.isfile(os.path.join(a.lm_from, "tiny_umm.json")):
         bad.append(f"--lm-from {a.lm_from} is not a tiny UMM folder (no tiny_umm.json)")
