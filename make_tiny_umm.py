@@ -221,6 +221,19 @@ def regions_swapped(meta):
     return swap_all(meta, "region", shapes.OPPOSITE)
 
 
+def colours_rotated(meta):
+    """The line with its named colours moved one object on (the last object's to the first), or None when that
+    names the same objects. Every colour the line names is still named, so a judge that reads a bag of colours
+    cannot reject it; only which object has which colour can (attribute binding, the color_attr tag's test)."""
+    inc = meta["include"]
+    if len(inc) < 2 or not all("color" in r for r in inc):
+        return None
+    rotated = [dict(r, color=inc[i - 1]["color"]) for i, r in enumerate(inc)]
+    if sorted((r["class"], r["color"]) for r in rotated) == sorted((r["class"], r["color"]) for r in inc):
+        return None
+    return caption_of({"tag": meta["tag"], "include": rotated})
+
+
 def false_distractors(image, meta, rng, per_attr=3):
     """Per attribute, up to `per_attr` distractor prompts that the pixel oracle says are FALSE
     for this image (a changed attribute can happen to be true too, e.g. a second relation)."""
@@ -529,14 +542,15 @@ def understand(a):
     rng = np.random.default_rng(a.seed)
     metas = [(os.path.basename(f).split(".")[0], m) for f in EVAL_FILES for m in read_jsonl(f)]
     hits, by_tag, position = {}, {}, {}  # position: its comparisons split into relations and regions
-    swapped = []  # region lines: true caption vs every region swapped (regions_swapped)
+    swapped = {"regions, both swapped": [], "colours, rotated": []}  # true caption vs the line swapped, per kind
     for i in range(a.n):
         name, meta = metas[i % len(metas)] if a.n >= len(metas) else metas[int(rng.integers(len(metas)))]
         image = shapes.render(shapes.sample_scene(meta, rng), jitter=1, rng=rng)
         bad = false_distractors(image, meta, rng)
         prompts = [meta["prompt"]] + [p for ps in bad.values() for p in ps]
-        swap = regions_swapped(meta)  # false for every scene of the line; scored apart, last, so that the
-        prompts += [swap["prompt"]] if swap else []  # attributes keep their one-change distractors
+        swaps = dict(zip(swapped, (regions_swapped(meta), colours_rotated(meta))))  # false for every scene of the
+        swaps = {kind: s["prompt"] for kind, s in swaps.items() if s}  # line; last, so that the attributes keep
+        prompts += list(swaps.values())  # their one-change distractors
         logp, mask = gvu.caption_token_logprobs(umm, [image] * len(prompts), prompts, INSTRUCTION)
         r = gvu.intrinsic_reward(logp, mask).tolist()
         if paired:  # the same comparisons read by the base model, the adapter off
@@ -554,16 +568,18 @@ def understand(a):
                 kind = "relation" if any("position" in r for r in meta["include"]) else "region"
                 position.setdefault(kind, []).append(hit)
             k += len(ps)
-        if swap:
-            swapped.append(r[0] > r[-1])
+        for kind, rs in zip(swaps, r[len(r) - len(swaps):]):
+            swapped[kind].append(r[0] > rs)
     for tag, h in sorted(by_tag.items()):
         print(f"understanding {tag:40s} {np.mean(h):.3f}  (n={len(h)})")
     for attr, h in hits.items():
         print(f"understanding {attr:9s} {np.mean(h):.3f}  (n={len(h)})")
     for kind, h in sorted(position.items()):
         print(f"  position, {kind:8s} {np.mean(h):.3f}  (n={len(h)})")
-    if swapped:  # chance is 0.5: a judge blind to where things are scores ~0.5 here and ~1.0 on regions above
-        print(f"  regions, both swapped {np.mean(swapped):.3f}  (n={len(swapped)}: true caption above the one with every region swapped)")
+    what = {"regions, both swapped": "every region swapped", "colours, rotated": "its colours moved one object on"}
+    for kind, h in swapped.items():  # chance is 0.5: a judge blind to where things are (which object has which
+        if h:  # colour) scores ~0.5 here, however well it reads regions (colours) one at a time above
+            print(f"  {kind} {np.mean(h):.3f}  (n={len(h)}: true caption above the line with {what[kind]})")
     print(f"understanding overall   {np.mean([np.mean(h) for h in hits.values()]):.3f}  (mean of attributes)")
     for attr, h in base_hits.items():  # paired: which comparisons the adapter lost and gained, and the change's interval
         lost, gained, n, d, lo, hi = paired_change(h, hits[attr])

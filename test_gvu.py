@@ -651,6 +651,26 @@ def test_understanding_scores_regions_against_the_swap_that_only_the_image_rules
         assert shapes.judge(dets, m)[0] and not shapes.judge(dets, swapped)[0]
 
 
+def test_understanding_scores_colours_against_their_rotation_that_only_binding_rules_out():
+    """colours_rotated moves each named colour one object on: the same colours and the same shapes are named, so a
+    judge reading a bag of colours cannot reject it, but the oracle rejects it on every scene of the line."""
+    rng, seen = np.random.default_rng(0), 0
+    circle = {"class": "circle", "count": 1, "color": "red"}
+    assert make.colours_rotated({"tag": "colors", "include": [circle]}) is None
+    assert make.colours_rotated({"tag": "color_attr", "include": [circle, dict(circle, color="blue")]}) is None
+    for m in make.read_jsonl(os.path.join(HERE, "prompts/shapes_geneval_plus.jsonl"))[:120]:
+        rotated = make.colours_rotated(m)
+        if rotated is None:
+            continue
+        seen += 1
+        colours, new = [r["color"] for r in m["include"]], [r["color"] for r in rotated["include"]]
+        assert new == colours[-1:] + colours[:-1] and [r["class"] for r in rotated["include"]] == \
+            [r["class"] for r in m["include"]]
+        dets = shapes.detect(shapes.render(shapes.sample_scene(m, rng), jitter=1, rng=rng))
+        assert shapes.judge(dets, m)[0] and not shapes.judge(dets, rotated)[0]
+    assert seen >= 20
+
+
 def test_paired_understanding_reads_the_same_comparisons_with_the_adapter_off(tmp_path, capsys, one_thread):
     """understand --paired: its base column is exactly `understand` without the adapter, its adapter column
     `understand` with it, and the printed lost / gained counts are the two columns' disagreements."""
