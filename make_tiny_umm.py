@@ -24,6 +24,7 @@ import os
 import shutil
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -232,6 +233,17 @@ def colours_rotated(meta):
     if sorted((r["class"], r["color"]) for r in rotated) == sorted((r["class"], r["color"]) for r in inc):
         return None
     return caption_of({"tag": meta["tag"], "include": rotated})
+
+
+def binding_views(meta, scene, seed):
+    """The reward's side of binding: the scene of `meta`, the same scene with its colours rotated as in
+    colours_rotated, and the scene without its last object, rendered with one jitter (the same seed), or None."""
+    rotated = colours_rotated(meta)
+    if rotated is None:
+        return None
+    colours = [r["color"] for r in rotated["include"] for _ in range(r["count"])]
+    views = (scene, [replace(o, color=c) for o, c in zip(scene, colours)], scene[:-1])
+    return [shapes.render(v, jitter=1, rng=np.random.default_rng(seed)) for v in views]
 
 
 def false_distractors(image, meta, rng, per_attr=3):
@@ -543,9 +555,11 @@ def understand(a):
     metas = [(os.path.basename(f).split(".")[0], m) for f in EVAL_FILES for m in read_jsonl(f)]
     hits, by_tag, position = {}, {}, {}  # position: its comparisons split into relations and regions
     swapped = {"regions, both swapped": [], "colours, rotated": []}  # true caption vs the line swapped, per kind
+    views = []  # colour lines: the line's reward on its scene, the colour-rotated scene, the scene one object short
     for i in range(a.n):
         name, meta = metas[i % len(metas)] if a.n >= len(metas) else metas[int(rng.integers(len(metas)))]
-        image = shapes.render(shapes.sample_scene(meta, rng), jitter=1, rng=rng)
+        scene = shapes.sample_scene(meta, rng)
+        image = shapes.render(scene, jitter=1, rng=rng)
         bad = false_distractors(image, meta, rng)
         prompts = [meta["prompt"]] + [p for ps in bad.values() for p in ps]
         swaps = dict(zip(swapped, (regions_swapped(meta), colours_rotated(meta))))  # false for every scene of the
@@ -570,6 +584,9 @@ def understand(a):
             k += len(ps)
         for kind, rs in zip(swaps, r[len(r) - len(swaps):]):
             swapped[kind].append(r[0] > rs)
+        if images := binding_views(meta, scene, [a.seed, i]):
+            views.append(gvu.intrinsic_reward(*gvu.caption_token_logprobs(
+                umm, images, [meta["prompt"]] * 3, INSTRUCTION)).tolist())
     for tag, h in sorted(by_tag.items()):
         print(f"understanding {tag:40s} {np.mean(h):.3f}  (n={len(h)})")
     for attr, h in hits.items():
@@ -580,6 +597,10 @@ def understand(a):
     for kind, h in swapped.items():  # chance is 0.5: a judge blind to where things are (which object has which
         if h:  # colour) scores ~0.5 here, however well it reads regions (colours) one at a time above
             print(f"  {kind} {np.mean(h):.3f}  (n={len(h)}: true caption above the line with {what[kind]})")
+    if views:  # what GRPO's advantage sees: how much a wrong colour costs against a missing object
+        own, rotated, short = np.array(views).T
+        print(f"  reward of a colour line on its scene {own.mean():.3f}, with its colours rotated {rotated.mean():.3f} "
+              f"(below in {np.mean(rotated < own):.3f}), one object short {short.mean():.3f} (n={len(own)})")
     print(f"understanding overall   {np.mean([np.mean(h) for h in hits.values()]):.3f}  (mean of attributes)")
     for attr, h in base_hits.items():  # paired: which comparisons the adapter lost and gained, and the change's interval
         lost, gained, n, d, lo, hi = paired_change(h, hits[attr])
