@@ -237,7 +237,8 @@ def colours_rotated(meta):
 
 def binding_views(meta, scene, seed):
     """The reward's side of binding: the scene of `meta`, the same scene with its colours rotated as in
-    colours_rotated, and the scene without its last object, rendered with one jitter (the same seed), or None."""
+    colours_rotated, and the scene without its last object (a wrong count where the last group is counted),
+    rendered with one jitter (the same seed); None where the line has no rotation."""
     rotated = colours_rotated(meta)
     if rotated is None:
         return None
@@ -470,7 +471,7 @@ def check_train_args(p, a):
             bad.append(f"--pair-share: {a.prompts} has no line of one-of-each objects that all name a colour")
     if a.lm_from and (a.vision_from or a.semantic_codes or a.semantic_head):
         bad.append("--lm-from starts from a trained model: --vision-from, --semantic-codes and --semantic-head do not apply")
-    default = vars(parser().parse_args(["train", "--out", a.out]))
+    default = vars(parser().parse_args(["train", "--out", "X"]))
     if a.lm_from and (given := [f"--{f.replace('_', '-')}" for f in FROM_THE_FOLDER if getattr(a, f) != default[f]]):
         bad.append(f"--lm-from keeps the folder's model: {', '.join(given)} do not apply")
     if a.lm_from and not os.path.isfile(os.path.join(a.lm_from, "tiny_umm.json")):

@@ -675,7 +675,7 @@ def test_binding_views_change_only_the_colours_or_drop_one_object_of_one_jittere
     """binding_views: the line's scene, its colours rotated, one object short, all with the same jitter; the
     oracle accepts the first only, and the rotated view has the same objects in the same places."""
     rng, seen = np.random.default_rng(0), 0
-    for m in make.read_jsonl(os.path.join(HERE, "prompts/shapes_geneval.jsonl")):
+    for m in [m for f in make.EVAL_FILES for m in make.read_jsonl(f)]:  # 2-4 objects, counted groups, regions
         scene = shapes.sample_scene(m, rng)
         views = make.binding_views(m, scene, [0, seen])
         if views is None:
@@ -685,9 +685,9 @@ def test_binding_views_change_only_the_colours_or_drop_one_object_of_one_jittere
         own, rotated, short = (shapes.detect(v) for v in views)
         assert [shapes.judge(d, m)[0] for d in (own, rotated, short)] == [True, False, False]
         where = lambda dets: sorted((d.shape, d.size, d.box) for d in dets)
-        assert where(own) == where(rotated) and len(short) == len(own) - 1
-        assert sorted(d.color for d in own) == sorted(d.color for d in rotated)
-    assert seen >= 50
+        assert where(own) == where(rotated) and len(short) == len(own) - 1 == len(scene) - 1
+        assert {d.color for d in own} == {d.color for d in rotated}  # the same colours, on other objects
+    assert seen >= 150
 
 
 def test_paired_understanding_reads_the_same_comparisons_with_the_adapter_off(tmp_path, capsys, one_thread):
@@ -992,7 +992,7 @@ def test_train_lm_from_a_folder_trains_only_its_lm_further(tmp_path):
         assert before.keys() == after.keys()
         assert all(torch.equal(before[k], after[k]) for k in before) == (not part.startswith("lm")), part
     assert json.load(open(out / "train_args.json"))["lm_from"] == str(start)
-    assert json.load(open(out / "tiny_umm.json")) == json.load(open(start / "tiny_umm.json")) != {"decode_steps": 2}
+    assert json.load(open(start / "tiny_umm.json"))["decode_steps"] == json.load(open(out / "tiny_umm.json"))["decode_steps"] == 10
 
 
 def test_make_tiny_umm_train_defaults_are_the_shipped_default_base_recipe():
