@@ -690,6 +690,21 @@ def test_binding_views_change_only_the_colours_or_drop_one_object_of_one_jittere
     assert seen >= 150
 
 
+def test_understanding_pairs_each_swap_with_its_own_reward(capsys, monkeypatch, one_thread):
+    """understand scores the region swap and the colour rotation as the last prompts of a line's batch: each kind's
+    verdict must read its own. With the rotation made the true caption itself, its verdict is never a win (a tie),
+    while the region swap, read from the same batches, still wins sometimes."""
+    import argparse
+    rotated = make.colours_rotated
+    monkeypatch.setattr(make, "colours_rotated", lambda meta: meta if rotated(meta) else None)
+    make.understand(argparse.Namespace(model=os.path.join(HERE, "checkpoints/tiny-umm"), adapter="", n=60, seed=3,
+                                       threads=1, paired=False))
+    out = capsys.readouterr().out
+    regions = float(re.search(r"regions, both swapped (\S+)", out).group(1))
+    assert re.search(r"colours, rotated 0.000 +\(n=\d+", out) and regions > 0
+    assert re.search(r"reward of a colour line on its scene \S+, with its colours rotated", out)
+
+
 def test_paired_understanding_reads_the_same_comparisons_with_the_adapter_off(tmp_path, capsys, one_thread):
     """understand --paired: its base column is exactly `understand` without the adapter, its adapter column
     `understand` with it, and the printed lost / gained counts are the two columns' disagreements."""
