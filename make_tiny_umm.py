@@ -235,13 +235,10 @@ def colours_rotated(meta):
     return caption_of({"tag": meta["tag"], "include": rotated})
 
 
-def binding_views(meta, scene, seed):
-    """The reward's side of binding: the scene of `meta`, the same scene with its colours rotated as in
-    colours_rotated, and the scene without its last object (a wrong count where the last group is counted),
-    rendered with one jitter (the same seed); None where the line has no rotation."""
-    rotated = colours_rotated(meta)
-    if rotated is None:
-        return None
+def binding_views(scene, rotated, seed):
+    """The reward's side of binding: a line's scene, the same scene with the colours of `rotated` (its
+    colours_rotated line), and the scene without its last object (a wrong count where the last group is counted),
+    rendered with one jitter (the same seed)."""
     colours = [r["color"] for r in rotated["include"] for _ in range(r["count"])]
     views = (scene, [replace(o, color=c) for o, c in zip(scene, colours)], scene[:-1])
     return [shapes.render(v, jitter=1, rng=np.random.default_rng(seed)) for v in views]
@@ -471,9 +468,10 @@ def check_train_args(p, a):
             bad.append(f"--pair-share: {a.prompts} has no line of one-of-each objects that all name a colour")
     if a.lm_from and (a.vision_from or a.semantic_codes or a.semantic_head):
         bad.append("--lm-from starts from a trained model: --vision-from, --semantic-codes and --semantic-head do not apply")
-    default = vars(parser().parse_args(["train", "--out", "X"]))
-    if a.lm_from and (given := [f"--{f.replace('_', '-')}" for f in FROM_THE_FOLDER if getattr(a, f) != default[f]]):
-        bad.append(f"--lm-from keeps the folder's model: {', '.join(given)} do not apply")
+    if a.lm_from:
+        default = vars(parser().parse_args(["train", "--out", "X"]))
+        if given := [f"--{f.replace('_', '-')}" for f in FROM_THE_FOLDER if getattr(a, f) != default[f]]:
+            bad.append(f"--lm-from keeps the folder's model: {', '.join(given)} do not apply")
     if a.lm_from and not os.path.isfile(os.path.join(a.lm_from, "tiny_umm.json")):
         bad.append(f"--lm-from {a.lm_from} is not a tiny UMM folder (no tiny_umm.json)")
     if problem := runio.check_out_folder(a.out):
@@ -545,6 +543,10 @@ def paired_change(before, after):
     return lost, gained, n, d, d - half, d + half
 
 
+# the swaps `understand` reads apart from the one-attribute distractors: regions_swapped, colours_rotated
+SWAPS = {"regions, both swapped": "every region swapped", "colours, rotated": "its colours moved one object on"}
+
+
 @torch.no_grad()
 def understand(a):
     """Held-out renders of scenes for EVAL lines; per attribute, is the true caption's intrinsic
@@ -555,7 +557,7 @@ def understand(a):
     rng = np.random.default_rng(a.seed)
     metas = [(os.path.basename(f).split(".")[0], m) for f in EVAL_FILES for m in read_jsonl(f)]
     hits, by_tag, position = {}, {}, {}  # position: its comparisons split into relations and regions
-    swapped = {"regions, both swapped": [], "colours, rotated": []}  # true caption vs the line swapped, per kind
+    swapped = {kind: [] for kind in SWAPS}  # true caption vs the line swapped, per kind
     views = []  # colour lines: the line's reward on its scene, the colour-rotated scene, the scene one object short
     for i in range(a.n):
         name, meta = metas[i % len(metas)] if a.n >= len(metas) else metas[int(rng.integers(len(metas)))]
@@ -563,9 +565,10 @@ def understand(a):
         image = shapes.render(scene, jitter=1, rng=rng)
         bad = false_distractors(image, meta, rng)
         prompts = [meta["prompt"]] + [p for ps in bad.values() for p in ps]
-        swaps = dict(zip(swapped, (regions_swapped(meta), colours_rotated(meta))))  # false for every scene of the
-        swaps = {kind: s["prompt"] for kind, s in swaps.items() if s}  # line; last, so that the attributes keep
-        prompts += list(swaps.values())  # their one-change distractors
+        # the swaps are false for every scene of the line; scored last, so the attributes keep their distractors
+        rotated = colours_rotated(meta)
+        swaps = {kind: s["prompt"] for kind, s in zip(SWAPS, (regions_swapped(meta), rotated)) if s}
+        prompts += list(swaps.values())
         logp, mask = gvu.caption_token_logprobs(umm, [image] * len(prompts), prompts, INSTRUCTION)
         r = gvu.intrinsic_reward(logp, mask).tolist()
         if paired:  # the same comparisons read by the base model, the adapter off
@@ -585,19 +588,18 @@ def understand(a):
             k += len(ps)
         for kind, rs in zip(swaps, r[len(r) - len(swaps):]):
             swapped[kind].append(r[0] > rs)
-        if images := binding_views(meta, scene, [a.seed, i]):
+        if rotated:
             views.append(gvu.intrinsic_reward(*gvu.caption_token_logprobs(
-                umm, images, [meta["prompt"]] * 3, INSTRUCTION)).tolist())
+                umm, binding_views(scene, rotated, [a.seed, i]), [meta["prompt"]] * 3, INSTRUCTION)).tolist())
     for tag, h in sorted(by_tag.items()):
         print(f"understanding {tag:40s} {np.mean(h):.3f}  (n={len(h)})")
     for attr, h in hits.items():
         print(f"understanding {attr:9s} {np.mean(h):.3f}  (n={len(h)})")
     for kind, h in sorted(position.items()):
         print(f"  position, {kind:8s} {np.mean(h):.3f}  (n={len(h)})")
-    what = {"regions, both swapped": "every region swapped", "colours, rotated": "its colours moved one object on"}
     for kind, h in swapped.items():  # chance is 0.5: a judge blind to where things are (which object has which
         if h:  # colour) scores ~0.5 here, however well it reads regions (colours) one at a time above
-            print(f"  {kind} {np.mean(h):.3f}  (n={len(h)}: true caption above the line with {what[kind]})")
+            print(f"  {kind} {np.mean(h):.3f}  (n={len(h)}: true caption above the line with {SWAPS[kind]})")
     if views:  # what GRPO's advantage sees: how much a wrong colour costs against a missing object
         own, rotated, short = np.array(views).T
         print(f"  reward of a colour line on its scene {own.mean():.3f}, with its colours rotated {rotated.mean():.3f} "
