@@ -9,7 +9,7 @@ This file re-implements that pipeline with Hugging Face models:
     OUT/<00000>/metadata.jsonl      one line: the prompt's metadata dict
     OUT/<00000>/samples/<0000>.png  the generated images for that prompt
 
-Subcommands (figures and experiments built on these live in experiments.py):
+Subcommands (figures and experiments built on these live in tools/experiments.py):
     generate         sample N images per prompt from a gvu.py model (+ adapter) into that layout
     score FOLDER     detect, apply the rules, write results.jsonl + summary.{md,json}
     compare B R...   a base vs trained runs per tag: mean ± std across runs, 95% bootstrap interval
@@ -43,11 +43,11 @@ from tqdm import tqdm
 from transformers import AutoImageProcessor, AutoProcessor, CLIPModel, Mask2FormerForUniversalSegmentation
 
 import gvu
-import runio
-import shapes
-import vlm_judge
-from adapters import InputError, load_umm, pick_device, use_bf16
-from geneval_rules import (COLORS, Detection, evaluate, image_regions, mean_area,  # noqa: F401 (re-exported)
+from tools import runio
+from world import shapes
+from tools import vlm_judge
+from models.adapters import InputError, load_umm, pick_device, use_bf16
+from world.geneval_rules import (COLORS, Detection, evaluate, image_regions, mean_area,  # noqa: F401 (re-exported)
                            relative_position, select_detections)
 
 # GenEval's 80 class names, in COCO index order (note its renames:
@@ -197,7 +197,7 @@ def load_image(path) -> Image.Image:
         raise GenEvalError(f"cannot read image {path}: {e}") from None
 
 
-# --------------------------------------------------------------------------- rules: geneval_rules.py
+# --------------------------------------------------------------------------- rules: world/geneval_rules.py
 
 def crop_on_grey(image: Image.Image, mask, box, bgcolor="#999999") -> Image.Image:
     """Paste the masked object onto a plain grey image and crop to its box (GenEval's colour crop)."""
@@ -298,7 +298,7 @@ def make_scorer(args) -> Callable[[Image.Image, dict], tuple[bool, str]]:
     """Build the scorer named by --scorer."""
     if args.scorer == "shapes":
         return shapes.oracle
-    if args.scorer == "vlm":  # GenEval++ the paper's way: a VLM judge (vlm_judge.py)
+    if args.scorer == "vlm":  # GenEval++ the paper's way: a VLM judge (tools/vlm_judge.py)
         return vlm_judge.VLMScorer(args.judge, args.device)
     device = pick_device(args.device or "auto")
     try:
@@ -653,7 +653,7 @@ def cmd_prompts(args) -> None:
 
 
 def add_detector_flags(q) -> None:
-    """The GenEval scorer's models and thresholds (score, and experiments.py audit)."""
+    """The GenEval scorer's models and thresholds (score, and tools/experiments.py audit)."""
     q.add_argument("--detector", default="facebook/mask2former-swin-small-coco-instance",
                    help="Mask2Former COCO instance model (hub id or local path)")
     q.add_argument("--clip", default="openai/clip-vit-large-patch14", help="CLIP model (hub id or local path)")
@@ -679,7 +679,7 @@ def add_load_flags(q, model_default: str = "tiny-random") -> None:
 
 
 def add_model_flags(q, n_flag: str, n_default: int, n_help: str) -> None:
-    """Which model to sample from, and how (generate, and experiments.py audit)."""
+    """Which model to sample from, and how (generate, and tools/experiments.py audit)."""
     add_load_flags(q)
     q.add_argument("--metadata", required=True, help="GenEval-format metadata .jsonl")
     q.add_argument("--out", required=True, help="output folder")

@@ -16,12 +16,12 @@ CPU smoke test with random weights:                 python gvu.py --model tiny-r
 GPU, a published setting (a config file; flags after it override it; docs/reproduce_paper.md):
   X-Omni, the paper's run (X-Omni's own stack):     python gvu.py configs/xomni_paper.json --flux PATH/FLUX.1-dev --out runs/xomni
   Janus-Pro (T2I-R1's settings where GvU has none): python gvu.py configs/janus_pro_7b.json --out runs/janus7b
-Many GPUs (data parallel, distributed.py):          torchrun --nproc_per_node 8 gvu.py configs/xomni_paper.json ...
+Many GPUs (data parallel, tools/distributed.py):          torchrun --nproc_per_node 8 gvu.py configs/xomni_paper.json ...
 
 Departures from the paper and the official code, and why (the only list; the README points here):
   1. The reward forward is ONE batched teacher-forced pass per micro-batch; the official code runs
      one uncached forward per prompt token, and the images of a micro-batch are tokenised in one call (the
-     official code: one per image). Same numbers (tested), 13-18x faster (bench.py, docs/speed_memory.md).
+     official code: one per image). Same numbers (tested), 13-18x faster (tools/bench.py, docs/speed_memory.md).
   2. By default the scored answer is the prompt followed by the end-of-turn token: without it an image
      with extra objects is as likely as a correct one ("two circles" is a prefix of what it shows).
      --no-score-end-of-turn scores T_1..T_L only, the paper's formula (the config files do).
@@ -39,8 +39,8 @@ Departures from the paper and the official code, and why (the only list; the REA
   8. Optional, off by default: --reward-input codes lets the judge read the generated codes as they are, no
      decode and re-tokenise (tiny UMM, X-Omni: one code vocabulary); docs/speed_memory.md says when it fits.
 
-The model is anything with the small interface `UMM` below: the shipped tiny UMM (tiny_umm.py) is its
-reference implementation; adapters.py wraps Janus-Pro and X-Omni behind it and loads them (`load_umm`).
+The model is anything with the small interface `UMM` below: the shipped tiny UMM (models/tiny_umm.py) is its
+reference implementation; models/adapters.py wraps Janus-Pro and X-Omni behind it and loads them (`load_umm`).
 """
 import json
 import math
@@ -61,10 +61,10 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from tqdm import tqdm
 from transformers import DynamicCache, HfArgumentParser, get_scheduler
 
-import distributed
-import loggers
-import runio
-from adapters import InputError, load_umm, pick_device, use_bf16
+from tools import distributed
+from tools import loggers
+from tools import runio
+from models.adapters import InputError, load_umm, pick_device, use_bf16
 
 warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6")  # peft still uses pre-v6 names
 
@@ -323,7 +323,7 @@ def grpo_loss(logp, old_logp, ref_logp, adv, clip_eps=0.2, beta=0.03):
 # 5. one GvU step: rollout -> decode -> reward -> advantages -> mu clipped, KL-regularised updates
 def stopwatch(timings):
     """lap(name) adds the seconds since the previous lap to timings[name] (CUDA synchronised first, so a lap is
-    the phase's real time); with timings=None every lap is a no-op. bench.py's step-time breakdown."""
+    the phase's real time); with timings=None every lap is a no-op. tools/bench.py's step-time breakdown."""
     if timings is None:
         return lambda name: None
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -421,12 +421,12 @@ def probe_reward(umm, policy, prompts, args, autocast=nullcontext(), reward_fn=i
 def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext(), reward_fn=intrinsic_rewards,
              timings=None, ddp=None, reserve=()):
     """One GvU step on B prompts, in micro-batches. `reward_fn(umm, images, prompts, args) -> (N,)` is the
-    fork point for other rewards (experiments.py's pixel oracle); it may also return per-token terms,
+    fork point for other rewards (tools/experiments.py's pixel oracle); it may also return per-token terms,
     `(rewards, token_logp, mask)`, as the default does. Returns (rewards, images, stats, token_logp or None);
     with --reward-input codes, images is None except on sample steps. timings: a dict that gets seconds per phase.
     reserve: further batches of B prompts for --dynamic-sampling; the groups trained on may then come from them,
     and stats["batch"] holds their prompts.
-    torchrun: `batch` is this rank's slice, ddp its DistributedDataParallel training pass (distributed.py);
+    torchrun: `batch` is this rank's slice, ddp its DistributedDataParallel training pass (tools/distributed.py);
     the returned rewards are every rank's (B*G,), the images and token_logp this rank's own."""
     G, mb = args.group_size, args.micro_batch
     N = len(batch) * G
@@ -484,7 +484,7 @@ def gvu_step(umm, policy, optimizer, batch, step, args, autocast=nullcontext(), 
 
 
 # -----------------------------------------------------------------------------
-# helpers: the prompt stream, checkpointing, the sample grid's words (runio.py reads and checks the prompts)
+# helpers: the prompt stream, checkpointing, the sample grid's words (tools/runio.py reads and checks the prompts)
 def prompt_batch(prompts, step, B, seed):
     """The B prompts of `step`: a fresh seeded shuffle per epoch, so the stream is a function of step."""
     n, ks = len(prompts), range(step * B, (step + 1) * B)

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-import bench
+from tools import bench
 import gvu
-import shapes
-from adapters import InputError
+from world import shapes
+from models.adapters import InputError
 from conftest import INSTRUCTION, PROMPTS, XO_CODES, build_janus, needs_janus
 from test_adapters import xomni  # noqa: F401,F811  (the X-Omni stand-in as the adapter, a fixture)
-from tiny_umm import TinyUMM
+from models.tiny_umm import TinyUMM
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 pytestmark = pytest.mark.filterwarnings("ignore:.*deprecated and will be removed in v6")  # peft's pre-v6 names
 
 
@@ -37,12 +37,12 @@ def xo_images(xomni):
 
 @pytest.fixture(scope="module")
 def shipped():
-    return TinyUMM.from_pretrained(os.path.join(HERE, "checkpoints", "tiny-umm"))
+    return TinyUMM.from_pretrained(os.path.join(ROOT, "checkpoints", "tiny-umm"))
 
 
 def rendered(n, seed=0):
     """n shapes-world images of training prompts, and the prompts (what the shipped tiny UMM learnt to read)."""
-    with open(os.path.join(HERE, "prompts", "train.jsonl")) as f:
+    with open(os.path.join(ROOT, "prompts", "train.jsonl")) as f:
         metas = [json.loads(line) for line in f][:n]
     rng = np.random.default_rng(seed)
     return [shapes.render(shapes.sample_scene(m, rng)) for m in metas], [m["prompt"] for m in metas]
@@ -168,9 +168,9 @@ def test_step_timings_cover_the_step_wall_time():
 
 
 def test_bench_step_breakdown_times_every_phase_of_real_steps_for_both_reward_inputs():
-    """bench.py's breakdown drives gvu.add_lora and gvu_step as the trainer does (it once broke when they gained a
+    """tools/bench.py's breakdown drives gvu.add_lora and gvu_step as the trainer does (it once broke when they gained a
     return value): per reward input, one row per timed step, every phase booked, codes steps never decode."""
-    import bench
+    from tools import bench
     res = bench.step_breakdown("tiny-random", steps=1, batch_prompts=1, group_size=2)
     assert set(res) == {"pixels", "codes"}
     for reward_input, t in res.items():

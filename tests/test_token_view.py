@@ -1,4 +1,4 @@
-"""Tests for what the reward shows: the per-token view of the sample grids, experiments.py token-view's prompt
+"""Tests for what the reward shows: the per-token view of the sample grids, tools/experiments.py token-view's prompt
 edits, and the optional trackers (--report-to). CPU only, tiny random models; each test compares against an
 independent computation (a slow per-token loop, hand-written values, tensorboard's own event reader)."""
 import json
@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import eval_geneval
-import experiments
+from tools import experiments
 import gvu
-import loggers
+from tools import loggers
 from conftest import write_jsonl
-from tiny_umm import TinyUMM
+from models.tiny_umm import TinyUMM
 
 PROMPTS = ["a photo of a red circle", "a photo of two squares", "a photo of a blue triangle left of a large circle"]
 INSTRUCTION = "Describe the image in detail."
@@ -192,7 +192,7 @@ def test_wandb_offline_run_logs_scalars_and_grids(tmp_path, monkeypatch, fast_de
 
 
 def test_token_view_cli_draws_the_grid_and_prints_the_edit_table_of_its_folder(tmp_path, capsys):
-    """experiments.py token-view end to end on a generate folder: it writes the PNG, and its printed edit table is
+    """tools/experiments.py token-view end to end on a generate folder: it writes the PNG, and its printed edit table is
     edit_table's on the same images and prompts (the CLI once crashed on a flag its parser lacked)."""
     metas = [{"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "red"}], "prompt": PROMPTS[0]},
              {"tag": "counting", "include": [{"class": "square", "count": 2}], "prompt": PROMPTS[1]}]

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import eval_geneval as E
 import gvu
 from conftest import run_main
-import runio
+from tools import runio
 
 PROMPTS = ["a photo of a red circle", "a photo of two squares", "a photo of a blue triangle"]
 
@@ -253,7 +253,7 @@ def test_full_disk_during_a_save_is_one_line_and_keeps_the_saved_state(tmp_path,
 
 def test_sampling_with_non_finite_logits_is_a_training_error_not_a_crash():
     """NaN logits stop the rollout with gvu.TrainingError instead of torch.multinomial's RuntimeError."""
-    from tiny_umm import TinyUMM
+    from models.tiny_umm import TinyUMM
     umm = TinyUMM.random(0, hidden=32, layers=1)
     with torch.no_grad():
         umm.lm.lm_head.weight[umm.image_offset] = float("nan")

@@ -1,13 +1,13 @@
 """
-Tests for geneval_rules.py, the one rule engine behind both scorers: eval_geneval.py's
-Mask2Former scorer and shapes.py's pixel oracle. Verdicts are compared with hand-worked answers.
+Tests for world/geneval_rules.py, the one rule engine behind both scorers: eval_geneval.py's
+Mask2Former scorer and world/shapes.py's pixel oracle. Verdicts are compared with hand-worked answers.
 (The engine's counting / exclude / colour / position basics are also exercised through
 eval_geneval's names in test_eval.py.)
 Run: python -m pytest -q test_geneval_rules.py
 """
 import eval_geneval as E
-import geneval_rules as R
-import shapes as S
+from world import geneval_rules as R
+from world import shapes as S
 
 
 def det(cls, box, color=None, size=None, score=1.0):
@@ -95,7 +95,7 @@ def test_failures_split_wrong_images_into_a_missing_object_or_a_wrong_attribute(
     square", each built to be right or wrong in a known way: right; square missing; square green; circle missing and
     square green. Wrong: 3; of them, an object missing: 2. lacks_an_object also reads the count rule's reason for
     multi-word classes and counts above one, and not the colour rule's."""
-    import experiments
+    from tools import experiments
     meta = S.make_line("color_attr", [S.item("circle", color="red"), S.item("square", color="blue")])
     circle, square, green = S.Obj("circle", "red", "large", 0, 0), S.Obj("square", "blue", "large", 2, 2), \
         S.Obj("square", "green", "large", 2, 2)

@@ -14,7 +14,7 @@ Three pieces live in this file:
    as eval_geneval.py's Mask2Former scorer.
 
 Write the prompt files with:
-    python shapes.py prompts --out prompts --seed 0
+    python -m world.shapes prompts --out prompts --seed 0
 """
 
 import argparse
@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-import geneval_rules as rules
+from world import geneval_rules as rules
 
 # -----------------------------------------------------------------------------
 # the world

@@ -16,7 +16,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-from adapters import InputError
+from models.adapters import InputError
 
 BACKEND_MODULE = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}  # what --report-to imports
 

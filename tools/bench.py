@@ -12,8 +12,8 @@ the median [min-max] of --repeats runs (5), the contenders interleaved so a busy
   4. step:     where the time of a real gvu.gvu_step goes (its timing hook), on the shipped tiny UMM, with
                --reward-input pixels (decode, re-tokenise) and codes (no decode).
 
-    python bench.py                 # tiny UMM on the CPU, a few minutes
-    python bench.py --reward-agreement prompts/shapes_geneval.jsonl   # codes vs pixels rewards on base samples
+    python -m tools.bench                 # tiny UMM on the CPU, a few minutes
+    python -m tools.bench --reward-agreement prompts/shapes_geneval.jsonl   # codes vs pixels rewards on base samples
 
 And the memory plan for real models (second half of this file):
 
@@ -22,14 +22,14 @@ And the memory plan for real models (second half of this file):
      LoRA r=8 / alpha=32, micro-batches), printing peak CUDA memory and seconds per step;
   5. --estimate: the same sizes as arithmetic (parameters, KV cache, activations), on the CPU.
 
-    python bench.py --gpu-rehearsal                        # janus1b, janus7b, xomni7b; skips without CUDA
-    python bench.py --gpu-rehearsal --configs xomni7b --steps 3 --prompts 8 --group-size 8
-    python bench.py --gpu-rehearsal --configs tiny-janus,tiny-xomni   # the same code path, tiny, on the CPU
-    python bench.py --estimate --configs xomni7b           # seconds, CPU only
+    python -m tools.bench --gpu-rehearsal                        # janus1b, janus7b, xomni7b; skips without CUDA
+    python -m tools.bench --gpu-rehearsal --configs xomni7b --steps 3 --prompts 8 --group-size 8
+    python -m tools.bench --gpu-rehearsal --configs tiny-janus,tiny-xomni   # the same code path, tiny, on the CPU
+    python -m tools.bench --estimate --configs xomni7b           # seconds, CPU only
 
   6. --ddp N: seconds per step of the same gvu.py run in one process and under torchrun with N processes.
 
-    python bench.py --ddp 2 --prompts 4 --group-size 2     # CPU (gloo): a correctness and overhead check
+    python -m tools.bench --ddp 2 --prompts 4 --group-size 2     # CPU (gloo): a correctness and overhead check
 """
 import argparse
 import gc
@@ -52,11 +52,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 import gvu
-import runio
-from adapters import dtype_kwarg
-import tiny_umm
-from tiny_umm import TinyUMM
+from tools import runio
+from models.adapters import dtype_kwarg
+from models import tiny_umm
+from models.tiny_umm import TinyUMM
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 PROMPTS = ["a photo of a red circle", "a photo of two squares", "a photo of a blue triangle left of a large circle",
            "a photo of three yellow triangles", "a photo of a purple square and an orange circle",
            "a photo of a small circle above a square", "a photo of four circles", "a photo of a green triangle"]
@@ -143,10 +144,10 @@ def reward_agreement(model, metadata, group_size=8, batch=8, seed=0):
     """--reward-input codes vs pixels on the base model's own samples of `metadata` (eval_geneval's seeds): the
     share of codes that survive decode -> re-tokenise, the correlation of the two rewards (all samples, and
     within groups after removing each group's mean), and per tag the within-group AUC of each reward against
-    the shapes world's pixel oracle (experiments.py audit's table)."""
-    from experiments import audit_table
+    the shapes world's pixel oracle (tools/experiments.py audit's table)."""
+    from tools.experiments import audit_table
     from eval_geneval import read_metadata
-    import shapes
+    from world import shapes
     umm = gvu.load_umm(model)
     metas = read_metadata(metadata, classes=shapes.SHAPES)
     rows, kept, r_pix, r_code = {"pixels": [], "codes": []}, [], [], []
@@ -321,7 +322,7 @@ def janus_tokenizer(texts=None):
     """A small byte-level BPE with Janus's special tokens, trained on `texts` (default: PROMPTS and the
     instruction); test_adapters.py uses it too. Only the MODEL has the real 102400-row vocabulary;
     prompts tokenise into more pieces than with DeepSeek's BPE."""
-    from adapters import ASSISTANT, PAD_TOKEN, USER
+    from models.adapters import ASSISTANT, PAD_TOKEN, USER
     bos, eos = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
     image_tokens = dict(image_token="<image_placeholder>", boi_token="<begin_of_image>", eoi_token="<end_of_image>")
     tok = Tokenizer(models.BPE())
@@ -337,7 +338,7 @@ def janus_tokenizer(texts=None):
 
 def build_janus(spec, device, dtype):
     from transformers import JanusConfig, JanusForConditionalGeneration
-    from adapters import JanusPro
+    from models.adapters import JanusPro
     tok = janus_tokenizer()
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     cfg = JanusConfig(text_config=dict(model_type="llama", tie_word_embeddings=False, **spec["text"], **ids),
@@ -647,7 +648,7 @@ def ddp_bench(n, B, G, steps, micro_batch):
         for procs in (1, n):
             launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs > 1 else []
             out = os.path.join(tmp, str(procs))
-            subprocess.run([sys.executable, *launch, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gvu.py"),
+            subprocess.run([sys.executable, *launch, os.path.join(ROOT, "gvu.py"),
                             "--model", "tiny-random", "--out", out, "--steps", str(steps + 1), "--batch-prompts", str(B),
                             "--group-size", str(G), "--micro-batch", str(micro_batch), "--sample-every", "1000000"],
                            check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -728,9 +729,9 @@ def main(argv=None):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     for _ in range(n):
         for mode in peaks:
-            cmd = [sys.executable, __file__, "--memory-worker", mode, "--mem-hidden", str(a.mem_hidden),
+            cmd = [sys.executable, "-m", "tools.bench", "--memory-worker", mode, "--mem-hidden", str(a.mem_hidden),
                    "--mem-layers", str(a.mem_layers), "--mem-seqs", str(a.mem_seqs)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.splitlines()[-1]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env, cwd=ROOT).stdout.splitlines()[-1]
             peaks[mode].append(json.loads(out)["peak_mb"])
     off, on = np.array(peaks["off"]), np.array(peaks["on"])
     print(f"memory   checkpointing off {spread(off, 1)} MB | on {spread(on, 1)} MB | on / off {spread(on / off, 1, '{:.2f}')}"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import gvu
-from tiny_umm import TinyUMM
+from models.tiny_umm import TinyUMM
 
 PROMPTS = ["a photo of a red circle", "a photo of two squares", "a photo of a blue triangle", "a photo of a circle"]
 
@@ -16,7 +16,7 @@ def test_probe_is_logged_every_n_steps_and_equals_the_base_reward_on_the_first_p
     """Rows 0 and 2 (every 2) carry probe_reward, row 3 does not; at step 0 (LoRA B = 0: the base) it equals the mean
     intrinsic reward of the first step's prompts sampled with the probe's fixed seed, computed here by hand."""
     (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
-    model = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "tiny-umm")
+    model = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "tiny-umm")
     args = ["--model", model, "--prompts", str(tmp_path / "p.txt"), "--steps", "4", "--batch-prompts", "2",
             "--group-size", "2", "--probe-every", "2", "--seed", "3", "--out", str(tmp_path / "run")]
     gvu.main(args)

@@ -1,4 +1,4 @@
-"""torchrun / DistributedDataParallel (distributed.py): 2 CPU processes on gloo against one process."""
+"""torchrun / DistributedDataParallel (tools/distributed.py): 2 CPU processes on gloo against one process."""
 import json
 import os
 import shutil
@@ -19,8 +19,8 @@ import gvu
 
 PROMPTS = ["a photo of a red circle", "a photo of a blue triangle"]  # the same token count: the same padding
 REAL_ROLLOUT = gvu.rollout
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=ROOT)
 
 
 def fixed_rollout(umm, prompts, G, temperature, top_k, min_p, cfg_scale, generator):
@@ -67,7 +67,7 @@ def launch(cmd, timeout):
     tag = uuid.uuid4().hex
     env = dict(ENV, GVU_TEST_LAUNCH=tag, PYTHONFAULTHANDLER="1")
     with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env, cwd=HERE)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
         try:
             proc.wait(timeout=timeout)
             hung = False
@@ -124,7 +124,7 @@ def test_two_process_update_equals_one_process_update(tmp_path, monkeypatch, one
     argv = lambda out: flags(tmp_path, out, "--steps", "1", "--micro-batch", "1", "--num-iterations", "2")
     monkeypatch.setattr(gvu, "rollout", fixed_rollout)
     gvu.main(argv("one"), reward_fn=fixed_rewards)  # reference: one process, the whole batch, 4 micro-batches
-    run = torchrun("test_ddp.py", *argv("two"))  # 2 ranks x 2 micro-batches, one no_sync each (__main__ below)
+    run = torchrun("tests/test_ddp.py", *argv("two"))  # 2 ranks x 2 micro-batches, one no_sync each (__main__ below)
     assert run.returncode == 0, run.stdout[-3000:]
     one, two = (torch.load(tmp_path / o / "state.pt", weights_only=True)["lora"] for o in ("one", "two"))
     assert any(v.abs().max() > 0 for k, v in one.items() if "lora_B" in k)  # it trained
@@ -163,7 +163,7 @@ def test_torchrun_dynamic_sampling_refills_every_ranks_groups(tmp_path):
                   "a photo of a blue circle\na photo of a red triangle\na photo of a circle\n")
     logs = {}
     for out, extra in (("plain", []), ("refill", ["--dynamic-sampling", "2"])):
-        run = torchrun("test_ddp.py", "--model", "tiny-random", "--prompts", str(pf), "--out", str(tmp_path / out),
+        run = torchrun("tests/test_ddp.py", "--model", "tiny-random", "--prompts", str(pf), "--out", str(tmp_path / out),
                        "--batch-prompts", "2", "--group-size", "2", "--steps", "3", *extra)
         assert run.returncode == 0, run.stdout[-3000:]
         logs[out] = rows(tmp_path / out / "log.jsonl")

@@ -9,7 +9,7 @@ from PIL import Image
 
 import eval_geneval as E
 from conftest import run_error, write_jsonl
-import experiments as X
+from tools import experiments as X
 from eval_geneval import Detection
 
 
@@ -335,8 +335,8 @@ def test_generate_names_words_the_model_does_not_know(tmp_path):
 def test_oracle_reward_fn_gives_one_to_correct_renders_and_zero_to_wrong_ones(tmp_path):
     """experiments.oracle_reward_fn (oracle-train's gvu reward_fn) returns the oracle's verdict per image as 1.0 / 0.0
     for renders whose truth is known: right colour / count pass, wrong ones fail; an unknown prompt is an InputError."""
-    import shapes
-    from adapters import InputError
+    from world import shapes
+    from models.adapters import InputError
     metas = [{"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "red"}], "prompt": "a photo of a red circle"},
              {"tag": "counting", "include": [{"class": "square", "count": 2}], "exclude": [{"class": "square", "count": 3}],
               "prompt": "a photo of two squares"}]

@@ -1,4 +1,4 @@
-"""Tests for vlm_judge.py (GenEval++ with a VLM judge): the official checklist wording, answer parsing,
+"""Tests for tools/vlm_judge.py (GenEval++ with a VLM judge): the official checklist wording, answer parsing,
 retries, the openai: path against a local OpenAI-compatible server, and the hf: path on a tiny random
 Llava built in-process. No network, nothing downloaded."""
 import base64
@@ -12,7 +12,7 @@ from PIL import Image
 
 import eval_geneval as E
 from conftest import run_error, write_jsonl
-import vlm_judge as V
+from tools import vlm_judge as V
 
 # One line of each of GenEval++'s 7 tags, as in its metadata file (plurals and "on the above" included).
 GENEVAL_PP = [

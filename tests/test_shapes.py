@@ -1,5 +1,5 @@
 """
-Tests for shapes.py: the renderer, the scene sampler, the prompt sets and the pixel oracle.
+Tests for world/shapes.py: the renderer, the scene sampler, the prompt sets and the pixel oracle.
 The oracle is always compared against truth known independently of it: the symbolic list of
 objects that was rendered (see `truth` below) or hand-computed numbers.
 Run: python -m pytest -q test_shapes.py
@@ -12,10 +12,10 @@ import os
 import numpy as np
 import pytest
 
-import geneval_rules as R
-import shapes as S
+from world import geneval_rules as R
+from world import shapes as S
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 EVAL_FILES = ("shapes_geneval.jsonl", "shapes_geneval_plus.jsonl")
 
 # -----------------------------------------------------------------------------
@@ -243,17 +243,17 @@ def test_eval_prompts_never_in_train(prompt_sets):
     """No eval prompt text (GenEval or GenEval++) appears in train.txt."""
     train, geneval, plus = prompt_sets
     assert not {m["prompt"] for m in geneval + plus} & {m["prompt"] for m in train}
-    with open(os.path.join(HERE, "prompts", "train.txt")) as f:
+    with open(os.path.join(ROOT, "prompts", "train.txt")) as f:
         train_txt = set(f.read().splitlines())
     for name in EVAL_FILES:
-        with open(os.path.join(HERE, "prompts", name)) as f:
+        with open(os.path.join(ROOT, "prompts", name)) as f:
             assert not {json.loads(line)["prompt"] for line in f} & train_txt
 
 
 def test_dev_split_is_distinct_training_lines(prompt_sets):
     """prompts/shapes_dev.jsonl (the tuning split) holds distinct lines of train.jsonl, so no eval prompt."""
     train = {json.dumps(m, sort_keys=True) for m in prompt_sets[0]}
-    with open(os.path.join(HERE, "prompts", "shapes_dev.jsonl")) as f:
+    with open(os.path.join(ROOT, "prompts", "shapes_dev.jsonl")) as f:
         dev = [json.dumps(json.loads(line), sort_keys=True) for line in f]
     assert dev and len(set(dev)) == len(dev) and set(dev) <= train
 
@@ -261,7 +261,7 @@ def test_every_prompt_uses_only_prompt_words():
     """Every prompt in every prompt file tokenizes into PROMPT_WORDS only."""
     vocab = set(S.PROMPT_WORDS)
     for name in ("train.txt", "train.jsonl") + EVAL_FILES:
-        with open(os.path.join(HERE, "prompts", name)) as f:
+        with open(os.path.join(ROOT, "prompts", name)) as f:
             lines = f.read().splitlines()
         assert lines
         for line in lines:
@@ -318,7 +318,7 @@ def test_prompt_cli_is_deterministic_and_files_are_current(tmp_path):
     names = ("train.txt", "train.jsonl") + EVAL_FILES
     read = lambda d, n: open(os.path.join(d, n), "rb").read()
     for n in names:
-        assert read(tmp_path / "a", n) == read(tmp_path / "b", n) == read(os.path.join(HERE, "prompts"), n)
+        assert read(tmp_path / "a", n) == read(tmp_path / "b", n) == read(os.path.join(ROOT, "prompts"), n)
     assert any(read(tmp_path / "a", n) != read(tmp_path / "c", n) for n in names)
     with open(tmp_path / "a" / "train.txt") as f, open(tmp_path / "a" / "train.jsonl") as g:
         assert f.read().splitlines() == [json.loads(line)["prompt"] for line in g]  # same order

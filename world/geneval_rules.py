@@ -1,7 +1,7 @@
 """GenEval's scoring rules, as pure functions over detections: the one rule engine of this repo.
 
 Two detectors feed it: eval_geneval.py's Mask2Former + CLIP scorer (real images, COCO classes)
-and shapes.py's pixel detector (the synthetic shapes world). Both produce `Detection` records;
+and world/shapes.py's pixel detector (the synthetic shapes world). Both produce `Detection` records;
 `select_detections` groups them by class, best first, and `evaluate` applies GenEval's rules:
 
 - include: the top-`count` detections of the class must exist; if a colour is asked for, the

@@ -1,4 +1,4 @@
-"""Tests for adapters.py on the CPU, no downloads. Each test drives gvu's own functions and compares against the
+"""Tests for models/adapters.py on the CPU, no downloads. Each test drives gvu's own functions and compares against the
 model's own code paths.
 
 JanusPro (transformers >= 5): a tiny random Janus built in-process: a 2-layer Llama, a 1-layer SigLIP on 32 px, a
@@ -17,9 +17,9 @@ import torch
 import transformers
 from PIL import Image
 
-import adapters
+from models import adapters
 import gvu
-from adapters import ASSISTANT, USER, ImagesRequired, XOmni
+from models.adapters import ASSISTANT, USER, ImagesRequired, XOmni
 from conftest import (CODES, INSTRUCTION, PROMPTS, PX, XO_CODES, XO_GRID, XO_PREFIX, XO_PX, build_janus, load_xomni,
                       needs_janus)
 

@@ -1,12 +1,12 @@
 """
-The recipe that trains the shipped tiny UMM (tiny_umm.py) in the shapes world, and measures it.
+The recipe that trains the shipped tiny UMM (models/tiny_umm.py) in the shapes world, and measures it.
 
-    python make_tiny_umm.py train --out checkpoints/tiny-umm --seed 0 --threads 1     (the default base: the defaults)
-    python make_tiny_umm.py train --out checkpoints/tiny-umm-weak --t2i-frac 0.1 --vision-from checkpoints/tiny-umm \
+    python -m world.make_tiny_umm train --out checkpoints/tiny-umm --seed 0 --threads 1     (the default base: the defaults)
+    python -m world.make_tiny_umm train --out checkpoints/tiny-umm-weak --t2i-frac 0.1 --vision-from checkpoints/tiny-umm \
            --seed 0 --threads 1                    (the weak base: the default's recipe, half its share of T2I lines)
-    python make_tiny_umm.py understand --model checkpoints/tiny-umm --n 300 [--adapter RUN/adapter]
-    python make_tiny_umm.py draw --model checkpoints/tiny-umm --metadata prompts/train.jsonl
-    python make_tiny_umm.py random --out /tmp/tiny   # a random-init model folder (safetensors)
+    python -m world.make_tiny_umm understand --model checkpoints/tiny-umm --n 300 [--adapter RUN/adapter]
+    python -m world.make_tiny_umm draw --model checkpoints/tiny-umm --metadata prompts/train.jsonl
+    python -m world.make_tiny_umm random --out /tmp/tiny   # a random-init model folder (safetensors)
 
 Generation is measured by the evaluation script, as for any model:
     python eval_geneval.py generate --model checkpoints/tiny-umm --metadata prompts/shapes_geneval.jsonl --out E --any-class
@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from peft import PeftModel
 
 import gvu
-import runio
-import shapes
-from shapes import GRID
-from tiny_umm import TinyUMM, to_pixels
+from tools import runio
+from world import shapes
+from world.shapes import GRID
+from models.tiny_umm import TinyUMM, to_pixels
 
 INSTRUCTION = "Describe the image in detail."  # gvu.py's default understanding instruction
 COUNTED_TAGS = shapes.NUMBERED_TAGS
@@ -173,7 +173,7 @@ def vision_round_trip(umm, rng, n=200):
 
 # --- captions and one-attribute distractors ------------------------------------------------
 def caption_of(meta):
-    """Rebuild a metadata line (prompt text, excludes) from its include list, in shapes.py's phrasing."""
+    """Rebuild a metadata line (prompt text, excludes) from its include list, in world/shapes.py's phrasing."""
     return shapes.make_line(meta["tag"], meta["include"])
 
 

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tiny_umm import TinyUMM
+from models.tiny_umm import TinyUMM
 
 USER, ASSISTANT = "<|User|>", "<|Assistant|>"  # Janus's "deepseek" chat roles (sep "\n\n", sep2 EOS)
 PAD_TOKEN = "<｜▁pad▁｜>"  # Janus's pad token, used when a tokenizer names none

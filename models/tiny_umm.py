@@ -20,7 +20,7 @@ Parts:
 - Decoder: a diffusers `UNet2DModel` (no self-attention) that sees the noisy image
   concatenated with a learned 16x16 patch per code, sampled with a diffusers `DDIMScheduler`.
 
-The recipe that trains it (and measures its understanding) is make_tiny_umm.py; the checkpoints it
+The recipe that trains it (and measures its understanding) is world/make_tiny_umm.py; the checkpoints it
 wrote are checkpoints/tiny-umm (the default --model of gvu.py) and checkpoints/tiny-umm-weak.
 """
 import json
@@ -36,7 +36,7 @@ from PIL import Image
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from shapes import GRID, IMAGE_SIZE, PROMPT_WORDS  # 64 px canvas, 4x4 cells: one image code per 16x16 cell
+from world.shapes import GRID, IMAGE_SIZE, PROMPT_WORDS  # 64 px canvas, 4x4 cells: one image code per 16x16 cell
 
 WORDS = list(PROMPT_WORDS) + "describe image in detail user assistant 1 2 3 4 5 6 7 8 9".split()  # + instruction, chat, grid
 SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<SOM>", "<EOM>", "<IMAGE>"]

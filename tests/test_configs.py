@@ -14,14 +14,14 @@ import torch.nn.functional as F
 import transformers
 from peft import get_peft_model, LoraConfig
 
-import adapters
+from models import adapters
 import eval_geneval
 import gvu
 from conftest import run_main, INSTRUCTION, PROMPTS, XO_CODES, XO_PREFIX, XO_PX, build_janus, needs_janus
-from tiny_umm import TinyUMM
+from models.tiny_umm import TinyUMM
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-CONFIGS = {name: os.path.join(HERE, "configs", name) for name in ("xomni_paper.json", "janus_pro_1b.json",
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+CONFIGS = {name: os.path.join(ROOT, "configs", name) for name in ("xomni_paper.json", "janus_pro_1b.json",
                                                                    "janus_pro_7b.json")}
 TINY = ["a photo of a red circle", "a photo of a blue square", "a photo of two circles", "a photo of a green triangle",
         "a photo of a square"]  # words the tiny UMM knows
@@ -205,7 +205,7 @@ def test_xomni_size_not_a_multiple_of_16_is_refused_before_loading(xomni_dirs, m
 def one_sgd_step(clip_eps):
     """One gvu_step of the shipped tiny UMM under CPU bf16 autocast with SGD(lr=1): returns the step of the LoRA
     weights (= -grad) and the stats."""
-    umm = TinyUMM.from_pretrained(os.path.join(HERE, "checkpoints", "tiny-umm"))
+    umm = TinyUMM.from_pretrained(os.path.join(ROOT, "checkpoints", "tiny-umm"))
     args = gvu.Args(group_size=4, micro_batch=4, clip_eps=clip_eps, max_grad_norm=1e9, seed=3)
     torch.manual_seed(0)
     policy, _, _ = gvu.add_lora(umm, args)
@@ -221,7 +221,7 @@ def one_sgd_step(clip_eps):
 def test_first_update_ratio_is_exactly_one_and_clips_nothing_in_bf16(one_thread):
     """Under bf16 autocast the rollout's cached log-probs differ from the training pass by more than a tiny clip range,
     yet the first update's ratio is exactly 1 and its gradient equals the unclipped one (clip_eps 1e-6 vs 1e9)."""
-    umm = TinyUMM.from_pretrained(os.path.join(HERE, "checkpoints", "tiny-umm"))
+    umm = TinyUMM.from_pretrained(os.path.join(ROOT, "checkpoints", "tiny-umm"))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ro = gvu.rollout(umm, TINY[:2], 4, generator=torch.Generator().manual_seed(3))
         umm.lm.train()

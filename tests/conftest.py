@@ -19,7 +19,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Janus
 
 import eval_geneval
 import gvu
-from adapters import ASSISTANT, USER, JanusPro, XOmni, janus_image_processor_class
+from models.adapters import ASSISTANT, USER, JanusPro, XOmni, janus_image_processor_class
 
 needs_janus = pytest.mark.skipif(Version(transformers.__version__) < Version("5"),
                                  reason="the Janus adapter targets transformers >= 5 (4.x is X-Omni's stack)")
@@ -54,8 +54,8 @@ HIDDEN, CODES, PX = 64, 64, 32
 
 
 def build_tokenizer():
-    """Byte-level BPE (as DeepSeek's) trained on a few lines, BOS added by the post-processor (bench.py's)."""
-    import bench
+    """Byte-level BPE (as DeepSeek's) trained on a few lines, BOS added by the post-processor (tools/bench.py's)."""
+    from tools import bench
     return bench.janus_tokenizer(PROMPTS + [INSTRUCTION, "a photo of one circle and one square"])
 
 
@@ -531,8 +531,8 @@ def stand_in(request, one_thread):
     name = request.param
     with torch.no_grad():
         if name == "tiny":
-            import bench
-            from tiny_umm import TinyUMM
+            from tools import bench
+            from models.tiny_umm import TinyUMM
             build = lambda seed: TinyUMM.random(seed=seed, hidden=64, layers=2)
 
             def reference(umm, images, prompts):  # bench's baseline: the official code's per-token loop

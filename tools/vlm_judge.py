@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from adapters import dtype_kwarg, pick_device
+from models.adapters import dtype_kwarg, pick_device
 
 DEFAULT_JUDGE = "openai:gpt-4.1-2025-04-14"
 MAX_TOKENS = 200            # official: max_tokens=200

@@ -12,13 +12,13 @@
     where         can the tiny UMM's LM learn to read WHERE an object is? fine-tunes a copy on one-object
                   region captions and reports how often it names the right half
 
-    python experiments.py audit --model checkpoints/tiny-umm --metadata prompts/shapes_geneval.jsonl --out runs/audit_base
-    python experiments.py curve "GvU=runs/A/log.jsonl" --out assets/reward_curve.png --smooth 20
-    python experiments.py failures runs/eval_base/shapes_geneval runs/eval_A/shapes_geneval
-    python experiments.py grid runs/eval_base/geneval runs/eval_A/geneval --out assets/before_after.png
-    python experiments.py oracle-train --out runs/O          # other flags go to gvu.py
-    python experiments.py token-view runs/eval_base/geneval --edits --correct-only --out assets/token_view.png
-    python experiments.py where --model checkpoints/tiny-umm --others 0 --cell-embedding 2
+    python -m tools.experiments audit --model checkpoints/tiny-umm --metadata prompts/shapes_geneval.jsonl --out runs/audit_base
+    python -m tools.experiments curve "GvU=runs/A/log.jsonl" --out assets/reward_curve.png --smooth 20
+    python -m tools.experiments failures runs/eval_base/shapes_geneval runs/eval_A/shapes_geneval
+    python -m tools.experiments grid runs/eval_base/geneval runs/eval_A/geneval --out assets/before_after.png
+    python -m tools.experiments oracle-train --out runs/O          # other flags go to gvu.py
+    python -m tools.experiments token-view runs/eval_base/geneval --edits --correct-only --out assets/token_view.png
+    python -m tools.experiments where --model checkpoints/tiny-umm --others 0 --cell-embedding 2
 """
 import argparse
 import json
@@ -31,15 +31,15 @@ import torch
 from PIL import Image, ImageDraw
 
 import gvu
-import loggers
-import make_tiny_umm as make
-import runio
-import shapes
-from adapters import InputError
+from tools import loggers
+from world import make_tiny_umm as make
+from tools import runio
+from world import shapes
+from models.adapters import InputError
 from eval_geneval import (COLORS as GENEVAL_COLORS, GenEvalError, add_detector_flags, add_load_flags, add_model_flags,
                           iter_samples, load_image, load_model, make_scorer, read_metadata, sample_groups, scorer_classes)
-from geneval_rules import lacks_an_object
-from tiny_umm import TinyUMM
+from world.geneval_rules import lacks_an_object
+from models.tiny_umm import TinyUMM
 
 
 # --------------------------------------------------------------------------- reward audit
@@ -278,7 +278,7 @@ def cmd_where(args) -> None:
 # --------------------------------------------------------------------------- what the reward sees, token by token
 
 def word_classes(shapes_world):
-    """(class, interchangeable words) for prompt edits: the shapes world's own lists (shapes.py), else GenEval's
+    """(class, interchangeable words) for prompt edits: the shapes world's own lists (world/shapes.py), else GenEval's
     colours and relations. Counts stay plural (two..seven) and shapes keep their number, so one word changes."""
     colours = list(shapes.COLORS) if shapes_world else GENEVAL_COLORS
     nouns = [("shape", list(shapes.SHAPES)), ("shape", list(shapes.PLURALS.values()))] if shapes_world else []
@@ -425,9 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     wh.add_argument("--model", default="checkpoints/tiny-umm", help="a tiny UMM folder")
     wh.add_argument("--steps", type=int, default=400, help="fine-tuning steps (0: read the model as it is)")
     wh.add_argument("--batch", type=int, default=64, help="captions per step")
-    wh.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle, as make_tiny_umm.py)")
+    wh.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle, as world/make_tiny_umm.py)")
     wh.add_argument("--others", type=int, nargs="+", default=[0, 0, 1, 2],
-                    help="extra objects per training scene, drawn from this list (make_tiny_umm.py's draw by default)")
+                    help="extra objects per training scene, drawn from this list (world/make_tiny_umm.py's draw by default)")
     wh.add_argument("--cell-embedding", type=float, default=0.0,
                     help="norm of a fixed row + column embedding added to each image code (0: none)")
     wh.add_argument("--scenes", type=int, default=120, help="held-out scenes read, alone and among others")

@@ -31,7 +31,7 @@ import torch
 from peft import set_peft_model_state_dict
 from PIL import Image
 
-from adapters import InputError
+from models.adapters import InputError
 
 
 def write_atomic(path, write, mode="w"):

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from adapters import InputError
+from models.adapters import InputError
 
 
 def setup(batch_prompts):
