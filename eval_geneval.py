@@ -21,6 +21,7 @@ A scorer is any function `scorer(image, meta) -> (correct, reason)`.
 GenEval++ fields `region` and `size` have no official rule here: we score them
 with a simple rule-based proxy (box centre's half of the image; box areas).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,40 +41,154 @@ import torch
 from peft import PeftModel
 from PIL import Image, ImageOps
 from tqdm import tqdm
-from transformers import AutoImageProcessor, AutoProcessor, CLIPModel, Mask2FormerForUniversalSegmentation
+from transformers import (
+    AutoImageProcessor,
+    AutoProcessor,
+    CLIPModel,
+    Mask2FormerForUniversalSegmentation,
+)
 
 import gvu
 from tools import runio
 from world import shapes
 from tools import vlm_judge
 from models.adapters import InputError, load_umm, pick_device, use_bf16
-from world.geneval_rules import (COLORS, Detection, evaluate, image_regions, mean_area,  # noqa: F401 (re-exported)
-                           relative_position, select_detections)
+from world.geneval_rules import (
+    COLORS,
+    Detection,
+    evaluate,
+    image_regions,
+    mean_area,  # noqa: F401 (re-exported)
+    relative_position,
+    select_detections,
+)
 
 # GenEval's 80 class names, in COCO index order (note its renames:
 # "computer mouse", "tv remote", "computer keyboard").
 GENEVAL_CLASSES = [
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich",
-    "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "computer mouse",
-    "tv remote", "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
-    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+    "person",
+    "bicycle",
+    "car",
+    "motorcycle",
+    "airplane",
+    "bus",
+    "train",
+    "truck",
+    "boat",
+    "traffic light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "bench",
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "backpack",
+    "umbrella",
+    "handbag",
+    "tie",
+    "suitcase",
+    "frisbee",
+    "skis",
+    "snowboard",
+    "sports ball",
+    "kite",
+    "baseball bat",
+    "baseball glove",
+    "skateboard",
+    "surfboard",
+    "tennis racket",
+    "bottle",
+    "wine glass",
+    "cup",
+    "fork",
+    "knife",
+    "spoon",
+    "bowl",
+    "banana",
+    "apple",
+    "sandwich",
+    "orange",
+    "broccoli",
+    "carrot",
+    "hot dog",
+    "pizza",
+    "donut",
+    "cake",
+    "chair",
+    "couch",
+    "potted plant",
+    "bed",
+    "dining table",
+    "toilet",
+    "tv",
+    "laptop",
+    "computer mouse",
+    "tv remote",
+    "computer keyboard",
+    "cell phone",
+    "microwave",
+    "oven",
+    "toaster",
+    "sink",
+    "refrigerator",
+    "book",
+    "clock",
+    "vase",
+    "scissors",
+    "teddy bear",
+    "hair drier",
+    "toothbrush",
 ]
-COLOR_TEMPLATES = ["a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", "a photo of a {c} object"]
+COLOR_TEMPLATES = [
+    "a photo of a {c} {cls}",
+    "a photo of a {c}-colored {cls}",
+    "a photo of a {c} object",
+]
 RELATIONS = ["left of", "right of", "above", "below"]
-REGIONS = ["left", "right", "above", "below"]  # GenEval++: "above" = top half, "below" = bottom half
-SIZES = ["larger", "smaller", "small", "large"]  # GenEval++ comparatives; the shapes world's absolutes
+REGIONS = [
+    "left",
+    "right",
+    "above",
+    "below",
+]  # GenEval++: "above" = top half, "below" = bottom half
+SIZES = [
+    "larger",
+    "smaller",
+    "small",
+    "large",
+]  # GenEval++ comparatives; the shapes world's absolutes
 GENEVAL_TAGS = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
-GENEVAL_PP_TAGS = ["color_count_attr", "size_spatial_attr", "multi_object_count_attr",
-                   "spatial_count_attr", "color_spatial_attr"]
-KNOWN_TAGS = set(GENEVAL_TAGS + GENEVAL_PP_TAGS) | {"size"}  # + the shapes world's train-only "size" tag
-NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
-PROXY_NOTE = "region/size (GenEval++) are scored by a rule-based proxy, not an official GenEval rule"
+GENEVAL_PP_TAGS = [
+    "color_count_attr",
+    "size_spatial_attr",
+    "multi_object_count_attr",
+    "spatial_count_attr",
+    "color_spatial_attr",
+]
+KNOWN_TAGS = set(GENEVAL_TAGS + GENEVAL_PP_TAGS) | {
+    "size"
+}  # + the shapes world's train-only "size" tag
+NUMBER_WORDS = {
+    1: "one",
+    2: "two",
+    3: "three",
+    4: "four",
+    5: "five",
+    6: "six",
+    7: "seven",
+    8: "eight",
+}
+PROXY_NOTE = (
+    "region/size (GenEval++) are scored by a rule-based proxy, not an official GenEval rule"
+)
 
 
 class GenEvalError(Exception):
@@ -82,10 +197,13 @@ class GenEvalError(Exception):
 
 # --------------------------------------------------------------------------- metadata & folders
 
+
 def validate_meta(meta, where: str, classes=GENEVAL_CLASSES) -> dict:
     """Check one GenEval metadata dict; raise GenEvalError naming `where` if malformed."""
+
     def bad(msg):
         raise GenEvalError(f"{where}: {msg}")
+
     if not isinstance(meta, dict):
         bad("metadata must be a JSON object")
     if meta.get("tag") not in KNOWN_TAGS:
@@ -112,8 +230,13 @@ def validate_meta(meta, where: str, classes=GENEVAL_CLASSES) -> dict:
                 bad(f"unknown {key} {req[key]!r}")
         if "position" in req:
             pos = req["position"]
-            if (not isinstance(pos, list) or len(pos) != 2 or pos[0] not in RELATIONS
-                    or not isinstance(pos[1], int) or not 0 <= pos[1] < i):
+            if (
+                not isinstance(pos, list)
+                or len(pos) != 2
+                or pos[0] not in RELATIONS
+                or not isinstance(pos[1], int)
+                or not 0 <= pos[1] < i
+            ):
                 bad(f"bad position {pos!r} (want [relation, index of an earlier include])")
     return meta
 
@@ -149,7 +272,9 @@ def write_prompt_folder(out, index: int, meta: dict, images) -> Path:
     return folder
 
 
-def iter_samples(folder, metadata: list[dict] | None = None, classes=GENEVAL_CLASSES) -> Iterator[tuple[int, dict, Path]]:
+def iter_samples(
+    folder, metadata: list[dict] | None = None, classes=GENEVAL_CLASSES
+) -> Iterator[tuple[int, dict, Path]]:
     """Yield (prompt index, metadata, image path) for every sample of a GenEval folder.
 
     If `metadata` is given, the folder must hold exactly one prompt dir per entry,
@@ -158,22 +283,29 @@ def iter_samples(folder, metadata: list[dict] | None = None, classes=GENEVAL_CLA
     folder = Path(folder)
     if not folder.is_dir():
         raise GenEvalError(f"image folder not found: {folder}")
-    prompt_dirs = sorted((p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()),
-                         key=lambda p: int(p.name))
+    prompt_dirs = sorted(
+        (p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)
+    )
     if not prompt_dirs:
         raise GenEvalError(f"no prompt folders (00000, 00001, ...) in {folder}")
     if metadata is not None and len(metadata) != len(prompt_dirs):
-        raise GenEvalError(f"{folder} has {len(prompt_dirs)} prompt folders but the metadata "
-                           f"file has {len(metadata)} prompts")
+        raise GenEvalError(
+            f"{folder} has {len(prompt_dirs)} prompt folders but the metadata "
+            f"file has {len(metadata)} prompts"
+        )
     items = []
     for k, pdir in enumerate(prompt_dirs):
         metas = read_metadata(pdir / "metadata.jsonl", classes)
         if len(metas) != 1:
             raise GenEvalError(f"{pdir / 'metadata.jsonl'}: expected 1 line, found {len(metas)}")
         if metadata is not None and metadata[k]["prompt"] != metas[0]["prompt"]:
-            raise GenEvalError(f"{pdir}: prompt {metas[0]['prompt']!r} differs from metadata "
-                               f"line {k + 1} ({metadata[k]['prompt']!r})")
-        samples = sorted(p for p in (pdir / "samples").glob("*.png") if re.fullmatch(r"\d+\.png", p.name))
+            raise GenEvalError(
+                f"{pdir}: prompt {metas[0]['prompt']!r} differs from metadata "
+                f"line {k + 1} ({metadata[k]['prompt']!r})"
+            )
+        samples = sorted(
+            p for p in (pdir / "samples").glob("*.png") if re.fullmatch(r"\d+\.png", p.name)
+        )
         if not samples:
             raise GenEvalError(f"no samples/<0000>.png images in {pdir}")
         items += [(int(pdir.name), metas[0], s) for s in samples]
@@ -199,6 +331,7 @@ def load_image(path) -> Image.Image:
 
 # --------------------------------------------------------------------------- rules: world/geneval_rules.py
 
+
 def crop_on_grey(image: Image.Image, mask, box, bgcolor="#999999") -> Image.Image:
     """Paste the masked object onto a plain grey image and crop to its box (GenEval's colour crop)."""
     blank = Image.new("RGB", image.size, bgcolor)
@@ -209,6 +342,7 @@ def crop_on_grey(image: Image.Image, mask, box, bgcolor="#999999") -> Image.Imag
 
 # --------------------------------------------------------------------------- models
 
+
 def _features(out):
     """transformers 5 returns a model output from get_*_features; older versions a tensor."""
     feats = out if hasattr(out, "norm") else out.pooler_output
@@ -218,16 +352,28 @@ def _features(out):
 class GenEvalScorer:
     """Mask2Former detector + CLIP colour classifier; call it as scorer(image, meta)."""
 
-    def __init__(self, detector: str, clip: str, device: str, threshold=0.3, counting_threshold=0.9,
-                 max_per_class=16, top_k=100):
+    def __init__(
+        self,
+        detector: str,
+        clip: str,
+        device: str,
+        threshold=0.3,
+        counting_threshold=0.9,
+        max_per_class=16,
+        top_k=100,
+    ):
         self.device = device
         self.det_proc = AutoImageProcessor.from_pretrained(detector)
         self.det = Mask2FormerForUniversalSegmentation.from_pretrained(detector).to(device).eval()
         if self.det.config.num_labels != len(GENEVAL_CLASSES):
-            raise GenEvalError(f"{detector}: expected 80 COCO classes, got {self.det.config.num_labels}")
+            raise GenEvalError(
+                f"{detector}: expected 80 COCO classes, got {self.det.config.num_labels}"
+            )
         self.clip_proc = AutoProcessor.from_pretrained(clip)
         self.clip = CLIPModel.from_pretrained(clip).to(device).eval()
-        self.opts = dict(threshold=threshold, counting_threshold=counting_threshold, max_per_class=max_per_class)
+        self.opts = dict(
+            threshold=threshold, counting_threshold=counting_threshold, max_per_class=max_per_class
+        )
         self.top_k, self.min_score = top_k, min(threshold, counting_threshold)
         self._classifiers = {}
 
@@ -246,18 +392,29 @@ class GenEvalScorer:
             return []
         # Mask logits -> padded input size -> valid (unpadded) region -> original image size.
         logits = out.masks_queries_logits[0][flat // num_classes][None]
-        logits = F.interpolate(logits, size=inputs["pixel_values"].shape[-2:], mode="bilinear", align_corners=False)
+        logits = F.interpolate(
+            logits, size=inputs["pixel_values"].shape[-2:], mode="bilinear", align_corners=False
+        )
         if "pixel_mask" in inputs:
             valid = inputs["pixel_mask"][0].bool()
             logits = logits[..., : int(valid.any(1).sum()), : int(valid.any(0).sum())]
-        logits = F.interpolate(logits, size=image.size[::-1], mode="bilinear", align_corners=False)[0]
+        logits = F.interpolate(logits, size=image.size[::-1], mode="bilinear", align_corners=False)[
+            0
+        ]
         masks = logits > 0
-        mask_scores = (logits.sigmoid() * masks).flatten(1).sum(1) / (masks.flatten(1).sum(1) + 1e-6)
+        mask_scores = (logits.sigmoid() * masks).flatten(1).sum(1) / (
+            masks.flatten(1).sum(1) + 1e-6
+        )
         dets = []
-        for label, score, mask in zip((flat % num_classes).tolist(), (cls_scores * mask_scores).tolist(), masks):
+        for label, score, mask in zip(
+            (flat % num_classes).tolist(), (cls_scores * mask_scores).tolist(), masks
+        ):
             ys, xs = torch.where(mask)
-            box = (0, 0, 0, 0) if not len(xs) else (xs.min().item(), ys.min().item(),
-                                                     xs.max().item() + 1, ys.max().item() + 1)
+            box = (
+                (0, 0, 0, 0)
+                if not len(xs)
+                else (xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1)
+            )
             dets.append(Detection(GENEVAL_CLASSES[label], score, box, mask.cpu().numpy()))
         return dets
 
@@ -302,13 +459,25 @@ def make_scorer(args) -> Callable[[Image.Image, dict], tuple[bool, str]]:
         return vlm_judge.VLMScorer(args.judge, args.device)
     device = pick_device(args.device or "auto")
     try:
-        return GenEvalScorer(args.detector, args.clip, device, args.threshold, args.counting_threshold,
-                             args.max_objects)
-    except (OSError, ValueError) as e:  # missing path / hub id not cached: keep the first line of the message
-        raise GenEvalError(f"cannot load models ({args.detector}, {args.clip}): {str(e).splitlines()[0]}") from None
+        return GenEvalScorer(
+            args.detector,
+            args.clip,
+            device,
+            args.threshold,
+            args.counting_threshold,
+            args.max_objects,
+        )
+    except (
+        OSError,
+        ValueError,
+    ) as e:  # missing path / hub id not cached: keep the first line of the message
+        raise GenEvalError(
+            f"cannot load models ({args.detector}, {args.clip}): {str(e).splitlines()[0]}"
+        ) from None
 
 
 # --------------------------------------------------------------------------- summaries
+
 
 def summarize(results: list[dict]) -> dict:
     """Per-tag accuracy, overall = unweighted mean of tag means, share of prompts with >= 1 correct image.
@@ -321,15 +490,21 @@ def summarize(results: list[dict]) -> dict:
         by_tag.setdefault(r["tag"], []).append(r["correct"])
         by_prompt[r["index"]] = by_prompt.get(r["index"], False) or r["correct"]
     tags = {t: {"images": len(v), "accuracy": sum(v) / len(v)} for t, v in sorted(by_tag.items())}
-    summary = {"tags": tags,
-               "overall": float(np.mean([t["accuracy"] for t in tags.values()])) if tags else 0.0,
-               "prompts_any_correct": sum(by_prompt.values()) / max(len(by_prompt), 1),
-               "images": len(results) - sum(unevaluated.values()), "prompts": len(by_prompt)}
+    summary = {
+        "tags": tags,
+        "overall": float(np.mean([t["accuracy"] for t in tags.values()])) if tags else 0.0,
+        "prompts_any_correct": sum(by_prompt.values()) / max(len(by_prompt), 1),
+        "images": len(results) - sum(unevaluated.values()),
+        "prompts": len(by_prompt),
+    }
     if unevaluated:
         for tag, entry in tags.items():
             entry["unevaluated"] = unevaluated.get(tag, 0)
-        summary |= {"unevaluated": sum(unevaluated.values()), "unevaluated_by_tag": unevaluated,
-                    "unevaluated_share": sum(unevaluated.values()) / len(results)}
+        summary |= {
+            "unevaluated": sum(unevaluated.values()),
+            "unevaluated_by_tag": unevaluated,
+            "unevaluated_share": sum(unevaluated.values()) / len(results),
+        }
     return summary
 
 
@@ -337,8 +512,10 @@ def format_table(summary: dict) -> str:
     """Markdown table of a summary."""
     lines = ["| tag | images | accuracy |", "|---|---:|---:|"]
     lines += [f"| {t} | {v['images']} | {v['accuracy']:.4f} |" for t, v in summary["tags"].items()]
-    lines += [f"| **overall** (mean of tag means) | {summary['images']} | {summary['overall']:.4f} |",
-              f"| prompts with >=1 correct image | {summary['prompts']} | {summary['prompts_any_correct']:.4f} |"]
+    lines += [
+        f"| **overall** (mean of tag means) | {summary['images']} | {summary['overall']:.4f} |",
+        f"| prompts with >=1 correct image | {summary['prompts']} | {summary['prompts_any_correct']:.4f} |",
+    ]
     return "\n".join(lines + [f"\nNote: {n}" for n in summary.get("notes", [])])
 
 
@@ -353,15 +530,24 @@ def load_summary(path) -> dict:
 
 def compare_table(a: dict, b: dict) -> str:
     """Markdown table: per-tag accuracy of run A (base) vs run B (trained), with deltas."""
+
     def cell(s, tag):
         return s["tags"][tag]["accuracy"] if tag in s["tags"] else None
+
     rows = [(t, cell(a, t), cell(b, t)) for t in sorted(set(a["tags"]) | set(b["tags"]))]
-    rows += [("**overall**", a["overall"], b["overall"]),
-             ("prompts with >=1 correct", a["prompts_any_correct"], b["prompts_any_correct"])]
+    rows += [
+        ("**overall**", a["overall"], b["overall"]),
+        ("prompts with >=1 correct", a["prompts_any_correct"], b["prompts_any_correct"]),
+    ]
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     lines = ["| tag | base (A) | trained (B) | delta |", "|---|---:|---:|---:|"]
-    return "\n".join(lines + [f"| {t} | {fmt(x)} | {fmt(y)} | "
-                              f"{'-' if x is None or y is None else f'{y - x:+.4f}'} |" for t, x, y in rows])
+    return "\n".join(
+        lines
+        + [
+            f"| {t} | {fmt(x)} | {fmt(y)} | {'-' if x is None or y is None else f'{y - x:+.4f}'} |"
+            for t, x, y in rows
+        ]
+    )
 
 
 def load_prompt_accuracy(path) -> dict[str, dict[int, float]] | None:
@@ -386,7 +572,9 @@ def bootstrap_deltas(base: dict, runs: list[dict], n_boot=2000, seed=0) -> dict[
     out = {}
     for tag in sorted(set(base).intersection(*runs)):
         idx = sorted(set(base[tag]).intersection(*(run[tag] for run in runs)))
-        d = np.mean([[run[tag][i] for i in idx] for run in runs], 0) - np.array([base[tag][i] for i in idx])  # (P,)
+        d = np.mean([[run[tag][i] for i in idx] for run in runs], 0) - np.array(
+            [base[tag][i] for i in idx]
+        )  # (P,)
         out[tag] = d[rng.integers(0, len(idx), (n_boot, len(idx)))].mean(1)  # (n_boot,)
     out["overall"] = np.mean(list(out.values()), 0)
     return out
@@ -399,20 +587,27 @@ def compare_runs_table(base: dict, runs: list[dict], n_boot=2000, seed=0) -> str
     acc = lambda d, tag: float(np.mean(list(d[tag].values())))  # noqa: E731  (a tag's accuracy: mean over prompts)
     tags = [t for t in draws if t != "overall"]
     rows = {t: (acc(base, t), [acc(r, t) for r in runs]) for t in tags}
-    rows["overall"] = (float(np.mean([rows[t][0] for t in tags])), [float(np.mean([rows[t][1][k] for t in tags]))
-                                                                    for k in range(len(runs))])
-    lines = [f"| tag | prompts | base | trained (mean ± std over {len(runs)} runs) | delta | 95% interval |",
-             "|---|---:|---:|---:|---:|---:|"]
+    rows["overall"] = (
+        float(np.mean([rows[t][0] for t in tags])),
+        [float(np.mean([rows[t][1][k] for t in tags])) for k in range(len(runs))],
+    )
+    lines = [
+        f"| tag | prompts | base | trained (mean ± std over {len(runs)} runs) | delta | 95% interval |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for t, (b, tr) in rows.items():
         lo, hi = np.percentile(draws[t], [2.5, 97.5])
         rel = f" ({(np.mean(tr) - b) / b:+.1%})" if t == "overall" and b > 0 else ""
         n = len(set(base[t])) if t != "overall" else sum(len(base[x]) for x in tags)
-        lines.append(f"| {'**overall**' if t == 'overall' else t} | {n} | {b:.4f} | {np.mean(tr):.4f} ± "
-                     f"{np.std(tr, ddof=1) if len(tr) > 1 else 0:.4f} | {np.mean(tr) - b:+.4f}{rel} | [{lo:+.4f}, {hi:+.4f}] |")
+        lines.append(
+            f"| {'**overall**' if t == 'overall' else t} | {n} | {b:.4f} | {np.mean(tr):.4f} ± "
+            f"{np.std(tr, ddof=1) if len(tr) > 1 else 0:.4f} | {np.mean(tr) - b:+.4f}{rel} | [{lo:+.4f}, {hi:+.4f}] |"
+        )
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- prompts
+
 
 def with_article(phrase: str) -> str:
     """'an apple', 'a blue umbrella' (article chosen by the next word, as in GenEval)."""
@@ -425,8 +620,14 @@ def plural(name: str) -> str:
 
 
 # Size of each tag's prompt space as mixed-radix digits (class, other class, colour, ...).
-TAG_SPACES = {"single_object": (80,), "counting": (80, 3), "colors": (80, 10), "two_object": (80, 79),
-              "position": (80, 79, 4), "color_attr": (80, 79, 10, 9)}
+TAG_SPACES = {
+    "single_object": (80,),
+    "counting": (80, 3),
+    "colors": (80, 10),
+    "two_object": (80, 79),
+    "position": (80, 79, 4),
+    "color_attr": (80, 79, 10, 9),
+}
 
 
 def make_meta(tag: str, index: int) -> dict:
@@ -438,26 +639,46 @@ def make_meta(tag: str, index: int) -> dict:
     a, k = GENEVAL_CLASSES[digits[0]], (digits + [0])[1]
     b = GENEVAL_CLASSES[k if k < digits[0] else k + 1]  # second class, never equal to the first
     if tag == "single_object":
-        return {"tag": tag, "include": [{"class": a, "count": 1}], "prompt": f"a photo of {with_article(a)}"}
+        return {
+            "tag": tag,
+            "include": [{"class": a, "count": 1}],
+            "prompt": f"a photo of {with_article(a)}",
+        }
     if tag == "counting":
         n = k + 2
-        return {"tag": tag, "include": [{"class": a, "count": n}], "exclude": [{"class": a, "count": n + 1}],
-                "prompt": f"a photo of {NUMBER_WORDS[n]} {plural(a)}"}
+        return {
+            "tag": tag,
+            "include": [{"class": a, "count": n}],
+            "exclude": [{"class": a, "count": n + 1}],
+            "prompt": f"a photo of {NUMBER_WORDS[n]} {plural(a)}",
+        }
     if tag == "colors":
         c = COLORS[k]
-        return {"tag": tag, "include": [{"class": a, "count": 1, "color": c}],
-                "prompt": f"a photo of {with_article(f'{c} {a}')}"}
+        return {
+            "tag": tag,
+            "include": [{"class": a, "count": 1, "color": c}],
+            "prompt": f"a photo of {with_article(f'{c} {a}')}",
+        }
     if tag == "two_object":
-        return {"tag": tag, "include": [{"class": a, "count": 1}, {"class": b, "count": 1}],
-                "prompt": f"a photo of {with_article(a)} and {with_article(b)}"}
+        return {
+            "tag": tag,
+            "include": [{"class": a, "count": 1}, {"class": b, "count": 1}],
+            "prompt": f"a photo of {with_article(a)} and {with_article(b)}",
+        }
     if tag == "position":
         rel = RELATIONS[digits[2]]
-        return {"tag": tag, "include": [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [rel, 0]}],
-                "prompt": f"a photo of {with_article(a)} {rel} {with_article(b)}"}
+        return {
+            "tag": tag,
+            "include": [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [rel, 0]}],
+            "prompt": f"a photo of {with_article(a)} {rel} {with_article(b)}",
+        }
     c1 = COLORS[digits[2]]
     c2 = COLORS[digits[3] if digits[3] < digits[2] else digits[3] + 1]  # two different colours
-    return {"tag": tag, "include": [{"class": a, "count": 1, "color": c1}, {"class": b, "count": 1, "color": c2}],
-            "prompt": f"a photo of {with_article(f'{c1} {a}')} and {with_article(f'{c2} {b}')}"}
+    return {
+        "tag": tag,
+        "include": [{"class": a, "count": 1, "color": c1}, {"class": b, "count": 1, "color": c2}],
+        "prompt": f"a photo of {with_article(f'{c1} {a}')} and {with_article(f'{c2} {b}')}",
+    }
 
 
 def generate_prompts(n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
@@ -469,14 +690,16 @@ def generate_prompts(n: int, seed: int, exclude: set[str] = frozenset()) -> list
     for left, tag in zip(range(len(tags), 0, -1), tags):
         share = math.ceil((n - len(metas)) / left)
         pool = math.prod(TAG_SPACES[tag])
-        picks = (make_meta(tag, i) for i in rng.sample(range(pool), min(pool, share + len(exclude))))
+        picks = (
+            make_meta(tag, i) for i in rng.sample(range(pool), min(pool, share + len(exclude)))
+        )
         metas += [m for m in picks if m["prompt"].lower() not in exclude][:share]
     rng.shuffle(metas)
     return metas[:n]
 
 
-
 # --------------------------------------------------------------------------- generate (the model side)
+
 
 def check_adapter_path(adapter):
     """--adapter is a local folder that gvu.py wrote (its --out/adapter). Checked here, before peft, which would
@@ -484,19 +707,28 @@ def check_adapter_path(adapter):
     if not os.path.isdir(adapter):
         raise GenEvalError(f"--adapter {adapter}: no such folder")
     if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-        raise GenEvalError(f"--adapter {adapter}: not a peft adapter folder (no adapter_config.json)")
+        raise GenEvalError(
+            f"--adapter {adapter}: not a peft adapter folder (no adapter_config.json)"
+        )
 
 
 def adapter_base(adapter):
     """(what the adapter says it was trained on, where that comes from), or (None, None). gvu.py writes
     gvu.json into the adapter; older runs have gvu's config.json next to it; else peft's own record."""
-    info_path, config = os.path.join(adapter, "gvu.json"), os.path.join(adapter, os.pardir, "config.json")
+    info_path, config = (
+        os.path.join(adapter, "gvu.json"),
+        os.path.join(adapter, os.pardir, "config.json"),
+    )
     if os.path.isfile(info_path):
         info = json.loads(Path(info_path).read_text())
         return info.get("base_model"), "its gvu.json"
-    if os.path.isfile(config) and {"model", "seed"} <= set(cfg := json.loads(Path(config).read_text())):
+    if os.path.isfile(config) and {"model", "seed"} <= set(
+        cfg := json.loads(Path(config).read_text())
+    ):
         return runio.base_model_id(cfg["model"], cfg["seed"]), "the run's config.json"
-    base = json.loads(Path(adapter, "adapter_config.json").read_text()).get("base_model_name_or_path")
+    base = json.loads(Path(adapter, "adapter_config.json").read_text()).get(
+        "base_model_name_or_path"
+    )
     if base and os.path.isfile(os.path.join(base, os.pardir, "tiny_umm.json")):
         base = os.path.dirname(os.path.normpath(base))  # peft records the tiny UMM's lm/ subfolder
     return (runio.base_model_id(base, None), "adapter_config.json") if base else (None, None)
@@ -511,13 +743,18 @@ def check_adapter_base(umm, args):
     if "base_fingerprint" in info:
         same = info["base_fingerprint"] == runio.base_fingerprint(umm.lm)
     elif base is None:
-        print(f"warning: --adapter {args.adapter} does not say which base model it was trained on", file=sys.stderr)
+        print(
+            f"warning: --adapter {args.adapter} does not say which base model it was trained on",
+            file=sys.stderr,
+        )
         return
     else:
         same = base == runio.base_model_id(args.model, args.seed)
     if not same:
-        raise GenEvalError(f"--adapter {args.adapter} was trained on {base} ({source}), not on --model {args.model}"
-                           + (f" with --seed {args.seed}" if args.model == "tiny-random" else ""))
+        raise GenEvalError(
+            f"--adapter {args.adapter} was trained on {base} ({source}), not on --model {args.model}"
+            + (f" with --seed {args.seed}" if args.model == "tiny-random" else "")
+        )
 
 
 def load_model(args):
@@ -527,16 +764,28 @@ def load_model(args):
         check_adapter_path(args.adapter)
     try:
         device = pick_device(args.device or "auto")
-        umm = load_umm(args.model, args.seed, args.trust_remote_code, args.flux, device, use_bf16(args.dtype, device),
-                       args.image_size, args.decoder_text).to(device)
+        umm = load_umm(
+            args.model,
+            args.seed,
+            args.trust_remote_code,
+            args.flux,
+            device,
+            use_bf16(args.dtype, device),
+            args.image_size,
+            args.decoder_text,
+        ).to(device)
     except InputError as e:
         raise GenEvalError(str(e)) from None
     if args.adapter:
         check_adapter_base(umm, args)
         try:
-            PeftModel.from_pretrained(umm.lm, args.adapter)  # injects the LoRA layers into umm.lm in place
+            PeftModel.from_pretrained(
+                umm.lm, args.adapter
+            )  # injects the LoRA layers into umm.lm in place
         except (OSError, ValueError, RuntimeError) as e:
-            raise GenEvalError(f"cannot load --adapter {args.adapter}: {str(e).splitlines()[0]}") from None
+            raise GenEvalError(
+                f"cannot load --adapter {args.adapter}: {str(e).splitlines()[0]}"
+            ) from None
     umm.lm.eval()
     return umm
 
@@ -550,17 +799,30 @@ def sample_groups(umm, metas, n, args):
     except InputError as e:
         raise GenEvalError(str(e)) from None
     device = umm.lm.device.type
-    autocast = torch.autocast(device, torch.bfloat16) if use_bf16(args.dtype, device) else nullcontext()  # as gvu.train
-    for b in tqdm(range(0, len(metas), args.batch), desc="sampling", unit="batch" if args.batch > 1 else "prompt"):
+    autocast = (
+        torch.autocast(device, torch.bfloat16) if use_bf16(args.dtype, device) else nullcontext()
+    )  # as gvu.train
+    for b in tqdm(
+        range(0, len(metas), args.batch),
+        desc="sampling",
+        unit="batch" if args.batch > 1 else "prompt",
+    ):
         seed = args.seed * 100_003 + b
-        gen = torch.Generator(umm.lm.device).manual_seed(seed)  # sampling runs on the model's device
-        batch = prompts[b:b + args.batch]
+        gen = torch.Generator(umm.lm.device).manual_seed(
+            seed
+        )  # sampling runs on the model's device
+        batch = prompts[b : b + args.batch]
         with autocast:
-            ro = gvu.rollout(umm, batch, n, args.temperature, args.top_k, args.min_p, args.cfg_scale, gen)
-            images = umm.decode_images(ro["codes"], gen if gen.device.type == "cpu" else torch.Generator().manual_seed(seed),
-                                       prompts=[p for p in batch for _ in range(n)])
-        for k, meta in enumerate(metas[b:b + args.batch]):
-            yield b + k, meta, images[k * n:(k + 1) * n]
+            ro = gvu.rollout(
+                umm, batch, n, args.temperature, args.top_k, args.min_p, args.cfg_scale, gen
+            )
+            images = umm.decode_images(
+                ro["codes"],
+                gen if gen.device.type == "cpu" else torch.Generator().manual_seed(seed),
+                prompts=[p for p in batch for _ in range(n)],
+            )
+        for k, meta in enumerate(metas[b : b + args.batch]):
+            yield b + k, meta, images[k * n : (k + 1) * n]
 
 
 OUTPUT_NAMES = re.compile(r"\d+|results\.jsonl|summary\.(json|md)")  # what generate and score write
@@ -574,10 +836,14 @@ def check_generate_out(out, overwrite):
         raise GenEvalError(f"--out {out} is a file, not a folder")
     names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if names and not overwrite:
-        raise GenEvalError(f"--out {out} is not empty ({len(names)} entries); pass --overwrite to replace it, "
-                           "or pick another --out")
+        raise GenEvalError(
+            f"--out {out} is not empty ({len(names)} entries); pass --overwrite to replace it, "
+            "or pick another --out"
+        )
     if other := [n for n in names if not OUTPUT_NAMES.fullmatch(n)]:
-        raise GenEvalError(f"--overwrite clears only generate/score output, and {out} also holds {other[0]}")
+        raise GenEvalError(
+            f"--overwrite clears only generate/score output, and {out} also holds {other[0]}"
+        )
 
 
 def cmd_generate(args) -> None:
@@ -598,29 +864,45 @@ def cmd_generate(args) -> None:
 
 # --------------------------------------------------------------------------- CLI
 
+
 def cmd_score(args) -> None:
     """score: run a scorer over a folder, write results.jsonl, summary.md, summary.json."""
     classes = scorer_classes(args.scorer)
     metadata = read_metadata(args.metadata, classes) if args.metadata else None
-    samples = list(iter_samples(args.folder, metadata, classes))  # validate everything before loading models
+    samples = list(
+        iter_samples(args.folder, metadata, classes)
+    )  # validate everything before loading models
     for _, _, path in samples:
         check_image(path)
     scorer = make_scorer(args)
     out = Path(args.out or args.folder)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    with open(out / "results.jsonl.tmp", "w") as f:  # renamed at the end: a failed score keeps the last results
+    with open(
+        out / "results.jsonl.tmp", "w"
+    ) as f:  # renamed at the end: a failed score keeps the last results
         for index, meta, path in samples:
             correct, reason = scorer(load_image(path), meta)
-            row = {"index": index, "sample": path.stem, "tag": meta["tag"], "prompt": meta["prompt"],
-                   "correct": -1 if correct == -1 else bool(correct), "reason": reason}  # -1: judge gave up
+            row = {
+                "index": index,
+                "sample": path.stem,
+                "tag": meta["tag"],
+                "prompt": meta["prompt"],
+                "correct": -1 if correct == -1 else bool(correct),
+                "reason": reason,
+            }  # -1: judge gave up
             f.write(json.dumps(row) + "\n")
             results.append(row)
     summary = summarize(results) | {"scorer": args.scorer}
-    if args.scorer == "geneval" and any("region" in r or "size" in r for _, m, _ in samples for r in m["include"]):
+    if args.scorer == "geneval" and any(
+        "region" in r or "size" in r for _, m, _ in samples for r in m["include"]
+    ):
         summary["notes"] = [PROXY_NOTE]
     if args.scorer == "vlm":
-        summary |= {"judge": scorer.spec, "notes": [scorer.note(summary.get("unevaluated", 0), len(results))]}
+        summary |= {
+            "judge": scorer.spec,
+            "notes": [scorer.note(summary.get("unevaluated", 0), len(results))],
+        }
     (out / "summary.json.tmp").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md.tmp").write_text(format_table(summary) + "\n")
     for name in ("results.jsonl", "summary.json", "summary.md"):
@@ -637,7 +919,9 @@ def cmd_compare(args) -> None:
     elif len(args.runs) == 1:  # summaries alone: no per-prompt data, so no interval
         print(compare_table(load_summary(args.base), load_summary(args.runs[0])))
     else:
-        raise GenEvalError("comparing several runs needs each run's results.jsonl (score's output folder)")
+        raise GenEvalError(
+            "comparing several runs needs each run's results.jsonl (score's output folder)"
+        )
 
 
 def cmd_prompts(args) -> None:
@@ -654,28 +938,66 @@ def cmd_prompts(args) -> None:
 
 def add_detector_flags(q) -> None:
     """The GenEval scorer's models and thresholds (score, and tools/experiments.py audit)."""
-    q.add_argument("--detector", default="facebook/mask2former-swin-small-coco-instance",
-                   help="Mask2Former COCO instance model (hub id or local path)")
-    q.add_argument("--clip", default="openai/clip-vit-large-patch14", help="CLIP model (hub id or local path)")
+    q.add_argument(
+        "--detector",
+        default="facebook/mask2former-swin-small-coco-instance",
+        help="Mask2Former COCO instance model (hub id or local path)",
+    )
+    q.add_argument(
+        "--clip", default="openai/clip-vit-large-patch14", help="CLIP model (hub id or local path)"
+    )
     q.add_argument("--threshold", type=float, default=0.3, help="detection score threshold")
-    q.add_argument("--counting-threshold", type=float, default=0.9, help="threshold for the 'counting' tag")
+    q.add_argument(
+        "--counting-threshold", type=float, default=0.9, help="threshold for the 'counting' tag"
+    )
     q.add_argument("--max-objects", type=int, default=16, help="max detections kept per class")
 
 
 def add_load_flags(q, model_default: str = "tiny-random") -> None:
     """Which model to load, and how: every flag `load_model` reads (generate, audit, token-view)."""
-    q.add_argument("--model", default=model_default, help="a model gvu.py loads (tiny UMM folder, 'tiny-random', "
-                   "a Janus(-Pro) or X-Omni checkpoint)")
-    q.add_argument("--trust-remote-code", action="store_true", help="run the model repository's code (X-Omni; never implied)")
-    q.add_argument("--flux", default="", help="X-Omni only: the FLUX.1-dev weights its decoder is built from")
-    q.add_argument("--device", help="torch device for the model (and the scorer): default cuda if available, else cpu")
+    q.add_argument(
+        "--model",
+        default=model_default,
+        help="a model gvu.py loads (tiny UMM folder, 'tiny-random', "
+        "a Janus(-Pro) or X-Omni checkpoint)",
+    )
+    q.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model repository's code (X-Omni; never implied)",
+    )
+    q.add_argument(
+        "--flux", default="", help="X-Omni only: the FLUX.1-dev weights its decoder is built from"
+    )
+    q.add_argument(
+        "--device",
+        help="torch device for the model (and the scorer): default cuda if available, else cpu",
+    )
     q.add_argument("--adapter", help="a LoRA adapter folder written by gvu.py (its --out/adapter)")
-    q.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (same seed -> same noise for any model) and of 'tiny-random'")
-    q.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="auto: as gvu.py trains (bf16 weights + autocast on a CUDA GPU with bf16, else fp32)")
-    q.add_argument("--image-size", type=int, default=0, help="pixels per side (0 = the model's default; X-Omni paper: 576)")
-    q.add_argument("--decoder-text", default="none", choices=["none", "prompt"],
-                   help="X-Omni's decoder text condition: none, or the prompt (the official evaluation's)")
+    q.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the sampling noise (same seed -> same noise for any model) and of 'tiny-random'",
+    )
+    q.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="auto: as gvu.py trains (bf16 weights + autocast on a CUDA GPU with bf16, else fp32)",
+    )
+    q.add_argument(
+        "--image-size",
+        type=int,
+        default=0,
+        help="pixels per side (0 = the model's default; X-Omni paper: 576)",
+    )
+    q.add_argument(
+        "--decoder-text",
+        default="none",
+        choices=["none", "prompt"],
+        help="X-Omni's decoder text condition: none, or the prompt (the official evaluation's)",
+    )
 
 
 def add_model_flags(q, n_flag: str, n_default: int, n_help: str) -> None:
@@ -688,42 +1010,79 @@ def add_model_flags(q, n_flag: str, n_default: int, n_help: str) -> None:
     q.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     q.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
     q.add_argument("--min-p", type=float, default=0.0, help="min-p sampling (0 = off)")
-    q.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
+    q.add_argument(
+        "--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = off)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse CLI."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    gn = sub.add_parser("generate", help="sample images for a metadata file into GenEval's folder layout")
+    gn = sub.add_parser(
+        "generate", help="sample images for a metadata file into GenEval's folder layout"
+    )
     add_model_flags(gn, "--n", 4, "images per prompt")
-    gn.add_argument("--any-class", action="store_true", help="accept classes outside GenEval's 80 (e.g. shapes)")
-    gn.add_argument("--overwrite", action="store_true", help="replace the images already in --out (else it must be empty)")
+    gn.add_argument(
+        "--any-class", action="store_true", help="accept classes outside GenEval's 80 (e.g. shapes)"
+    )
+    gn.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the images already in --out (else it must be empty)",
+    )
     gn.set_defaults(func=cmd_generate)
     s = sub.add_parser("score", help="score a GenEval image folder")
-    s.add_argument("folder", help="folder with <00000>/metadata.jsonl and <00000>/samples/<0000>.png")
-    s.add_argument("--metadata", help="GenEval metadata .jsonl; the folder must match it prompt by prompt")
-    s.add_argument("--out", help="where to write results.jsonl, summary.md, summary.json (default: FOLDER)")
-    s.add_argument("--scorer", choices=["geneval", "shapes", "vlm"], default="geneval",
-                   help="geneval: Mask2Former + CLIP rules (GenEval++ region/size via a rule-based proxy); "
-                        "shapes: the synthetic-shapes oracle shapes.oracle; vlm: a VLM judge (GenEval++ as in the paper)")
-    s.add_argument("--judge", help="--scorer vlm: openai:MODEL (OPENAI_BASE_URL, OPENAI_API_KEY; pip install openai) "
-                                   "or hf:MODEL (a local transformers VLM); default openai:gpt-4.1-2025-04-14")
+    s.add_argument(
+        "folder", help="folder with <00000>/metadata.jsonl and <00000>/samples/<0000>.png"
+    )
+    s.add_argument(
+        "--metadata", help="GenEval metadata .jsonl; the folder must match it prompt by prompt"
+    )
+    s.add_argument(
+        "--out", help="where to write results.jsonl, summary.md, summary.json (default: FOLDER)"
+    )
+    s.add_argument(
+        "--scorer",
+        choices=["geneval", "shapes", "vlm"],
+        default="geneval",
+        help="geneval: Mask2Former + CLIP rules (GenEval++ region/size via a rule-based proxy); "
+        "shapes: the synthetic-shapes oracle shapes.oracle; vlm: a VLM judge (GenEval++ as in the paper)",
+    )
+    s.add_argument(
+        "--judge",
+        help="--scorer vlm: openai:MODEL (OPENAI_BASE_URL, OPENAI_API_KEY; pip install openai) "
+        "or hf:MODEL (a local transformers VLM); default openai:gpt-4.1-2025-04-14",
+    )
     s.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     add_detector_flags(s)
     s.set_defaults(func=cmd_score)
-    c = sub.add_parser("compare", help="a base vs one or more trained runs, per tag, with bootstrap intervals")
+    c = sub.add_parser(
+        "compare", help="a base vs one or more trained runs, per tag, with bootstrap intervals"
+    )
     c.add_argument("base", help="base run: score's output folder (or its summary.json)")
-    c.add_argument("runs", nargs="+", help="trained runs (e.g. one per training seed), same prompts and sampling seeds")
+    c.add_argument(
+        "runs",
+        nargs="+",
+        help="trained runs (e.g. one per training seed), same prompts and sampling seeds",
+    )
     c.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the prompts")
     c.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     c.set_defaults(func=cmd_compare)
     g = sub.add_parser("prompts", help="generate GenEval-style training prompts")
-    g.add_argument("--seed", type=int, default=0, help="random seed (output is deterministic given it)")
+    g.add_argument(
+        "--seed", type=int, default=0, help="random seed (output is deterministic given it)"
+    )
     g.add_argument("--n", type=int, default=50000, help="number of prompts")
-    g.add_argument("--exclude", nargs="*", default=[],
-                   help="GenEval-format metadata .jsonl files whose prompts must not be generated (case-insensitive)")
-    g.add_argument("--out", default="prompts/geneval_train", help="output path prefix (.txt and .jsonl)")
+    g.add_argument(
+        "--exclude",
+        nargs="*",
+        default=[],
+        help="GenEval-format metadata .jsonl files whose prompts must not be generated (case-insensitive)",
+    )
+    g.add_argument(
+        "--out", default="prompts/geneval_train", help="output path prefix (.txt and .jsonl)"
+    )
     g.set_defaults(func=cmd_prompts)
     return p
 

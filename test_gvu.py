@@ -1,5 +1,6 @@
 """Tests for gvu.py on tiny models, CPU only. Each test names the invariant it checks and compares
 against an independent computation (a slow loop, a hand formula, or the unwrapped base model)."""
+
 import copy
 import faulthandler
 import json
@@ -19,9 +20,15 @@ from models.tiny_umm import TinyUMM
 from tools import bench
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-pytestmark = pytest.mark.filterwarnings("ignore:.*deprecated and will be removed in v6")  # peft's pre-v6 names
-PROMPTS = ["a photo of a red circle", "a photo of two squares",
-           "a photo of a blue triangle left of a large circle", "a photo of a circle and a square"]
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*deprecated and will be removed in v6"
+)  # peft's pre-v6 names
+PROMPTS = [
+    "a photo of a red circle",
+    "a photo of two squares",
+    "a photo of a blue triangle left of a large circle",
+    "a photo of a circle and a square",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +66,9 @@ def umm():
 def lora_umm():
     u = TinyUMM.random(seed=1, hidden=64, layers=2)
     u.lm.requires_grad_(False)
-    policy = get_peft_model(u.lm, LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, target_modules=u.lora_targets))
+    policy = get_peft_model(
+        u.lm, LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, target_modules=u.lora_targets)
+    )
     return u, policy
 
 
@@ -74,7 +83,6 @@ def write(tmp_path, name, data):
     return str(p)
 
 
-
 # --- 2. intrinsic reward ------------------------------------------------------------------
 def test_reward_is_geometric_mean_of_token_probs_whatever_the_mask_hides():
     """exp(mean log p) equals the L-th root of the product of the unmasked probabilities; masked positions may hold
@@ -83,7 +91,9 @@ def test_reward_is_geometric_mean_of_token_probs_whatever_the_mask_hides():
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     garbage = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 7.0, -float("inf")]])
     r = gvu.intrinsic_reward(torch.log(p.clamp_min(1e-30)) + garbage, mask)
-    assert r.tolist() == pytest.approx([(0.5 * 0.25 * 0.8 * 0.3) ** 0.25, (0.9 * 0.1) ** 0.5], rel=1e-6)
+    assert r.tolist() == pytest.approx(
+        [(0.5 * 0.25 * 0.8 * 0.3) ** 0.25, (0.9 * 0.1) ** 0.5], rel=1e-6
+    )
 
 
 # --- 3. group advantage -------------------------------------------------------------------
@@ -106,8 +116,13 @@ def test_advantages_are_standardised_within_each_group():
 def test_advantage_eps_is_added_to_the_sample_std():
     """With eps = 0.5: A = (R - mean) / (stdev + 0.5) by hand, stdev with Bessel's n - 1 (not sqrt(var + eps))."""
     adv = gvu.group_advantages(torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 4.0]), G=3, eps=0.5)
-    std = [7 ** 0.5, (16 / 3) ** 0.5]  # sum of squared deviations / (3 - 1): 14 / 2 and (3 * 16/9 + 64/9) / 2
-    want = [(r - 3) / (std[0] + 0.5) for r in (1, 2, 6)] + [(r - 4 / 3) / (std[1] + 0.5) for r in (0, 0, 4)]
+    std = [
+        7**0.5,
+        (16 / 3) ** 0.5,
+    ]  # sum of squared deviations / (3 - 1): 14 / 2 and (3 * 16/9 + 64/9) / 2
+    want = [(r - 3) / (std[0] + 0.5) for r in (1, 2, 6)] + [
+        (r - 4 / 3) / (std[1] + 0.5) for r in (0, 0, 4)
+    ]
     assert adv.tolist() == pytest.approx(want, rel=1e-6)
 
 
@@ -133,8 +148,12 @@ def test_clipping_stops_gradients_exactly_where_the_clip_says():
     adv = torch.tensor([1.0, -1.0])
     loss, stats = gvu.grpo_loss(logp, old, logp.detach(), adv, clip_eps=0.2, beta=0.0)
     loss.backward()
-    clipped = torch.tensor([[False, False, False, True],   # A > 0: clipped above 1 + eps
-                            [True, False, False, False]])  # A < 0: clipped below 1 - eps
+    clipped = torch.tensor(
+        [
+            [False, False, False, True],  # A > 0: clipped above 1 + eps
+            [True, False, False, False],
+        ]
+    )  # A < 0: clipped below 1 - eps
     assert (logp.grad[clipped] == 0).all() and (logp.grad[~clipped] != 0).all()
     # unclipped gradient is -A * ratio / (N * T) by hand
     assert torch.allclose(logp.grad[~clipped], (-adv[:, None] * ratios / 8).expand(2, 4)[~clipped])
@@ -154,6 +173,7 @@ def test_rollout_keeps_the_kv_cache_with_gradient_checkpointing_enabled(umm):
         out = real(ids, mask, pos, cache)
         seen.append((ids.shape[1], before, cache.get_seq_length()))
         return out
+
     u.hidden_states = spy
     gvu.rollout(u, PROMPTS[:2], G=2, generator=torch.Generator().manual_seed(0))
     prefill, steps = seen[0], seen[1:]
@@ -165,15 +185,21 @@ def slow_image_logits(umm, lm, text, codes):
     """(N_img, K) fp64 image-code logits of `lm` for one row: one unpadded, uncached full forward, no gvu code."""
     ids = umm.tokenizer(text).input_ids + (codes + umm.image_offset).tolist()
     with torch.no_grad():
-        logits = lm(input_ids=torch.tensor([ids])).logits[0, -len(codes) - 1:-1].double()
-    return logits[:, umm.image_offset:umm.image_offset + umm.image_vocab_size]
+        logits = lm(input_ids=torch.tensor([ids])).logits[0, -len(codes) - 1 : -1].double()
+    return logits[:, umm.image_offset : umm.image_offset + umm.image_vocab_size]
 
 
 def test_sampling_probs_are_guided_tempered_then_truncated():
     """sampling_probs == softmax((u + s (c - u)) / T), top-k then min-p (p < min_p * max p dropped), by numpy."""
     g = torch.Generator().manual_seed(0)
     cond, uncond = torch.randn(5, 12, generator=g), torch.randn(5, 12, generator=g)
-    for s, T, k, mp in [(1.0, 1.0, 0, 0.0), (3.0, 0.7, 0, 0.0), (2.0, 0.5, 6, 0.0), (1.5, 0.8, 0, 0.3), (3.0, 1.3, 8, 0.2)]:
+    for s, T, k, mp in [
+        (1.0, 1.0, 0, 0.0),
+        (3.0, 0.7, 0, 0.0),
+        (2.0, 0.5, 6, 0.0),
+        (1.5, 0.8, 0, 0.3),
+        (3.0, 1.3, 8, 0.2),
+    ]:
         c, u = cond.double().numpy(), uncond.double().numpy()
         z = (u + s * (c - u)) / T
         want = np.exp(z - z.max(1, keepdims=True))
@@ -185,11 +211,15 @@ def test_sampling_probs_are_guided_tempered_then_truncated():
         got = gvu.sampling_probs(cond, uncond, cfg_scale=s, temperature=T, top_k=k, min_p=mp)
         np.testing.assert_allclose(got.double().numpy(), want, atol=1e-6)
         assert (got > 0).numpy().tolist() == (want > 0).tolist()
-    assert torch.equal(gvu.sampling_probs(cond, None, 3.0), F.softmax(cond, -1))  # no uncond row: the policy itself
+    assert torch.equal(
+        gvu.sampling_probs(cond, None, 3.0), F.softmax(cond, -1)
+    )  # no uncond row: the policy itself
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.0, 3.0])
-def test_greedy_cfg_rollout_picks_the_argmax_of_uncond_plus_scale_times_the_difference(umm, scale, one_thread):
+def test_greedy_cfg_rollout_picks_the_argmax_of_uncond_plus_scale_times_the_difference(
+    umm, scale, one_thread
+):
     """With top_k=1, rollout's codes are argmax_k u + s (c - u) of independent unbatched forwards on t2i_prompt and
     uncond_prompt; at scale 1 that is the conditional argmax, at 0 the unconditional one; otherwise codes change."""
     ro = gvu.rollout(umm, PROMPTS, G=1, top_k=1, cfg_scale=scale)
@@ -206,14 +236,20 @@ def test_rollout_never_samples_a_code_that_min_p_drops(umm, one_thread):
     """Every sampled code has tempered probability >= min_p * the position's max (independent forwards), and the
     dropped codes hold enough mass that an untruncated sampler would have drawn several of them."""
     T, min_p = 0.25, 0.5
-    ro = gvu.rollout(umm, PROMPTS, G=4, temperature=T, min_p=min_p, generator=torch.Generator().manual_seed(3))
+    ro = gvu.rollout(
+        umm, PROMPTS, G=4, temperature=T, min_p=min_p, generator=torch.Generator().manual_seed(3)
+    )
     outside_mass = 0.0
     for p, codes in zip([p for p in PROMPTS for _ in range(4)], ro["codes"]):
-        probs = F.softmax(slow_image_logits(umm, umm.lm, umm.t2i_prompt(p), codes) / T, -1)  # (N_img, K)
+        probs = F.softmax(
+            slow_image_logits(umm, umm.lm, umm.t2i_prompt(p), codes) / T, -1
+        )  # (N_img, K)
         allowed = probs >= min_p * probs.max(-1, keepdim=True).values
         assert allowed.gather(1, codes[:, None]).all()
         outside_mass += probs[~allowed].sum().item()
-    assert outside_mass > 10  # expected number of dropped codes an untruncated sampler draws in these 256 tokens
+    assert (
+        outside_mass > 10
+    )  # expected number of dropped codes an untruncated sampler draws in these 256 tokens
 
 
 def test_reference_with_adapter_disabled_equals_base_model():
@@ -263,13 +299,21 @@ def test_prompt_stream_reshuffles_every_epoch_and_batches_straddle_the_boundary(
     """Across epochs (10 prompts, B=4): each epoch is a permutation, epochs come in different orders, and a batch
     that crosses an epoch's end is the tail of that epoch then the head of the next (the B=1 stream, regrouped)."""
     prompts = [f"p{i}" for i in range(10)]
-    stream = [gvu.prompt_batch(prompts, k, 1, seed=3)[0] for k in range(40)]  # one prompt per step: 4 epochs
-    epochs = [stream[i:i + 10] for i in range(0, 40, 10)]
-    assert all(sorted(e) == sorted(prompts) for e in epochs) and len({tuple(e) for e in epochs}) == 4
+    stream = [
+        gvu.prompt_batch(prompts, k, 1, seed=3)[0] for k in range(40)
+    ]  # one prompt per step: 4 epochs
+    epochs = [stream[i : i + 10] for i in range(0, 40, 10)]
+    assert (
+        all(sorted(e) == sorted(prompts) for e in epochs) and len({tuple(e) for e in epochs}) == 4
+    )
     batches = [gvu.prompt_batch(prompts, s, 4, seed=3) for s in range(10)]
     assert sum(batches, []) == stream
-    assert batches[2] == epochs[0][8:] + epochs[1][:2] and batches[7] == epochs[2][8:] + epochs[3][:2]
-    assert stream != [gvu.prompt_batch(prompts, k, 1, seed=4)[0] for k in range(40)]  # the seed matters
+    assert (
+        batches[2] == epochs[0][8:] + epochs[1][:2] and batches[7] == epochs[2][8:] + epochs[3][:2]
+    )
+    assert stream != [
+        gvu.prompt_batch(prompts, k, 1, seed=4)[0] for k in range(40)
+    ]  # the seed matters
 
 
 # --- 5. gvu_step: the reference, the judge, micro-batches, mu, clipping, seeds ------------------------------
@@ -312,6 +356,7 @@ def spy(monkeypatch, name):
         out = real(*a, **k)
         calls.append((a, out))
         return out
+
     monkeypatch.setattr(gvu, name, wrapper)
     return calls
 
@@ -319,16 +364,26 @@ def spy(monkeypatch, name):
 def pixel_mean_rewards(umm, images, prompts, args):
     """A gvu reward_fn with a distinct value per image (mean pixel / 255): every group gets non-zero advantages
     (the random tiny UMM's own judge often scores a whole group alike, leaving only the KL to train on)."""
-    return torch.tensor([np.asarray(im, dtype=np.float64).mean() / 255 for im in images], dtype=torch.float32)
+    return torch.tensor(
+        [np.asarray(im, dtype=np.float64).mean() / 255 for im in images], dtype=torch.float32
+    )
 
 
 def slow_logprobs(umm, lm, prompts, codes, T=1.0):
     """(N, N_img) fp64 log pi(code_t | prompt, code_<t) of `lm`, one unpadded full forward per row."""
-    return torch.stack([F.log_softmax(slow_image_logits(umm, lm, umm.t2i_prompt(p), c) / T, -1)
-                        .gather(1, c[:, None])[:, 0] for p, c in zip(prompts, codes)])
+    return torch.stack(
+        [
+            F.log_softmax(slow_image_logits(umm, lm, umm.t2i_prompt(p), c) / T, -1).gather(
+                1, c[:, None]
+            )[:, 0]
+            for p, c in zip(prompts, codes)
+        ]
+    )
 
 
-def test_reference_policy_in_gvu_step_is_the_base_model_not_the_moved_policy(monkeypatch, one_thread):
+def test_reference_policy_in_gvu_step_is_the_base_model_not_the_moved_policy(
+    monkeypatch, one_thread
+):
     """Inside gvu_step, pi_ref's log-probs are an untouched base copy's (adapter removed), the old log-probs are the
     LoRA'd policy's own, and the two differ: the KL is against the base, never against the policy itself."""
     u, base, policy = moved_lora()
@@ -338,13 +393,18 @@ def test_reference_policy_in_gvu_step_is_the_base_model_not_the_moved_policy(mon
     codes, prompts = rollouts[0][1]["codes"], [p for p in PROMPTS[:2] for _ in range(2)]
     (_, old, ref, *_), _ = losses[0]
     u.lm.eval()
-    want_ref, want_old = slow_logprobs(u, base, prompts, codes, 0.8), slow_logprobs(u, u.lm, prompts, codes, 0.8)
+    want_ref, want_old = (
+        slow_logprobs(u, base, prompts, codes, 0.8),
+        slow_logprobs(u, u.lm, prompts, codes, 0.8),
+    )
     torch.testing.assert_close(ref.double(), want_ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(old.double(), want_old, atol=1e-5, rtol=0)
     assert (want_ref - want_old).abs().max() > 1e-2
 
 
-def test_dynamic_sampling_trains_on_the_first_b_groups_whose_rewards_differ(monkeypatch, one_thread):
+def test_dynamic_sampling_trains_on_the_first_b_groups_whose_rewards_differ(
+    monkeypatch, one_thread
+):
     """--dynamic-sampling: prompts whose G rewards are all equal are swapped for the reserve's prompts that have
     spread, in order. The kept groups carry their own rollout's rewards (each batch rolled out alone, the next
     one's seed 0x85EBCA6B on) and their own codes, read through re-padded prefixes: the reference log-probs handed to the loss
@@ -359,11 +419,19 @@ def test_dynamic_sampling_trains_on_the_first_b_groups_whose_rewards_differ(monk
     args = gvu.Args(group_size=2, dynamic_sampling=2)
     losses = spy(monkeypatch, "grpo_loss")
     batches = [PROMPTS[:2], PROMPTS[2:], [PROMPTS[0], PROMPTS[2]]]
-    rewards, _, stats, _ = gvu.gvu_step(u, policy, sgd(policy, 0.0), batches[0], 0, args, reward_fn=rewards_fn,
-                                        reserve=batches[1:])
-    assert stats["batch"] == [PROMPTS[1], PROMPTS[3]] and stats["rollout_batches"] == 2  # the third never rolled out
-    alone = [gvu.sample_and_reward(u, policy, b, r * 0x85EBCA6B, args, rewards_fn) for r, b in enumerate(batches[:2])]
-    torch.testing.assert_close(rewards, torch.cat([alone[0][2][2:], alone[1][2][2:]]), atol=0, rtol=0)
+    rewards, _, stats, _ = gvu.gvu_step(
+        u, policy, sgd(policy, 0.0), batches[0], 0, args, reward_fn=rewards_fn, reserve=batches[1:]
+    )
+    assert (
+        stats["batch"] == [PROMPTS[1], PROMPTS[3]] and stats["rollout_batches"] == 2
+    )  # the third never rolled out
+    alone = [
+        gvu.sample_and_reward(u, policy, b, r * 0x85EBCA6B, args, rewards_fn)
+        for r, b in enumerate(batches[:2])
+    ]
+    torch.testing.assert_close(
+        rewards, torch.cat([alone[0][2][2:], alone[1][2][2:]]), atol=0, rtol=0
+    )
     codes = torch.cat([alone[0][0]["codes"][2:], alone[1][0]["codes"][2:]])
     (_, _, ref, adv, *_), _ = losses[0]
     u.lm.eval()
@@ -371,14 +439,22 @@ def test_dynamic_sampling_trains_on_the_first_b_groups_whose_rewards_differ(monk
     torch.testing.assert_close(ref.double(), want, atol=1e-5, rtol=0)
     assert (adv.abs() > 0.5).all()  # every kept group teaches
 
-    nan = lambda umm, images, prompts, args: torch.where(torch.tensor([p == PROMPTS[3] for p in prompts]),
-                                                         float("nan"), rewards_fn(umm, images, prompts, args))
+    nan = lambda umm, images, prompts, args: torch.where(
+        torch.tensor([p == PROMPTS[3] for p in prompts]),
+        float("nan"),
+        rewards_fn(umm, images, prompts, args),
+    )
     with pytest.raises(gvu.TrainingError, match="non-finite reward"):  # never swapped out unseen
-        gvu.gvu_step(u, policy, sgd(policy, 0.0), batches[0], 0, args, reward_fn=nan, reserve=batches[1:])
+        gvu.gvu_step(
+            u, policy, sgd(policy, 0.0), batches[0], 0, args, reward_fn=nan, reserve=batches[1:]
+        )
 
-    flat |= set(PROMPTS)  # no group anywhere has spread: the first batch stays, after every reserve was tried
-    _, _, stats, _ = gvu.gvu_step(u, policy, sgd(policy, 0.0), batches[0], 0, args, reward_fn=rewards_fn,
-                                  reserve=batches[1:])
+    flat |= set(
+        PROMPTS
+    )  # no group anywhere has spread: the first batch stays, after every reserve was tried
+    _, _, stats, _ = gvu.gvu_step(
+        u, policy, sgd(policy, 0.0), batches[0], 0, args, reward_fn=rewards_fn, reserve=batches[1:]
+    )
     assert stats["batch"] == PROMPTS[:2] and stats["rollout_batches"] == 3
 
 
@@ -390,10 +466,17 @@ def test_ranks_and_dynamic_sampling_batches_draw_different_cpu_streams():
     draw = lambda s: torch.rand(4, generator=torch.Generator().manual_seed(s))
     assert gvu.sampling_seed(3, 5) == 3 * 1_000_003 + 5
     seeds = [gvu.sampling_seed(3, 5, rank, r) for rank in range(4) for r in range(4)]
-    streams = {tuple(draw(s).tolist()) for s in seeds + [gvu.sampling_seed(3, 6), gvu.sampling_seed(4, 5)]}
+    streams = {
+        tuple(draw(s).tolist()) for s in seeds + [gvu.sampling_seed(3, 6), gvu.sampling_seed(4, 5)]
+    }
     assert len(streams) == len(seeds) + 2
-    prompts, args = [f"p{i}" for i in range(24)], gvu.Args(batch_prompts=4, dynamic_sampling=2, seed=3)
-    reserve = [p for step in range(3) for b in gvu.reserve_batches(prompts, step, args) for p in b]  # one epoch
+    prompts, args = (
+        [f"p{i}" for i in range(24)],
+        gvu.Args(batch_prompts=4, dynamic_sampling=2, seed=3),
+    )
+    reserve = [
+        p for step in range(3) for b in gvu.reserve_batches(prompts, step, args) for p in b
+    ]  # one epoch
     main = [p for step in range(6) for p in gvu.prompt_batch(prompts, step, 4, 3)]
     assert sorted(reserve) == sorted(prompts) and reserve != main
 
@@ -403,15 +486,27 @@ def test_gvu_step_standardises_rewards_within_each_prompt_group(monkeypatch, one
     samples (adjacent), by the statistics module on the rewards it returns, never over the whole batch."""
     u, _, policy = moved_lora()
     losses = spy(monkeypatch, "grpo_loss")
-    rewards, _, _, _ = gvu.gvu_step(u, policy, sgd(policy, 0.0), PROMPTS[:3], 0, gvu.Args(group_size=3),
-                                 reward_fn=pixel_mean_rewards)
+    rewards, _, _, _ = gvu.gvu_step(
+        u,
+        policy,
+        sgd(policy, 0.0),
+        PROMPTS[:3],
+        0,
+        gvu.Args(group_size=3),
+        reward_fn=pixel_mean_rewards,
+    )
     groups = rewards.view(3, 3).tolist()
     want = [(r - statistics.mean(g)) / (statistics.stdev(g) + 1e-4) for g in groups for r in g]
     # gvu standardises in fp32: R - mean keeps an error of about eps32 * |R|, then divided by the group stdev. With
     # the v2 world's 64 px tiny UMM this seed's smallest group stdev is 0.0015 (v1's 48 px: 0.0020) and the fp32
     # error reached 2.5e-5 (v1: 7e-6), past the old abs=1e-5; allow 8x the bound. A wrong formula (population
     # stdev, batch-wide stats, eps inside the root) is off by >= 1e-2 here.
-    tol = 8 * torch.finfo(torch.float32).eps * max(map(abs, rewards.tolist())) / min(map(statistics.stdev, groups))
+    tol = (
+        8
+        * torch.finfo(torch.float32).eps
+        * max(map(abs, rewards.tolist()))
+        / min(map(statistics.stdev, groups))
+    )
     assert losses[0][0][3].tolist() == pytest.approx(want, rel=1e-4, abs=max(1e-5, tol))
 
 
@@ -419,15 +514,23 @@ def test_frozen_judge_is_the_adapter_off_model_and_differs_from_the_policy_judge
     """--reward-model frozen scores with the base model (an untouched copy, per-token loop), policy scores with the
     LoRA'd model, and once the adapter has moved the two judges give different rewards for the same images."""
     u, base, policy = moved_lora()
-    out = {j: gvu.gvu_step(u, policy, sgd(policy, 0.0), PROMPTS[:2], 0, gvu.Args(group_size=2, reward_model=j))
-           for j in ("policy", "frozen")}  # lr 0: same weights, same step -> same images
+    out = {
+        j: gvu.gvu_step(
+            u, policy, sgd(policy, 0.0), PROMPTS[:2], 0, gvu.Args(group_size=2, reward_model=j)
+        )
+        for j in ("policy", "frozen")
+    }  # lr 0: same weights, same step -> same images
     images, prompts = out["frozen"][1], [p for p in PROMPTS[:2] for _ in range(2)]
-    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, out["policy"][1]))
+    assert all(
+        np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, out["policy"][1])
+    )
     u_base = copy.copy(u)
     u_base.lm = base
     u.lm.eval()
     with torch.no_grad():
-        want_frozen = bench.official_rewards(u_base, images, prompts, "Describe the image in detail.")
+        want_frozen = bench.official_rewards(
+            u_base, images, prompts, "Describe the image in detail."
+        )
         want_policy = bench.official_rewards(u, images, prompts, "Describe the image in detail.")
     torch.testing.assert_close(out["frozen"][0].double(), want_frozen, atol=1e-5, rtol=0)
     torch.testing.assert_close(out["policy"][0].double(), want_policy, atol=1e-5, rtol=0)
@@ -441,9 +544,15 @@ def test_micro_batched_update_equals_the_full_batch_update(one_thread):
     start, updates, losses = lora_state(policy), [], []
     for mb in (8, 3):
         load_lora(policy, start)
-        _, _, stats, _ = gvu.gvu_step(u, policy, sgd(policy, 1.0), PROMPTS[:2], 0,
-                                   gvu.Args(group_size=4, micro_batch=mb, max_grad_norm=1e9),
-                                   reward_fn=pixel_mean_rewards)
+        _, _, stats, _ = gvu.gvu_step(
+            u,
+            policy,
+            sgd(policy, 1.0),
+            PROMPTS[:2],
+            0,
+            gvu.Args(group_size=4, micro_batch=mb, max_grad_norm=1e9),
+            reward_fn=pixel_mean_rewards,
+        )
         updates.append({n: p - start[n] for n, p in lora_state(policy).items()})
         losses.append(stats["loss"])
     assert max(d.abs().max() for d in updates[0].values()) > 1e-4
@@ -458,15 +567,30 @@ def test_mu_two_takes_a_second_fresh_update_on_the_same_rollout(monkeypatch, one
     u, _, policy = moved_lora()
     start = lora_state(policy)
     args = dict(group_size=2, max_grad_norm=1e9, temperature=0.8)
-    _, _, stats, _ = gvu.gvu_step(u, policy, sgd(policy, 0.2), PROMPTS[:2], 0, gvu.Args(num_iterations=2, **args),
-                               reward_fn=pixel_mean_rewards)
+    _, _, stats, _ = gvu.gvu_step(
+        u,
+        policy,
+        sgd(policy, 0.2),
+        PROMPTS[:2],
+        0,
+        gvu.Args(num_iterations=2, **args),
+        reward_fn=pixel_mean_rewards,
+    )
     after_two = lora_state(policy)
     assert abs(stats["ratio"] - 1) > 1e-4  # the second pass saw a policy that had moved
 
     load_lora(policy, start)
     rollouts, losses = spy(monkeypatch, "rollout"), spy(monkeypatch, "grpo_loss")
     opt = sgd(policy, 0.2)
-    gvu.gvu_step(u, policy, opt, PROMPTS[:2], 0, gvu.Args(num_iterations=1, **args), reward_fn=pixel_mean_rewards)
+    gvu.gvu_step(
+        u,
+        policy,
+        opt,
+        PROMPTS[:2],
+        0,
+        gvu.Args(num_iterations=1, **args),
+        reward_fn=pixel_mean_rewards,
+    )
     ro, (_, old, ref, adv, *_) = rollouts[0][1], losses[0][0]
     opt.zero_grad()
     logp = gvu.image_token_logprobs(u, ro["prefix_ids"], ro["prefix_mask"], ro["codes"], 0.8)
@@ -484,12 +608,22 @@ def test_applied_update_is_clipped_to_max_grad_norm(one_thread):
     start, updates, norms = lora_state(policy), [], []
     for max_norm in (1e9, 1e-3):
         load_lora(policy, start)
-        _, _, stats, _ = gvu.gvu_step(u, policy, sgd(policy, 1.0), PROMPTS[:2], 0,
-                                   gvu.Args(group_size=2, max_grad_norm=max_norm), reward_fn=pixel_mean_rewards)
+        _, _, stats, _ = gvu.gvu_step(
+            u,
+            policy,
+            sgd(policy, 1.0),
+            PROMPTS[:2],
+            0,
+            gvu.Args(group_size=2, max_grad_norm=max_norm),
+            reward_fn=pixel_mean_rewards,
+        )
         updates.append(torch.cat([(p - start[n]).flatten() for n, p in lora_state(policy).items()]))
         norms.append(stats["grad_norm"])
     full, clipped = updates
-    assert norms[0] == pytest.approx(norms[1]) == pytest.approx(full.norm().item(), rel=1e-5) and norms[0] > 1e-2
+    assert (
+        norms[0] == pytest.approx(norms[1]) == pytest.approx(full.norm().item(), rel=1e-5)
+        and norms[0] > 1e-2
+    )
     assert clipped.norm().item() == pytest.approx(1e-3, rel=1e-3)
     assert F.cosine_similarity(clipped, full, 0) > 0.9999  # scaled, not truncated per element
 
@@ -498,17 +632,37 @@ def test_each_step_samples_from_its_own_seed_derived_from_seed_and_step(one_thre
     """gvu_step's sampling is a function of (--seed, step): the same step repeats its images exactly, another step
     or another seed draws different ones (lr 0, so only the seed changes)."""
     u, _, policy = moved_lora()
-    images = lambda step, seed: gvu.gvu_step(u, policy, sgd(policy, 0.0), PROMPTS[:2], step,
-                                             gvu.Args(group_size=2, seed=seed))[1]
+    images = lambda step, seed: gvu.gvu_step(
+        u, policy, sgd(policy, 0.0), PROMPTS[:2], step, gvu.Args(group_size=2, seed=seed)
+    )[1]
     same = lambda a, b: all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
     first = images(3, 0)
-    assert same(first, images(3, 0)) and not same(first, images(4, 0)) and not same(first, images(3, 1))
+    assert (
+        same(first, images(3, 0))
+        and not same(first, images(4, 0))
+        and not same(first, images(3, 1))
+    )
 
 
 # --- end to end -----------------------------------------------------------------------------
 def common(prompt_file, out, *extra):
-    return ["--model", "tiny-random", "--prompts", prompt_file, "--out", out, "--batch-prompts", "2",
-            "--group-size", "2", "--micro-batch", "3", "--sample-every", "1", *extra]
+    return [
+        "--model",
+        "tiny-random",
+        "--prompts",
+        prompt_file,
+        "--out",
+        out,
+        "--batch-prompts",
+        "2",
+        "--group-size",
+        "2",
+        "--micro-batch",
+        "3",
+        "--sample-every",
+        "1",
+        *extra,
+    ]
 
 
 def test_end_to_end_run_writes_log_adapter_and_sample_grid(tmp_path):
@@ -517,16 +671,21 @@ def test_end_to_end_run_writes_log_adapter_and_sample_grid(tmp_path):
     assert run_main(*common(pf, out, "--steps", "2")) is None
     rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert [r["step"] for r in rows] == [0, 1]
-    for key in "step reward_mean reward_std frac_zero_std loss kl clip_frac grad_norm seconds".split():
+    for (
+        key
+    ) in "step reward_mean reward_std frac_zero_std loss kl clip_frac grad_norm seconds".split():
         assert all(key in r for r in rows)
     assert 0 < rows[0]["reward_mean"] < 1
     assert json.load(open(os.path.join(out, "config.json")))["group_size"] == 2
     state = torch.load(os.path.join(out, "state.pt"), weights_only=True)
     loaded = PeftModel.from_pretrained(TinyUMM.random(0).lm, os.path.join(out, "adapter"))
     lora = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
-    assert lora and any(p.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n)  # trained, not the init
+    assert lora and any(
+        p.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n
+    )  # trained, not the init
     assert all(torch.equal(p, state["lora"][n.replace(".default", "")]) for n, p in lora.items())
     from PIL import Image
+
     assert Image.open(os.path.join(out, "samples", "step_00001.png")).size[0] == 2 * 96
 
 
@@ -536,10 +695,14 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     assert run_main(*common(pf, a, "--steps", "4", "--save-every", "2")) is None
     assert run_main(*common(pf, b, "--steps", "2", "--save-every", "2")) is None
-    with open(os.path.join(b, "log.jsonl"), "a") as f:  # a step logged after the last save, then killed
+    with open(
+        os.path.join(b, "log.jsonl"), "a"
+    ) as f:  # a step logged after the last save, then killed
         f.write(json.dumps({"step": 2, "reward_mean": -1}) + "\n")
     assert run_main(*common(pf, b, "--steps", "4", "--save-every", "2", "--resume")) is None
-    strip = lambda path: [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in open(path)]
+    strip = lambda path: [
+        {k: v for k, v in json.loads(line).items() if k != "seconds"} for line in open(path)
+    ]
     assert strip(os.path.join(a, "log.jsonl")) == strip(os.path.join(b, "log.jsonl"))
 
 
@@ -552,7 +715,9 @@ def test_non_finite_reward_stops_cleanly_and_keeps_the_saved_state(tmp_path, mon
     msg = run_main(*common(pf, out, "--steps", "2", "--resume"))
     assert msg.startswith("error: non-finite reward at step 1") and "\n" not in msg
     assert open(os.path.join(out, "state.pt"), "rb").read() == saved
-    assert "already holds a run" in run_main(*common(pf, out, "--steps", "2"))  # no silent overwrite
+    assert "already holds a run" in run_main(
+        *common(pf, out, "--steps", "2")
+    )  # no silent overwrite
 
 
 def test_same_seed_gives_identical_logs_and_another_seed_a_different_one(tmp_path, one_thread):
@@ -569,21 +734,38 @@ def test_same_seed_gives_identical_logs_and_another_seed_a_different_one(tmp_pat
         torch.manual_seed(noise)  # a fresh process's random global state
         out = str(tmp_path / f"run{run}")
         argv = common(pf, out, "--steps", "2", "--seed", str(seed), "--sample-every", "100")
-        gvu.main([str(tmp_path / "m") if a == "tiny-random" else a for a in argv], reward_fn=pixel_mean_rewards)
-        logs.append([{k: v for k, v in json.loads(line).items() if k != "seconds"}
-                     for line in open(os.path.join(out, "log.jsonl"))])
+        gvu.main(
+            [str(tmp_path / "m") if a == "tiny-random" else a for a in argv],
+            reward_fn=pixel_mean_rewards,
+        )
+        logs.append(
+            [
+                {k: v for k, v in json.loads(line).items() if k != "seconds"}
+                for line in open(os.path.join(out, "log.jsonl"))
+            ]
+        )
     assert logs[0] == logs[1] and logs[0] != logs[2] and logs[0][0]["grad_norm"] > 0
 
 
-@pytest.mark.parametrize("content, extra, expect", [
-    (None, [], "prompt file not found"),
-    ("\n  \n", [], "has no prompts"),
-    (b"a photo of a \xff circle\n", [], "not UTF-8"),
-    ("a photo of a circle\n", ["--group-size", "1"], "--group-size must be >= 2"),
-    ("a photo of a circle\na photo of a zebra and a Dog\n", [], "line 2 has words the model does not know: Dog, zebra"),
-    ("a photo of a circle\na photo of a " + "circle and a " * 80 + "square\n", [],  # 246 words: > 256 positions
-     "p.txt is too long: it needs"),
-])
+@pytest.mark.parametrize(
+    "content, extra, expect",
+    [
+        (None, [], "prompt file not found"),
+        ("\n  \n", [], "has no prompts"),
+        (b"a photo of a \xff circle\n", [], "not UTF-8"),
+        ("a photo of a circle\n", ["--group-size", "1"], "--group-size must be >= 2"),
+        (
+            "a photo of a circle\na photo of a zebra and a Dog\n",
+            [],
+            "line 2 has words the model does not know: Dog, zebra",
+        ),
+        (
+            "a photo of a circle\na photo of a " + "circle and a " * 80 + "square\n",
+            [],  # 246 words: > 256 positions
+            "p.txt is too long: it needs",
+        ),
+    ],
+)
 def test_bad_input_gives_one_line_error(tmp_path, content, extra, expect):
     """Missing, empty or non-UTF-8 prompt files, G < 2, unknown words and a prompt longer than the model's positions:
     one line, non-zero exit."""
@@ -594,8 +776,19 @@ def test_bad_input_gives_one_line_error(tmp_path, content, extra, expect):
 
 def test_cli_error_has_no_traceback_and_unknown_flags_are_rejected(tmp_path):
     """As a real process: a bad prompt file exits 1 with one stderr line; an unknown flag exits 2."""
-    r = subprocess.run([sys.executable, os.path.join(HERE, "gvu.py"), "--prompts", str(tmp_path / "nope.txt"),
-                        "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=HERE)
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(HERE, "gvu.py"),
+            "--prompts",
+            str(tmp_path / "nope.txt"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+    )
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: prompt file not found")
     with pytest.raises(SystemExit) as e:

@@ -36,6 +36,7 @@ embedding tables and two heads; the image codes are ordinary ids `config.vocab_s
     umm = XOmni.from_pretrained("X-Omni/X-Omni-En", flux="black-forest-labs/FLUX.1-dev", trust_remote_code=True,
                                 device="cuda")
 """
+
 import inspect
 import json
 import os
@@ -46,26 +47,36 @@ from PIL import Image
 
 from models.tiny_umm import TinyUMM
 
-USER, ASSISTANT = "<|User|>", "<|Assistant|>"  # Janus's "deepseek" chat roles (sep "\n\n", sep2 EOS)
+USER, ASSISTANT = (
+    "<|User|>",
+    "<|Assistant|>",
+)  # Janus's "deepseek" chat roles (sep "\n\n", sep2 EOS)
 PAD_TOKEN = "<｜▁pad▁｜>"  # Janus's pad token, used when a tokenizer names none
-JANUS_TRANSFORMERS = "5"  # the adapter reads get_image_features(...).pooler_output: transformers 5's return type
+JANUS_TRANSFORMERS = (
+    "5"  # the adapter reads get_image_features(...).pooler_output: transformers 5's return type
+)
 
 
 def require_transformers(version, who):
     """Refuse, in one line, a transformers older than `version` (before any weights load)."""
     import transformers
     from packaging.version import Version
+
     if Version(transformers.__version__) < Version(version):
-        raise InputError(f"{who} needs transformers >= {version}; this environment has {transformers.__version__}")
+        raise InputError(
+            f"{who} needs transformers >= {version}; this environment has {transformers.__version__}"
+        )
 
 
 def janus_image_processor_class():
     """Janus's image processor without torchvision: its own module in transformers 5, the plain class in 4.x."""
     try:
         from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
+
         return JanusImageProcessorPil
     except ImportError:
         from transformers import JanusImageProcessor
+
         return JanusImageProcessor
 
 
@@ -88,7 +99,14 @@ class JanusPro:
     # LoRA on the language model's linear layers only: the SigLIP tower also has q_proj/k_proj/v_proj
     lora_targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
-    def __init__(self, model, processor_or_tokenizer, image_processor=None, system_prompt=None, decode_batch=16):
+    def __init__(
+        self,
+        model,
+        processor_or_tokenizer,
+        image_processor=None,
+        system_prompt=None,
+        decode_batch=16,
+    ):
         """model: JanusForConditionalGeneration. processor_or_tokenizer: a JanusProcessor (its tokenizer and
         image processor are used) or a tokenizer, then `image_processor` (default: Janus's SigLIP
         normalisation, mean = std = 0.5, at the vision tower's size). system_prompt: text before the
@@ -103,42 +121,70 @@ class JanusPro:
         vcfg = model.config.vision_config
         if image_processor is None:
             image_processor = janus_image_processor_class()(
-                size={"height": vcfg.image_size, "width": vcfg.image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+                size={"height": vcfg.image_size, "width": vcfg.image_size},
+                image_mean=[0.5] * 3,
+                image_std=[0.5] * 3,
+            )
         self.lm, self.tokenizer, self.image_processor = model, tokenizer, image_processor
         if system_prompt is None:
             from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
-            system_prompt = DEFAULT_SYSTEM_PROMPT if getattr(proc, "use_default_system_prompt", False) else ""
+
+            system_prompt = (
+                DEFAULT_SYSTEM_PROMPT if getattr(proc, "use_default_system_prompt", False) else ""
+            )
         self.system_prompt, self.decode_batch = system_prompt, decode_batch
         if tokenizer.pad_token is None:
             tokenizer.pad_token = PAD_TOKEN
         # CFG's unconditional rows use generate's pad (<｜▁pad▁｜> in the converted checkpoints' generation config)
         gen_pad = getattr(model.generation_config, "pad_token_id", None)
-        self.cfg_pad_token = tokenizer.convert_ids_to_tokens(gen_pad) if gen_pad is not None else tokenizer.pad_token
+        self.cfg_pad_token = (
+            tokenizer.convert_ids_to_tokens(gen_pad) if gen_pad is not None else tokenizer.pad_token
+        )
         self.image_token = getattr(tokenizer, "image_token", None) or "<image_placeholder>"
         self.boi_token = getattr(tokenizer, "boi_token", None) or "<begin_of_image>"
         self.eoi_token = getattr(tokenizer, "eoi_token", None) or "<end_of_image>"
         self.image_token_id = model.config.image_token_id
-        for t in (self.image_token, self.boi_token, self.eoi_token, tokenizer.pad_token, self.cfg_pad_token):
+        for t in (
+            self.image_token,
+            self.boi_token,
+            self.eoi_token,
+            tokenizer.pad_token,
+            self.cfg_pad_token,
+        ):
             ids = tokenizer(t, add_special_tokens=False).input_ids
             assert len(ids) == 1, f"{t!r} must be one token, got {ids}"
-        assert tokenizer.convert_tokens_to_ids(self.image_token) == self.image_token_id, "config.image_token_id"
+        assert tokenizer.convert_tokens_to_ids(self.image_token) == self.image_token_id, (
+            "config.image_token_id"
+        )
         # the tokenizer adds BOS itself (gvu's rollout relies on it); caption contexts are tokenised without
         # special tokens, so they spell BOS out
         self.bos = tokenizer.bos_token
         self.adds_bos = tokenizer("a").input_ids[0] == tokenizer.bos_token_id
 
         self.image_offset = model.config.text_config.vocab_size  # text ids live in [0, V)
-        assert len(tokenizer) <= self.image_offset, "tokenizer ids must stay below the text vocabulary size"
+        assert len(tokenizer) <= self.image_offset, (
+            "tokenizer ids must stay below the text vocabulary size"
+        )
         self.image_vocab_size = model.config.vq_config.num_embeddings  # K (16384)
         self.grid = tuple(model.model.vqmodel.quantize.quant_state_dims)  # (24, 24)
-        levels = len(model.config.vq_config.channel_multiplier)  # the VQ decoder doubles the size at each level but one
-        self.image_size = self.grid[0] * 2 ** (levels - 1)  # its only output size: 24 * 16 = 384 px for Janus-Pro
-        self.num_image_tokens = model.model.vision_model.embeddings.num_patches  # 576 understanding slots
+        levels = len(
+            model.config.vq_config.channel_multiplier
+        )  # the VQ decoder doubles the size at each level but one
+        self.image_size = self.grid[0] * 2 ** (
+            levels - 1
+        )  # its only output size: 24 * 16 = 384 px for Janus-Pro
+        self.num_image_tokens = (
+            model.model.vision_model.embeddings.num_patches
+        )  # 576 understanding slots
         if hasattr(proc, "num_image_tokens"):
-            assert proc.num_image_tokens == self.num_image_tokens, "processor and vision tower disagree"
+            assert proc.num_image_tokens == self.num_image_tokens, (
+                "processor and vision tower disagree"
+            )
         self.generation_mode = "text"
         params = inspect.signature(model.model.language_model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers 5.x : 4.x
+        self._cache_kw = (
+            "cache" if "cache" in params else "past_key_values"
+        )  # transformers 5.x : 4.x
         model.model.vqmodel.requires_grad_(False).eval()  # frozen: GvU trains LoRA on the LM only
 
     # --- construction --------------------------------------------------------------------
@@ -148,7 +194,10 @@ class JanusPro:
         dtype: None keeps float32 weights (gvu adds bf16 autocast on CUDA); torch.bfloat16 halves memory."""
         require_transformers(JANUS_TRANSFORMERS, "the Janus-Pro adapter")
         from transformers import JanusForConditionalGeneration, JanusProcessor
-        model = JanusForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype or torch.float32)
+
+        model = JanusForConditionalGeneration.from_pretrained(
+            name_or_path, dtype=dtype or torch.float32
+        )
         processor = JanusProcessor.from_pretrained(name_or_path)
         return cls(model.to(device).eval(), processor, **kwargs)
 
@@ -197,7 +246,9 @@ class JanusPro:
 
     understands_codes = False  # understanding reads SigLIP features of pixels, not VQ codes: no --reward-input codes
 
-    answer_prefix = " "  # the chat template writes "<|Assistant|>: {answer}" (byte-level BPE: "Ġword")
+    answer_prefix = (
+        " "  # the chat template writes "<|Assistant|>: {answer}" (byte-level BPE: "Ġword")
+    )
 
     @property
     def answer_suffix(self):
@@ -210,8 +261,12 @@ class JanusPro:
     # --- the LM ---------------------------------------------------------------------------------
     def image_pixel_values(self, images):
         """list of PIL -> (N, 3, S, S): Janus's image processor (resize, pad to square, SigLIP norm)."""
-        pv = self.image_processor([im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
-        return pv.to(self.lm.device, self.lm.model.vision_model.embeddings.patch_embedding.weight.dtype)
+        pv = self.image_processor([im.convert("RGB") for im in images], return_tensors="pt")[
+            "pixel_values"
+        ]
+        return pv.to(
+            self.lm.device, self.lm.model.vision_model.embeddings.patch_embedding.weight.dtype
+        )
 
     def embed(self, input_ids, images=None):
         """Input embeddings (B, T, D): text ids -> text table; ids >= image_offset -> generation path;
@@ -220,17 +275,25 @@ class JanusPro:
         is_code = input_ids >= self.image_offset
         embeds = janus.language_model.get_input_embeddings()(input_ids.masked_fill(is_code, 0))
         if is_code.any():
-            gen = self.lm.prepare_embeddings_for_image_generation(input_ids[is_code] - self.image_offset)
+            gen = self.lm.prepare_embeddings_for_image_generation(
+                input_ids[is_code] - self.image_offset
+            )
             embeds = embeds.masked_scatter(is_code[..., None], gen.to(embeds.dtype))
         slots = input_ids == self.image_token_id
         if slots.any():
             if images is None:
-                raise ImagesRequired("input_ids hold <image_placeholder> tokens: pass images=[one PIL per row] to "
-                                     "hidden_states (gvu.prompt_token_logprobs must pass its micro-batch's images)")
+                raise ImagesRequired(
+                    "input_ids hold <image_placeholder> tokens: pass images=[one PIL per row] to "
+                    "hidden_states (gvu.prompt_token_logprobs must pass its micro-batch's images)"
+                )
             assert len(images) == len(input_ids), f"{len(images)} images for {len(input_ids)} rows"
             per_row = slots.sum(1)
-            assert (per_row == self.num_image_tokens).all(), f"placeholders per row {per_row.tolist()}"
-            feats = janus.get_image_features(self.image_pixel_values(images)).pooler_output  # (B, 576, D)
+            assert (per_row == self.num_image_tokens).all(), (
+                f"placeholders per row {per_row.tolist()}"
+            )
+            feats = janus.get_image_features(
+                self.image_pixel_values(images)
+            ).pooler_output  # (B, 576, D)
             embeds = embeds.masked_scatter(slots[..., None], feats.to(embeds.dtype))
         return embeds
 
@@ -238,8 +301,12 @@ class JanusPro:
         """Final-layer hidden states (B, T, D) of the language model (after its final norm).
         `cache` (a DynamicCache) is updated in place. images: one PIL per row, or None."""
         out = self.lm.model.language_model(
-            inputs_embeds=self.embed(input_ids, images), attention_mask=attention_mask, position_ids=position_ids,
-            use_cache=cache is not None, **{self._cache_kw: cache})
+            inputs_embeds=self.embed(input_ids, images),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=cache is not None,
+            **{self._cache_kw: cache},
+        )
         return out.last_hidden_state
 
     def logits(self, hidden):
@@ -276,6 +343,7 @@ def dtype_kwarg():
     """from_pretrained's dtype keyword: `dtype` from transformers 4.56, `torch_dtype` before (X-Omni's 4.52)."""
     import transformers
     from packaging.version import Version
+
     return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
@@ -284,10 +352,16 @@ def chat_answer_affixes(tokenizer, end_of_turn=END_OF_TURN):
     read off the template itself rather than assumed."""
     user = [{"role": "user", "content": "?"}]
     head = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": "\x00"}], tokenize=False)
-    assert full.startswith(head), "the chat template writes the assistant header differently with an answer"
-    prefix, after = full[len(head):].split("\x00", 1)
-    assert after.startswith(end_of_turn), f"the chat template does not end an answer with {end_of_turn!r}: {after!r}"
+    full = tokenizer.apply_chat_template(
+        user + [{"role": "assistant", "content": "\x00"}], tokenize=False
+    )
+    assert full.startswith(head), (
+        "the chat template writes the assistant header differently with an answer"
+    )
+    prefix, after = full[len(head) :].split("\x00", 1)
+    assert after.startswith(end_of_turn), (
+        f"the chat template does not end an answer with {end_of_turn!r}: {after!r}"
+    )
     return prefix, end_of_turn
 
 
@@ -309,7 +383,9 @@ class XOmni:
     # LoRA on the LM's linear layers only: image_tokenizer (the SigLIP ViT) is a submodule of the same model
     lora_targets = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
     patch = 16  # generate.py's --downsample-size: one image code per 16 x 16 pixels
-    default_image_size = 512  # 32 x 32 codes; generate.py's default is 1152 (72 x 72); GvU's official runs use 576
+    default_image_size = (
+        512  # 32 x 32 codes; generate.py's default is 1152 (72 x 72); GvU's official runs use 576
+    )
 
     def __init__(self, model, tokenizer, image_size=None, decode_batch=8, decoder_text="none"):
         """model: XOmniForCausalLM on which init_vision has run. image_size: the square size to generate, in
@@ -317,41 +393,64 @@ class XOmni:
         decoder_text: the FLUX decoder's text condition, "none" (the empty prompt) or "prompt" (each image's T2I
         prompt, as X-Omni's mmdecode and GvU's official code do); see decode_images."""
         image_size = image_size or self.default_image_size
-        assert image_size % self.patch == 0 and decoder_text in ("none", "prompt"), (image_size, decoder_text)
+        assert image_size % self.patch == 0 and decoder_text in ("none", "prompt"), (
+            image_size,
+            decoder_text,
+        )
         self.image_size, self.decoder_text = image_size, decoder_text
         cfg = model.config
         self.lm, self.tokenizer, self.decode_batch = model, tokenizer, decode_batch
         self.som, self.eom, self.img = cfg.mm_special_tokens[:3]  # '<SOM>', '<EOM>', '<IMAGE>'
-        self.image_offset = cfg.vocab_size  # XOmniModel.embed_tokens: id >= vocab_size is code id - vocab_size
-        self.image_vocab_size = cfg.image_vocab_size  # K; forward's image logits are mm_head rows [0, K)
+        self.image_offset = (
+            cfg.vocab_size
+        )  # XOmniModel.embed_tokens: id >= vocab_size is code id - vocab_size
+        self.image_vocab_size = (
+            cfg.image_vocab_size
+        )  # K; forward's image logits are mm_head rows [0, K)
         self.grid = (image_size // self.patch,) * 2  # (h, w) codes, generate.py's token_h, token_w
-        ends = [f"<MM-Token-{k}>" for k in (0, self.image_vocab_size - 1)]  # mmdecode parses codes from these
+        ends = [
+            f"<MM-Token-{k}>" for k in (0, self.image_vocab_size - 1)
+        ]  # mmdecode parses codes from these
         got = tokenizer.convert_tokens_to_ids(ends)
-        assert got == [self.image_offset, self.image_offset + self.image_vocab_size - 1], f"{ends} are ids {got}"
+        assert got == [self.image_offset, self.image_offset + self.image_vocab_size - 1], (
+            f"{ends} are ids {got}"
+        )
         for t in (self.som, self.img, self.eom, END_OF_TURN):
-            assert len(tokenizer(t, add_special_tokens=False).input_ids) == 1, f"{t!r} must be one token"
+            assert len(tokenizer(t, add_special_tokens=False).input_ids) == 1, (
+                f"{t!r} must be one token"
+            )
         self.answer_prefix, self.answer_suffix = chat_answer_affixes(tokenizer)
         self.generation_mode = "text"
         params = inspect.signature(model.model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers 5.x : 4.x
-        model.model.has_sliding_layers = False  # XOmniModel skips Qwen2Model.__init__; X-Omni's forward sets it too
+        self._cache_kw = (
+            "cache" if "cache" in params else "past_key_values"
+        )  # transformers 5.x : 4.x
+        model.model.has_sliding_layers = (
+            False  # XOmniModel skips Qwen2Model.__init__; X-Omni's forward sets it too
+        )
         model.image_tokenizer.requires_grad_(False).eval()  # frozen: GvU trains LoRA on the LM only
         self._empty_text = self._prepare_decoder_text()  # (1, L, D), (1, D'): the embeddings of ""
         model.decoder_pipe.to(model.device)
 
     # --- construction --------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, name_or_path, flux, trust_remote_code=False, device="cpu", dtype=None, **kwargs):
+    def from_pretrained(
+        cls, name_or_path, flux, trust_remote_code=False, device="cpu", dtype=None, **kwargs
+    ):
         """Load as X-Omni's generate.py and chat.py do: the fast tokenizer, AutoModelForCausalLM with the
         repository's own code, moved to `device`, then `init_vision(flux)` (SigLIP-VQ tokenizer + the FLUX.1-dev
         based decoder). trust_remote_code reaches transformers as given (False: transformers refuses).
         dtype: None = bfloat16 on CUDA (X-Omni's), else float32."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
         dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
-                                                     **{dtype_kwarg(): dtype})
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, **{dtype_kwarg(): dtype}
+        )
         # the flag reaches the tokenizer too: transformers 5 would otherwise ask on stdin about the config's auto_map
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, use_fast=True, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            name_or_path, use_fast=True, trust_remote_code=trust_remote_code
+        )
         model.to(device).eval()
         model.init_vision(flux)
         return cls(model, tokenizer, **kwargs)
@@ -363,7 +462,9 @@ class XOmni:
 
     def to(self, device):
         self.lm.to(device)  # the image tokenizer is a submodule of lm
-        self.lm.decoder_pipe.to(device)  # a diffusers pipeline (without its text encoders with decoder_text "none")
+        self.lm.decoder_pipe.to(
+            device
+        )  # a diffusers pipeline (without its text encoders with decoder_text "none")
         return self
 
     @torch.no_grad()
@@ -374,11 +475,20 @@ class XOmni:
         conditioned on the SigLIP-VQ features of the codes, just not on text. With "prompt" they stay, and
         decode_images encodes each batch's prompts."""
         pipe = self.lm.decoder_pipe
-        want = {"prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds",
-                "generator"}
+        want = {
+            "prompt_embeds",
+            "pooled_prompt_embeds",
+            "negative_prompt_embeds",
+            "negative_pooled_prompt_embeds",
+            "generator",
+        }
         params = inspect.signature(pipe.__call__).parameters
-        missing = set() if any(p.kind == p.VAR_KEYWORD for p in params.values()) else want - set(params)
-        assert not missing, f"the decoder pipeline {type(pipe).__name__} does not take {sorted(missing)}"
+        missing = (
+            set() if any(p.kind == p.VAR_KEYWORD for p in params.values()) else want - set(params)
+        )
+        assert not missing, (
+            f"the decoder pipeline {type(pipe).__name__} does not take {sorted(missing)}"
+        )
         device = self.lm.device
         pipe.text_encoder.to(device)
         pipe.text_encoder_2.to(device)
@@ -392,7 +502,9 @@ class XOmni:
 
     def _encode_decoder_text(self, texts):
         """FLUX's CLIP + T5 embeddings of `texts`: (n, L, D), (n, D'), as the pipeline itself makes them."""
-        embeds, pooled, _ = self.lm.decoder_pipe.encode_prompt(prompt=texts, prompt_2=texts, device=self.lm.device)
+        embeds, pooled, _ = self.lm.decoder_pipe.encode_prompt(
+            prompt=texts, prompt_2=texts, device=self.lm.device
+        )
         return embeds, pooled
 
     # --- prompts -----------------------------------------------------------------------------
@@ -432,7 +544,9 @@ class XOmni:
         elif len({im.size for im in images}) == 1:
             self.lm.image_tokenizer.eval()
             x = torch.stack([self.lm.image_transform(im) for im in images])  # (N, 3, H, W)
-            codes = self.lm.image_tokenizer.encode(x.to(self.lm.device, self.lm.vision_dtype))  # (N, h, w)
+            codes = self.lm.image_tokenizer.encode(
+                x.to(self.lm.device, self.lm.vision_dtype)
+            )  # (N, h, w)
             texts = [self.codes_text(c.reshape(-1), c.shape) for c in codes]
         else:
             texts = [self.tokenize_image(im) for im in images]
@@ -454,15 +568,20 @@ class XOmni:
         """Final hidden states (B, T, D) of XOmniModel: lm_norm at text positions, mm_norm at image codes (the
         remote `norm`). `cache` (a DynamicCache) is updated in place. `images` is unused: X-Omni reads images as
         codes in the text (caption_prompt)."""
-        out = self.lm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=cache is not None, **{self._cache_kw: cache})
+        out = self.lm.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=cache is not None,
+            **{self._cache_kw: cache},
+        )
         return out.last_hidden_state
 
     def logits(self, hidden):
         """Image mode: mm_head rows [0, K), the codes (X-Omni's forward puts them at ids vocab_size + k). Text
         mode: lm_head over the text ids [0, vocab_size). LoRA never touches the heads, so slicing is exact."""
         if self.generation_mode == "image":
-            return F.linear(hidden, self.lm.mm_head.weight[:self.image_vocab_size])
+            return F.linear(hidden, self.lm.mm_head.weight[: self.image_vocab_size])
         return self.lm.lm_head(hidden)
 
     @torch.no_grad()
@@ -473,21 +592,45 @@ class XOmni:
         the text condition when decoder_text is "prompt" (negative: ''); ignored with "none" ('' for both)."""
         (h, w), dec, pipe = self.grid, self.lm.decoder_config, self.lm.decoder_pipe
         if self.decoder_text == "prompt":
-            assert prompts is not None and len(prompts) == len(codes), "decoder_text='prompt': one prompt per image"
+            assert prompts is not None and len(prompts) == len(codes), (
+                "decoder_text='prompt': one prompt per image"
+            )
         embeds, pooled = self._empty_text
         images = []
-        for s, chunk in zip(range(0, len(codes), self.decode_batch), codes.to(self.lm.device).split(self.decode_batch)):
+        for s, chunk in zip(
+            range(0, len(codes), self.decode_batch),
+            codes.to(self.lm.device).split(self.decode_batch),
+        ):
             n = len(chunk)
-            feats = self.lm.image_tokenizer.decode(chunk.reshape(-1), (n, h, w, self.lm.encoder_config.codebook_dim))
-            feats = feats.flatten(2).transpose(1, 2).contiguous()  # (n, C, h, w) -> (n, h*w, C), as detokenize_image
-            empty = dict(prompt_embeds=embeds.repeat(n, 1, 1), pooled_prompt_embeds=pooled.repeat(n, 1))
+            feats = self.lm.image_tokenizer.decode(
+                chunk.reshape(-1), (n, h, w, self.lm.encoder_config.codebook_dim)
+            )
+            feats = (
+                feats.flatten(2).transpose(1, 2).contiguous()
+            )  # (n, C, h, w) -> (n, h*w, C), as detokenize_image
+            empty = dict(
+                prompt_embeds=embeds.repeat(n, 1, 1), pooled_prompt_embeds=pooled.repeat(n, 1)
+            )
             text = empty
             if self.decoder_text == "prompt":
-                text = dict(zip(("prompt_embeds", "pooled_prompt_embeds"), self._encode_decoder_text(prompts[s:s + n])))
-            out = pipe(feats, **text, **{"negative_" + k: v for k, v in empty.items()},
-                       height=h * dec.upscale_factor, width=w * dec.upscale_factor,
-                       num_inference_steps=dec.num_inference_steps, guidance_scale=1.0,
-                       true_cfg_scale=dec.cfg_scale, true_cfg_scale_2=dec.cfg_scale_2, generator=generator)
+                text = dict(
+                    zip(
+                        ("prompt_embeds", "pooled_prompt_embeds"),
+                        self._encode_decoder_text(prompts[s : s + n]),
+                    )
+                )
+            out = pipe(
+                feats,
+                **text,
+                **{"negative_" + k: v for k, v in empty.items()},
+                height=h * dec.upscale_factor,
+                width=w * dec.upscale_factor,
+                num_inference_steps=dec.num_inference_steps,
+                guidance_scale=1.0,
+                true_cfg_scale=dec.cfg_scale,
+                true_cfg_scale_2=dec.cfg_scale_2,
+                generator=generator,
+            )
             images += out.images
         return images
 
@@ -501,13 +644,24 @@ class InputError(Exception):
 def pick_device(name="auto"):
     """'auto' -> cuda > mps > cpu; anything else as given, if this machine has it (else InputError)."""
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        return (
+            "cuda"
+            if torch.cuda.is_available()
+            else "mps"
+            if torch.backends.mps.is_available()
+            else "cpu"
+        )
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise InputError(f"--device {name}: not a device (auto | cuda | cuda:N | mps | cpu)") from None
-    have = {"cpu": 1, "cuda": torch.cuda.device_count() if torch.cuda.is_available() else 0,
-            "mps": int(torch.backends.mps.is_available())}.get(dev.type, 0)
+        raise InputError(
+            f"--device {name}: not a device (auto | cuda | cuda:N | mps | cpu)"
+        ) from None
+    have = {
+        "cpu": 1,
+        "cuda": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "mps": int(torch.backends.mps.is_available()),
+    }.get(dev.type, 0)
     if (dev.index or 0) >= have:
         raise InputError(f"--device {name}: this machine has no such device")
     return name
@@ -516,45 +670,80 @@ def pick_device(name="auto"):
 def use_bf16(dtype, device):
     """--dtype -> bf16 or not. 'auto': bf16 (real weights loaded in bf16, bf16 autocast) on a CUDA GPU that has it,
     fp32 elsewhere; the trainer and the evaluation both decide with this one rule."""
-    return dtype == "bfloat16" or (dtype == "auto" and device == "cuda" and torch.cuda.is_bf16_supported())
+    return dtype == "bfloat16" or (
+        dtype == "auto" and device == "cuda" and torch.cuda.is_bf16_supported()
+    )
 
 
-def load_umm(name, seed=0, trust_remote_code=False, flux="", device="cpu", bf16=False, image_size=0,
-             decoder_text="none"):
+def load_umm(
+    name,
+    seed=0,
+    trust_remote_code=False,
+    flux="",
+    device="cpu",
+    bf16=False,
+    image_size=0,
+    decoder_text="none",
+):
     """The UMM for --model. Real checkpoints load their weights in bf16 when bf16 is on (LoRA stays fp32).
     X-Omni's model class is Python code from its repository: it runs only with trust_remote_code.
     image_size: pixels per side to generate, 0 = the model's default (X-Omni: any multiple of 16; the tiny UMM and
     Janus-Pro: their decoder's one size). decoder_text: "prompt" conditions X-Omni's FLUX decoder on each image's
     T2I prompt; the other decoders read codes only, so they accept "none" alone."""
+
     def no_text(kind):
         if decoder_text != "none":
-            raise InputError(f"--decoder-text {decoder_text}: {kind}'s decoder reads image codes only, not text; "
-                             "use --decoder-text none")
+            raise InputError(
+                f"--decoder-text {decoder_text}: {kind}'s decoder reads image codes only, not text; "
+                "use --decoder-text none"
+            )
 
     def native_size(umm, kind):
         if image_size and image_size != umm.image_size:
-            raise InputError(f"--image-size {image_size}: {kind} generates {umm.image_size} px images only")
+            raise InputError(
+                f"--image-size {image_size}: {kind} generates {umm.image_size} px images only"
+            )
         return umm
 
     if name == "tiny-random" or (os.path.isdir(name) and TinyUMM.is_tiny_umm(name)):
         no_text("the tiny UMM")
-        return native_size(TinyUMM.random(seed) if name == "tiny-random" else TinyUMM.from_pretrained(name),
-                           "the tiny UMM")
+        return native_size(
+            TinyUMM.random(seed) if name == "tiny-random" else TinyUMM.from_pretrained(name),
+            "the tiny UMM",
+        )
     if XOmni.is_xomni(name):
         if not trust_remote_code:
-            raise InputError(f"--model {name} is X-Omni, whose model is Python code from its repository: "
-                             "pass --trust-remote-code to run that code (it is never implied)")
+            raise InputError(
+                f"--model {name} is X-Omni, whose model is Python code from its repository: "
+                "pass --trust-remote-code to run that code (it is never implied)"
+            )
         if not flux:
-            raise InputError(f"--model {name} is X-Omni, which decodes images with a FLUX.1-dev based decoder: "
-                             "pass --flux PATH (a FLUX.1-dev folder or hub id)")
+            raise InputError(
+                f"--model {name} is X-Omni, which decodes images with a FLUX.1-dev based decoder: "
+                "pass --flux PATH (a FLUX.1-dev folder or hub id)"
+            )
         if image_size < 0 or image_size % XOmni.patch:
-            raise InputError(f"--image-size {image_size}: X-Omni makes one image code per {XOmni.patch} px, "
-                             f"so the size must be a multiple of {XOmni.patch} (GvU's paper: 576)")
-        return XOmni.from_pretrained(name, flux, trust_remote_code=True, device=device,
-                                     dtype=torch.bfloat16 if bf16 else torch.float32, image_size=image_size or None,
-                                     decoder_text=decoder_text)
+            raise InputError(
+                f"--image-size {image_size}: X-Omni makes one image code per {XOmni.patch} px, "
+                f"so the size must be a multiple of {XOmni.patch} (GvU's paper: 576)"
+            )
+        return XOmni.from_pretrained(
+            name,
+            flux,
+            trust_remote_code=True,
+            device=device,
+            dtype=torch.bfloat16 if bf16 else torch.float32,
+            image_size=image_size or None,
+            decoder_text=decoder_text,
+        )
     if JanusPro.is_janus(name):
-        no_text("Janus-Pro")  # from_pretrained checks the transformers version before loading; on the CPU
-        return native_size(JanusPro.from_pretrained(name, dtype=torch.bfloat16 if bf16 else None), "Janus-Pro")
-    raise InputError(f"--model {name}: not 'tiny-random', a tiny UMM folder (tiny_umm.json), a Janus(-Pro) or an "
-                     "X-Omni checkpoint")
+        no_text(
+            "Janus-Pro"
+        )  # from_pretrained checks the transformers version before loading; on the CPU
+        return native_size(
+            JanusPro.from_pretrained(name, dtype=torch.bfloat16 if bf16 else None), "Janus-Pro"
+        )
+    raise InputError(
+        f"--model {name}: not 'tiny-random', a tiny UMM folder (tiny_umm.json), a Janus(-Pro) or an "
+        "X-Omni checkpoint"
+    )

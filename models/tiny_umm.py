@@ -23,6 +23,7 @@ Parts:
 The recipe that trains it (and measures its understanding) is world/make_tiny_umm.py; the checkpoints it
 wrote are checkpoints/tiny-umm (the default --model of gvu.py) and checkpoints/tiny-umm-weak.
 """
+
 import json
 import os
 
@@ -36,9 +37,15 @@ from PIL import Image
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from world.shapes import GRID, IMAGE_SIZE, PROMPT_WORDS  # 64 px canvas, 4x4 cells: one image code per 16x16 cell
+from world.shapes import (
+    GRID,
+    IMAGE_SIZE,
+    PROMPT_WORDS,
+)  # 64 px canvas, 4x4 cells: one image code per 16x16 cell
 
-WORDS = list(PROMPT_WORDS) + "describe image in detail user assistant 1 2 3 4 5 6 7 8 9".split()  # + instruction, chat, grid
+WORDS = (
+    list(PROMPT_WORDS) + "describe image in detail user assistant 1 2 3 4 5 6 7 8 9".split()
+)  # + instruction, chat, grid
 SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<SOM>", "<EOM>", "<IMAGE>"]
 CHAT_TEMPLATE = (  # Qwen's chat format, on one line (the word-level tokenizer drops newlines)
     "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
@@ -57,8 +64,12 @@ def build_tokenizer(num_codes, extra_words=(), text_rows=0):
     tok.add_special_tokens([AddedToken(t, normalized=False) for t in SPECIALS])
     tok.add_tokens([AddedToken(f"<MM-Token-{k}>", normalized=False) for k in range(num_codes)])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>",
-        chat_template=CHAT_TEMPLATE)
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 class ImageTokenizer(ModelMixin, ConfigMixin):
@@ -71,19 +82,28 @@ class ImageTokenizer(ModelMixin, ConfigMixin):
     def __init__(self, num_codes=64, image_size=IMAGE_SIZE, grid=GRID, dim=32, hidden=32):
         super().__init__()
         cell = image_size // grid
-        self.proj = nn.Sequential(  # per-cell features: local edges/colours, then the cell as a whole
-            nn.Conv2d(3, hidden, 3, padding=1), nn.ReLU(), nn.Conv2d(hidden, dim, kernel_size=cell))
+        self.proj = (
+            nn.Sequential(  # per-cell features: local edges/colours, then the cell as a whole
+                nn.Conv2d(3, hidden, 3, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(hidden, dim, kernel_size=cell),
+            )
+        )
         self.codebook = nn.Parameter(torch.randn(num_codes, dim))
 
     def features(self, pixels):  # pixels (N, 3, H, W) in [-1, 1]
         g, c = self.config.grid, self.config.image_size // self.config.grid
         n = len(pixels)
-        cells = pixels.reshape(n, 3, g, c, g, c).permute(0, 2, 4, 1, 3, 5).reshape(n * g * g, 3, c, c)
+        cells = (
+            pixels.reshape(n, 3, g, c, g, c).permute(0, 2, 4, 1, 3, 5).reshape(n * g * g, 3, c, c)
+        )
         return self.proj(cells).reshape(n, g * g, -1)  # (N, h*w, dim), cells in row-major order
 
     def logits(self, pixels):  # -squared distance to every code: the classifier trained in `train`
         z = self.features(pixels)
-        return -(z.pow(2).sum(-1, keepdim=True) - 2 * z @ self.codebook.T + self.codebook.pow(2).sum(-1))
+        return -(
+            z.pow(2).sum(-1, keepdim=True) - 2 * z @ self.codebook.T + self.codebook.pow(2).sum(-1)
+        )
 
     @torch.no_grad()
     def encode(self, pixels):
@@ -101,17 +121,36 @@ class TinyDecoder(ModelMixin, ConfigMixin):
     so a good template alone already decodes to a crisp image, and the UNet learns the rest."""
 
     @register_to_config
-    def __init__(self, num_codes=64, image_size=IMAGE_SIZE, grid=GRID, cond_dim=8, channels=(16, 32),
-                 num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"):
+    def __init__(
+        self,
+        num_codes=64,
+        image_size=IMAGE_SIZE,
+        grid=GRID,
+        cond_dim=8,
+        channels=(16, 32),
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+    ):
         super().__init__()
         cell = image_size // grid
         self.code_embed = nn.Embedding(num_codes, cond_dim * cell * cell)
         self.unet = UNet2DModel(  # no self-attention anywhere (mid block included): cells are local
-            sample_size=image_size, in_channels=3 + cond_dim, out_channels=3,
-            block_out_channels=tuple(channels), layers_per_block=1, norm_num_groups=8, add_attention=False,
-            down_block_types=("DownBlock2D",) * len(channels), up_block_types=("UpBlock2D",) * len(channels))
-        abar = DDIMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule).alphas_cumprod
-        self.register_buffer("alphas_cumprod", abar.float(), persistent=False)  # the scheduler's, for eps <-> x0
+            sample_size=image_size,
+            in_channels=3 + cond_dim,
+            out_channels=3,
+            block_out_channels=tuple(channels),
+            layers_per_block=1,
+            norm_num_groups=8,
+            add_attention=False,
+            down_block_types=("DownBlock2D",) * len(channels),
+            up_block_types=("UpBlock2D",) * len(channels),
+        )
+        abar = DDIMScheduler(
+            num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule
+        ).alphas_cumprod
+        self.register_buffer(
+            "alphas_cumprod", abar.float(), persistent=False
+        )  # the scheduler's, for eps <-> x0
 
     def condition(self, codes):  # codes (N, h*w) -> (N, cond_dim, H, W): one patch per cell
         g, s, d = self.config.grid, self.config.image_size, self.config.cond_dim
@@ -122,13 +161,20 @@ class TinyDecoder(ModelMixin, ConfigMixin):
     def forward(self, noisy, t, codes):  # noisy (N, 3, H, W), codes (N, h*w)
         cond = self.condition(codes)
         x0 = cond[:, :3] + self.unet(torch.cat([noisy, cond], 1), t).sample
-        abar = self.alphas_cumprod[torch.as_tensor(t, device=noisy.device).long()].reshape(-1, 1, 1, 1)
+        abar = self.alphas_cumprod[torch.as_tensor(t, device=noisy.device).long()].reshape(
+            -1, 1, 1, 1
+        )
         return (noisy - abar.sqrt() * x0) / (1 - abar).sqrt()  # predicted noise
 
 
 def to_pixels(images, device="cpu"):
     """list of PIL -> (N, 3, H, W) in [-1, 1]."""
-    arr = np.stack([np.asarray(im.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE)), dtype=np.float32) for im in images])
+    arr = np.stack(
+        [
+            np.asarray(im.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE)), dtype=np.float32)
+            for im in images
+        ]
+    )
     return torch.from_numpy(arr).permute(0, 3, 1, 2).to(device) / 127.5 - 1
 
 
@@ -145,7 +191,9 @@ class TinyUMM:
         self.lm, self.tokenizer = lm, tokenizer
         self.image_tokenizer, self.decoder, self.scheduler = image_tokenizer, decoder, scheduler
         self.decode_steps = decode_steps  # DDIM steps when decoding codes to pixels
-        self.image_offset = tokenizer.convert_tokens_to_ids("<MM-Token-0>")  # X-Omni: config.vocab_size
+        self.image_offset = tokenizer.convert_tokens_to_ids(
+            "<MM-Token-0>"
+        )  # X-Omni: config.vocab_size
         self.image_vocab_size = image_tokenizer.config.num_codes
         self.grid = (image_tokenizer.config.grid,) * 2  # (h, w) codes
         self.generation_mode = "text"
@@ -159,12 +207,27 @@ class TinyUMM:
         torch.manual_seed(seed)
         tokenizer = build_tokenizer(num_codes)
         cfg = Qwen2Config(
-            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden,
-            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-            max_position_embeddings=256, tie_word_embeddings=False,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True)
-        return cls(Qwen2ForCausalLM(cfg), tokenizer, ImageTokenizer(num_codes), TinyDecoder(num_codes), scheduler)
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=3 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        scheduler = DDIMScheduler(
+            num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True
+        )
+        return cls(
+            Qwen2ForCausalLM(cfg),
+            tokenizer,
+            ImageTokenizer(num_codes),
+            TinyDecoder(num_codes),
+            scheduler,
+        )
 
     def save_pretrained(self, path):
         self.lm.save_pretrained(os.path.join(path, "lm"))  # safetensors
@@ -184,7 +247,9 @@ class TinyUMM:
             PreTrainedTokenizerFast.from_pretrained(os.path.join(path, "lm")),
             ImageTokenizer.from_pretrained(os.path.join(path, "image_tokenizer")).to(device),
             TinyDecoder.from_pretrained(os.path.join(path, "decoder")).to(device),
-            DDIMScheduler.from_pretrained(os.path.join(path, "scheduler")), **extra)
+            DDIMScheduler.from_pretrained(os.path.join(path, "scheduler")),
+            **extra,
+        )
 
     @staticmethod
     def is_tiny_umm(path):
@@ -221,7 +286,9 @@ class TinyUMM:
         """Chat context for understanding: the image, then the instruction, then the assistant's turn."""
         return self.caption_prompt_text(self.tokenize_image(image), instruction)
 
-    understands_codes = True  # understanding reads the generation vocabulary: --reward-input codes works
+    understands_codes = (
+        True  # understanding reads the generation vocabulary: --reward-input codes works
+    )
 
     def caption_prompts(self, images, instruction):
         """caption_prompt for a batch, with ONE image-tokenizer call for all images. `images`: N PIL images, or
@@ -235,7 +302,15 @@ class TinyUMM:
         return self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
     answer_prefix, answer_suffix = "", "<|im_end|>"  # what the scored answer starts and ends with
-    lora_targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # the LM's linear layers
+    lora_targets = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]  # the LM's linear layers
 
     def uncond_prompt(self, prompt):
         """CFG's unconditional prompt: X-Omni's image prefix alone."""
@@ -264,14 +339,19 @@ class TinyUMM:
         """Final-layer hidden states (B, T, D). `cache` (a DynamicCache) is updated in place. `images` is
         unused: like X-Omni, the tiny UMM reads images as codes in the text (Janus encodes pixels)."""
         # positional: transformers 4.x calls the 4th argument past_key_values, 5.x calls it cache
-        out = self.lm.model(input_ids, attention_mask, position_ids, cache, use_cache=cache is not None)
+        out = self.lm.model(
+            input_ids, attention_mask, position_ids, cache, use_cache=cache is not None
+        )
         return out.last_hidden_state
 
     def logits(self, hidden):
         """Logits over the current mode's vocabulary only: image codes [0, K) or text ids [0, offset)."""
         w = self.lm.lm_head.weight  # (V, D); LoRA never touches the head, so slicing it is exact
-        w = w[self.image_offset:self.image_offset + self.image_vocab_size] if self.generation_mode == "image" \
-            else w[:self.image_offset]
+        w = (
+            w[self.image_offset : self.image_offset + self.image_vocab_size]
+            if self.generation_mode == "image"
+            else w[: self.image_offset]
+        )
         return F.linear(hidden, w)
 
     def unknown_words(self, text):

@@ -3,6 +3,7 @@
 The tiny UMM (tiny_umm.TinyUMM.random), a tiny random Janus-Pro (transformers >= 5) and a toy stand-in for X-Omni's
 remote code (loaded through trust_remote_code from a folder written here), each at toy sizes, no downloads.
 test_umm_contract.py runs the interface's contract tests once, on all three (`stand_in`)."""
+
 import faulthandler
 import json
 import sys
@@ -14,15 +15,24 @@ import torch.nn.functional as F
 import transformers
 from packaging.version import Version
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, JanusConfig, JanusForConditionalGeneration,
-                          JanusProcessor, PreTrainedTokenizerFast)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    JanusConfig,
+    JanusForConditionalGeneration,
+    JanusProcessor,
+    PreTrainedTokenizerFast,
+)
 
 import eval_geneval
 import gvu
 from models.adapters import ASSISTANT, USER, JanusPro, XOmni, janus_image_processor_class
 
-needs_janus = pytest.mark.skipif(Version(transformers.__version__) < Version("5"),
-                                 reason="the Janus adapter targets transformers >= 5 (4.x is X-Omni's stack)")
+needs_janus = pytest.mark.skipif(
+    Version(transformers.__version__) < Version("5"),
+    reason="the Janus adapter targets transformers >= 5 (4.x is X-Omni's stack)",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -47,8 +57,21 @@ def one_thread():
 # Janus-Pro: a tiny random JanusForConditionalGeneration (a 2-layer Llama, a 1-layer SigLIP on 32 px, a 64-code
 # VQ-VAE on a 4 x 4 grid, a byte-level BPE tokenizer with Janus's special tokens) and its JanusProcessor.
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
-SPECIALS = [BOS, EOS, PAD, USER, ASSISTANT, "<image_placeholder>", "<begin_of_image>", "<end_of_image>"]
-PROMPTS = ["a red circle", "two blue squares left of a green triangle", "a large yellow square"]  # every model spells these
+SPECIALS = [
+    BOS,
+    EOS,
+    PAD,
+    USER,
+    ASSISTANT,
+    "<image_placeholder>",
+    "<begin_of_image>",
+    "<end_of_image>",
+]
+PROMPTS = [
+    "a red circle",
+    "two blue squares left of a green triangle",
+    "a large yellow square",
+]  # every model spells these
 INSTRUCTION = "Describe the image in detail."
 HIDDEN, CODES, PX = 64, 64, 32
 
@@ -56,6 +79,7 @@ HIDDEN, CODES, PX = 64, 64, 32
 def build_tokenizer():
     """Byte-level BPE (as DeepSeek's) trained on a few lines, BOS added by the post-processor (tools/bench.py's)."""
     from tools import bench
+
     return bench.janus_tokenizer(PROMPTS + [INSTRUCTION, "a photo of one circle and one square"])
 
 
@@ -63,19 +87,50 @@ def build_janus(seed=0):
     """A tiny random JanusForConditionalGeneration (~0.5M params) and its JanusProcessor."""
     tok = build_tokenizer()
     n_img = (PX // 8) ** 2
-    processor = JanusProcessor(janus_image_processor_class()(size={"height": PX, "width": PX}, image_mean=[0.5] * 3,
-                                                      image_std=[0.5] * 3), tok, num_image_tokens=n_img,
-                               use_default_system_prompt=True)  # as the converted Janus-Pro processors
+    processor = JanusProcessor(
+        janus_image_processor_class()(
+            size={"height": PX, "width": PX}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+        ),
+        tok,
+        num_image_tokens=n_img,
+        use_default_system_prompt=True,
+    )  # as the converted Janus-Pro processors
     cfg = JanusConfig(
-        text_config=dict(model_type="llama", vocab_size=len(tok) + 5, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=PX, patch_size=8,
-                           mlp_ratio=2.0, projection_dim=HIDDEN, num_image_tokens=n_img),
-        vq_config=dict(embed_dim=8, num_embeddings=CODES, latent_channels=32, base_channels=32,
-                       channel_multiplier=[1, 1, 1, 1], num_res_blocks=1, projection_dim=HIDDEN,
-                       image_token_embed_dim=HIDDEN),
-        image_token_id=tok.convert_tokens_to_ids("<image_placeholder>"))
+        text_config=dict(
+            model_type="llama",
+            vocab_size=len(tok) + 5,
+            hidden_size=HIDDEN,
+            intermediate_size=2 * HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=PX,
+            patch_size=8,
+            mlp_ratio=2.0,
+            projection_dim=HIDDEN,
+            num_image_tokens=n_img,
+        ),
+        vq_config=dict(
+            embed_dim=8,
+            num_embeddings=CODES,
+            latent_channels=32,
+            base_channels=32,
+            channel_multiplier=[1, 1, 1, 1],
+            num_res_blocks=1,
+            projection_dim=HIDDEN,
+            image_token_embed_dim=HIDDEN,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image_placeholder>"),
+    )
     torch.manual_seed(seed)
     model = JanusForConditionalGeneration(cfg).eval()
     gc = model.generation_config  # as convert_janus_weights_to_hf.py sets it
@@ -83,7 +138,6 @@ def build_janus(seed=0):
     gc.pad_token_id = tok.convert_tokens_to_ids(PAD)
     gc.generation_kwargs = {"boi_token_id": tok.convert_tokens_to_ids("<begin_of_image>")}
     return JanusPro(model, processor), processor
-
 
 
 # =============================================================================================================
@@ -417,9 +471,11 @@ class XOmniForCausalLM(Qwen2ForCausalLM):
 
 XO_PX, XO_CODES, XO_GRID = 48, 32, 3  # 48 px images: 3 x 3 codes of 16 px, 32 image codes
 XO_PREFIX = "<SOM>3 3<IMAGE>"  # generate.py's f'<SOM>{token_h} {token_w}<IMAGE>', spelled out
-XO_CHAT = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\n"
-           "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
-           "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # Qwen2.5's
+XO_CHAT = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)  # Qwen2.5's
 
 
 def build_xomni_tokenizer():
@@ -428,13 +484,30 @@ def build_xomni_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     corpus = PROMPTS + [INSTRUCTION, "You are a helpful assistant. system user assistant"]
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<SOM>", "<EOM>", "<IMAGE>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=[
+                "<|endoftext|>",
+                "<|im_start|>",
+                "<|im_end|>",
+                "<SOM>",
+                "<EOM>",
+                "<IMAGE>",
+            ],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     vocab_size = tok.get_vocab_size()
     tok.add_special_tokens([f"<MM-Token-{k}>" for k in range(XO_CODES)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   chat_template=XO_CHAT)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=XO_CHAT,
+    )
     return fast, vocab_size
 
 
@@ -449,38 +522,79 @@ def xomni_dirs(tmp_path_factory):
     (xdir / "modeling_xomni.py").write_text(XOMNI_MODELING_PY)
     tok, vocab_size = build_xomni_tokenizer()
     tok.save_pretrained(xdir)
-    vision = dict(dtype="float32",
-                  transform=dict(short_size=XO_PX, long_size=2 * XO_PX, patch_size=16, min_short_size=16,
-                                 max_aspect_ratio=3.0),
-                  encoder=dict(siglip_name="tiny", siglip_path="vision/siglip.pt", projector_path="vision/projector.pt",
-                               z_channels=8, codebook_size=XO_CODES, codebook_dim=8, with_norm=True),
-                  decoder=dict(model_path="decoder", upscale_factor=16, num_inference_steps=3, cfg_scale=2.0,
-                               cfg_scale_2=1.0))
-    config_json = dict(model_type="x-omni", architectures=["XOmniForCausalLM"], auto_map={
-        "AutoConfig": "configuration_xomni.XOmniConfig", "AutoModelForCausalLM": "modeling_xomni.XOmniForCausalLM"},
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, num_mm_adap_layers=1,
-        num_mm_head_layers=1, mm_vocab_size=XO_CODES + 4, image_vocab_size=XO_CODES,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, vision_config=vision)
+    vision = dict(
+        dtype="float32",
+        transform=dict(
+            short_size=XO_PX,
+            long_size=2 * XO_PX,
+            patch_size=16,
+            min_short_size=16,
+            max_aspect_ratio=3.0,
+        ),
+        encoder=dict(
+            siglip_name="tiny",
+            siglip_path="vision/siglip.pt",
+            projector_path="vision/projector.pt",
+            z_channels=8,
+            codebook_size=XO_CODES,
+            codebook_dim=8,
+            with_norm=True,
+        ),
+        decoder=dict(
+            model_path="decoder",
+            upscale_factor=16,
+            num_inference_steps=3,
+            cfg_scale=2.0,
+            cfg_scale_2=1.0,
+        ),
+    )
+    config_json = dict(
+        model_type="x-omni",
+        architectures=["XOmniForCausalLM"],
+        auto_map={
+            "AutoConfig": "configuration_xomni.XOmniConfig",
+            "AutoModelForCausalLM": "modeling_xomni.XOmniForCausalLM",
+        },
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        num_mm_adap_layers=1,
+        num_mm_head_layers=1,
+        mm_vocab_size=XO_CODES + 4,
+        image_vocab_size=XO_CODES,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        vision_config=vision,
+    )
     (xdir / "config.json").write_text(json.dumps(config_json))
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(xdir, trust_remote_code=True),
-                                             trust_remote_code=True)
+    model = AutoModelForCausalLM.from_config(
+        AutoConfig.from_pretrained(xdir, trust_remote_code=True), trust_remote_code=True
+    )
     model.save_pretrained(xdir)
     mod = sys.modules[type(model).__module__]  # the stand-in's own classes make its vision weights
     (xdir / "vision").mkdir()
     torch.save(mod.TinyViT(8).state_dict(), xdir / "vision" / "siglip.pt")
     torch.save(mod.TinyVQProjector(8, XO_CODES, 8).state_dict(), xdir / "vision" / "projector.pt")
     mod.FluxTransformer2DModelWithSigLIP(siglip_channels=8).save_pretrained(xdir / "decoder")
-    for sub, pooled in (("text_encoder", True), ("text_encoder_2", False)):  # FLUX.1-dev's CLIP and T5 slots
+    for sub, pooled in (
+        ("text_encoder", True),
+        ("text_encoder_2", False),
+    ):  # FLUX.1-dev's CLIP and T5 slots
         mod.TinyTextEncoder(pooled=pooled).save_pretrained(fdir / sub)
     return str(xdir), str(fdir)
 
 
 def load_xomni(xomni_dirs):
     xdir, fdir = xomni_dirs
-    return XOmni.from_pretrained(xdir, fdir, trust_remote_code=True, image_size=XO_PX, decode_batch=2)
-
+    return XOmni.from_pretrained(
+        xdir, fdir, trust_remote_code=True, image_size=XO_PX, decode_batch=2
+    )
 
 
 # =============================================================================================================
@@ -496,9 +610,20 @@ def janus_token_logprobs(umm, processor, images, prompts):
         ctx = processor(text=head, images=[im]).input_ids[0]
         enc = processor(text=f"{head} {p}{EOS}", images=[im])
         ids = enc.input_ids[0]
-        assert ids[:len(ctx)].tolist() == ctx.tolist()
-        out.append(torch.stack([F.log_softmax(umm.lm(input_ids=ids[None, :t], pixel_values=enc.pixel_values)
-                                              .logits[0, -1].double(), -1)[ids[t]] for t in range(len(ctx), len(ids))]))
+        assert ids[: len(ctx)].tolist() == ctx.tolist()
+        out.append(
+            torch.stack(
+                [
+                    F.log_softmax(
+                        umm.lm(input_ids=ids[None, :t], pixel_values=enc.pixel_values)
+                        .logits[0, -1]
+                        .double(),
+                        -1,
+                    )[ids[t]]
+                    for t in range(len(ctx), len(ids))
+                ]
+            )
+        )
     return out
 
 
@@ -510,17 +635,29 @@ def xomni_token_logprobs(model, tok, images, prompts):
     for im, p in zip(images, prompts):
         user = [{"role": "user", "content": model.tokenize_image(im) + "\n" + INSTRUCTION}]
         ctx = tok.apply_chat_template(user, add_generation_prompt=True, return_dict=False)
-        ids = tok.apply_chat_template(user + [{"role": "assistant", "content": p}], return_dict=False)
-        assert ids[:len(ctx)] == ctx
+        ids = tok.apply_chat_template(
+            user + [{"role": "assistant", "content": p}], return_dict=False
+        )
+        assert ids[: len(ctx)] == ctx
         stop = ids.index(end, len(ctx))  # the answer, then its end of turn
-        out.append(torch.stack([F.log_softmax(model(input_ids=torch.tensor([ids[:t]])).logits[0, -1].double(), -1)[ids[t]]
-                                for t in range(len(ctx), stop + 1)]))
+        out.append(
+            torch.stack(
+                [
+                    F.log_softmax(
+                        model(input_ids=torch.tensor([ids[:t]])).logits[0, -1].double(), -1
+                    )[ids[t]]
+                    for t in range(len(ctx), stop + 1)
+                ]
+            )
+        )
     return out
 
 
 def geometric_means(token_logprobs):
     """Per-token log-probs (a list of (L_i,) tensors) -> (rewards (N,) fp64, lengths)."""
-    return torch.stack([lp.mean().exp() for lp in token_logprobs]), [len(lp) for lp in token_logprobs]
+    return torch.stack([lp.mean().exp() for lp in token_logprobs]), [
+        len(lp) for lp in token_logprobs
+    ]
 
 
 @pytest.fixture(scope="module", params=["tiny", pytest.param("janus", marks=needs_janus), "xomni"])
@@ -533,16 +670,25 @@ def stand_in(request, one_thread):
         if name == "tiny":
             from tools import bench
             from models.tiny_umm import TinyUMM
+
             build = lambda seed: TinyUMM.random(seed=seed, hidden=64, layers=2)
 
-            def reference(umm, images, prompts):  # bench's baseline: the official code's per-token loop
-                lengths = [len(umm.tokenizer(p + umm.answer_suffix, add_special_tokens=False).input_ids) for p in prompts]
+            def reference(
+                umm, images, prompts
+            ):  # bench's baseline: the official code's per-token loop
+                lengths = [
+                    len(umm.tokenizer(p + umm.answer_suffix, add_special_tokens=False).input_ids)
+                    for p in prompts
+                ]
                 return bench.official_rewards(umm, images, prompts, INSTRUCTION), lengths
+
             lora_scope, n_lora = r"^model\.layers\.\d+\.", 2 * 7
         elif name == "janus":
             processor = build_janus(0)[1]
             build = lambda seed: build_janus(seed)[0]
-            reference = lambda umm, images, prompts: geometric_means(janus_token_logprobs(umm, processor, images, prompts))
+            reference = lambda umm, images, prompts: geometric_means(
+                janus_token_logprobs(umm, processor, images, prompts)
+            )
             lora_scope, n_lora = r"\.language_model\.layers\.\d+\.", 2 * 7
         else:
             dirs = request.getfixturevalue("xomni_dirs")
@@ -550,13 +696,27 @@ def stand_in(request, one_thread):
             model = AutoModelForCausalLM.from_pretrained(dirs[0], trust_remote_code=True).eval()
             model.init_vision(dirs[1])  # as X-Omni's generate.py / chat.py use it, nothing dropped
             tok = AutoTokenizer.from_pretrained(dirs[0], use_fast=True, trust_remote_code=True)
-            reference = lambda umm, images, prompts: geometric_means(xomni_token_logprobs(model, tok, images, prompts))
+            reference = lambda umm, images, prompts: geometric_means(
+                xomni_token_logprobs(model, tok, images, prompts)
+            )
             lora_scope, n_lora = r"^model\.layers\.\d+\.", 4 * 7
         umm = build(0)
-        codes = torch.randint(0, umm.image_vocab_size, (len(PROMPTS), umm.grid[0] * umm.grid[1]), generator=torch.Generator().manual_seed(0))
+        codes = torch.randint(
+            0,
+            umm.image_vocab_size,
+            (len(PROMPTS), umm.grid[0] * umm.grid[1]),
+            generator=torch.Generator().manual_seed(0),
+        )
         images = umm.decode_images(codes, torch.Generator().manual_seed(0))
-    return SimpleNamespace(name=name, umm=umm, build=build, reference=reference, images=images, lora_scope=lora_scope,
-                           n_lora=n_lora)
+    return SimpleNamespace(
+        name=name,
+        umm=umm,
+        build=build,
+        reference=reference,
+        images=images,
+        lora_scope=lora_scope,
+        n_lora=n_lora,
+    )
 
 
 @pytest.fixture(scope="session")

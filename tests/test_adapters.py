@@ -20,13 +20,28 @@ from PIL import Image
 from models import adapters
 import gvu
 from models.adapters import ASSISTANT, USER, ImagesRequired, XOmni
-from conftest import (CODES, INSTRUCTION, PROMPTS, PX, XO_CODES, XO_GRID, XO_PREFIX, XO_PX, build_janus, load_xomni,
-                      needs_janus)
+from conftest import (
+    CODES,
+    INSTRUCTION,
+    PROMPTS,
+    PX,
+    XO_CODES,
+    XO_GRID,
+    XO_PREFIX,
+    XO_PX,
+    build_janus,
+    load_xomni,
+    needs_janus,
+)
 
 # The stand-ins (build_janus, the X-Omni stand-in's code and xomni_dirs) live in conftest.py; the contract every
 # model keeps (rollout log-probs, reward loop, LoRA scope) is test_umm_contract.py, run on all three models.
-pytestmark = [pytest.mark.filterwarnings("ignore:.*deprecated and will be removed in v6"),  # peft's pre-v6 names
-              pytest.mark.usefixtures("one_thread")]
+pytestmark = [
+    pytest.mark.filterwarnings(
+        "ignore:.*deprecated and will be removed in v6"
+    ),  # peft's pre-v6 names
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +67,9 @@ def test_uncond_prompt_is_janus_generate_masking(janus):
         cond = tok(umm._t2i_chat(p)).input_ids
         assert cond[0] == tok.bos_token_id and cond[-1] == boi
         pad = umm.lm.generation_config.pad_token_id
-        want = [t if t in (tok.bos_token_id, boi) else pad for t in cond]  # Janus generate's masking
+        want = [
+            t if t in (tok.bos_token_id, boi) else pad for t in cond
+        ]  # Janus generate's masking
         assert tok(umm.uncond_prompt(p)).input_ids == want
     assert umm.t2i_prompt("") == umm.uncond_prompt("")
 
@@ -74,7 +91,9 @@ def test_greedy_cfg_rollout_matches_janus_generate(janus):
 def test_hidden_states_refuses_placeholders_without_images(janus, images):
     """Image placeholders with no images is an error, never silently the placeholder token's embedding."""
     umm, _ = janus
-    ids = umm.tokenizer([umm.caption_prompt(images[0], INSTRUCTION)], add_special_tokens=False, return_tensors="pt")
+    ids = umm.tokenizer(
+        [umm.caption_prompt(images[0], INSTRUCTION)], add_special_tokens=False, return_tensors="pt"
+    )
     with torch.no_grad(), pytest.raises(ImagesRequired):
         umm.hidden_states(ids.input_ids, ids.attention_mask)
 
@@ -86,12 +105,15 @@ def test_decode_images_matches_janus_postprocess(janus):
     umm, processor = janus
     codes = torch.randint(0, CODES, (5, 16), generator=torch.Generator().manual_seed(3))
     got = umm.decode_images(codes)
-    assert len(got) == 5 and all(isinstance(im, Image.Image) and im.size == (PX, PX) and im.mode == "RGB" for im in got)
-    pixels = umm.lm.decode_image_tokens(codes).float().permute(0, 3, 1, 2)  # the PIL backend wants channels first
+    assert len(got) == 5 and all(
+        isinstance(im, Image.Image) and im.size == (PX, PX) and im.mode == "RGB" for im in got
+    )
+    pixels = (
+        umm.lm.decode_image_tokens(codes).float().permute(0, 3, 1, 2)
+    )  # the PIL backend wants channels first
     want = processor.postprocess(list(pixels), return_tensors="PIL.Image.Image")["pixel_values"]
     for g, w in zip(got, want):
         assert np.array_equal(np.asarray(g), np.asarray(w))
-
 
 
 @pytest.fixture(scope="module")
@@ -100,20 +122,38 @@ def xomni(xomni_dirs):
 
 
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("flags, missing", [(["--flux", "FLUX"], "--trust-remote-code"),
-                                            (["--trust-remote-code"], "--flux")])
-def test_gvu_refuses_xomni_without_trust_remote_code_or_flux(xomni_dirs, tmp_path, monkeypatch, flags, missing):
+@pytest.mark.parametrize(
+    "flags, missing",
+    [(["--flux", "FLUX"], "--trust-remote-code"), (["--trust-remote-code"], "--flux")],
+)
+def test_gvu_refuses_xomni_without_trust_remote_code_or_flux(
+    xomni_dirs, tmp_path, monkeypatch, flags, missing
+):
     """gvu.py on an X-Omni folder without --trust-remote-code (or --flux) exits with one line naming the flag,
     before transformers is asked to load anything; a hub id is refused the same way."""
     calls = []
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: calls.append(k))
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: calls.append(k)
+    )
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n")
     with pytest.raises(SystemExit) as exit_:
-        gvu.main(["--model", xomni_dirs[0], "--prompts", str(prompts), "--out", str(tmp_path / "run"), *flags])
+        gvu.main(
+            [
+                "--model",
+                xomni_dirs[0],
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(tmp_path / "run"),
+                *flags,
+            ]
+        )
     msg = str(exit_.value.code)
     assert msg.startswith("error: ") and "\n" not in msg and missing in msg
-    hub_flags = dict(trust_remote_code="--trust-remote-code" in flags, flux="FLUX" if "--flux" in flags else "")
+    hub_flags = dict(
+        trust_remote_code="--trust-remote-code" in flags, flux="FLUX" if "--flux" in flags else ""
+    )
     with pytest.raises(adapters.InputError, match=missing):
         adapters.load_umm("X-Omni/X-Omni-En", 0, **hub_flags)
     assert calls == []
@@ -131,13 +171,26 @@ def test_xomni_rollout_samples_codes_after_the_image_prefix(xomni, monkeypatch, 
     """gvu.rollout on X-Omni: the prefix is generate.py's prompt + '<SOM>3 3<IMAGE>', codes are in [0, K) and are the
     ids of <MM-Token-k>; X-Omni's full-vocabulary forward is never run."""
     umm = xomni
-    monkeypatch.setattr(umm.lm, "forward", lambda *a, **k: pytest.fail("X-Omni's full-vocabulary forward was called"))
-    ro = gvu.rollout(umm, PROMPTS, G=2, cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(
+        umm.lm,
+        "forward",
+        lambda *a, **k: pytest.fail("X-Omni's full-vocabulary forward was called"),
+    )
+    ro = gvu.rollout(
+        umm, PROMPTS, G=2, cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(1)
+    )
     codes = ro["codes"]
-    assert codes.shape == (len(PROMPTS) * 2, XO_GRID * XO_GRID) and 0 <= codes.min() and codes.max() < XO_CODES
+    assert (
+        codes.shape == (len(PROMPTS) * 2, XO_GRID * XO_GRID)
+        and 0 <= codes.min()
+        and codes.max() < XO_CODES
+    )
     tok = umm.tokenizer
     for i, p in enumerate([p for p in PROMPTS for _ in range(2)]):
-        assert ro["prefix_ids"][i][ro["prefix_mask"][i].bool()].tolist() == tok(p + XO_PREFIX).input_ids
+        assert (
+            ro["prefix_ids"][i][ro["prefix_mask"][i].bool()].tolist()
+            == tok(p + XO_PREFIX).input_ids
+        )
         ids = (codes[i] + umm.image_offset).tolist()
         assert tok.convert_ids_to_tokens(ids) == [f"<MM-Token-{k}>" for k in codes[i].tolist()]
 
@@ -166,7 +219,12 @@ def test_xomni_batched_decode_equals_per_image_official_decode(xomni, xomni_ref)
     """decode_images (decode_batch=2, cached text condition, text encoders gone) gives the pixels of X-Omni's own
     mmdecode on one '<SOM>3 3<IMAGE>...<EOM>' string at a time, noise drawn in the same order."""
     pipe = xomni.lm.decoder_pipe
-    assert pipe.text_encoder is None and pipe.text_encoder_2 is None and pipe.tokenizer is None and pipe.tokenizer_2 is None
+    assert (
+        pipe.text_encoder is None
+        and pipe.text_encoder_2 is None
+        and pipe.tokenizer is None
+        and pipe.tokenizer_2 is None
+    )
     codes = torch.randint(0, XO_CODES, (3, 9), generator=torch.Generator().manual_seed(3))
     got = xomni.decode_images(codes, torch.Generator().manual_seed(7))
     model, tok = xomni_ref
@@ -180,22 +238,51 @@ def test_xomni_batched_decode_equals_per_image_official_decode(xomni, xomni_ref)
             want += images
     assert len(got) == 3 and all(im.size == (XO_PX, XO_PX) and im.mode == "RGB" for im in got)
     for g, w in zip(got, want):
-        assert np.abs(np.asarray(g, dtype=int) - np.asarray(w, dtype=int)).max() <= 1  # batched float sums may round apart
+        assert (
+            np.abs(np.asarray(g, dtype=int) - np.asarray(w, dtype=int)).max() <= 1
+        )  # batched float sums may round apart
 
 
-def test_gvu_trains_one_step_on_xomni_passing_trust_remote_code_on(xomni_dirs, tmp_path, monkeypatch, one_thread):
+def test_gvu_trains_one_step_on_xomni_passing_trust_remote_code_on(
+    xomni_dirs, tmp_path, monkeypatch, one_thread
+):
     """`gvu.py --model X --flux F --trust-remote-code` end to end: transformers gets trust_remote_code=True, one
     step is logged, and the LoRA adapter and a sample grid are written."""
     calls, load = [], transformers.AutoModelForCausalLM.from_pretrained
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
-                        lambda *a, **k: calls.append(k) or load(*a, **k))
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM,
+        "from_pretrained",
+        lambda *a, **k: calls.append(k) or load(*a, **k),
+    )
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "run"
-    gvu.main(["--model", xomni_dirs[0], "--flux", xomni_dirs[1], "--trust-remote-code", "--prompts", str(prompts),
-              "--out", str(out), "--steps", "1", "--batch-prompts", "2", "--group-size", "2", "--micro-batch", "4",
-              "--image-size", str(XO_PX)])
+    gvu.main(
+        [
+            "--model",
+            xomni_dirs[0],
+            "--flux",
+            xomni_dirs[1],
+            "--trust-remote-code",
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(out),
+            "--steps",
+            "1",
+            "--batch-prompts",
+            "2",
+            "--group-size",
+            "2",
+            "--micro-batch",
+            "4",
+            "--image-size",
+            str(XO_PX),
+        ]
+    )
     assert [k["trust_remote_code"] for k in calls] == [True]
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and 0 < rows[0]["reward_mean"] <= 1
-    assert (out / "adapter" / "adapter_config.json").exists() and (out / "samples" / "step_00000.png").exists()
+    assert (out / "adapter" / "adapter_config.json").exists() and (
+        out / "samples" / "step_00000.png"
+    ).exists()

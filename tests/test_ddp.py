@@ -1,4 +1,5 @@
 """torchrun / DistributedDataParallel (tools/distributed.py): 2 CPU processes on gloo against one process."""
+
 import json
 import os
 import shutil
@@ -17,7 +18,10 @@ import torch
 
 import gvu
 
-PROMPTS = ["a photo of a red circle", "a photo of a blue triangle"]  # the same token count: the same padding
+PROMPTS = [
+    "a photo of a red circle",
+    "a photo of a blue triangle",
+]  # the same token count: the same padding
 REAL_ROLLOUT = gvu.rollout
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=ROOT)
@@ -26,23 +30,51 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=ROO
 def fixed_rollout(umm, prompts, G, temperature, top_k, min_p, cfg_scale, generator):
     """The real rollout, each prompt's G samples seeded by the prompt itself: the same codes however the batch is
     split over ranks (the real one seeds by (seed, step, rank))."""
-    parts = [REAL_ROLLOUT(umm, [p], G, temperature, top_k, min_p, cfg_scale,
-                          torch.Generator().manual_seed(zlib.crc32(p.encode()))) for p in prompts]
+    parts = [
+        REAL_ROLLOUT(
+            umm,
+            [p],
+            G,
+            temperature,
+            top_k,
+            min_p,
+            cfg_scale,
+            torch.Generator().manual_seed(zlib.crc32(p.encode())),
+        )
+        for p in prompts
+    ]
     return {k: torch.cat([r[k] for r in parts]) for k in parts[0]}
 
 
 def fixed_rewards(umm, images, prompts, args):
     """Rewards from the prompt and the sample's place in its group only (the decoder's noise is rank-seeded).
     A prompt with "square" in it gets the same reward for all G samples: a group without spread."""
-    return torch.tensor([zlib.crc32(p.encode()) % 97 / 97 + (0 if "square" in p else 0.1 * (i % args.group_size))
-                         for i, p in enumerate(prompts)])
+    return torch.tensor(
+        [
+            zlib.crc32(p.encode()) % 97 / 97 + (0 if "square" in p else 0.1 * (i % args.group_size))
+            for i, p in enumerate(prompts)
+        ]
+    )
 
 
 def flags(tmp_path, out, *extra):
     pf = tmp_path / "p.txt"
     pf.write_text("\n".join(PROMPTS) + "\n")
-    return ["--model", "tiny-random", "--prompts", str(pf), "--out", str(tmp_path / out), "--batch-prompts", "2",
-            "--group-size", "2", "--sample-every", "1", *extra]
+    return [
+        "--model",
+        "tiny-random",
+        "--prompts",
+        str(pf),
+        "--out",
+        str(tmp_path / out),
+        "--batch-prompts",
+        "2",
+        "--group-size",
+        "2",
+        "--sample-every",
+        "1",
+        *extra,
+    ]
 
 
 def tagged_pids(tag):
@@ -67,7 +99,9 @@ def launch(cmd, timeout):
     tag = uuid.uuid4().hex
     env = dict(ENV, GVU_TEST_LAUNCH=tag, PYTHONFAULTHANDLER="1")
     with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT
+        )
         try:
             proc.wait(timeout=timeout)
             hung = False
@@ -94,7 +128,16 @@ def torchrun(script, *argv, timeout=150):
     The retry stays as a guard; it starts from the --out folder as it was before the hung launch (a hang after the
     run had written the folder once made the retry fail as "already holds a run"). A second hang fails the test
     with both stack dumps."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        script,
+        *argv,
+    ]
     out = argv[argv.index("--out") + 1]
     before = out + ".before_launch"
     if os.path.exists(out):
@@ -109,10 +152,15 @@ def torchrun(script, *argv, timeout=150):
         else:
             shutil.rmtree(before, ignore_errors=True)
             if dumps:
-                warnings.warn(f"torchrun hung once and passed on retry; the hung launch printed:\n{dumps[0]}")
+                warnings.warn(
+                    f"torchrun hung once and passed on retry; the hung launch printed:\n{dumps[0]}"
+                )
             return run
         dumps.append(output[-6000:])
-    pytest.fail(f"torchrun hung twice ({timeout} s each); what the launches printed:\n" + "\n-----\n".join(dumps))
+    pytest.fail(
+        f"torchrun hung twice ({timeout} s each); what the launches printed:\n"
+        + "\n-----\n".join(dumps)
+    )
 
 
 def rows(path):
@@ -121,12 +169,20 @@ def rows(path):
 
 def test_two_process_update_equals_one_process_update(tmp_path, monkeypatch, one_thread):
     """Same samples, rewards and advantages: 2-process DDP gives the one-process LoRA weights and statistics."""
-    argv = lambda out: flags(tmp_path, out, "--steps", "1", "--micro-batch", "1", "--num-iterations", "2")
+    argv = lambda out: flags(
+        tmp_path, out, "--steps", "1", "--micro-batch", "1", "--num-iterations", "2"
+    )
     monkeypatch.setattr(gvu, "rollout", fixed_rollout)
-    gvu.main(argv("one"), reward_fn=fixed_rewards)  # reference: one process, the whole batch, 4 micro-batches
-    run = torchrun("tests/test_ddp.py", *argv("two"))  # 2 ranks x 2 micro-batches, one no_sync each (__main__ below)
+    gvu.main(
+        argv("one"), reward_fn=fixed_rewards
+    )  # reference: one process, the whole batch, 4 micro-batches
+    run = torchrun(
+        "tests/test_ddp.py", *argv("two")
+    )  # 2 ranks x 2 micro-batches, one no_sync each (__main__ below)
     assert run.returncode == 0, run.stdout[-3000:]
-    one, two = (torch.load(tmp_path / o / "state.pt", weights_only=True)["lora"] for o in ("one", "two"))
+    one, two = (
+        torch.load(tmp_path / o / "state.pt", weights_only=True)["lora"] for o in ("one", "two")
+    )
     assert any(v.abs().max() > 0 for k, v in one.items() if "lora_B" in k)  # it trained
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-6
     # Adam is blind to a gradient's scale; the logged norm (before clipping) is not: the DDP mean is the batch mean
@@ -138,19 +194,46 @@ def test_two_process_update_equals_one_process_update(tmp_path, monkeypatch, one
 def test_torchrun_run_logs_the_whole_batch_once_and_resumes_to_its_own_log(tmp_path):
     """torchrun, 2 processes: one log with B*G samples a step (rank 0 writes), and resume reproduces it."""
     pf = tmp_path / "p.txt"
-    pf.write_text("a photo of a red circle\na photo of two squares\na photo of a blue triangle\n"
-                  "a photo of a circle and a square\n")
-    common = lambda out, *extra: ["--model", "tiny-random", "--prompts", str(pf), "--out", str(tmp_path / out),
-                                  "--batch-prompts", "2", "--group-size", "2", "--micro-batch", "1",
-                                  "--save-every", "2", *extra]
-    for argv in (common("a", "--steps", "3"), common("b", "--steps", "2"), common("b", "--steps", "3", "--resume")):
+    pf.write_text(
+        "a photo of a red circle\na photo of two squares\na photo of a blue triangle\n"
+        "a photo of a circle and a square\n"
+    )
+    common = lambda out, *extra: [
+        "--model",
+        "tiny-random",
+        "--prompts",
+        str(pf),
+        "--out",
+        str(tmp_path / out),
+        "--batch-prompts",
+        "2",
+        "--group-size",
+        "2",
+        "--micro-batch",
+        "1",
+        "--save-every",
+        "2",
+        *extra,
+    ]
+    for argv in (
+        common("a", "--steps", "3"),
+        common("b", "--steps", "2"),
+        common("b", "--steps", "3", "--resume"),
+    ):
         run = torchrun("gvu.py", *argv)
         assert run.returncode == 0, run.stdout[-3000:]
     a = rows(tmp_path / "a" / "log.jsonl")
     assert [r["step"] for r in a] == [0, 1, 2] and all(r["samples"] == 2 * 2 for r in a)
     strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
     assert strip(rows(tmp_path / "b" / "log.jsonl")) == strip(a)
-    assert sorted(os.listdir(tmp_path / "a")) == [".lock", "adapter", "config.json", "log.jsonl", "samples", "state.pt"]
+    assert sorted(os.listdir(tmp_path / "a")) == [
+        ".lock",
+        "adapter",
+        "config.json",
+        "log.jsonl",
+        "samples",
+        "state.pt",
+    ]
 
 
 def test_torchrun_dynamic_sampling_refills_every_ranks_groups(tmp_path):
@@ -159,18 +242,36 @@ def test_torchrun_dynamic_sampling_refills_every_ranks_groups(tmp_path):
     without reward spread, B = 2 for 3 steps (one epoch: the spread-less prompt is drawn once). Without the flag
     that step has a group without spread (frac_zero_std, over every rank's rewards, > 0); with it no step has."""
     pf = tmp_path / "p.txt"
-    pf.write_text("a photo of a red circle\na photo of a blue triangle\na photo of two squares\n"
-                  "a photo of a blue circle\na photo of a red triangle\na photo of a circle\n")
+    pf.write_text(
+        "a photo of a red circle\na photo of a blue triangle\na photo of two squares\n"
+        "a photo of a blue circle\na photo of a red triangle\na photo of a circle\n"
+    )
     logs = {}
     for out, extra in (("plain", []), ("refill", ["--dynamic-sampling", "2"])):
-        run = torchrun("tests/test_ddp.py", "--model", "tiny-random", "--prompts", str(pf), "--out", str(tmp_path / out),
-                       "--batch-prompts", "2", "--group-size", "2", "--steps", "3", *extra)
+        run = torchrun(
+            "tests/test_ddp.py",
+            "--model",
+            "tiny-random",
+            "--prompts",
+            str(pf),
+            "--out",
+            str(tmp_path / out),
+            "--batch-prompts",
+            "2",
+            "--group-size",
+            "2",
+            "--steps",
+            "3",
+            *extra,
+        )
         assert run.returncode == 0, run.stdout[-3000:]
         logs[out] = rows(tmp_path / out / "log.jsonl")
     assert all(r["samples"] == 2 * 2 for rs in logs.values() for r in rs)
     assert sorted(r["frac_zero_std"] for r in logs["plain"]) == [0.0, 0.0, 0.5]
     assert [r["frac_zero_std"] for r in logs["refill"]] == [0.0, 0.0, 0.0]
-    assert all("rollout_batches" in r for r in logs["refill"]) and not any("rollout_batches" in r for r in logs["plain"])
+    assert all("rollout_batches" in r for r in logs["refill"]) and not any(
+        "rollout_batches" in r for r in logs["plain"]
+    )
 
 
 def test_batch_not_divisible_by_the_processes_is_a_one_line_error(tmp_path, monkeypatch):
@@ -187,11 +288,15 @@ def test_batch_not_divisible_by_the_processes_is_a_one_line_error(tmp_path, monk
 
 def gloo_workers():
     """This process's threads that run a gloo process group's collectives (their names: pt_gloo_runloop)."""
-    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    names = [
+        open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")
+    ]
     return [n for n in names if n.startswith("pt_gloo")]
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread names from /proc (Linux)")
+@pytest.mark.skipif(
+    not os.path.isdir("/proc/self/task"), reason="reads thread names from /proc (Linux)"
+)
 def test_the_process_group_dies_inside_teardown_after_its_barrier(tmp_path, monkeypatch):
     """The hang CI saw: the gloo group's destructor joins its worker threads while holding the GIL, and a worker
     freeing a collective needs the GIL. So the group must be destroyed inside distributed.teardown, after its
@@ -200,7 +305,9 @@ def test_the_process_group_dies_inside_teardown_after_its_barrier(tmp_path, monk
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+    for k, v in dict(
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    ).items():
         monkeypatch.setenv(k, v)
     real, seen = torch.distributed.destroy_process_group, []
 
@@ -208,6 +315,7 @@ def test_the_process_group_dies_inside_teardown_after_its_barrier(tmp_path, monk
         seen.append(gloo_workers())  # the group is alive here...
         real(*a, **k)
         seen.append(gloo_workers())  # ...and gone here
+
     monkeypatch.setattr(torch.distributed, "destroy_process_group", destroy)
     gvu.main(flags(tmp_path, "run", "--steps", "1"))
     assert len(seen) == 2 and seen[0] and seen[1] == [], seen
@@ -235,7 +343,9 @@ def test_a_hung_launch_is_retried_from_the_out_folder_as_it_was(tmp_path, monkey
     assert sorted(os.listdir(tmp_path)) == ["b"]  # the copy is gone
 
 
-if __name__ == "__main__":  # run by the equivalence test under torchrun: gvu on the fixed rollout and rewards
+if (
+    __name__ == "__main__"
+):  # run by the equivalence test under torchrun: gvu on the fixed rollout and rewards
     torch.set_num_threads(1)
     gvu.rollout = fixed_rollout
     gvu.main(sys.argv[1:], reward_fn=fixed_rewards)

@@ -1,6 +1,7 @@
 """Robustness of gvu.py and eval_geneval.py on the tiny random model, CPU only: kills at any moment, resumes,
 damaged files, a second process, bad flags. Each test names the guarantee it checks; the reference is an
 uninterrupted run, a hand-made file, or torch / fcntl called directly."""
+
 import fcntl
 import json
 import os
@@ -36,10 +37,24 @@ def write(path, data):
     return str(path)
 
 
-
 def common(pf, out, *extra):
-    return ["--model", "tiny-random", "--prompts", pf, "--out", str(out), "--batch-prompts", "1",
-            "--group-size", "2", "--sample-every", "100", "--save-every", "1", *extra]
+    return [
+        "--model",
+        "tiny-random",
+        "--prompts",
+        pf,
+        "--out",
+        str(out),
+        "--batch-prompts",
+        "1",
+        "--group-size",
+        "2",
+        "--sample-every",
+        "100",
+        "--save-every",
+        "1",
+        *extra,
+    ]
 
 
 def log_rows(out):
@@ -52,8 +67,12 @@ def saved(out):
     """Everything a run leaves that must be reproducible: log, adapter tensors + gvu.json, state."""
     with open(os.path.join(out, "adapter", "gvu.json")) as f:
         info = json.load(f)
-    return dict(log=log_rows(out), adapter=load_file(os.path.join(out, "adapter", "adapter_model.safetensors")),
-                info=info, state=torch.load(os.path.join(out, "state.pt"), weights_only=True))
+    return dict(
+        log=log_rows(out),
+        adapter=load_file(os.path.join(out, "adapter", "adapter_model.safetensors")),
+        info=info,
+        state=torch.load(os.path.join(out, "state.pt"), weights_only=True),
+    )
 
 
 def assert_same(a, b):
@@ -75,7 +94,11 @@ def nonfinite(obj):
     """Names of the floating tensors in obj holding a NaN or inf (checked with torch directly)."""
     if isinstance(obj, dict):
         return [f"{k}.{n}" for k, v in obj.items() for n in nonfinite(v)]
-    return ["*"] if torch.is_tensor(obj) and obj.is_floating_point() and not torch.isfinite(obj).all() else []
+    return (
+        ["*"]
+        if torch.is_tensor(obj) and obj.is_floating_point() and not torch.isfinite(obj).all()
+        else []
+    )
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +122,13 @@ def short_run(pf, tmp_path, steps):
 
 
 # --- kills at any moment (defects 2, 5) --------------------------------------------------------
-OPS = [(os, "replace"), (os, "rename"), (shutil, "rmtree"), (torch, "save"), (json, "dumps")]  # every save's steps
+OPS = [
+    (os, "replace"),
+    (os, "rename"),
+    (shutil, "rmtree"),
+    (torch, "save"),
+    (json, "dumps"),
+]  # every save's steps
 
 
 def run_killed(argv, op, k, side, delay, record):
@@ -127,6 +156,7 @@ def run_killed(argv, op, k, side, delay, record):
                 if calls[0] == k and side == "after":
                     kill(f"after {op} #{k}")
                 return result
+
             return wrapped
 
         mod = dict((n, m) for m, n in OPS)[op]
@@ -140,30 +170,56 @@ def run_killed(argv, op, k, side, delay, record):
         os._exit(4)
 
 
-def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path, prompt_file, reference):
+def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(
+    tmp_path, prompt_file, reference
+):
     """Killed with SIGKILL before and after each kind of file operation (inside saves, renames, log writes; at
     a random occurrence) and at random times, with a random --save-every, and resumed each time: the run
     ends with the log, adapter and state of the uninterrupted run, bit for bit."""
     out, rng, record = tmp_path / "run", random.Random(0), tmp_path / "kills.txt"
-    plan = [(op, side, 1, 9) for _, op in OPS for side in ("before", "after")]  # each op's first call, timer late
+    plan = [
+        (op, side, 1, 9) for _, op in OPS for side in ("before", "after")
+    ]  # each op's first call, timer late
     rng.shuffle(plan)
-    plan += [(rng.choice(OPS)[1], rng.choice(["before", "after"]), rng.randint(1, 3), rng.uniform(0.5, 4))
-             for _ in range(5)]  # then any call, or a random time
+    plan += [
+        (
+            rng.choice(OPS)[1],
+            rng.choice(["before", "after"]),
+            rng.randint(1, 3),
+            rng.uniform(0.5, 4),
+        )
+        for _ in range(5)
+    ]  # then any call, or a random time
     for attempt, (op, side, k, delay) in enumerate(plan + [("save", "never", 0, 600)]):
-        argv = common(prompt_file, out, "--steps", "4", "--save-every", str(rng.choice([1, 2, 3])),
-                      *(["--resume"] if os.path.exists(out / "config.json") else []))
+        argv = common(
+            prompt_file,
+            out,
+            "--steps",
+            "4",
+            "--save-every",
+            str(rng.choice([1, 2, 3])),
+            *(["--resume"] if os.path.exists(out / "config.json") else []),
+        )
         status = run_killed(argv, op, k, side, delay, record)
         if not os.WIFSIGNALED(status):
-            assert os.WEXITSTATUS(status) == 0, f"attempt {attempt} failed (exit {os.WEXITSTATUS(status)})"
+            assert os.WEXITSTATUS(status) == 0, (
+                f"attempt {attempt} failed (exit {os.WEXITSTATUS(status)})"
+            )
             if side == "never":
                 break
-            shutil.rmtree(out)  # finished before its kill: start over, so that every planned kill is tried
+            shutil.rmtree(
+                out
+            )  # finished before its kill: start over, so that every planned kill is tried
             continue
         assert os.WTERMSIG(status) == signal.SIGKILL
     kills = record.read_text().splitlines()
-    assert {" ".join(k.split()[:2]) for k in kills} >= {f"{side} {op}" for _, op in OPS for side in ("before", "after")}, kills
+    assert {" ".join(k.split()[:2]) for k in kills} >= {
+        f"{side} {op}" for _, op in OPS for side in ("before", "after")
+    }, kills
     assert_same(saved(reference), saved(out))
-    assert not [p for p in os.listdir(out) if p.startswith("adapter.")]  # no half-swapped adapter left
+    assert not [
+        p for p in os.listdir(out) if p.startswith("adapter.")
+    ]  # no half-swapped adapter left
 
 
 def test_resume_rewrites_an_adapter_older_than_the_state(tmp_path, prompt_file):
@@ -174,7 +230,9 @@ def test_resume_rewrites_an_adapter_older_than_the_state(tmp_path, prompt_file):
     shutil.copytree(out / "adapter", old)
     assert run_main(*common(prompt_file, out, "--steps", "2", "--resume")) is None
     shutil.rmtree(out / "adapter")
-    shutil.copytree(old, out / "adapter")  # as if killed after state.pt (step 2) but before the adapter swap
+    shutil.copytree(
+        old, out / "adapter"
+    )  # as if killed after state.pt (step 2) but before the adapter swap
     assert run_main(*common(prompt_file, out, "--steps", "2", "--resume")) is None
     state = torch.load(out / "state.pt", weights_only=True)
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
@@ -183,7 +241,10 @@ def test_resume_rewrites_an_adapter_older_than_the_state(tmp_path, prompt_file):
     assert all(torch.equal(adapter[k], v) for k, v in state["lora"].items())
     shutil.rmtree(out / "adapter")  # killed between the two renames: no adapter/ at all
     assert run_main(*common(prompt_file, out, "--steps", "2", "--resume")) is None
-    assert all(torch.equal(load_file(out / "adapter" / "adapter_model.safetensors")[k], v) for k, v in state["lora"].items())
+    assert all(
+        torch.equal(load_file(out / "adapter" / "adapter_model.safetensors")[k], v)
+        for k, v in state["lora"].items()
+    )
 
 
 # --- 1. non-finite updates --------------------------------------------------------------------
@@ -192,19 +253,34 @@ def test_non_finite_gradient_is_not_applied_and_nothing_non_finite_is_saved(tmp_
     step, and state.pt and adapter/ hold step 1's finite weights. --resume stops the same way (not in sampling).
     The issue ran on the v1 world's prompts/train.txt; its steps 0-1 drew these four lines, kept here in the order
     that puts them in the same batches (the v2 train.txt draws other lines, on which step 1 happens to stay finite)."""
-    issue_prompts = write(tmp_path / "issue.txt", "\n".join([
-        "a photo of one circle on the right and two squares on the left",
-        "a photo of a smaller triangle on the left and a larger circle on the right",
-        "a photo of a smaller triangle on the left and a larger square on the right",
-        "a photo of a small green circle"]) + "\n")
+    issue_prompts = write(
+        tmp_path / "issue.txt",
+        "\n".join(
+            [
+                "a photo of one circle on the right and two squares on the left",
+                "a photo of a smaller triangle on the left and a larger circle on the right",
+                "a photo of a smaller triangle on the left and a larger square on the right",
+                "a photo of a small green circle",
+            ]
+        )
+        + "\n",
+    )
     assert [gvu.prompt_batch(open(issue_prompts).read().splitlines(), s, 2, 0) for s in (0, 1)] == [
-        ["a photo of one circle on the right and two squares on the left",
-         "a photo of a smaller triangle on the left and a larger circle on the right"],
-        ["a photo of a small green circle", "a photo of a smaller triangle on the left and a larger square on the right"]]
+        [
+            "a photo of one circle on the right and two squares on the left",
+            "a photo of a smaller triangle on the left and a larger circle on the right",
+        ],
+        [
+            "a photo of a small green circle",
+            "a photo of a smaller triangle on the left and a larger square on the right",
+        ],
+    ]
     out, flags = tmp_path / "run", ["--steps", "4", "--lr", "1e6", "--batch-prompts", "2"]
     msg = run_main(*common(issue_prompts, out, *flags))
-    assert msg == f"error: non-finite gradient norm at step 1; its update was not applied; " \
-                  f"the saved state in {out} (step 1) is intact"
+    assert (
+        msg == f"error: non-finite gradient norm at step 1; its update was not applied; "
+        f"the saved state in {out} (step 1) is intact"
+    )
     state = torch.load(out / "state.pt", weights_only=True)
     assert state["step"] == 1 and nonfinite(state) == []
     assert nonfinite(load_file(out / "adapter" / "adapter_model.safetensors")) == []
@@ -231,29 +307,39 @@ def test_non_finite_weights_are_never_saved(tmp_path, prompt_file, monkeypatch):
     def poisoned(self, *a, **k):
         real_step(self, *a, **k)
         self.param_groups[0]["params"][0].data[0, 0] = float("inf")
+
     monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
     msg = run_main(*common(prompt_file, out, "--steps", "2", "--resume"))
-    assert msg == f"error: the weights are not finite after step 1; nothing was saved from it; " \
-                  f"the saved state in {out} (step 1) is intact"
+    assert (
+        msg == f"error: the weights are not finite after step 1; nothing was saved from it; "
+        f"the saved state in {out} (step 1) is intact"
+    )
     assert nonfinite(torch.load(out / "state.pt", weights_only=True)) == []
 
 
-def test_full_disk_during_a_save_is_one_line_and_keeps_the_saved_state(tmp_path, prompt_file, monkeypatch):
+def test_full_disk_during_a_save_is_one_line_and_keeps_the_saved_state(
+    tmp_path, prompt_file, monkeypatch
+):
     """ENOSPC while writing state.pt: one line naming the intact saved step; state.pt unchanged byte for byte."""
     out = short_run(prompt_file, tmp_path, 1)
     before = (out / "state.pt").read_bytes()
 
     def full(*a, **k):
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(runio.torch, "save", full)
     msg = run_main(*common(prompt_file, out, "--steps", "2", "--resume"))
-    assert msg == f"error: [Errno 28] No space left on device; the saved state in {out} (step 1) is intact"
+    assert (
+        msg
+        == f"error: [Errno 28] No space left on device; the saved state in {out} (step 1) is intact"
+    )
     assert (out / "state.pt").read_bytes() == before
 
 
 def test_sampling_with_non_finite_logits_is_a_training_error_not_a_crash():
     """NaN logits stop the rollout with gvu.TrainingError instead of torch.multinomial's RuntimeError."""
     from models.tiny_umm import TinyUMM
+
     umm = TinyUMM.random(0, hidden=32, layers=1)
     with torch.no_grad():
         umm.lm.lm_head.weight[umm.image_offset] = float("nan")
@@ -262,22 +348,36 @@ def test_sampling_with_non_finite_logits_is_a_training_error_not_a_crash():
 
 
 # --- 2. the log on resume ---------------------------------------------------------------------
-@pytest.mark.parametrize("damage, notice", [
-    (lambda log: log.write_text(log.read_text() + '{"step": 2, "reward_me'), "dropped a last line cut by a kill"),
-    (lambda log: log.write_text(log.read_text().replace("\n", "\n\n", 1)), None),
-    (lambda log: log.unlink(), "is missing"),
-])
-def test_resume_survives_a_torn_blank_or_missing_log(tmp_path, prompt_file, reference, capsys, damage, notice):
+@pytest.mark.parametrize(
+    "damage, notice",
+    [
+        (
+            lambda log: log.write_text(log.read_text() + '{"step": 2, "reward_me'),
+            "dropped a last line cut by a kill",
+        ),
+        (lambda log: log.write_text(log.read_text().replace("\n", "\n\n", 1)), None),
+        (lambda log: log.unlink(), "is missing"),
+    ],
+)
+def test_resume_survives_a_torn_blank_or_missing_log(
+    tmp_path, prompt_file, reference, capsys, damage, notice
+):
     """A last line cut mid-JSON is dropped with a one-line notice, blank lines are skipped, a missing log
     restarts at the saved step; the steps after it equal the uninterrupted run's."""
     out = short_run(prompt_file, tmp_path, 2)
-    with open(out / "log.jsonl", "a") as f:  # step 2 logged after the last save (step 2), then killed
+    with open(
+        out / "log.jsonl", "a"
+    ) as f:  # step 2 logged after the last save (step 2), then killed
         f.write(json.dumps({"step": 2, "reward_mean": -1}) + "\n")
     damage(out / "log.jsonl")
     capsys.readouterr()
     assert run_main(*common(prompt_file, out, "--steps", "4", "--resume")) is None
     err = capsys.readouterr().err
-    assert (notice is None and "notice" not in err) or f"notice: {out / 'log.jsonl'}" in err and notice in err
+    assert (
+        (notice is None and "notice" not in err)
+        or f"notice: {out / 'log.jsonl'}" in err
+        and notice in err
+    )
     want = log_rows(reference)
     assert log_rows(out) == (want[2:] if notice == "is missing" else want)
 
@@ -297,7 +397,9 @@ def test_log_rewrite_goes_through_a_temp_file(tmp_path, prompt_file, monkeypatch
     """A kill in the middle of the resume's log rewrite (simulated: writing the second row fails) leaves the
     old log whole."""
     out = short_run(prompt_file, tmp_path, 2)
-    with open(out / "log.jsonl", "a") as f:  # a step logged after the last save: the rewrite drops it
+    with open(
+        out / "log.jsonl", "a"
+    ) as f:  # a step logged after the last save: the rewrite drops it
         f.write(json.dumps({"step": 2, "reward_mean": -1}) + "\n")
     before = (out / "log.jsonl").read_bytes()
     real = json.dumps
@@ -306,6 +408,7 @@ def test_log_rewrite_goes_through_a_temp_file(tmp_path, prompt_file, monkeypatch
         if isinstance(obj, dict) and obj.get("step") == 1:
             raise KeyboardInterrupt  # stands for the kill
         return real(obj, *a, **k)
+
     monkeypatch.setattr(runio.json, "dumps", dies_on_row_1)
     with pytest.raises(KeyboardInterrupt):
         gvu.main(common(prompt_file, out, "--steps", "3", "--resume"))
@@ -318,13 +421,38 @@ def test_resume_refuses_changed_settings_naming_each_flag_and_keeps_config(tmp_p
     unchanged; --steps / --save-every / --sample-every may change."""
     out = short_run(prompt_file, tmp_path, 1)
     config = (out / "config.json").read_bytes()
-    argv = common(prompt_file, out, "--steps", "2", "--resume") + ["--lr", "1e-3", "--seed", "1", "--group-size", "3",
-                                                                   "--batch-prompts", "2"]
+    argv = common(prompt_file, out, "--steps", "2", "--resume") + [
+        "--lr",
+        "1e-3",
+        "--seed",
+        "1",
+        "--group-size",
+        "3",
+        "--batch-prompts",
+        "2",
+    ]
     msg = run_main(*argv)
-    assert msg == ("error: --resume: --batch-prompts 2 (the run has 1), --group-size 3 (the run has 2), --lr 0.001 "
-                   "(the run has 0.0005), --seed 1 (the run has 0); pass the run's values, or start a new --out")
+    assert msg == (
+        "error: --resume: --batch-prompts 2 (the run has 1), --group-size 3 (the run has 2), --lr 0.001 "
+        "(the run has 0.0005), --seed 1 (the run has 0); pass the run's values, or start a new --out"
+    )
     assert (out / "config.json").read_bytes() == config
-    assert run_main(*common(prompt_file, out, "--steps", "2", "--resume", "--save-every", "7", "--sample-every", "3")) is None
+    assert (
+        run_main(
+            *common(
+                prompt_file,
+                out,
+                "--steps",
+                "2",
+                "--resume",
+                "--save-every",
+                "7",
+                "--sample-every",
+                "3",
+            )
+        )
+        is None
+    )
     assert (out / "config.json").read_bytes() == config
 
 
@@ -335,15 +463,22 @@ def test_resume_counts_a_flag_added_since_the_run_began_as_its_default(tmp_path,
     config = json.loads((out / "config.json").read_text())
     del config["lora_targets"]
     (out / "config.json").write_text(json.dumps(config))
-    msg = run_main(*common(prompt_file, out, "--steps", "2", "--resume", "--lora-targets", "q_proj"))
-    assert msg == "error: --resume: --lora-targets q_proj (the run has ); pass the run's values, or start a new --out"
+    msg = run_main(
+        *common(prompt_file, out, "--steps", "2", "--resume", "--lora-targets", "q_proj")
+    )
+    assert (
+        msg
+        == "error: --resume: --lora-targets q_proj (the run has ); pass the run's values, or start a new --out"
+    )
     assert run_main(*common(prompt_file, out, "--steps", "2", "--resume")) is None
 
 
 def test_resume_refuses_another_model(tmp_path, prompt_file):
     """--model differs: refused before anything is loaded or written."""
     out = short_run(prompt_file, tmp_path, 1)
-    msg = run_main(*common(prompt_file, out, "--steps", "2", "--resume") + ["--model", "checkpoints/tiny-umm"])
+    msg = run_main(
+        *common(prompt_file, out, "--steps", "2", "--resume") + ["--model", "checkpoints/tiny-umm"]
+    )
     assert msg.startswith("error: --resume: --model checkpoints/tiny-umm (the run has tiny-random)")
 
 
@@ -355,24 +490,44 @@ def test_a_second_process_on_the_same_out_is_refused(tmp_path, prompt_file):
     with open(out / ".lock", "w") as holder:
         fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
         msg = run_main(*common(prompt_file, out, "--steps", "1"))
-    assert msg.startswith(f"error: --out {out} is in use by another gvu.py process") and "\n" not in msg
+    assert (
+        msg.startswith(f"error: --out {out} is in use by another gvu.py process")
+        and "\n" not in msg
+    )
     assert sorted(os.listdir(out)) == [".lock", "samples"]
-    assert run_main(*common(prompt_file, out, "--steps", "1")) is None  # the lock dies with its holder
+    assert (
+        run_main(*common(prompt_file, out, "--steps", "1")) is None
+    )  # the lock dies with its holder
 
 
 # --- 6. eval_geneval generate ------------------------------------------------------------------
 def eval_error(argv):
     with pytest.raises(SystemExit) as e:
         E.main(argv)
-    assert isinstance(e.value.code, str) and e.value.code.startswith("error: ") and "\n" not in e.value.code
+    assert (
+        isinstance(e.value.code, str)
+        and e.value.code.startswith("error: ")
+        and "\n" not in e.value.code
+    )
     return e.value.code
 
 
 @pytest.fixture(scope="module")
 def metadata(tmp_path_factory):
     path = tmp_path_factory.mktemp("meta") / "m.jsonl"
-    path.write_text("".join(json.dumps({"tag": "colors", "include": [{"class": "circle", "count": 1, "color": c}],
-                                        "prompt": f"a photo of a {c} circle"}) + "\n" for c in ("red", "blue")))
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "tag": "colors",
+                    "include": [{"class": "circle", "count": 1, "color": c}],
+                    "prompt": f"a photo of a {c} circle",
+                }
+            )
+            + "\n"
+            for c in ("red", "blue")
+        )
+    )
     return str(path)
 
 
@@ -383,26 +538,48 @@ def test_generate_refuses_a_non_empty_out_and_overwrite_replaces_it(tmp_path, me
     E.main(gen + ["--n", "3"])
     assert "is not empty" in eval_error(gen + ["--n", "1"])
     E.main(gen + ["--n", "1", "--overwrite"])
-    assert [sorted(os.listdir(tmp_path / "gen" / d / "samples")) for d in ("00000", "00001")] == [["0000.png"]] * 2
+    assert [sorted(os.listdir(tmp_path / "gen" / d / "samples")) for d in ("00000", "00001")] == [
+        ["0000.png"]
+    ] * 2
     (tmp_path / "gen" / "notes.txt").write_text("mine")
     assert "also holds notes.txt" in eval_error(gen + ["--n", "1", "--overwrite"])
     assert (tmp_path / "gen" / "notes.txt").read_text() == "mine"
 
 
-def test_generate_refuses_an_adapter_trained_on_another_base(tmp_path, prompt_file, metadata, monkeypatch):
+def test_generate_refuses_an_adapter_trained_on_another_base(
+    tmp_path, prompt_file, metadata, monkeypatch
+):
     """An adapter trained on tiny-random seed 0 is refused for seed 1 (same path, other weights) and for the
     shipped tiny UMM; a missing local --adapter is one line with no hub lookup."""
     out = short_run(prompt_file, tmp_path, 1)
-    gen = ["generate", "--metadata", metadata, "--n", "1", "--any-class", "--adapter", str(out / "adapter")]
+    gen = [
+        "generate",
+        "--metadata",
+        metadata,
+        "--n",
+        "1",
+        "--any-class",
+        "--adapter",
+        str(out / "adapter"),
+    ]
     msg = eval_error(gen + ["--out", str(tmp_path / "g1"), "--seed", "1"])
-    assert msg == f"error: --adapter {out / 'adapter'} was trained on tiny-random (seed 0) (its gvu.json), " \
-                  "not on --model tiny-random with --seed 1"
-    assert "was trained on tiny-random (seed 0)" in eval_error(gen + ["--out", str(tmp_path / "g2"), "--model",
-                                                                     "checkpoints/tiny-umm"])
+    assert (
+        msg
+        == f"error: --adapter {out / 'adapter'} was trained on tiny-random (seed 0) (its gvu.json), "
+        "not on --model tiny-random with --seed 1"
+    )
+    assert "was trained on tiny-random (seed 0)" in eval_error(
+        gen + ["--out", str(tmp_path / "g2"), "--model", "checkpoints/tiny-umm"]
+    )
     E.main(gen + ["--out", str(tmp_path / "g3")])  # the right base loads
-    monkeypatch.setattr(E.PeftModel, "from_pretrained", lambda *a, **k: pytest.fail("looked up the hub"))
+    monkeypatch.setattr(
+        E.PeftModel, "from_pretrained", lambda *a, **k: pytest.fail("looked up the hub")
+    )
     monkeypatch.chdir(tmp_path)
-    assert eval_error(gen[:-1] + ["runs/adapter", "--out", "g4"]) == "error: --adapter runs/adapter: no such folder"
+    assert (
+        eval_error(gen[:-1] + ["runs/adapter", "--out", "g4"])
+        == "error: --adapter runs/adapter: no such folder"
+    )
     assert not os.path.exists(tmp_path / "g4")
 
 
@@ -421,6 +598,7 @@ def test_failed_score_keeps_the_previous_results_and_summaries(tmp_path, metadat
         if len(calls) == 3:
             raise E.GenEvalError(f"cannot read image {path}")
         return E.Image.open(path).convert("RGB")
+
     monkeypatch.setattr(E, "load_image", failing)
     assert "cannot read image" in eval_error(["score", str(gen), "--scorer", "shapes"])
     assert {n: (gen / n).read_bytes() for n in before} == before
@@ -428,20 +606,34 @@ def test_failed_score_keeps_the_previous_results_and_summaries(tmp_path, metadat
 
 # --- 8, 9. bad or nonsense flags: one line, before anything is created -----------------------------
 BAD_FLAGS = [
-    (["--lr", "-1"], "--lr must be > 0"), (["--lr", "nan"], "--lr must be > 0"),
-    (["--batch-prompts", "0"], "--batch-prompts must be >= 1"), (["--save-every", "0"], "--save-every must be >= 1"),
-    (["--sample-every", "0"], "--sample-every must be >= 1"), (["--micro-batch", "0"], "--micro-batch must be >= 1"),
-    (["--num-iterations", "0"], "--num-iterations must be >= 1"), (["--min-p", "2"], "--min-p must be in [0, 1)"),
-    (["--lora-r", "0"], "--lora-r must be >= 1"), (["--lora-alpha", "0"], "--lora-alpha must be >= 1"),
-    (["--temperature", "0"], "--temperature must be >= 0.1"), (["--temperature", "1e-9"], "--temperature must be >= 0.1"),
-    (["--temperature", "-1"], "--temperature must be >= 0.1"), (["--clip-eps", "-0.2"], "--clip-eps must be in (0, 1)"),
-    (["--beta", "-1"], "--beta must be >= 0"), (["--max-grad-norm", "0"], "--max-grad-norm must be > 0"),
-    (["--cfg-scale", "-2"], "--cfg-scale must be >= 1"), (["--top-k", "-1"], "--top-k must be >= 0"),
-    (["--seed", "-1"], "--seed must be in [0, 2**32)"), (["--steps", "0"], "--steps must be >= 1"),
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--lr", "nan"], "--lr must be > 0"),
+    (["--batch-prompts", "0"], "--batch-prompts must be >= 1"),
+    (["--save-every", "0"], "--save-every must be >= 1"),
+    (["--sample-every", "0"], "--sample-every must be >= 1"),
+    (["--micro-batch", "0"], "--micro-batch must be >= 1"),
+    (["--num-iterations", "0"], "--num-iterations must be >= 1"),
+    (["--min-p", "2"], "--min-p must be in [0, 1)"),
+    (["--lora-r", "0"], "--lora-r must be >= 1"),
+    (["--lora-alpha", "0"], "--lora-alpha must be >= 1"),
+    (["--temperature", "0"], "--temperature must be >= 0.1"),
+    (["--temperature", "1e-9"], "--temperature must be >= 0.1"),
+    (["--temperature", "-1"], "--temperature must be >= 0.1"),
+    (["--clip-eps", "-0.2"], "--clip-eps must be in (0, 1)"),
+    (["--beta", "-1"], "--beta must be >= 0"),
+    (["--max-grad-norm", "0"], "--max-grad-norm must be > 0"),
+    (["--cfg-scale", "-2"], "--cfg-scale must be >= 1"),
+    (["--top-k", "-1"], "--top-k must be >= 0"),
+    (["--seed", "-1"], "--seed must be in [0, 2**32)"),
+    (["--steps", "0"], "--steps must be >= 1"),
     (["--top-k", "65"], "--top-k must be <= the model's 64 image codes"),
-    (["--device", "nonsense"], "--device nonsense: not a device"), (["--device", "cuda:7"], "no such device"),
+    (["--device", "nonsense"], "--device nonsense: not a device"),
+    (["--device", "cuda:7"], "no such device"),
     (["--resume"], "--resume: no run in"),
-    (["--lora-targets", "q_proj,qkv"], "--lora-targets: the model has no LoRA layer named qkv (its layers: down_proj"),
+    (
+        ["--lora-targets", "q_proj,qkv"],
+        "--lora-targets: the model has no LoRA layer named qkv (its layers: down_proj",
+    ),
     (["--lr", "-1", "--steps", "0"], "--steps must be >= 1 (got 0); --lr must be > 0 (got -1.0)"),
 ]
 
@@ -460,11 +652,24 @@ def test_cuda_without_cuda_is_one_line(tmp_path, prompt_file):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     msg = run_main(*common(prompt_file, tmp_path / "run", "--device", "cuda"))
-    assert msg == "error: --device cuda: this machine has no such device" and not (tmp_path / "run").exists()
+    assert (
+        msg == "error: --device cuda: this machine has no such device"
+        and not (tmp_path / "run").exists()
+    )
 
 
-@pytest.mark.parametrize("case", ["out is a file", "out under a file", "out not writable", "prompt of 10k words",
-                                  "prompts is a directory", "empty state.pt", "truncated state.pt"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "out is a file",
+        "out under a file",
+        "out not writable",
+        "prompt of 10k words",
+        "prompts is a directory",
+        "empty state.pt",
+        "truncated state.pt",
+    ],
+)
 def test_bad_path_or_file_is_one_line(tmp_path, prompt_file, case):
     """Unusable --out, an over-long prompt (names its line), a directory as --prompts, a damaged state.pt."""
     out, pf = tmp_path / "run", prompt_file
@@ -474,7 +679,9 @@ def test_bad_path_or_file_is_one_line(tmp_path, prompt_file, case):
     elif case == "out under a file":
         (tmp_path / "f").write_text("x")
         out, expect = tmp_path / "f" / "run", "is a file, not a folder"
-    elif case == "out not writable":  # /proc refuses new folders even to root (os.access cannot tell root that)
+    elif (
+        case == "out not writable"
+    ):  # /proc refuses new folders even to root (os.access cannot tell root that)
         out, expect = "/proc/gvu-run", "/proc"
     elif case == "prompt of 10k words":
         pf = write(tmp_path / "long.txt", "a red circle\n\n" + "circle " * 10_000 + "\n")
@@ -484,7 +691,7 @@ def test_bad_path_or_file_is_one_line(tmp_path, prompt_file, case):
     else:
         out = short_run(prompt_file, tmp_path, 1)
         data = (out / "state.pt").read_bytes()
-        (out / "state.pt").write_bytes(b"" if case == "empty state.pt" else data[:len(data) // 2])
+        (out / "state.pt").write_bytes(b"" if case == "empty state.pt" else data[: len(data) // 2])
         expect = f"cannot read {out / 'state.pt'}"
     msg = run_main(*common(pf, out, "--steps", "2", *(["--resume"] if "state" in case else [])))
     assert isinstance(msg, str) and msg.startswith("error: ") and expect in msg and "\n" not in msg

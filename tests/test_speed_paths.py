@@ -1,6 +1,7 @@
 """Tests for the faster step paths (issue 15), CPU only: the batched image tokenisation of the reward path, the
 decode-free reward (--reward-input codes) and gvu_step's timing hook. Each compares against an independent
 computation: the per-image caption_prompt, the official per-token loop, a wall clock."""
+
 import json
 import os
 import time
@@ -18,7 +19,9 @@ from test_adapters import xomni  # noqa: F401,F811  (the X-Omni stand-in as the 
 from models.tiny_umm import TinyUMM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
-pytestmark = pytest.mark.filterwarnings("ignore:.*deprecated and will be removed in v6")  # peft's pre-v6 names
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*deprecated and will be removed in v6"
+)  # peft's pre-v6 names
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -32,7 +35,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def xo_images(xomni):
-    return xomni.decode_images(torch.randint(0, XO_CODES, (len(PROMPTS), 9), generator=torch.Generator().manual_seed(0)))
+    return xomni.decode_images(
+        torch.randint(0, XO_CODES, (len(PROMPTS), 9), generator=torch.Generator().manual_seed(0))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,16 +66,28 @@ def per_image_ctx(umm, images):
 def test_batched_tokenisation_gives_the_per_image_context_tokens_tiny_umm(shipped):
     """caption_prompts (one image-tokenizer call for the batch) tokenises to the same ids as caption_prompt per image."""
     images, _ = rendered(12)
-    images += shipped.decode_images(torch.randint(0, shipped.image_vocab_size, (4, 16)), torch.Generator().manual_seed(0))
-    assert ctx_ids(shipped, shipped.caption_prompts(images, INSTRUCTION)) == per_image_ctx(shipped, images)
+    images += shipped.decode_images(
+        torch.randint(0, shipped.image_vocab_size, (4, 16)), torch.Generator().manual_seed(0)
+    )
+    assert ctx_ids(shipped, shipped.caption_prompts(images, INSTRUCTION)) == per_image_ctx(
+        shipped, images
+    )
 
 
-def test_batched_tokenisation_gives_the_per_image_context_tokens_xomni_standin(xomni, xomni_ref, xo_images):
+def test_batched_tokenisation_gives_the_per_image_context_tokens_xomni_standin(
+    xomni, xomni_ref, xo_images
+):
     """XOmni.caption_prompts (one SigLIP-VQ call) equals chat.py's context: the stand-in's own tokenize_image per
     image, then the chat template, tokenised."""
     model, tok = xomni_ref
-    want = [tok.apply_chat_template([{"role": "user", "content": model.tokenize_image(im) + "\n" + INSTRUCTION}],
-                                    add_generation_prompt=True, return_dict=False) for im in xo_images]
+    want = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": model.tokenize_image(im) + "\n" + INSTRUCTION}],
+            add_generation_prompt=True,
+            return_dict=False,
+        )
+        for im in xo_images
+    ]
     assert ctx_ids(xomni, xomni.caption_prompts(xo_images, INSTRUCTION)) == want
 
 
@@ -102,7 +119,9 @@ def test_codes_reward_equals_the_official_pixel_reward_when_retokenising_is_exac
     args = gvu.Args(reward_input="codes")
     with torch.no_grad():
         got = gvu.intrinsic_rewards(shipped, codes[keep], [prompts[i] for i in keep], args)[0]
-        want = bench.official_rewards(shipped, [decoded[i] for i in keep], [prompts[i] for i in keep], INSTRUCTION)
+        want = bench.official_rewards(
+            shipped, [decoded[i] for i in keep], [prompts[i] for i in keep], INSTRUCTION
+        )
     torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=0)
 
 
@@ -127,18 +146,31 @@ def test_codes_step_never_runs_the_decoder_except_on_sample_steps(monkeypatch):
         assert len(calls) == decodes and (images is None) == (step in (1, 2))
     # the rewards do not depend on the decoder: a decoder that raises, same rewards as a fresh identical run
     broken, policy_b, opt_b = lora_tiny()
-    monkeypatch.setattr(broken, "decode_images", lambda *a, **k: pytest.fail("decoder called on a codes step"))
+    monkeypatch.setattr(
+        broken, "decode_images", lambda *a, **k: pytest.fail("decoder called on a codes step")
+    )
     fresh, policy_f, opt_f = lora_tiny()
     r_broken, _, _, _ = gvu.gvu_step(broken, policy_b, opt_b, batch, 1, args)
     r_fresh, _, _, _ = gvu.gvu_step(fresh, policy_f, opt_f, batch, 1, args)
     torch.testing.assert_close(r_broken, r_fresh, atol=0, rtol=0)
     pixel_calls = []
-    monkeypatch.setattr(fresh, "decode_images", lambda *a, **k: pixel_calls.append(1) or decode(*a, **k))
-    gvu.gvu_step(fresh, policy_f, opt_f, batch, 1, gvu.Args(batch_prompts=2, group_size=2, steps=10, sample_every=5))
+    monkeypatch.setattr(
+        fresh, "decode_images", lambda *a, **k: pixel_calls.append(1) or decode(*a, **k)
+    )
+    gvu.gvu_step(
+        fresh,
+        policy_f,
+        opt_f,
+        batch,
+        1,
+        gvu.Args(batch_prompts=2, group_size=2, steps=10, sample_every=5),
+    )
     assert pixel_calls == [1]
 
 
-def test_reward_input_codes_is_refused_for_a_model_whose_understanding_reads_pixels(tmp_path, monkeypatch):
+def test_reward_input_codes_is_refused_for_a_model_whose_understanding_reads_pixels(
+    tmp_path, monkeypatch
+):
     """--reward-input codes on a model without understands_codes (Janus) exits with one line before --out exists."""
     umm = TinyUMM.random(0, hidden=32, layers=1)
     umm.understands_codes = False
@@ -147,7 +179,18 @@ def test_reward_input_codes_is_refused_for_a_model_whose_understanding_reads_pix
     prompts.write_text("a red circle\n")
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
-        gvu.main(["--prompts", str(prompts), "--out", str(out), "--reward-input", "codes", "--steps", "1"])
+        gvu.main(
+            [
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(out),
+                "--reward-input",
+                "codes",
+                "--steps",
+                "1",
+            ]
+        )
     msg = str(e.value.code)
     assert msg.startswith("error: --reward-input codes") and "\n" not in msg and not out.exists()
 
@@ -163,7 +206,9 @@ def test_step_timings_cover_the_step_wall_time():
     start = time.perf_counter()
     gvu.gvu_step(umm, policy, opt, ["a red circle", "two squares"], 1, args, timings=t)
     wall = time.perf_counter() - start
-    assert list(t) == ["rollout", "decode", "reward", "reference", "update"] and all(v > 0 for v in t.values())
+    assert list(t) == ["rollout", "decode", "reward", "reference", "update"] and all(
+        v > 0 for v in t.values()
+    )
     assert 0.9 * wall <= sum(t.values()) <= wall
 
 
@@ -171,9 +216,14 @@ def test_bench_step_breakdown_times_every_phase_of_real_steps_for_both_reward_in
     """tools/bench.py's breakdown drives gvu.add_lora and gvu_step as the trainer does (it once broke when they gained a
     return value): per reward input, one row per timed step, every phase booked, codes steps never decode."""
     from tools import bench
+
     res = bench.step_breakdown("tiny-random", steps=1, batch_prompts=1, group_size=2)
     assert set(res) == {"pixels", "codes"}
     for reward_input, t in res.items():
-        assert {"rollout", "reward", "reference", "update", "step"} <= set(t) and all(len(v) == 1 for v in t.values())
+        assert {"rollout", "reward", "reference", "update", "step"} <= set(t) and all(
+            len(v) == 1 for v in t.values()
+        )
         assert (t["step"] > 0).all() and (t["update"] > 0).all()
-    assert (res["codes"]["decode"] < 0.01 * res["pixels"]["decode"]).all()  # codes: the phase is booked, nothing decodes
+    assert (
+        res["codes"]["decode"] < 0.01 * res["pixels"]["decode"]
+    ).all()  # codes: the phase is booked, nothing decodes

@@ -11,6 +11,7 @@ LoRA gradients over ranks; rewards and statistics are gathered so that rank 0, t
 the whole batch.
 Plain `python gvu.py` starts no process group, and every function here is then a no-op.
 """
+
 import os
 
 import torch
@@ -27,7 +28,9 @@ def setup(batch_prompts):
         return 0, 1, True
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if batch_prompts % world:  # checked before the group forms: every rank exits with the same line
-        raise InputError(f"--batch-prompts {batch_prompts} must be divisible by the {world} processes")
+        raise InputError(
+            f"--batch-prompts {batch_prompts} must be divisible by the {world} processes"
+        )
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" now means this process's GPU
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -37,15 +40,19 @@ def setup(batch_prompts):
 def local_slice(batch, rank, world):
     """This rank's contiguous B/N prompts of the step's B (rank 0 holds the first ones)."""
     n = len(batch) // world
-    return batch[rank * n:(rank + 1) * n]
+    return batch[rank * n : (rank + 1) * n]
 
 
 class TrainingForward(torch.nn.Module):
     """The training pass (gvu.image_token_logprobs) as a module, so that DDP sees the forward it must sync.
     The rollout and the reward call umm.hidden_states directly; they need no gradient, so they bypass DDP."""
+
     def __init__(self, logprobs, policy):
         super().__init__()
-        self.logprobs, self.policy = logprobs, policy  # policy: registers the parameters DDP reduces
+        self.logprobs, self.policy = (
+            logprobs,
+            policy,
+        )  # policy: registers the parameters DDP reduces
 
     def forward(self, prefix_ids, prefix_mask, codes, temperature):
         return self.logprobs(prefix_ids, prefix_mask, codes, temperature)

@@ -9,6 +9,7 @@ every sample grid. Each backend is imported only when chosen and is not a requir
 Only the main process logs: make_logger hands every other process (and --report-to none) a no-op stand-in, so
 the training loop calls logger.scalars / logger.image unconditionally.
 """
+
 import importlib
 import math
 import os
@@ -18,7 +19,10 @@ from PIL import Image, ImageDraw
 
 from models.adapters import InputError
 
-BACKEND_MODULE = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}  # what --report-to imports
+BACKEND_MODULE = {
+    "tensorboard": "torch.utils.tensorboard",
+    "wandb": "wandb",
+}  # what --report-to imports
 
 
 def require(report_to):
@@ -28,20 +32,30 @@ def require(report_to):
     try:
         importlib.import_module(BACKEND_MODULE[report_to])
     except ImportError:
-        raise InputError(f"--report-to {report_to} needs the {report_to} package: pip install {report_to}") from None
+        raise InputError(
+            f"--report-to {report_to} needs the {report_to} package: pip install {report_to}"
+        ) from None
 
 
 class NoLogger:
     """--report-to none, and every process but the main one: each call does nothing."""
-    def scalars(self, row, step): pass
-    def image(self, tag, image, step): pass
-    def close(self): pass
+
+    def scalars(self, row, step):
+        pass
+
+    def image(self, tag, image, step):
+        pass
+
+    def close(self):
+        pass
 
 
 class TensorBoardLogger:
     """Event files in OUT/tensorboard; on --resume, events at or after the resumed step are dropped (purge_step)."""
+
     def __init__(self, out, start_step):
         from torch.utils.tensorboard import SummaryWriter
+
         self.writer = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=start_step or None)
 
     def scalars(self, row, step):
@@ -60,10 +74,14 @@ class TensorBoardLogger:
 
 class WandbLogger:
     """A wandb run named after OUT, files under OUT/wandb; a resumed gvu run starts a new wandb run."""
+
     def __init__(self, out, config):
         import wandb
+
         self.wandb = wandb
-        self.run = wandb.init(project="gvu", name=os.path.basename(os.path.normpath(out)), dir=out, config=config)
+        self.run = wandb.init(
+            project="gvu", name=os.path.basename(os.path.normpath(out)), dir=out, config=config
+        )
 
     def scalars(self, row, step):
         self.run.log({k: v for k, v in row.items() if k != "step"}, step=step)
@@ -104,10 +122,14 @@ def save_grid(path, prompts, images, rewards, G, rows=4, px=96, texts=None, toke
     probability under the judge (white = 1, red = 0) with the least likely one framed. Returns the grid."""
     rows = min(rows, len(prompts) // G)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    boxes = [token_layout(measure, texts[i], token_logp[i], px - 4) if token_logp is not None else []
-             for i in range(rows * G)]
-    heights = [12 + px + 12 + max([b[1] + 12 for c in range(G) for b in boxes[r * G + c]], default=0)
-               for r in range(rows)]  # prompt line, images, rewards, then the longest token block of the row
+    boxes = [
+        token_layout(measure, texts[i], token_logp[i], px - 4) if token_logp is not None else []
+        for i in range(rows * G)
+    ]
+    heights = [
+        12 + px + 12 + max([b[1] + 12 for c in range(G) for b in boxes[r * G + c]], default=0)
+        for r in range(rows)
+    ]  # prompt line, images, rewards, then the longest token block of the row
     grid = Image.new("RGB", (G * px, sum(heights)), "white")
     draw = ImageDraw.Draw(grid)
     for r in range(rows):
@@ -122,8 +144,11 @@ def save_grid(path, prompts, images, rewards, G, rows=4, px=96, texts=None, toke
                 x0, y0, text, p = box
                 x0, y0 = c * px + 2 + x0, y + 24 + px + y0
                 shade = int(60 + 195 * p)  # white at p = 1, red at p = 0
-                draw.rectangle([x0, y0, x0 + draw.textlength(text) + 2, y0 + 11], fill=(255, shade, shade),
-                               outline="black" if box is lowest else None)
+                draw.rectangle(
+                    [x0, y0, x0 + draw.textlength(text) + 2, y0 + 11],
+                    fill=(255, shade, shade),
+                    outline="black" if box is lowest else None,
+                )
                 draw.text((x0 + 1, y0), text, fill="black")
     grid.save(path)
     return grid

@@ -18,6 +18,7 @@ adapter/: after a kill in between, state.pt is the newest and adapter/gvu.json n
 after the last save; --resume drops them and repeats those steps, which reproduces them exactly.
 This module does not import gvu.
 """
+
 import fcntl
 import hashlib
 import json
@@ -92,7 +93,9 @@ def check_vocabulary(umm, prompts, lines=None):
     """Every word of every prompt must be one the model can spell (else it would silently become <unk>)."""
     for n, p in zip(lines or range(1, len(prompts) + 1), prompts):
         if bad := umm.unknown_words(p):
-            raise InputError(f"line {n} has words the model does not know: {', '.join(sorted(set(bad)))} ({p!r})")
+            raise InputError(
+                f"line {n} has words the model does not know: {', '.join(sorted(set(bad)))} ({p!r})"
+            )
 
 
 def check_context(umm, prompts, lines, instruction, path):
@@ -103,14 +106,20 @@ def check_context(umm, prompts, lines, instruction, path):
     if not limit:
         return
     tok, (h, w) = umm.tokenizer, umm.grid
-    blank = Image.new("RGB", (16 * w, 16 * h))  # the caption context's length does not depend on the pixels
+    blank = Image.new(
+        "RGB", (16 * w, 16 * h)
+    )  # the caption context's length does not depend on the pixels
     ctx = len(tok(umm.caption_prompt(blank, instruction), add_special_tokens=False).input_ids)
     gen = tok([umm.t2i_prompt(p) for p in prompts]).input_ids
-    ans = tok([umm.answer_prefix + p + umm.answer_suffix for p in prompts], add_special_tokens=False).input_ids
+    ans = tok(
+        [umm.answer_prefix + p + umm.answer_suffix for p in prompts], add_special_tokens=False
+    ).input_ids
     for n, g, a in zip(lines, gen, ans):
         if (need := max(len(g) + h * w, ctx + len(a))) > limit:
-            raise InputError(f"line {n} of {path} is too long: it needs {need} positions with its image, "
-                             f"the model has {limit}")
+            raise InputError(
+                f"line {n} of {path} is too long: it needs {need} positions with its image, "
+                f"the model has {limit}"
+            )
 
 
 def config_flags(path, cli, known):
@@ -156,13 +165,19 @@ def check_run_folder(out, resume, config, may_change, defaults):
     to the old behaviour)."""
     if problem := check_out_folder(out):
         raise InputError(problem)
-    is_run = os.path.exists(os.path.join(out, "config.json")) or os.path.exists(os.path.join(out, "state.pt"))
+    is_run = os.path.exists(os.path.join(out, "config.json")) or os.path.exists(
+        os.path.join(out, "state.pt")
+    )
     if is_run and not resume:
-        raise InputError(f"{out} already holds a run; pass --resume to continue it or pick another --out")
+        raise InputError(
+            f"{out} already holds a run; pass --resume to continue it or pick another --out"
+        )
     if resume and not is_run:
         raise InputError(f"--resume: no run in {out} (no config.json)")
     if resume:  # the first run's config.json: every setting that changes the run must match it
-        check_same_run({**defaults, **read_json(os.path.join(out, "config.json"))}, config, may_change)
+        check_same_run(
+            {**defaults, **read_json(os.path.join(out, "config.json"))}, config, may_change
+        )
 
 
 def lock_run_folder(out):
@@ -179,8 +194,10 @@ def lock_run_folder(out):
         f.seek(0)
         holder = f.read().strip() or "?"
         f.close()
-        raise InputError(f"--out {out} is in use by another gvu.py process (pid {holder}); "
-                         "wait for it or pick another --out") from None
+        raise InputError(
+            f"--out {out} is in use by another gvu.py process (pid {holder}); "
+            "wait for it or pick another --out"
+        ) from None
     f.truncate(0)
     f.write(str(os.getpid()))
     f.flush()
@@ -192,10 +209,15 @@ def lock_run_folder(out):
 def check_same_run(saved, now, may_change):
     """Refuse to resume when a setting that changes the run differs from the run's config.json: one line
     naming each differing flag. Keys known to only one side (a flag added or removed since) are skipped."""
-    diffs = [f"--{k.replace('_', '-')} {now[k]} (the run has {saved[k]})"
-             for k in now if k in saved and k not in may_change and now[k] != saved[k]]
+    diffs = [
+        f"--{k.replace('_', '-')} {now[k]} (the run has {saved[k]})"
+        for k in now
+        if k in saved and k not in may_change and now[k] != saved[k]
+    ]
     if diffs:
-        raise InputError(f"--resume: {', '.join(diffs)}; pass the run's values, or start a new --out")
+        raise InputError(
+            f"--resume: {', '.join(diffs)}; pass the run's values, or start a new --out"
+        )
 
 
 def load_state(path, device):
@@ -203,9 +225,13 @@ def load_state(path, device):
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # truncated, empty, not a torch file: each raises a different type
-        raise InputError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'empty'}); "
-                         "it was damaged outside gvu.py, which writes it atomically") from None
-    if not isinstance(state, dict) or not {"step", "prompt_pos", "lora", "optimizer", "rng"} <= set(state):
+        raise InputError(
+            f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'empty'}); "
+            "it was damaged outside gvu.py, which writes it atomically"
+        ) from None
+    if not isinstance(state, dict) or not {"step", "prompt_pos", "lora", "optimizer", "rng"} <= set(
+        state
+    ):
         raise InputError(f"{path} is not a gvu.py state (missing keys)")
     return state
 
@@ -228,8 +254,10 @@ def trim_log(path, start):
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             if n < len(lines):
-                raise InputError(f"{path} line {n} is not JSON (only a last line can be cut by a kill); "
-                                 "repair or delete that line") from None
+                raise InputError(
+                    f"{path} line {n} is not JSON (only a last line can be cut by a kill); "
+                    "repair or delete that line"
+                ) from None
             notices.append(f"{path}: dropped a last line cut by a kill ({line[:40]!r}...)")
     kept = [row for row in rows if row.get("step", start) < start]
     write_atomic(path, lambda f: f.writelines(json.dumps(row) + "\n" for row in kept))
@@ -276,7 +304,9 @@ def base_fingerprint(lm):
     path or hub id match; another base (or tiny-random with another seed) does not."""
     w = next(p for n, p in lm.named_parameters() if "lora_" not in n).detach()
     rows = w[torch.linspace(0, len(w) - 1, 64).long().unique().to(w.device)]
-    return hashlib.sha256(rows.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()).hexdigest()[:16]
+    return hashlib.sha256(
+        rows.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
+    ).hexdigest()[:16]
 
 
 # -----------------------------------------------------------------------------
@@ -287,29 +317,43 @@ def open_run(args, policy, optimizer, scheduler, device, is_main=True):
     back to the state's step, an adapter that matches the state. Returns (the step to start from, the lock).
     torchrun: every rank loads the state; rank 0 alone locks and writes (the others get lock None)."""
     lock = lock_run_folder(args.out) if is_main else None
-    config, log, state_path, adapter = (os.path.join(args.out, f) for f in ("config.json", "log.jsonl", "state.pt", "adapter"))
+    config, log, state_path, adapter = (
+        os.path.join(args.out, f) for f in ("config.json", "log.jsonl", "state.pt", "adapter")
+    )
     try:
         if not args.resume:
             if not is_main:
                 return 0, None
-            if os.path.exists(config) or os.path.exists(state_path):  # written by a run that held the lock before us
-                raise InputError(f"{args.out} already holds a run; pass --resume to continue it or pick another --out")
+            if os.path.exists(config) or os.path.exists(
+                state_path
+            ):  # written by a run that held the lock before us
+                raise InputError(
+                    f"{args.out} already holds a run; pass --resume to continue it or pick another --out"
+                )
             write_json(asdict(args), config)  # kept for good: every --resume is checked against it
             write_atomic(log, lambda f: None)
             return 0, lock
-        start = 0  # no state.pt: killed before its first save, so the run starts again from its seed
+        start = (
+            0  # no state.pt: killed before its first save, so the run starts again from its seed
+        )
         if os.path.exists(state_path):
             state = load_state(state_path, device)
             start = state["step"]
             if start > args.steps:
-                raise InputError(f"--steps {args.steps} is below the step the run in {args.out} has reached ({start})")
+                raise InputError(
+                    f"--steps {args.steps} is below the step the run in {args.out} has reached ({start})"
+                )
             set_peft_model_state_dict(policy, state["lora"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["rng"].cpu())
             if is_main:
-                save_adapter(policy, adapter, adapter_info(args, policy, start))  # a kill may have cut the last save
-        for notice in trim_log(log, start) if is_main else []:  # steps logged after the last save are run again
+                save_adapter(
+                    policy, adapter, adapter_info(args, policy, start)
+                )  # a kill may have cut the last save
+        for notice in (
+            trim_log(log, start) if is_main else []
+        ):  # steps logged after the last save are run again
             print(f"notice: {notice}", file=sys.stderr)
         return start, lock
     except BaseException:
@@ -320,5 +364,9 @@ def open_run(args, policy, optimizer, scheduler, device, is_main=True):
 
 def adapter_info(args, policy, step):
     """adapter/gvu.json: the step the adapter holds and the base model it was trained on (eval_geneval checks it)."""
-    return dict(step=step, model=args.model, base_model=base_model_id(args.model, args.seed),
-                base_fingerprint=base_fingerprint(policy.get_base_model()))
+    return dict(
+        step=step,
+        model=args.model,
+        base_model=base_model_id(args.model, args.seed),
+        base_fingerprint=base_fingerprint(policy.get_base_model()),
+    )

@@ -24,6 +24,7 @@ Backends (`--judge`):
                 through the processor's chat template, greedy decoding. Greedy decoding is deterministic,
                 so a retry would repeat the same answer: this backend makes one attempt.
 """
+
 from __future__ import annotations
 
 import base64
@@ -40,12 +41,14 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from models.adapters import dtype_kwarg, pick_device
 
 DEFAULT_JUDGE = "openai:gpt-4.1-2025-04-14"
-MAX_TOKENS = 200            # official: max_tokens=200
-TEMPERATURE = 0.0           # official: temperature=0.0
-ATTEMPTS = 6                # official: max_retries=6, i.e. 6 calls in all
-RETRY_BACKOFF_S = 1.0       # ours: wait 1, 2, 4, 8, 16 s between attempts (tests set 0)
-REQUEST_TIMEOUT_S = 120.0   # ours: one HTTP request may take this long before it counts as a failed attempt
-UNEVALUATED = -1            # official: {"correct": -1, ...} once every attempt failed
+MAX_TOKENS = 200  # official: max_tokens=200
+TEMPERATURE = 0.0  # official: temperature=0.0
+ATTEMPTS = 6  # official: max_retries=6, i.e. 6 calls in all
+RETRY_BACKOFF_S = 1.0  # ours: wait 1, 2, 4, 8, 16 s between attempts (tests set 0)
+REQUEST_TIMEOUT_S = (
+    120.0  # ours: one HTTP request may take this long before it counts as a failed attempt
+)
+UNEVALUATED = -1  # official: {"correct": -1, ...} once every attempt failed
 
 # The judge's instructions, word for word as in the official script
 # (matrix0721/GvU, evaluation/evaluation_geneval_plus.py, SYSTEM_PROMPT): any change moves the scores.
@@ -83,6 +86,7 @@ class TransientError(Exception):
 
 # --------------------------------------------------------------------------- the checklist (official wording)
 
+
 def naive_plural(name: str, count: int) -> str:
     """The official script's plural: name + 's' when count > 1 ('2 broccolis', '3 sports balls')."""
     return name + "s" if count > 1 else name
@@ -95,7 +99,11 @@ def describe_include(req: dict) -> str:
     adjectives = [f"{req['color']}-colored"] if req.get("color") else []
     adjectives += [req["size"]] if req.get("size") else []
     noun = " ".join(adjectives + [noun])
-    where = f"located in the {req['region']} part of the image" if req.get("region") else "present in the image"
+    where = (
+        f"located in the {req['region']} part of the image"
+        if req.get("region")
+        else "present in the image"
+    )
     return f"{noun} {where}"
 
 
@@ -126,18 +134,30 @@ def encode_jpeg(image: Image.Image) -> str:
 
 def build_messages(meta: dict, image: Image.Image) -> list[dict]:
     """OpenAI chat messages: the system prompt, then [checklist text, JPEG image] as the user turn."""
-    return [{"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": [
+    return [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {
+            "role": "user",
+            "content": [
                 {"type": "text", "text": user_text(meta)},
-                {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + encode_jpeg(image)}}]}]
+                {
+                    "type": "image_url",
+                    "image_url": {"url": "data:image/jpeg;base64," + encode_jpeg(image)},
+                },
+            ],
+        },
+    ]
 
 
 # --------------------------------------------------------------------------- reading the answer
 
+
 def extract_json(text: str) -> dict:
     """The JSON object in an answer: drop a ```json fence, then parse the outermost {...}; ValueError if none."""
     text = re.sub(r"\s*```$", "", re.sub(r"^```json\s*", "", text.strip()))
-    found = re.search(r"\{[\s\S]*\}", text)  # greedy: from the first '{' to the last '}', as the official script
+    found = re.search(
+        r"\{[\s\S]*\}", text
+    )  # greedy: from the first '{' to the last '}', as the official script
     if not found:
         raise ValueError("no JSON object in the answer")
     return json.loads(found.group(0))  # json.JSONDecodeError is a ValueError
@@ -180,6 +200,7 @@ def judge(complete, messages, attempts=ATTEMPTS, backoff=None, sleep=time.sleep)
 
 # --------------------------------------------------------------------------- backends
 
+
 def parse_judge_spec(spec: str) -> tuple[str, str]:
     """'openai:gpt-4.1-2025-04-14' -> ('openai', 'gpt-4.1-2025-04-14'); JudgeError if malformed."""
     backend, _, model = (spec or "").partition(":")
@@ -201,15 +222,23 @@ def openai_backend(model: str):
 
     def complete(messages) -> str:
         try:
-            response = client.chat.completions.create(model=model, messages=messages,
-                                                      max_tokens=MAX_TOKENS, temperature=TEMPERATURE)
-        except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
+            response = client.chat.completions.create(
+                model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=TEMPERATURE
+            )
+        except (
+            openai.AuthenticationError,
+            openai.PermissionDeniedError,
+            openai.NotFoundError,
+        ) as e:
             raise JudgeError(f"judge {model} at {client.base_url}: {one_line(e)}") from None
-        except openai.APIError as e:  # connection, timeout, rate limit, 5xx, other 4xx: another attempt
+        except (
+            openai.APIError
+        ) as e:  # connection, timeout, rate limit, 5xx, other 4xx: another attempt
             raise TransientError(one_line(e)) from None
         if not response.choices or response.choices[0].message.content is None:
             raise TransientError("empty answer")
         return response.choices[0].message.content
+
     return complete
 
 
@@ -237,22 +266,36 @@ def hf_backend(model_name: str, device: str | None = None):
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:
         processor = AutoProcessor.from_pretrained(model_name)
-        model = AutoModelForImageTextToText.from_pretrained(model_name, **{dtype_kwarg(): dtype}).to(device).eval()
-    except (OSError, ValueError, ImportError) as e:  # missing path, hub id not cached, unknown class, no torchvision
+        model = (
+            AutoModelForImageTextToText.from_pretrained(model_name, **{dtype_kwarg(): dtype})
+            .to(device)
+            .eval()
+        )
+    except (
+        OSError,
+        ValueError,
+        ImportError,
+    ) as e:  # missing path, hub id not cached, unknown class, no torchvision
         raise JudgeError(f"cannot load the judge {model_name}: {one_line(e)}") from None
 
     def complete(messages) -> str:
         chat, images = hf_inputs(messages)
         text = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
         inputs = processor(text=[text], images=images, return_tensors="pt").to(device)
-        inputs.pop("token_type_ids", None)  # some processors return it; older generate() refuses what the model ignores
+        inputs.pop(
+            "token_type_ids", None
+        )  # some processors return it; older generate() refuses what the model ignores
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
-        return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+        return processor.batch_decode(
+            out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+        )[0]
+
     return complete
 
 
 # --------------------------------------------------------------------------- the scorer `eval_geneval.py score` uses
+
 
 class VLMScorer:
     """scorer(image, meta) -> (1 | 0 | -1, reason); eval_geneval.summarize keeps -1 rows out of the accuracies."""
@@ -261,12 +304,16 @@ class VLMScorer:
         self.spec = spec or DEFAULT_JUDGE
         backend, model = parse_judge_spec(self.spec)
         self.complete = openai_backend(model) if backend == "openai" else hf_backend(model, device)
-        self.attempts = ATTEMPTS if backend == "openai" else 1  # greedy decoding: a retry repeats the answer
+        self.attempts = (
+            ATTEMPTS if backend == "openai" else 1
+        )  # greedy decoding: a retry repeats the answer
 
     def __call__(self, image: Image.Image, meta: dict) -> tuple[int, str]:
         return judge(self.complete, build_messages(meta, image), self.attempts)
 
     def note(self, unevaluated: int, images: int) -> str:
         """The summary's note on the images the judge left unevaluated."""
-        return (f"judge {self.spec}: {unevaluated} of {images} images ({100 * unevaluated / max(images, 1):.1f}%) "
-                f"not evaluated after {self.attempts} attempt(s), left out of every accuracy above")
+        return (
+            f"judge {self.spec}: {unevaluated} of {images} images ({100 * unevaluated / max(images, 1):.1f}%) "
+            f"not evaluated after {self.attempts} attempt(s), left out of every accuracy above"
+        )

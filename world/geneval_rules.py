@@ -13,6 +13,7 @@ GenEval++ fields have no official rule; they are scored by proxies here: `region
 half of the image), comparative `size` (mean box areas). The shapes world's absolute sizes
 ("small"/"large") are checked like colours, on each detection's `size`.
 """
+
 from __future__ import annotations
 
 import re
@@ -21,12 +22,24 @@ from typing import Callable
 
 import numpy as np
 
-COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white"]  # GenEval's
+COLORS = [
+    "red",
+    "orange",
+    "yellow",
+    "green",
+    "blue",
+    "purple",
+    "pink",
+    "brown",
+    "black",
+    "white",
+]  # GenEval's
 
 
 @dataclass
 class Detection:
     """One detected object: class name, confidence, box (x1, y1, x2, y2), optional mask/colour/size."""
+
     cls: str
     score: float
     box: tuple
@@ -35,8 +48,9 @@ class Detection:
     size: str | None = None  # "small"/"large": only the shapes world's detector sets it
 
 
-def select_detections(raw: list[Detection], tag: str, threshold=0.3, counting_threshold=0.9,
-                      max_per_class=16) -> dict[str, list[Detection]]:
+def select_detections(
+    raw: list[Detection], tag: str, threshold=0.3, counting_threshold=0.9, max_per_class=16
+) -> dict[str, list[Detection]]:
     """Group detections by class, best first: score > threshold (0.9 for 'counting'), <= 16 each, no NMS.
     Ties keep the input order (Python's sort is stable)."""
     thr = counting_threshold if tag == "counting" else threshold
@@ -79,8 +93,13 @@ def lacks_an_object(reason: str) -> bool:
     return any(re.fullmatch(r"expected .+>=\d+, found \d+", r) for r in reason.split("; "))
 
 
-def evaluate(meta: dict, detected: dict[str, list[Detection]], image_size,
-             color_fn: Callable | None = None, margin=0.1) -> tuple[bool, str]:
+def evaluate(
+    meta: dict,
+    detected: dict[str, list[Detection]],
+    image_size,
+    color_fn: Callable | None = None,
+    margin=0.1,
+) -> tuple[bool, str]:
     """Apply GenEval's rules (+ GenEval++ proxies) to grouped detections -> (correct, reason).
 
     `color_fn(objects, class_name) -> list[colour]` names the objects' colours;
@@ -93,7 +112,9 @@ def evaluate(meta: dict, detected: dict[str, list[Detection]], image_size,
         found = detected.get(cls, [])[:n]
         ok = len(found) >= n
         if not ok:
-            reasons.append(f"expected {cls}>={n}, found {len(found)}")  # read back by `lacks_an_object`
+            reasons.append(
+                f"expected {cls}>={n}, found {len(found)}"
+            )  # read back by `lacks_an_object`
         if ok and "color" in req:
             colors = color_fn(found, cls)
             if colors.count(req["color"]) < n:
@@ -103,7 +124,9 @@ def evaluate(meta: dict, detected: dict[str, list[Detection]], image_size,
         if ok and req.get("size") in ("small", "large"):  # the shapes world's absolute sizes
             if any(d.size != req["size"] for d in found):
                 ok = False
-                reasons.append(f"expected {req['size']} {cls}>={n}, found {', '.join(str(d.size) for d in found)}")
+                reasons.append(
+                    f"expected {req['size']} {cls}>={n}, found {', '.join(str(d.size) for d in found)}"
+                )
         if ok and "position" in req:
             rel, target = req["position"]
             if target >= len(groups) or groups[target] is None:
@@ -115,8 +138,10 @@ def evaluate(meta: dict, detected: dict[str, list[Detection]], image_size,
                     wrong = [r for r in wrong if rel not in r]
                     if wrong:
                         ok = False
-                        reasons.append(f"expected {cls} {rel} target, found "
-                                       f"{' and '.join(sorted(wrong[0])) or 'no relation'}")
+                        reasons.append(
+                            f"expected {cls} {rel} target, found "
+                            f"{' and '.join(sorted(wrong[0])) or 'no relation'}"
+                        )
                         break
         if ok and "region" in req:  # GenEval++ proxy
             if any(req["region"] not in image_regions(d.box, image_size) for d in found):

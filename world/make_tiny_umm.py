@@ -17,6 +17,7 @@ the 161 cell kinds; (2) the diffusion decoder on (render, codes) pairs; (3) the 
 in every phrasing of the world (strong) and T2I code sequences of the train lines only (a --t2i-frac
 share, deliberately weaker), in gvu.py's formats.
 """
+
 import argparse
 import json
 import math
@@ -72,8 +73,13 @@ def scene_codes(objects):
 
 def random_cells(rng, p_empty=0.4):
     """A scene with every cell independently empty or a random object (tokenizer/decoder data)."""
-    return [shapes.Obj(*KINDS[k], r, c) for r in range(GRID) for c in range(GRID)
-            if rng.random() > p_empty for k in [int(rng.integers(1, len(KINDS)))]]
+    return [
+        shapes.Obj(*KINDS[k], r, c)
+        for r in range(GRID)
+        for c in range(GRID)
+        if rng.random() > p_empty
+        for k in [int(rng.integers(1, len(KINDS)))]
+    ]
 
 
 def render_batch(scenes, rng, jitter=0, noise=0.0):
@@ -168,7 +174,8 @@ def vision_round_trip(umm, rng, n=200):
         exact_scene=float(np.mean([detections_match(im, s) for im, s in zip(images, scenes)])),
         oracle=float(np.mean([shapes.oracle(im, m)[0] for im, m in zip(images, picks)])),
         codes_right=(codes == torch.tensor([scene_codes(s) for s in scenes])).float().mean().item(),
-        recode_same=(recodes == codes).float().mean().item())
+        recode_same=(recodes == codes).float().mean().item(),
+    )
 
 
 # --- captions and one-attribute distractors ------------------------------------------------
@@ -193,10 +200,17 @@ def distractors(meta):
         if "color" in r:
             out["color"] += [variant(i, color=c) for c in shapes.COLORS if c != r["color"]]
         if meta["tag"] in COUNTED_TAGS:
-            out["count"] += [variant(i, count=n) for n in (r["count"] - 1, r["count"] + 1) if 1 <= n <= shapes.MAX_OBJECTS]
+            out["count"] += [
+                variant(i, count=n)
+                for n in (r["count"] - 1, r["count"] + 1)
+                if 1 <= n <= shapes.MAX_OBJECTS
+            ]
         if "position" in r:
-            out["position"] += [variant(i, position=[rel, r["position"][1]])
-                                for rel in shapes.RELATIONS if rel != r["position"][0]]
+            out["position"] += [
+                variant(i, position=[rel, r["position"][1]])
+                for rel in shapes.RELATIONS
+                if rel != r["position"][0]
+            ]
         if "region" in r:
             out["position"] += [variant(i, region=g) for g in shapes.REGIONS if g != r["region"]]
         out["shape"] += [variant(i, **{"class": s}) for s in shapes.SHAPES if s not in used]
@@ -209,8 +223,15 @@ def distractors(meta):
 
 def swap_all(meta, key, swap):
     """The line with every object's `key` (size, region) replaced by swap[value]; objects without it kept."""
-    return caption_of({"tag": meta["tag"], "include": [
-        dict(r, **{key: swap[r[key]]}) if r.get(key) in swap else dict(r) for r in meta["include"]]})
+    return caption_of(
+        {
+            "tag": meta["tag"],
+            "include": [
+                dict(r, **{key: swap[r[key]]}) if r.get(key) in swap else dict(r)
+                for r in meta["include"]
+            ],
+        }
+    )
 
 
 def regions_swapped(meta):
@@ -230,7 +251,9 @@ def colours_rotated(meta):
     if len(inc) < 2 or not all("color" in r for r in inc):
         return None
     rotated = [dict(r, color=inc[i - 1]["color"]) for i, r in enumerate(inc)]
-    if sorted((r["class"], r["color"]) for r in rotated) == sorted((r["class"], r["color"]) for r in inc):
+    if sorted((r["class"], r["color"]) for r in rotated) == sorted(
+        (r["class"], r["color"]) for r in inc
+    ):
         return None
     return caption_of({"tag": meta["tag"], "include": rotated})
 
@@ -298,7 +321,9 @@ def i2t_batch(umm, metas, rng, with_distractor, extras=(0, 0, 1, 2)):
     tok = umm.tokenizer
     out = []
     for m, im, c in zip(metas, images, codes):
-        ctx = tok(umm.caption_prompt_text(umm.codes_to_text(c), INSTRUCTION), add_special_tokens=False).input_ids
+        ctx = tok(
+            umm.caption_prompt_text(umm.codes_to_text(c), INSTRUCTION), add_special_tokens=False
+        ).input_ids
         ans = tok(m["prompt"] + umm.answer_suffix, add_special_tokens=False).input_ids
         bad = None
         if with_distractor:  # attribute first, so shape and position get as many pairs as colour
@@ -321,13 +346,20 @@ def lm_loss(umm, seqs, empty_weight=1.0):
     pad = umm.tokenizer.pad_token_id
     ids = torch.tensor([q + [pad] * (T - len(q)) for q, _ in seqs])
     attn = torch.tensor([[1] * len(q) + [0] * (T - len(q)) for q, _ in seqs])
-    tmask = torch.tensor([[0] * s + [1] * (len(q) - s) + [0] * (T - len(q)) for q, s in seqs])[:, 1:].bool()
+    tmask = torch.tensor([[0] * s + [1] * (len(q) - s) + [0] * (T - len(q)) for q, s in seqs])[
+        :, 1:
+    ].bool()
     hidden = umm.lm.model(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
     target = ids[:, 1:]
-    weight = tmask * torch.where(target == umm.image_offset, empty_weight, 1.0)  # (B, T-1); code 0 = empty cell
+    weight = tmask * torch.where(
+        target == umm.image_offset, empty_weight, 1.0
+    )  # (B, T-1); code 0 = empty cell
     is_img = target >= umm.image_offset
     logp = torch.zeros(target.shape)
-    for mode, sel, offset in (("image", tmask & is_img, umm.image_offset), ("text", tmask & ~is_img, 0)):
+    for mode, sel, offset in (
+        ("image", tmask & is_img, umm.image_offset),
+        ("text", tmask & ~is_img, 0),
+    ):
         if sel.any():  # the model's own per-mode vocabulary slice, as gvu reads it
             umm.set_generation_mode(mode)
             lp = F.log_softmax(umm.logits(hidden[sel]), -1)
@@ -350,7 +382,10 @@ def lm_batch(umm, metas, captions, rng, batch, n_t2i, with_distractor, kept=()):
     """n_t2i T2I examples and batch - n_t2i I2T examples whose captions are drawn from `captions` ((benchmark, tag)
     keys: a tag uniformly, then one of its lines). kept: (lines, n) pairs; n of the T2I examples are drawn from
     those lines, the rest from the train lines `metas`."""
-    seqs = [t2i_example(umm, metas[i], rng) for i in rng.integers(0, len(metas), n_t2i - sum(n for _, n in kept))]
+    seqs = [
+        t2i_example(umm, metas[i], rng)
+        for i in rng.integers(0, len(metas), n_t2i - sum(n for _, n in kept))
+    ]
     for lines, n in kept:
         if n:  # drawn only when asked, so the default recipe's random stream is unchanged
             seqs += [t2i_example(umm, lines[i], rng) for i in rng.integers(0, len(lines), n)]
@@ -358,8 +393,23 @@ def lm_batch(umm, metas, captions, rng, batch, n_t2i, with_distractor, kept=()):
     return seqs, i2t_batch(umm, [shapes.sample_line(*t, rng) for t in tags], rng, with_distractor)
 
 
-def train_lm(umm, metas, captions, rng, steps, batch, t2i_frac, lr, rank_weight, empty_weight=1.0, empty_until=0.0,
-             colour_first=0.0, draw_every=0, colour_share=0.0, pair_share=0.0):
+def train_lm(
+    umm,
+    metas,
+    captions,
+    rng,
+    steps,
+    batch,
+    t2i_frac,
+    lr,
+    rank_weight,
+    empty_weight=1.0,
+    empty_until=0.0,
+    colour_first=0.0,
+    draw_every=0,
+    colour_share=0.0,
+    pair_share=0.0,
+):
     """Mixed batches (`lm_batch`): round(batch * t2i_frac) T2I sequences, the rest I2T. Loss = mean token NLL
     over all targets + rank_weight * a ranking loss that puts the true caption's reward (mean
     log-prob of prompt + end-of-turn, the intrinsic reward) above a one-attribute distractor's.
@@ -382,8 +432,14 @@ def train_lm(umm, metas, captions, rng, steps, batch, t2i_frac, lr, rank_weight,
     umm.lm.train().requires_grad_(True)
     for step in range(steps):
         first = step < colour_first * steps
-        kept = () if first else ((coloured, round(n_t2i * colour_share)), (pairs, round(n_t2i * pair_share)))
-        seqs, i2t = lm_batch(umm, coloured if first else metas, captions, rng, batch, n_t2i, rank_weight > 0, kept)
+        kept = (
+            ()
+            if first
+            else ((coloured, round(n_t2i * colour_share)), (pairs, round(n_t2i * pair_share)))
+        )
+        seqs, i2t = lm_batch(
+            umm, coloured if first else metas, captions, rng, batch, n_t2i, rank_weight > 0, kept
+        )
         seqs += [(c + a, len(c)) for c, a, _ in i2t]
         ranked = [k for k, (_, _, b) in enumerate(i2t) if b is not None]
         seqs += [(i2t[k][0] + i2t[k][2], len(i2t[k][0])) for k in ranked]
@@ -404,11 +460,19 @@ def train_lm(umm, metas, captions, rng, steps, batch, t2i_frac, lr, rank_weight,
         opt.step()
         sched.step()
         if draw_every and (step % draw_every == 0 or step == steps - 1):
-            log("draw " + "  ".join(f"{t} shape {s:.3f} colour {c:.3f}" for t, (s, c, _) in
-                                    draw_rates(umm, metas, n=50).items() if not np.isnan(c)))
+            log(
+                "draw "
+                + "  ".join(
+                    f"{t} shape {s:.3f} colour {c:.3f}"
+                    for t, (s, c, _) in draw_rates(umm, metas, n=50).items()
+                    if not np.isnan(c)
+                )
+            )
         if step % 100 == 0 or step == steps - 1:
-            log(f"lm step {step:5d}  nll img {nll_img.item():.3f}  txt {nll_txt.item():.3f}  rank {rank.item():.3f}"
-                f"  lr {sched.get_last_lr()[0]:.1e}")
+            log(
+                f"lm step {step:5d}  nll img {nll_img.item():.3f}  txt {nll_txt.item():.3f}  rank {rank.item():.3f}"
+                f"  lr {sched.get_last_lr()[0]:.1e}"
+            )
     umm.lm.eval().requires_grad_(False)
 
 
@@ -437,47 +501,88 @@ def semantic_head_init(umm):
 
 
 # what --lm-from takes from its folder; check_train_args refuses these flags beside it
-FROM_THE_FOLDER = ("hidden", "layers", "heads", "num_codes", "tok_steps", "dec_steps", "decode_steps")
+FROM_THE_FOLDER = (
+    "hidden",
+    "layers",
+    "heads",
+    "num_codes",
+    "tok_steps",
+    "dec_steps",
+    "decode_steps",
+)
 
 
 def check_train_args(p, a):
     """Refuse bad `train` input before anything is trained or written: one line naming every bad flag."""
     n_t2i = round(a.batch * a.t2i_frac)
-    rules = [("steps", a.steps >= 1, ">= 1"), ("batch", a.batch >= 2, ">= 2"),
-             ("t2i_frac", 0 <= n_t2i < a.batch, "in [0, 1) with round(batch * t2i_frac) < batch (an I2T sequence)"),
-             ("lr", math.isfinite(a.lr) and a.lr > 0, "> 0"), ("rank_weight", a.rank_weight >= 0, ">= 0"),
-             ("empty_weight", math.isfinite(a.empty_weight) and a.empty_weight > 0, "> 0"),
-             ("empty_until", 0 <= a.empty_until <= 1, "in [0, 1]"), ("colour_first", 0 <= a.colour_first <= 1, "in [0, 1]"),
-             ("colour_share", 0 <= a.colour_share <= 1, "in [0, 1]"), ("pair_share", 0 <= a.pair_share <= 1, "in [0, 1]"),
-             ("draw_every", a.draw_every >= 0, ">= 0 (0 = never)"), ("threads", a.threads >= 1, ">= 1")]
-    bad = [f"--{f.replace('_', '-')} must be {what} (got {getattr(a, f)})" for f, ok, what in rules if not ok]
+    rules = [
+        ("steps", a.steps >= 1, ">= 1"),
+        ("batch", a.batch >= 2, ">= 2"),
+        (
+            "t2i_frac",
+            0 <= n_t2i < a.batch,
+            "in [0, 1) with round(batch * t2i_frac) < batch (an I2T sequence)",
+        ),
+        ("lr", math.isfinite(a.lr) and a.lr > 0, "> 0"),
+        ("rank_weight", a.rank_weight >= 0, ">= 0"),
+        ("empty_weight", math.isfinite(a.empty_weight) and a.empty_weight > 0, "> 0"),
+        ("empty_until", 0 <= a.empty_until <= 1, "in [0, 1]"),
+        ("colour_first", 0 <= a.colour_first <= 1, "in [0, 1]"),
+        ("colour_share", 0 <= a.colour_share <= 1, "in [0, 1]"),
+        ("pair_share", 0 <= a.pair_share <= 1, "in [0, 1]"),
+        ("draw_every", a.draw_every >= 0, ">= 0 (0 = never)"),
+        ("threads", a.threads >= 1, ">= 1"),
+    ]
+    bad = [
+        f"--{f.replace('_', '-')} must be {what} (got {getattr(a, f)})"
+        for f, ok, what in rules
+        if not ok
+    ]
     if a.colour_share + a.pair_share > 1:
-        bad.append(f"--colour-share + --pair-share must be <= 1 (got {a.colour_share + a.pair_share:g})")
+        bad.append(
+            f"--colour-share + --pair-share must be <= 1 (got {a.colour_share + a.pair_share:g})"
+        )
     try:
         metas = read_jsonl(a.prompts)
         coloured = any(map(lone_colour, metas))
         pairs = any(map(colour_pair, metas))
     except OSError as e:  # missing, a folder, unreadable
         bad.append(f"--prompts {a.prompts}: {e.strerror or e}")
-    except (ValueError, KeyError, TypeError) as e:  # bad JSON, bad UTF-8, or a line without GenEval's fields
-        bad.append(f"--prompts {a.prompts}: not GenEval-format JSON lines ({type(e).__name__}: {e})")
+    except (
+        ValueError,
+        KeyError,
+        TypeError,
+    ) as e:  # bad JSON, bad UTF-8, or a line without GenEval's fields
+        bad.append(
+            f"--prompts {a.prompts}: not GenEval-format JSON lines ({type(e).__name__}: {e})"
+        )
     else:
         if (a.colour_first or a.colour_share) and not coloured:
-            bad.append(f"--colour-first/--colour-share: {a.prompts} has no one-object line that names a colour")
+            bad.append(
+                f"--colour-first/--colour-share: {a.prompts} has no one-object line that names a colour"
+            )
         if a.pair_share and not pairs:
-            bad.append(f"--pair-share: {a.prompts} has no line of one-of-each objects that all name a colour")
+            bad.append(
+                f"--pair-share: {a.prompts} has no line of one-of-each objects that all name a colour"
+            )
     if a.lm_from and (a.vision_from or a.semantic_codes or a.semantic_head):
-        bad.append("--lm-from starts from a trained model: --vision-from, --semantic-codes and --semantic-head do not apply")
+        bad.append(
+            "--lm-from starts from a trained model: --vision-from, --semantic-codes and --semantic-head do not apply"
+        )
     if a.lm_from:
         default = vars(parser().parse_args(["train", "--out", "X"]))
-        if given := [f"--{f.replace('_', '-')}" for f in FROM_THE_FOLDER if getattr(a, f) != default[f]]:
+        if given := [
+            f"--{f.replace('_', '-')}" for f in FROM_THE_FOLDER if getattr(a, f) != default[f]
+        ]:
             bad.append(f"--lm-from keeps the folder's model: {', '.join(given)} do not apply")
     if a.lm_from and not os.path.isfile(os.path.join(a.lm_from, "tiny_umm.json")):
         bad.append(f"--lm-from {a.lm_from} is not a tiny UMM folder (no tiny_umm.json)")
     if problem := runio.check_out_folder(a.out):
         bad.append(problem)
     elif os.path.isdir(a.out) and os.listdir(a.out):
-        bad.append(f"--out {a.out} is not empty (a model there is never overwritten); remove it or pick another folder")
+        bad.append(
+            f"--out {a.out} is not empty (a model there is never overwritten); remove it or pick another folder"
+        )
     if bad:
         p.error("; ".join(bad))
 
@@ -486,12 +591,16 @@ def train(a):
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
-    if a.lm_from:  # a further LM stage: the whole model (LM, tokenizer, decoder) starts from a trained folder
+    if (
+        a.lm_from
+    ):  # a further LM stage: the whole model (LM, tokenizer, decoder) starts from a trained folder
         umm = TinyUMM.from_pretrained(a.lm_from)
         log(f"LM, image tokenizer and decoder loaded from {a.lm_from}")
     else:
         umm = TinyUMM.random(a.seed, a.hidden, a.layers, a.heads, a.num_codes)
-        umm.decode_steps = a.decode_steps  # saved with the model; the round-trip check below uses it too
+        umm.decode_steps = (
+            a.decode_steps
+        )  # saved with the model; the round-trip check below uses it too
     if a.semantic_codes:
         semantic_code_init(umm)
     if a.semantic_head:
@@ -502,18 +611,48 @@ def train(a):
         log(f"image tokenizer + decoder loaded from {a.vision_from}")
     elif not a.lm_from:
         train_image_tokenizer(umm.image_tokenizer, rng, a.tok_steps)
-        log(f"tokenizer cell accuracy: clean {tokenizer_accuracy(umm.image_tokenizer, rng):.4f}"
-            f"  noise 12: {tokenizer_accuracy(umm.image_tokenizer, rng, noise=12.0):.4f}")
+        log(
+            f"tokenizer cell accuracy: clean {tokenizer_accuracy(umm.image_tokenizer, rng):.4f}"
+            f"  noise 12: {tokenizer_accuracy(umm.image_tokenizer, rng, noise=12.0):.4f}"
+        )
         train_decoder(umm.decoder, umm.scheduler, rng, a.dec_steps)
-    log("vision round trip (held-out scenes): " + json.dumps(
-        {k: round(v, 4) for k, v in vision_round_trip(umm, np.random.default_rng(a.seed + 1)).items()}))
+    log(
+        "vision round trip (held-out scenes): "
+        + json.dumps(
+            {
+                k: round(v, 4)
+                for k, v in vision_round_trip(umm, np.random.default_rng(a.seed + 1)).items()
+            }
+        )
+    )
     metas = read_jsonl(a.prompts)
     eval_prompts = {m["prompt"] for f in EVAL_FILES for m in read_jsonl(f)}
-    assert not eval_prompts & {m["prompt"] for m in metas}, "train prompts must not contain eval prompts"
-    rng = np.random.default_rng([a.seed, 1])  # the LM's data does not depend on how the vision parts were made
-    train_lm(umm, metas, caption_space(), rng, a.steps, a.batch, a.t2i_frac, a.lr, a.rank_weight,
-             a.empty_weight, a.empty_until, a.colour_first, a.draw_every, a.colour_share, a.pair_share)
-    tmp = a.out.rstrip("/") + ".tmp"  # written whole, then renamed: a killed run leaves no half model at --out
+    assert not eval_prompts & {m["prompt"] for m in metas}, (
+        "train prompts must not contain eval prompts"
+    )
+    rng = np.random.default_rng(
+        [a.seed, 1]
+    )  # the LM's data does not depend on how the vision parts were made
+    train_lm(
+        umm,
+        metas,
+        caption_space(),
+        rng,
+        a.steps,
+        a.batch,
+        a.t2i_frac,
+        a.lr,
+        a.rank_weight,
+        a.empty_weight,
+        a.empty_until,
+        a.colour_first,
+        a.draw_every,
+        a.colour_share,
+        a.pair_share,
+    )
+    tmp = (
+        a.out.rstrip("/") + ".tmp"
+    )  # written whole, then renamed: a killed run leaves no half model at --out
     shutil.rmtree(tmp, ignore_errors=True)
     umm.save_pretrained(tmp)
     with open(os.path.join(tmp, "train_args.json"), "w") as f:
@@ -544,7 +683,10 @@ def paired_change(before, after):
 
 
 # the swaps `understand` reads apart from the one-attribute distractors: regions_swapped, colours_rotated
-SWAPS = {"regions, both swapped": "every region swapped", "colours, rotated": "its colours moved one object on"}
+SWAPS = {
+    "regions, both swapped": "every region swapped",
+    "colours, rotated": "its colours moved one object on",
+}
 
 
 @torch.no_grad()
@@ -556,11 +698,17 @@ def understand(a):
     paired, base_hits = bool(a.adapter and getattr(a, "paired", False)), {}
     rng = np.random.default_rng(a.seed)
     metas = [(os.path.basename(f).split(".")[0], m) for f in EVAL_FILES for m in read_jsonl(f)]
-    hits, by_tag, position = {}, {}, {}  # position: its comparisons split into relations and regions
+    hits, by_tag, position = (
+        {},
+        {},
+        {},
+    )  # position: its comparisons split into relations and regions
     swapped = {kind: [] for kind in SWAPS}  # true caption vs the line swapped, per kind
     views = []  # colour lines: the line's reward on its scene, the colour-rotated scene, the scene one object short
     for i in range(a.n):
-        name, meta = metas[i % len(metas)] if a.n >= len(metas) else metas[int(rng.integers(len(metas)))]
+        name, meta = (
+            metas[i % len(metas)] if a.n >= len(metas) else metas[int(rng.integers(len(metas)))]
+        )
         scene = shapes.sample_scene(meta, rng)
         image = shapes.render(scene, jitter=1, rng=rng)
         bad = false_distractors(image, meta, rng)
@@ -573,42 +721,71 @@ def understand(a):
         r = gvu.intrinsic_reward(logp, mask).tolist()
         if paired:  # the same comparisons read by the base model, the adapter off
             with lora.disable_adapter():
-                r_base = gvu.intrinsic_reward(*gvu.caption_token_logprobs(
-                    umm, [image] * len(prompts), prompts, INSTRUCTION)).tolist()
+                r_base = gvu.intrinsic_reward(
+                    *gvu.caption_token_logprobs(umm, [image] * len(prompts), prompts, INSTRUCTION)
+                ).tolist()
         k = 1
         for attr, ps in bad.items():
-            hit = r[0] > max(r[k:k + len(ps)])
+            hit = r[0] > max(r[k : k + len(ps)])
             hits.setdefault(attr, []).append(hit)
             if paired:
-                base_hits.setdefault(attr, []).append(r_base[0] > max(r_base[k:k + len(ps)]))
+                base_hits.setdefault(attr, []).append(r_base[0] > max(r_base[k : k + len(ps)]))
             by_tag.setdefault(f"{name}/{meta['tag']}", []).append(hit)
             if attr == "position":  # "a circle left of a square" or "a circle on the left"
                 kind = "relation" if any("position" in r for r in meta["include"]) else "region"
                 position.setdefault(kind, []).append(hit)
             k += len(ps)
-        for kind, rs in zip(swaps, r[len(r) - len(swaps):]):
+        for kind, rs in zip(swaps, r[len(r) - len(swaps) :]):
             swapped[kind].append(r[0] > rs)
         if rotated:
-            views.append(gvu.intrinsic_reward(*gvu.caption_token_logprobs(
-                umm, binding_views(scene, rotated, [a.seed, i]), [meta["prompt"]] * 3, INSTRUCTION)).tolist())
+            views.append(
+                gvu.intrinsic_reward(
+                    *gvu.caption_token_logprobs(
+                        umm,
+                        binding_views(scene, rotated, [a.seed, i]),
+                        [meta["prompt"]] * 3,
+                        INSTRUCTION,
+                    )
+                ).tolist()
+            )
     for tag, h in sorted(by_tag.items()):
         print(f"understanding {tag:40s} {np.mean(h):.3f}  (n={len(h)})")
     for attr, h in hits.items():
         print(f"understanding {attr:9s} {np.mean(h):.3f}  (n={len(h)})")
     for kind, h in sorted(position.items()):
         print(f"  position, {kind:8s} {np.mean(h):.3f}  (n={len(h)})")
-    for kind, h in swapped.items():  # chance is 0.5: a judge blind to where things are (which object has which
-        if h:  # colour) scores ~0.5 here, however well it reads regions (colours) one at a time above
-            print(f"  {kind} {np.mean(h):.3f}  (n={len(h)}: true caption above the line with {SWAPS[kind]})")
+    for (
+        kind,
+        h,
+    ) in (
+        swapped.items()
+    ):  # chance is 0.5: a judge blind to where things are (which object has which
+        if (
+            h
+        ):  # colour) scores ~0.5 here, however well it reads regions (colours) one at a time above
+            print(
+                f"  {kind} {np.mean(h):.3f}  (n={len(h)}: true caption above the line with {SWAPS[kind]})"
+            )
     if views:  # what GRPO's advantage sees: how much a wrong colour costs against a missing object
         own, rotated, short = np.array(views).T
-        print(f"  reward of a colour line on its scene {own.mean():.3f}, with its colours rotated {rotated.mean():.3f} "
-              f"(below in {np.mean(rotated < own):.3f}), one object short {short.mean():.3f} (n={len(own)})")
-    print(f"understanding overall   {np.mean([np.mean(h) for h in hits.values()]):.3f}  (mean of attributes)")
-    for attr, h in base_hits.items():  # paired: which comparisons the adapter lost and gained, and the change's interval
+        print(
+            f"  reward of a colour line on its scene {own.mean():.3f}, with its colours rotated {rotated.mean():.3f} "
+            f"(below in {np.mean(rotated < own):.3f}), one object short {short.mean():.3f} (n={len(own)})"
+        )
+    print(
+        f"understanding overall   {np.mean([np.mean(h) for h in hits.values()]):.3f}  (mean of attributes)"
+    )
+    for (
+        attr,
+        h,
+    ) in (
+        base_hits.items()
+    ):  # paired: which comparisons the adapter lost and gained, and the change's interval
         lost, gained, n, d, lo, hi = paired_change(h, hits[attr])
-        print(f"paired with the base {attr:9s} {np.mean(h):.3f} -> {np.mean(hits[attr]):.3f}: lost {lost}, gained {gained} "
-              f"of {n}; {100 * d:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}]")
+        print(
+            f"paired with the base {attr:9s} {np.mean(h):.3f} -> {np.mean(hits[attr]):.3f}: lost {lost}, gained {gained} "
+            f"of {n}; {100 * d:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+        )
     return (hits, base_hits) if paired else hits
 
 
@@ -640,16 +817,29 @@ def draw_rates(umm, metas, seed=1234, n=100):
             (o,) = shapes.sample_scene(meta, rng)
             cell = o.row * GRID + o.col
             ids, start = t2i_sequence(umm, meta["prompt"], [o])
-            ids = ids[:start + cell]  # the prompt and the empty cells before the object
-            p = F.softmax(umm.logits(umm.lm.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]), -1)
-            objects = p[1:len(KINDS)].sum()
-            shape = sum(p[KIND_ID[(o.shape, c, z)]] for c in shapes.COLORS for z in shapes.SIZES) / objects
-            colour = p[KIND_ID[(o.shape, o.color, o.size)]] / sum(p[KIND_ID[(o.shape, c, o.size)]] for c in shapes.COLORS)
-            by_tag.setdefault(meta["tag"], []).append((shape.item(), colour.item() if "color" in obj else np.nan))
+            ids = ids[: start + cell]  # the prompt and the empty cells before the object
+            p = F.softmax(
+                umm.logits(umm.lm.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]), -1
+            )
+            objects = p[1 : len(KINDS)].sum()
+            shape = (
+                sum(p[KIND_ID[(o.shape, c, z)]] for c in shapes.COLORS for z in shapes.SIZES)
+                / objects
+            )
+            colour = p[KIND_ID[(o.shape, o.color, o.size)]] / sum(
+                p[KIND_ID[(o.shape, c, o.size)]] for c in shapes.COLORS
+            )
+            by_tag.setdefault(meta["tag"], []).append(
+                (shape.item(), colour.item() if "color" in obj else np.nan)
+            )
     out = {}
     for tag, rows in sorted(by_tag.items()):
         shape, colour = np.array(rows).T
-        out[tag] = (shape.mean(), np.nan if np.isnan(colour).all() else np.nanmean(colour), len(rows))
+        out[tag] = (
+            shape.mean(),
+            np.nan if np.isnan(colour).all() else np.nanmean(colour),
+            len(rows),
+        )
     return out
 
 
@@ -686,13 +876,17 @@ def draw(a):
         print(f"draw {tag:14s} named shape {shape:.3f}  named colour {named}  (n={n} lines)")
     own, other, n = binding_rates(umm, metas, a.seed)
     if n:
-        print(f"draw binding: at each object of a color_attr line, its own colour {own:.3f}, the other objects' "
-              f"named colours {other:.3f} (n={n} lines; a bag of the named colours spreads over both)")
+        print(
+            f"draw binding: at each object of a color_attr line, its own colour {own:.3f}, the other objects' "
+            f"named colours {other:.3f} (n={n} lines; a bag of the named colours spreads over both)"
+        )
 
 
 def parser():
     """The command line; `train`'s defaults are the shipped default base's recipe (checkpoints/tiny-umm)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("random", help="save a randomly initialised tiny UMM")
     r.add_argument("--out", required=True, help="folder to write")
@@ -700,44 +894,108 @@ def parser():
     t = sub.add_parser("train", help="train tokenizer, decoder and LM in the shapes world")
     t.add_argument("--out", required=True, help="folder to write")
     t.add_argument("--seed", type=int, default=0, help="seeds init, data and every random choice")
-    t.add_argument("--t2i-frac", type=float, default=0.2, help="share of T2I sequences per LM batch (0.2: 13 of 64)")
+    t.add_argument(
+        "--t2i-frac",
+        type=float,
+        default=0.2,
+        help="share of T2I sequences per LM batch (0.2: 13 of 64)",
+    )
     t.add_argument("--steps", type=int, default=2000, help="LM steps")
     t.add_argument("--batch", type=int, default=64, help="LM sequences per step (+ distractors)")
     t.add_argument("--lr", type=float, default=2e-3, help="LM peak learning rate (one-cycle)")
-    t.add_argument("--rank-weight", type=float, default=1.0, help="weight of the caption-vs-distractor ranking loss")
-    t.add_argument("--empty-weight", type=float, default=0.05,
-                   help="weight of T2I's empty-cell targets during the warm-up (1: plain NLL throughout)")
-    t.add_argument("--empty-until", type=float, default=0.3, help="share of the LM steps the empty-cell warm-up lasts")
-    t.add_argument("--colour-first", type=float, default=0.3,
-                   help="share of the LM steps whose T2I lines are one object of a named colour (0: every line from the start)")
-    t.add_argument("--colour-share", type=float, default=0.5,
-                   help="after --colour-first, share of each T2I batch still drawn from those lines (0: none)")
-    t.add_argument("--pair-share", type=float, default=0.25,
-                   help="after --colour-first, share of each T2I batch drawn from lines of one-of-each objects that all name a colour")
-    t.add_argument("--draw-every", type=int, default=200,
-                   help="log `draw`'s named shape and colour on the train lines every N LM steps (0: never)")
+    t.add_argument(
+        "--rank-weight",
+        type=float,
+        default=1.0,
+        help="weight of the caption-vs-distractor ranking loss",
+    )
+    t.add_argument(
+        "--empty-weight",
+        type=float,
+        default=0.05,
+        help="weight of T2I's empty-cell targets during the warm-up (1: plain NLL throughout)",
+    )
+    t.add_argument(
+        "--empty-until",
+        type=float,
+        default=0.3,
+        help="share of the LM steps the empty-cell warm-up lasts",
+    )
+    t.add_argument(
+        "--colour-first",
+        type=float,
+        default=0.3,
+        help="share of the LM steps whose T2I lines are one object of a named colour (0: every line from the start)",
+    )
+    t.add_argument(
+        "--colour-share",
+        type=float,
+        default=0.5,
+        help="after --colour-first, share of each T2I batch still drawn from those lines (0: none)",
+    )
+    t.add_argument(
+        "--pair-share",
+        type=float,
+        default=0.25,
+        help="after --colour-first, share of each T2I batch drawn from lines of one-of-each objects that all name a colour",
+    )
+    t.add_argument(
+        "--draw-every",
+        type=int,
+        default=200,
+        help="log `draw`'s named shape and colour on the train lines every N LM steps (0: never)",
+    )
     t.add_argument("--tok-steps", type=int, default=300, help="image tokenizer steps")
     t.add_argument("--dec-steps", type=int, default=200, help="diffusion decoder steps")
-    t.add_argument("--decode-steps", type=int, default=2,
-                   help="DDIM steps the saved model decodes with (decode -> re-tokenise stays exact at 2)")
-    t.add_argument("--semantic-codes", action="store_true", help="image code embeddings start from their words'")
-    t.add_argument("--semantic-head", action="store_true", help="image code output rows start from their words'")
-    t.add_argument("--vision-from", default="", help="reuse the tokenizer + decoder of this tiny UMM folder")
-    t.add_argument("--lm-from", default="",
-                   help="start from this trained tiny UMM folder (LM, tokenizer, decoder and its decode steps) and train its LM "
-                   "further: a second stage")
+    t.add_argument(
+        "--decode-steps",
+        type=int,
+        default=2,
+        help="DDIM steps the saved model decodes with (decode -> re-tokenise stays exact at 2)",
+    )
+    t.add_argument(
+        "--semantic-codes",
+        action="store_true",
+        help="image code embeddings start from their words'",
+    )
+    t.add_argument(
+        "--semantic-head",
+        action="store_true",
+        help="image code output rows start from their words'",
+    )
+    t.add_argument(
+        "--vision-from", default="", help="reuse the tokenizer + decoder of this tiny UMM folder"
+    )
+    t.add_argument(
+        "--lm-from",
+        default="",
+        help="start from this trained tiny UMM folder (LM, tokenizer, decoder and its decode steps) and train its LM "
+        "further: a second stage",
+    )
     t.add_argument("--prompts", default="prompts/train.jsonl", help="train metadata lines")
     t.add_argument("--hidden", type=int, default=128)
     t.add_argument("--layers", type=int, default=4)
     t.add_argument("--heads", type=int, default=4)
     t.add_argument("--num-codes", type=int, default=192, help="image codes (>= the 161 cell kinds)")
     t.add_argument("--threads", type=int, default=2)
-    u = sub.add_parser("understand", help="caption-vs-distractor accuracy per attribute on eval lines")
+    u = sub.add_parser(
+        "understand", help="caption-vs-distractor accuracy per attribute on eval lines"
+    )
     u.add_argument("--n", type=int, default=300, help="held-out scenes")
-    u.add_argument("--paired", action="store_true", help="with --adapter: also read every comparison with the "
-                   "adapter off, and print per attribute how many the adapter lost and gained, with a 95%% interval")
-    d = sub.add_parser("draw", help="T2I probability of the named shape and colour at the object's cell, per tag")
-    d.add_argument("--metadata", default="prompts/train.jsonl", help="lines to read (one-object lines are used)")
+    u.add_argument(
+        "--paired",
+        action="store_true",
+        help="with --adapter: also read every comparison with the "
+        "adapter off, and print per attribute how many the adapter lost and gained, with a 95%% interval",
+    )
+    d = sub.add_parser(
+        "draw", help="T2I probability of the named shape and colour at the object's cell, per tag"
+    )
+    d.add_argument(
+        "--metadata",
+        default="prompts/train.jsonl",
+        help="lines to read (one-object lines are used)",
+    )
     d.add_argument("--n", type=int, default=100, help="lines per tag, at most")
     for m in (u, d):  # what load_measured reads
         m.add_argument("--model", required=True)
@@ -758,7 +1016,9 @@ if __name__ == "__main__":
         train(a)
     elif a.cmd == "understand":
         if a.paired and not a.adapter:
-            p.error("--paired needs --adapter (it reads each comparison with the adapter on and off)")
+            p.error(
+                "--paired needs --adapter (it reads each comparison with the adapter on and off)"
+            )
         understand(a)
     elif a.cmd == "draw":
         draw(a)
