@@ -402,83 +402,17 @@ def test_reference_policy_in_gvu_step_is_the_base_model_not_the_moved_policy(
     assert (want_ref - want_old).abs().max() > 1e-2
 
 
-def test_dynamic_sampling_trains_on_the_first_b_groups_whose_rewards_differ(
-    monkeypatch, one_thread
-):
-    """--dynamic-sampling: prompts whose G rewards are all equal are swapped for the reserve's prompts that have
-    spread, in order. The kept groups carry their own rollout's rewards (each batch rolled out alone, the next
-    one's seed 0x85EBCA6B on) and their own codes, read through re-padded prefixes: the reference log-probs handed to the loss
-    equal one unpadded base forward per kept sample. Without spread anywhere the first batch is trained on."""
-    u, base, policy = moved_lora()
-    flat = {PROMPTS[0], PROMPTS[2]}  # a reward without spread for these two prompts
-
-    def rewards_fn(umm, images, prompts, args):
-        r = pixel_mean_rewards(umm, images, prompts, args)
-        return torch.where(torch.tensor([p in flat for p in prompts]), torch.full_like(r, 0.5), r)
-
-    args = gvu.Args(group_size=2, dynamic_sampling=2)
-    losses = spy(monkeypatch, "grpo_loss")
-    batches = [PROMPTS[:2], PROMPTS[2:], [PROMPTS[0], PROMPTS[2]]]
-    rewards, _, stats, _ = gvu.gvu_step(
-        u, policy, sgd(policy, 0.0), batches[0], 0, args, reward_fn=rewards_fn, reserve=batches[1:]
-    )
-    assert (
-        stats["batch"] == [PROMPTS[1], PROMPTS[3]] and stats["rollout_batches"] == 2
-    )  # the third never rolled out
-    alone = [
-        gvu.sample_and_reward(u, policy, b, r * 0x85EBCA6B, args, rewards_fn)
-        for r, b in enumerate(batches[:2])
-    ]
-    torch.testing.assert_close(
-        rewards, torch.cat([alone[0][2][2:], alone[1][2][2:]]), atol=0, rtol=0
-    )
-    codes = torch.cat([alone[0][0]["codes"][2:], alone[1][0]["codes"][2:]])
-    (_, _, ref, adv, *_), _ = losses[0]
-    u.lm.eval()
-    want = slow_logprobs(u, base, [p for p in stats["batch"] for _ in range(2)], codes)
-    torch.testing.assert_close(ref.double(), want, atol=1e-5, rtol=0)
-    assert (adv.abs() > 0.5).all()  # every kept group teaches
-
-    nan = lambda umm, images, prompts, args: torch.where(
-        torch.tensor([p == PROMPTS[3] for p in prompts]),
-        float("nan"),
-        rewards_fn(umm, images, prompts, args),
-    )
-    with pytest.raises(gvu.TrainingError, match="non-finite reward"):  # never swapped out unseen
-        gvu.gvu_step(
-            u, policy, sgd(policy, 0.0), batches[0], 0, args, reward_fn=nan, reserve=batches[1:]
-        )
-
-    flat |= set(
-        PROMPTS
-    )  # no group anywhere has spread: the first batch stays, after every reserve was tried
-    _, _, stats, _ = gvu.gvu_step(
-        u, policy, sgd(policy, 0.0), batches[0], 0, args, reward_fn=rewards_fn, reserve=batches[1:]
-    )
-    assert stats["batch"] == PROMPTS[:2] and stats["rollout_batches"] == 3
-
-
-def test_ranks_and_dynamic_sampling_batches_draw_different_cpu_streams():
-    """A CPU generator keeps only a seed's low 32 bits: torchrun ranks and dynamic sampling's further batches must
-    differ there, or they sample the same codes (rank * 2**48 did). Rank 0's first batch keeps seed * 1_000_003 + step.
-    The same holds for the prompts: dynamic sampling's reserve is a stream of its own, not the main one read ahead
-    (an offset of 2**32 on the shuffle's seed was), and each of its epochs still holds every prompt once."""
+def test_sampling_streams_differ_in_the_low_32_bits_of_every_rank_and_stream():
+    """A CPU generator keeps only a seed's low 32 bits: torchrun ranks and extra sampling streams
+    must differ there, or they sample the same codes (rank * 2**48 would). Rank 0's first stream is
+    seed * 1_000_003 + step, and the probe's seed is none of a run's steps'."""
     draw = lambda s: torch.rand(4, generator=torch.Generator().manual_seed(s))
-    assert gvu.sampling_seed(3, 5) == 3 * 1_000_003 + 5
-    seeds = [gvu.sampling_seed(3, 5, rank, r) for rank in range(4) for r in range(4)]
-    streams = {
-        tuple(draw(s).tolist()) for s in seeds + [gvu.sampling_seed(3, 6), gvu.sampling_seed(4, 5)]
-    }
+    assert gvu.seed_for(3, 5) == 3 * 1_000_003 + 5
+    seeds = [gvu.seed_for(3, 5, rank, r) for rank in range(4) for r in range(4)]
+    streams = {tuple(draw(s).tolist()) for s in seeds + [gvu.seed_for(3, 6), gvu.seed_for(4, 5)]}
     assert len(streams) == len(seeds) + 2
-    prompts, args = (
-        [f"p{i}" for i in range(24)],
-        gvu.Args(batch_prompts=4, dynamic_sampling=2, seed=3),
-    )
-    reserve = [
-        p for step in range(3) for b in gvu.reserve_batches(prompts, step, args) for p in b
-    ]  # one epoch
-    main = [p for step in range(6) for p in gvu.prompt_batch(prompts, step, 4, 3)]
-    assert sorted(reserve) == sorted(prompts) and reserve != main
+    probe = gvu.seed_for(3, gvu.PROBE_STEP)
+    assert probe not in {gvu.seed_for(s, t) for s in range(8) for t in range(100_000)}
 
 
 def test_gvu_step_standardises_rewards_within_each_prompt_group(monkeypatch, one_thread):
@@ -486,7 +420,7 @@ def test_gvu_step_standardises_rewards_within_each_prompt_group(monkeypatch, one
     samples (adjacent), by the statistics module on the rewards it returns, never over the whole batch."""
     u, _, policy = moved_lora()
     losses = spy(monkeypatch, "grpo_loss")
-    rewards, _, _, _ = gvu.gvu_step(
+    rewards = gvu.gvu_step(
         u,
         policy,
         sgd(policy, 0.0),
@@ -494,7 +428,7 @@ def test_gvu_step_standardises_rewards_within_each_prompt_group(monkeypatch, one
         0,
         gvu.Args(group_size=3),
         reward_fn=pixel_mean_rewards,
-    )
+    )["rewards"]
     groups = rewards.view(3, 3).tolist()
     want = [(r - statistics.mean(g)) / (statistics.stdev(g) + 1e-4) for g in groups for r in g]
     # gvu standardises in fp32: R - mean keeps an error of about eps32 * |R|, then divided by the group stdev. With
@@ -520,9 +454,10 @@ def test_frozen_judge_is_the_adapter_off_model_and_differs_from_the_policy_judge
         )
         for j in ("policy", "frozen")
     }  # lr 0: same weights, same step -> same images
-    images, prompts = out["frozen"][1], [p for p in PROMPTS[:2] for _ in range(2)]
+    images, prompts = out["frozen"]["images"], [p for p in PROMPTS[:2] for _ in range(2)]
     assert all(
-        np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, out["policy"][1])
+        np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(images, out["policy"]["images"])
     )
     u_base = copy.copy(u)
     u_base.lm = base
@@ -532,8 +467,8 @@ def test_frozen_judge_is_the_adapter_off_model_and_differs_from_the_policy_judge
             u_base, images, prompts, "Describe the image in detail."
         )
         want_policy = bench.official_rewards(u, images, prompts, "Describe the image in detail.")
-    torch.testing.assert_close(out["frozen"][0].double(), want_frozen, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out["policy"][0].double(), want_policy, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["frozen"]["rewards"].double(), want_frozen, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["policy"]["rewards"].double(), want_policy, atol=1e-5, rtol=0)
     assert (want_frozen - want_policy).abs().max() > 1e-4
 
 
@@ -544,7 +479,7 @@ def test_micro_batched_update_equals_the_full_batch_update(one_thread):
     start, updates, losses = lora_state(policy), [], []
     for mb in (8, 3):
         load_lora(policy, start)
-        _, _, stats, _ = gvu.gvu_step(
+        stats = gvu.gvu_step(
             u,
             policy,
             sgd(policy, 1.0),
@@ -552,7 +487,7 @@ def test_micro_batched_update_equals_the_full_batch_update(one_thread):
             0,
             gvu.Args(group_size=4, micro_batch=mb, max_grad_norm=1e9),
             reward_fn=pixel_mean_rewards,
-        )
+        )["stats"]
         updates.append({n: p - start[n] for n, p in lora_state(policy).items()})
         losses.append(stats["loss"])
     assert max(d.abs().max() for d in updates[0].values()) > 1e-4
@@ -567,7 +502,7 @@ def test_mu_two_takes_a_second_fresh_update_on_the_same_rollout(monkeypatch, one
     u, _, policy = moved_lora()
     start = lora_state(policy)
     args = dict(group_size=2, max_grad_norm=1e9, temperature=0.8)
-    _, _, stats, _ = gvu.gvu_step(
+    stats = gvu.gvu_step(
         u,
         policy,
         sgd(policy, 0.2),
@@ -575,7 +510,7 @@ def test_mu_two_takes_a_second_fresh_update_on_the_same_rollout(monkeypatch, one
         0,
         gvu.Args(num_iterations=2, **args),
         reward_fn=pixel_mean_rewards,
-    )
+    )["stats"]
     after_two = lora_state(policy)
     assert abs(stats["ratio"] - 1) > 1e-4  # the second pass saw a policy that had moved
 
@@ -608,7 +543,7 @@ def test_applied_update_is_clipped_to_max_grad_norm(one_thread):
     start, updates, norms = lora_state(policy), [], []
     for max_norm in (1e9, 1e-3):
         load_lora(policy, start)
-        _, _, stats, _ = gvu.gvu_step(
+        stats = gvu.gvu_step(
             u,
             policy,
             sgd(policy, 1.0),
@@ -616,7 +551,7 @@ def test_applied_update_is_clipped_to_max_grad_norm(one_thread):
             0,
             gvu.Args(group_size=2, max_grad_norm=max_norm),
             reward_fn=pixel_mean_rewards,
-        )
+        )["stats"]
         updates.append(torch.cat([(p - start[n]).flatten() for n, p in lora_state(policy).items()]))
         norms.append(stats["grad_norm"])
     full, clipped = updates
@@ -634,7 +569,7 @@ def test_each_step_samples_from_its_own_seed_derived_from_seed_and_step(one_thre
     u, _, policy = moved_lora()
     images = lambda step, seed: gvu.gvu_step(
         u, policy, sgd(policy, 0.0), PROMPTS[:2], step, gvu.Args(group_size=2, seed=seed)
-    )[1]
+    )["images"]
     same = lambda a, b: all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
     first = images(3, 0)
     assert (

@@ -40,6 +40,7 @@ embedding tables and two heads; the image codes are ordinary ids `config.vocab_s
 import inspect
 import json
 import os
+import re
 
 import torch
 import torch.nn.functional as F
@@ -747,3 +748,33 @@ def load_umm(
         f"--model {name}: not 'tiny-random', a tiny UMM folder (tiny_umm.json), a Janus(-Pro) or an "
         "X-Omni checkpoint"
     )
+
+
+def lora_modules(umm, only=""):
+    """What gets LoRA: the model's own targets (umm.lora_targets, as peft matches them), or, with
+    --lora-targets, those of them whose last name is listed in `only`, as one anchored regex of
+    their full names (peft fullmatches a string, so no other module whose name merely ends like one
+    of them is wrapped). An unknown name is an InputError, raised before anything is written."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    if not only:
+        return umm.lora_targets
+    own = LoraConfig(target_modules=umm.lora_targets)
+    keep = [k.strip() for k in only.split(",") if k.strip()]
+    names = (n for n, _ in umm.lm.named_modules() if check_target_module_exists(own, n))
+    last = {n: n.rsplit(".", 1)[-1] for n in names}
+    missing = [k for k in keep if k not in last.values()]
+    if missing or not keep:
+        raise InputError(
+            f"--lora-targets: the model has no LoRA layer named {', '.join(missing) or repr(only)} "
+            f"(its layers: {', '.join(sorted(set(last.values())))})"
+        )
+    return "|".join(re.escape(n) for n, k in last.items() if k in keep)
+
+
+def enable_checkpointing(lm):
+    """Non-reentrant gradient checkpointing; active in train mode only, so rollouts keep the cache
+    (transformers 5 renamed the method)."""
+    enable = getattr(lm, "activation_checkpointing_enable", None)
+    (enable or lm.gradient_checkpointing_enable)({"use_reentrant": False})

@@ -369,7 +369,8 @@ def one_sgd_step(clip_eps):
     before = [p.detach().clone() for p in params]
     sgd = torch.optim.SGD(params, lr=1.0)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
-    _, _, stats, _ = gvu.gvu_step(umm, policy, sgd, TINY[:2], 0, args, autocast)
+    with autocast:
+        stats = gvu.gvu_step(umm, policy, sgd, TINY[:2], 0, args)["stats"]
     step = torch.cat([(p.detach() - b).flatten() for p, b in zip(params, before)])
     return step, stats
 

@@ -124,7 +124,7 @@ def torchrun(script, *argv, timeout=150):
     """2 CPU processes (gloo) under torchrun. A hang cannot hang the suite: the launch is killed after `timeout`
     seconds with the stacks printed, and retried once. Four CI runs hung here, at the very end of a run: a gloo
     worker needing the GIL while the main thread, holding it, joined that worker in the process group's destructor
-    (gdb's stacks; distributed.teardown now avoids it: 5 hangs in 34 launches under load before, 0 in 80 after).
+    (gdb's stacks; distributed.DDP.close now avoids it: 5 hangs in 34 launches under load before, 0 in 80 after).
     The retry stays as a guard; it starts from the --out folder as it was before the hung launch (a hang after the
     run had written the folder once made the retry fail as "already holds a run"). A second hang fails the test
     with both stack dumps."""
@@ -299,7 +299,7 @@ def gloo_workers():
 )
 def test_the_process_group_dies_inside_teardown_after_its_barrier(tmp_path, monkeypatch):
     """The hang CI saw: the gloo group's destructor joins its worker threads while holding the GIL, and a worker
-    freeing a collective needs the GIL. So the group must be destroyed inside distributed.teardown, after its
+    freeing a collective needs the GIL. So the group must be destroyed inside distributed.DDP.close, after its
     barrier, and not later when train's frame drops DDP: right after destroy_process_group its workers are gone.
     (One process, world size 1, gloo: the same code path as under torchrun.)"""
     with socket.socket() as s:
@@ -343,9 +343,16 @@ def test_a_hung_launch_is_retried_from_the_out_folder_as_it_was(tmp_path, monkey
     assert sorted(os.listdir(tmp_path)) == ["b"]  # the copy is gone
 
 
-if (
-    __name__ == "__main__"
-):  # run by the equivalence test under torchrun: gvu on the fixed rollout and rewards
+# run under torchrun by the equivalence and dynamic-sampling tests: gvu on the fixed rollout and
+# rewards; `--dynamic-sampling N` attaches tools/experiments.py's sampler
+if __name__ == "__main__":
+    from tools import experiments
+
     torch.set_num_threads(1)
     gvu.rollout = fixed_rollout
-    gvu.main(sys.argv[1:], reward_fn=fixed_rewards)
+    argv, sample_fn = sys.argv[1:], gvu.sample_and_reward
+    if "--dynamic-sampling" in argv:
+        i = argv.index("--dynamic-sampling")
+        sample_fn = experiments.dynamic_sampler(int(argv[i + 1]))
+        del argv[i : i + 2]
+    gvu.main(argv, reward_fn=fixed_rewards, sampler=sample_fn)

@@ -142,7 +142,7 @@ def test_codes_step_never_runs_the_decoder_except_on_sample_steps(monkeypatch):
     decode = umm.decode_images
     monkeypatch.setattr(umm, "decode_images", lambda *a, **k: calls.append(1) or decode(*a, **k))
     for step, decodes in [(1, 0), (2, 0), (5, 1), (9, 2)]:  # 5: sample_every, 9: the last step
-        _, images, _, _ = gvu.gvu_step(umm, policy, opt, batch, step, args)
+        images = gvu.gvu_step(umm, policy, opt, batch, step, args)["images"]
         assert len(calls) == decodes and (images is None) == (step in (1, 2))
     # the rewards do not depend on the decoder: a decoder that raises, same rewards as a fresh identical run
     broken, policy_b, opt_b = lora_tiny()
@@ -150,8 +150,8 @@ def test_codes_step_never_runs_the_decoder_except_on_sample_steps(monkeypatch):
         broken, "decode_images", lambda *a, **k: pytest.fail("decoder called on a codes step")
     )
     fresh, policy_f, opt_f = lora_tiny()
-    r_broken, _, _, _ = gvu.gvu_step(broken, policy_b, opt_b, batch, 1, args)
-    r_fresh, _, _, _ = gvu.gvu_step(fresh, policy_f, opt_f, batch, 1, args)
+    r_broken = gvu.gvu_step(broken, policy_b, opt_b, batch, 1, args)["rewards"]
+    r_fresh = gvu.gvu_step(fresh, policy_f, opt_f, batch, 1, args)["rewards"]
     torch.testing.assert_close(r_broken, r_fresh, atol=0, rtol=0)
     pixel_calls = []
     monkeypatch.setattr(
@@ -197,14 +197,16 @@ def test_reward_input_codes_is_refused_for_a_model_whose_understanding_reads_pix
 
 # ---------------------------------------------------------------------------------------------------------------
 def test_step_timings_cover_the_step_wall_time():
-    """gvu_step's timing hook books every phase once, and the phases add up to the wall time of the call (the
-    little left over is the code between the laps); without the hook nothing is timed."""
+    """gvu_step's timing hook (tools/bench.py's stopwatch) books every phase once, and the phases
+    add up to the wall time of the call (the little left over is the code between the laps)."""
+    from tools import bench
+
     umm, policy, opt = lora_tiny()
     args = gvu.Args(batch_prompts=2, group_size=4)
     gvu.gvu_step(umm, policy, opt, ["a red circle", "two squares"], 0, args)  # warm-up
     t = {}
     start = time.perf_counter()
-    gvu.gvu_step(umm, policy, opt, ["a red circle", "two squares"], 1, args, timings=t)
+    gvu.gvu_step(umm, policy, opt, ["a red circle", "two squares"], 1, args, lap=bench.stopwatch(t))
     wall = time.perf_counter() - start
     assert list(t) == ["rollout", "decode", "reward", "reference", "update"] and all(
         v > 0 for v in t.values()

@@ -110,7 +110,7 @@ def test_shaded_tokens_are_the_rewards_own_terms(umm):
     for i, (image, prompt) in enumerate(zip(images, PROMPTS)):
         with torch.no_grad():
             slow = slow_token_logprobs(umm, image, prompt)
-        texts = gvu.token_texts(umm, prompt)
+        texts = loggers.token_texts(umm.tokenizer, gvu.answer_ids(umm, [prompt])[0])
         assert texts == prompt.split() + ["<|im_end|>"]  # the tiny UMM is word-level
         boxes = loggers.token_layout(measure, texts, token_logp[i], width=92)
         assert [b[2] for b in boxes] == texts

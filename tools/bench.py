@@ -131,6 +131,21 @@ def uncached_rollout(umm, prompts, G, generator):
     return ids[:, enc.input_ids.shape[1] :] - umm.image_offset
 
 
+def stopwatch(timings):
+    """gvu_step's timing hook: lap(phase) adds the seconds since the previous lap to
+    timings[phase]. CUDA is synchronised first, so a lap is the phase's real time."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    last = [time.perf_counter()]
+
+    def lap(phase):
+        sync()
+        now = time.perf_counter()
+        timings[phase], last[0] = timings.get(phase, 0.0) + now - last[0], now
+
+    return lap
+
+
 def step_breakdown(model, steps, prompts_path="prompts/train.txt", **overrides):
     """Seconds per phase of real gvu.gvu_step calls (the trainer's defaults: B=8 x G=8, one micro-batch, LoRA,
     checkpointing, mu=1) on `model`, through gvu_step's own timing hook, for --reward-input pixels and codes:
@@ -149,7 +164,8 @@ def step_breakdown(model, steps, prompts_path="prompts/train.txt", **overrides):
         for reward_input, (args, umm, policy, optimizer, scheduler) in runs.items():
             batch, t = gvu.prompt_batch(prompts, step, args.batch_prompts, args.seed), {}
             start = time.perf_counter()
-            _, images, _, _ = gvu.gvu_step(umm, policy, optimizer, batch, step, args, timings=t)
+            out = gvu.gvu_step(umm, policy, optimizer, batch, step, args, lap=stopwatch(t))
+            images = out["images"]
             scheduler.step()  # as gvu.train
             t["step"] = time.perf_counter() - start
             if reward_input == "pixels":
@@ -783,8 +799,9 @@ def rehearse(
     seconds, stats = [], []
     for step in range(steps):
         t = time.perf_counter()
-        rewards, _, st, _ = gvu.gvu_step(umm, policy, optimizer, batch, step, args, autocast)
-        stats.append(dict(st, reward=rewards.mean().item()))
+        with autocast:
+            out = gvu.gvu_step(umm, policy, optimizer, batch, step, args)
+        stats.append(dict(out["stats"], reward=out["rewards"].mean().item()))
         if cuda:
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - t)

@@ -1,51 +1,29 @@
-"""Data-parallel GvU with PyTorch's own engine: torch.distributed + DistributedDataParallel, launched by torchrun.
+"""Data-parallel GvU with PyTorch's own engine: torch.distributed + DistributedDataParallel, launched
+by torchrun. gvu.py uses this module only when torchrun launched it (`if ddp:`).
 
     torchrun --nproc_per_node 8 gvu.py configs/xomni_paper.json --out runs/xomni     # one node, 8 GPUs
-    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 gvu.py ...  # each node
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 gvu.py ...
 
-Every process (rank) holds a full replica of the frozen base and the LoRA adapter. A step's B prompts are split
-into contiguous slices of B/N prompts, one per rank; a group of G samples never straddles ranks, so each rank
-computes its own advantages exactly as one process would (--dynamic-sampling refills each rank's B/N groups from
-its own slice of the reserve, so ranks may roll out different numbers of batches in a step). DDP averages the
-LoRA gradients over ranks; rewards and statistics are gathered so that rank 0, the only one that writes, logs
-the whole batch.
-Plain `python gvu.py` starts no process group, and every function here is then a no-op.
+Every process (rank) holds a full replica of the frozen base and the LoRA adapter. A step's B prompts
+are split into contiguous slices of B/W prompts, one per rank; a group of G samples never straddles
+ranks, so each rank computes its own advantages exactly as one process would. DDP averages the LoRA
+gradients over ranks; rewards and statistics are gathered so that rank 0, the only one that writes,
+logs the whole batch.
 """
 
 import os
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from models.adapters import InputError
-
-
-def setup(batch_prompts):
-    """Join torchrun's process group if launched by it. Returns (rank, world, is_main).
-    CUDA: one GPU per process (LOCAL_RANK), NCCL; elsewhere gloo, e.g. CPU processes."""
-    if "RANK" not in os.environ:  # plain `python gvu.py`
-        return 0, 1, True
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if batch_prompts % world:  # checked before the group forms: every rank exits with the same line
-        raise InputError(
-            f"--batch-prompts {batch_prompts} must be divisible by the {world} processes"
-        )
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" now means this process's GPU
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return rank, world, rank == 0
-
-
-def local_slice(batch, rank, world):
-    """This rank's contiguous B/N prompts of the step's B (rank 0 holds the first ones)."""
-    n = len(batch) // world
-    return batch[rank * n : (rank + 1) * n]
+from models import InputError
 
 
 class TrainingForward(torch.nn.Module):
-    """The training pass (gvu.image_token_logprobs) as a module, so that DDP sees the forward it must sync.
-    The rollout and the reward call umm.hidden_states directly; they need no gradient, so they bypass DDP."""
+    """The training pass (gvu.image_token_logprobs) as a module, so that DDP sees the forward whose
+    gradients it must sync. Rollout and reward need no gradient, so they bypass DDP."""
 
     def __init__(self, logprobs, policy):
         super().__init__()
@@ -58,42 +36,59 @@ class TrainingForward(torch.nn.Module):
         return self.logprobs(prefix_ids, prefix_mask, codes, temperature)
 
 
-def wrap(logprobs, policy):
-    """DDP over the LoRA parameters (the only ones with requires_grad; the frozen base is a plain replica,
-    identical on every rank because every rank loads it and seeds the LoRA init alike, hence init_sync=False:
-    no 14 GB broadcast of a 7B base; init_sync needs torch >= 2.6)."""
-    if not dist.is_initialized():
-        return None
-    return DistributedDataParallel(TrainingForward(logprobs, policy), init_sync=False)
+class DDP:
+    """This process's place in torchrun's group: rank, world size, and the collectives gvu_step
+    needs. CUDA: one GPU per process (LOCAL_RANK), NCCL; elsewhere gloo (CPU processes)."""
 
+    def __init__(self, batch_prompts):
+        self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if batch_prompts % self.world:  # before the group forms: every rank exits with this line
+            raise InputError(
+                f"--batch-prompts {batch_prompts} must be divisible by the {self.world} processes"
+            )
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" is this process's GPU
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.module = None
 
-def gather(x):
-    """(n,) on each rank -> (world * n,) in rank order, i.e. the order of the one-process batch."""
-    if not dist.is_initialized():
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+    def wrap(self, logprobs, policy):
+        """DDP over the LoRA parameters (the only ones with requires_grad). The frozen base is a
+        plain replica, identical on every rank (each loads it and seeds the LoRA init alike), hence
+        init_sync=False: no broadcast of a 7B base (init_sync needs torch >= 2.6)."""
+        self.module = DistributedDataParallel(TrainingForward(logprobs, policy), init_sync=False)
 
+    def logprobs(self, prefix_ids, prefix_mask, codes, temperature, last):
+        """The training pass through DDP. Its gradients are all-reduced in the backward of the
+        step's last micro-batch only (no_sync for the others: DDP reads it in the forward)."""
+        with nullcontext() if last else self.module.no_sync():
+            return self.module(prefix_ids, prefix_mask, codes, temperature)
 
-def mean_over_ranks(stats, device):
-    """{name: float} averaged over ranks (ranks hold equal sample counts, so this is the whole-batch mean)."""
-    if not dist.is_initialized():
-        return stats
-    t = torch.tensor(list(stats.values()), dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return dict(zip(stats, (t / dist.get_world_size()).tolist()))
+    def local_slice(self, batch):
+        """This rank's contiguous B/W prompts of the step's B (rank 0 holds the first ones)."""
+        n = len(batch) // self.world
+        return batch[self.rank * n : (self.rank + 1) * n]
 
+    def gather(self, x):
+        """(n,) on each rank -> (world * n,) in rank order: the order of the one-process batch."""
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
 
-def teardown():
-    """Leave the process group; the caller has dropped its DDP first, so that the group is destroyed here.
-    Why the care: the group's destructor joins gloo's worker threads while holding the GIL, and a worker that frees
-    a collective's last reference needs the GIL (the tensors and the thread-local state it holds are Python
-    objects). A rank that tore down a few ms after its last collective hung there for good (about 1 launch in 7 of
-    test_ddp's under load). So every rank first waits at a barrier, with the GIL released, while its workers free
-    what they hold; the barrier's own handle is kept until the group is gone, so no worker ever frees it."""
-    if dist.is_initialized():
+    def mean(self, stats):
+        """{name: float} averaged over ranks (equal sample counts: the whole-batch mean)."""
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        t = torch.tensor(list(stats.values()), dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return dict(zip(stats, (t / self.world).tolist()))
+
+    def close(self):
+        """Leave the group. DDP holds the group, so it goes first. Then every rank waits at a
+        barrier, with the GIL released, while gloo's workers free what they hold: the group's
+        destructor joins them while holding the GIL, and a worker that frees a collective's last
+        reference needs the GIL (a rank that tore down right after its last collective hung about
+        one launch in 7 under load). The barrier's handle is kept until the group is gone."""
+        self.module = None
         done = dist.barrier(async_op=True)
         done.wait()
-        dist.destroy_process_group()  # the group's last reference: its worker threads are joined here
+        dist.destroy_process_group()  # the group's last reference: its workers are joined here
         del done

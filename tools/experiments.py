@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import gvu
@@ -252,7 +253,10 @@ def oracle_reward_fn(train_metadata):
 def cmd_oracle_train(args, gvu_argv) -> None:
     """oracle-train: gvu.py unchanged except that the reward is the pixel oracle's verdict (1 or 0).
     Same RL, a perfect judge: the gap to GvU separates "the reward is weak" from "the RL cannot learn this"."""
-    gvu.main(gvu_argv, reward_fn=oracle_reward_fn(args.train_metadata))
+    if args.dynamic_sampling < 0:
+        raise GenEvalError(f"--dynamic-sampling must be >= 0 (0 = off; got {args.dynamic_sampling})")
+    sample_fn = dynamic_sampler(args.dynamic_sampling) if args.dynamic_sampling else None
+    gvu.main(gvu_argv, oracle_reward_fn(args.train_metadata), sample_fn or gvu.sample_and_reward)
 
 
 # --------------------------------------------------------------------------- where: can the LM read positions?
@@ -477,7 +481,7 @@ def cmd_token_view(args) -> None:
         n,
         rows=len(shown),
         px=args.px,
-        texts=[gvu.token_texts(umm, p) for p in prompts],
+        texts=[loggers.token_texts(umm.tokenizer, gvu.answer_ids(umm, [p])[0]) for p in prompts],
         token_logp=token_logp,
     )
     print(
@@ -564,6 +568,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ot.add_argument(
         "--train-metadata", default="prompts/train.jsonl", help="metadata of every training prompt"
+    )
+    ot.add_argument(
+        "--dynamic-sampling",
+        type=int,
+        default=0,
+        help="DAPO's dynamic sampling: up to N more batches of fresh prompts a step (0 = off)",
     )
     ot.set_defaults(func=cmd_oracle_train)
     tv = sub.add_parser(
@@ -660,3 +670,80 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     main()
+
+
+# --------------------------------------------------------------------------- DAPO's dynamic sampling
+
+
+def reserve_batches(prompts, step, n_batches, args):
+    """The fresh prompts of `step`: n_batches of B from a second stream, shuffled with other seeds
+    (a CPU generator keeps a seed's low 32 bits, so the offset must change them). They are a
+    function of step (resume-safe), and the main stream is the same with or without them."""
+    B = args.batch_prompts
+    return [
+        gvu.prompt_batch(prompts, step * n_batches + k, B, args.seed + 0x5BD1E995)
+        for k in range(n_batches)
+    ]
+
+
+def left_pad(tensors, value):
+    """Left-pad (n_i, P_i) tensors to the longest P, as the rollout pads its prefixes."""
+    P = max(t.shape[1] for t in tensors)
+    return [F.pad(t, (P - t.shape[1], 0), value=value) for t in tensors]
+
+
+def dynamic_sampler(n_batches):
+    """DAPO's dynamic sampling as gvu_step's sampler: roll out the step's batch, then up to
+    n_batches more batches of fresh prompts while fewer than B groups have rewards that differ
+    (a group without spread has advantage 0 and teaches nothing). Keeps the first B groups with
+    spread, in order, filled up with groups without spread (the first batch's first) when the
+    batches run out, so B stays fixed. Logs `rollout_batches`. torchrun: each rank refills its own
+    B/W groups from its slice of the reserve, with its own sampling streams."""
+
+    def sample(umm, policy, batch, step, args, reward_fn, decode=True, lap=None, rank=0):
+        prompts = runio.read_prompts(args.prompts)[0]
+        reserve = reserve_batches(prompts, step, n_batches, args)
+        if torch.distributed.is_initialized():  # this rank's slice of each reserve batch
+            n = len(batch)
+            reserve = [b[rank * n : (rank + 1) * n] for b in reserve]
+        B, G, outs = len(batch), args.group_size, []
+        for stream, prompts_r in enumerate([batch, *reserve]):
+            out = gvu.sample_and_reward(
+                umm, policy, prompts_r, step, args, reward_fn, decode, lap, rank, stream
+            )
+            outs.append(out)
+            if not torch.isfinite(out["rewards"]).all():  # gvu_step stops on it; never swapped out
+                return dict(out, stats=dict(rollout_batches=len(outs)))
+            spread = torch.cat([o["rewards"].view(-1, G).std(1).cpu() > 0 for o in outs])
+            if spread.sum() >= B:
+                break
+        if len(outs) == 1:
+            return dict(outs[0], stats=dict(rollout_batches=1))
+        # the first B groups with spread, then those without, in rollout order
+        keep = torch.cat([spread.nonzero()[:, 0], (~spread).nonzero()[:, 0]])[:B].sort().values
+        rows = (keep[:, None] * G + torch.arange(G)).view(-1)  # (B*G,) their samples
+        pads = dict(prefix_ids=umm.tokenizer.pad_token_id, prefix_mask=0)  # left-padded prefixes
+        ros = [o["rollout"] for o in outs]
+        ro = {}
+        for k in ros[0]:
+            parts = [r[k] for r in ros]
+            ro[k] = torch.cat(left_pad(parts, pads[k]) if k in pads else parts)[rows]
+        images = None
+        if outs[0]["images"] is not None:
+            images = [im for o in outs for im in o["images"]]
+            images = [images[i] for i in rows.tolist()]
+        token_logp = None
+        if outs[0]["token_logp"] is not None:  # each batch's (N, L_r), right-padded to the longest
+            terms = [t for o in outs for t in o["token_logp"]]
+            token_logp = torch.nn.utils.rnn.pad_sequence(terms, batch_first=True)[rows]
+        groups = [p for o in outs for p in o["batch"]]
+        return dict(
+            batch=[groups[i] for i in keep.tolist()],
+            rollout=ro,
+            images=images,
+            rewards=torch.cat([o["rewards"] for o in outs])[rows],
+            token_logp=token_logp,
+            stats=dict(rollout_batches=len(outs)),
+        )
+
+    return sample

@@ -104,6 +104,11 @@ def make_logger(report_to, out, config, start_step=0, is_main=True):
 
 # -----------------------------------------------------------------------------
 # sample grids: what the reward sees, word by word
+def token_texts(tokenizer, ids):
+    """The scored answer's tokens as text, one per term of the reward."""
+    return [tokenizer.decode([i]).strip() for i in ids]
+
+
 def token_layout(draw, texts, token_logp, width, line=11):
     """Word-wrap one caption into `width` px: [(x, y, text, p)] with p = exp(log p_j), the reward's own terms."""
     boxes, x, y = [], 0, 0

@@ -26,13 +26,16 @@ import math
 import os
 import shutil
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import torch
-from peft import set_peft_model_state_dict
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
+from tqdm import tqdm
+from transformers import HfArgumentParser
 
-from models.adapters import InputError
+from models.adapters import InputError, pick_device
+from tools import loggers
 
 
 def write_atomic(path, write, mode="w"):
@@ -67,6 +70,128 @@ def all_finite(obj):
     if isinstance(obj, (list, tuple)):
         return all(all_finite(v) for v in obj)
     return not isinstance(obj, float) or math.isfinite(obj)
+
+
+# what gvu.py's --resume may change; every other setting must match the run's config.json
+RESUME_MAY_CHANGE = {"steps", "epochs", "resume", "out", "save_every", "sample_every"}
+RESUME_MAY_CHANGE |= {"probe_every", "report_to"}
+
+
+class TrainingError(Exception):
+    """The run cannot go on (e.g. a non-finite reward): reported as one line, never a traceback."""
+
+
+# -----------------------------------------------------------------------------
+# gvu.py's settings: each rule written once, checked before anything is loaded or written
+def settings_rules(args):
+    """(flag, valid?, what it must be) for every numeric setting of gvu.Args."""
+    fin = math.isfinite
+    return [
+        ("steps", args.steps >= 1, ">= 1"),
+        ("epochs", fin(args.epochs) and args.epochs >= 0, ">= 0 (0 = use --steps)"),
+        ("batch_prompts", args.batch_prompts >= 1, ">= 1"),
+        ("group_size", args.group_size >= 2, ">= 2: advantages compare samples within a group"),
+        ("lr", fin(args.lr) and args.lr > 0, "> 0"),
+        ("warmup_steps", args.warmup_steps >= 0, ">= 0"),
+        ("beta", fin(args.beta) and args.beta >= 0, ">= 0"),
+        ("clip_eps", fin(args.clip_eps) and 0 < args.clip_eps < 1, "in (0, 1)"),
+        ("num_iterations", args.num_iterations >= 1, ">= 1"),
+        ("lora_r", args.lora_r >= 1, ">= 1"),
+        ("lora_alpha", args.lora_alpha >= 1, ">= 1"),
+        ("max_grad_norm", fin(args.max_grad_norm) and args.max_grad_norm > 0, "> 0"),
+        (
+            "temperature",
+            fin(args.temperature) and args.temperature >= 0.1,
+            ">= 0.1: colder, a group's samples are copies and every advantage is 0",
+        ),
+        ("top_k", args.top_k >= 0, ">= 0"),
+        ("min_p", fin(args.min_p) and 0 <= args.min_p < 1, "in [0, 1)"),
+        ("cfg_scale", fin(args.cfg_scale) and args.cfg_scale >= 1, ">= 1 (1 = off)"),
+        ("micro_batch", args.micro_batch >= 1, ">= 1"),
+        ("image_size", args.image_size >= 0, ">= 0 (0 = the model's default)"),
+        ("save_every", args.save_every >= 1, ">= 1"),
+        ("sample_every", args.sample_every >= 1, ">= 1"),
+        ("probe_every", args.probe_every >= 0, ">= 0 (0 = off)"),
+        ("seed", 0 <= args.seed < 2**32, "in [0, 2**32)"),
+    ]
+
+
+def check_args(args, may_change, defaults):
+    """Refuse bad input before anything is loaded or written: one line naming every bad flag, then
+    the device, the tracker's package, the run folder (new, or resumed with the same settings) and
+    the prompt file. Returns the prompts and their line numbers."""
+    bad = [
+        f"--{flag.replace('_', '-')} must be {what} (got {getattr(args, flag)})"
+        for flag, ok, what in settings_rules(args)
+        if not ok
+    ]
+    if bad:
+        raise InputError("; ".join(bad))
+    pick_device(args.device)  # an unavailable device is an InputError
+    loggers.require(args.report_to)  # a missing tensorboard / wandb package
+    check_run_folder(args.out, args.resume, asdict(args), may_change, defaults)
+    prompts, lines = read_prompts(args.prompts)
+    if args.epochs > 0:  # whole passes over the prompts (the official run: 4 x 50,000 / 8 steps)
+        args.steps = math.ceil(args.epochs * len(prompts) / args.batch_prompts)
+    return prompts, lines
+
+
+def error_line(e, out):
+    """The one line gvu.py exits with: the error, and for a failed run what survives of it.
+    torchrun: rank 0 says it, every other rank exits with status 1."""
+    if os.environ.get("RANK", "0") != "0":
+        return 1
+    if isinstance(e, InputError):
+        return f"error: {e}"
+    return f"error: {(str(e) or type(e).__name__).splitlines()[0]}; {saved_note(out)}"
+
+
+def check_against_model(umm, args, prompts, lines):
+    """The checks that need the loaded model; they too run before anything is written."""
+    if args.top_k > umm.image_vocab_size:
+        raise InputError(
+            f"--top-k must be <= the model's {umm.image_vocab_size} image codes (got {args.top_k})"
+        )
+    check_vocabulary(umm, prompts, lines)
+    check_context(umm, prompts, lines, args.instruction, args.prompts)
+    if args.reward_input == "codes" and not umm.understands_codes:
+        raise InputError(
+            f"--reward-input codes: {type(umm).__name__}'s understanding does not "
+            "read its generated codes"
+        )
+
+
+def parse_args(Args, argv, doc):
+    """gvu.py's command line into Args (transformers' HfArgumentParser), flags optionally after a
+    config file. Bad flags are argparse's error; --steps beside --epochs is refused."""
+    parser = HfArgumentParser(Args, description=doc.split("\n\n")[0].strip())
+    try:
+        tokens = config_tokens(list(argv), [f.name for f in fields(Args)])
+    except InputError as e:
+        parser.error(str(e))
+    args, rest = parser.parse_args_into_dataclasses(tokens, return_remaining_strings=True)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.epochs > 0 and any(t == "--steps" or t.startswith("--steps=") for t in tokens):
+        parser.error("give --steps or --epochs, not both")
+    return args
+
+
+def prompt_batch(prompts, step, B, seed):
+    """The B prompts of `step`: a fresh seeded shuffle per epoch, so the stream is a function of
+    step (resume-safe) and batches straddle the epochs' boundaries."""
+    n, ks = len(prompts), range(step * B, (step + 1) * B)
+    perm = lambda e: torch.randperm(n, generator=torch.Generator().manual_seed(seed + e)).tolist()
+    perms = {e: perm(e) for e in {k // n for k in ks}}
+    return [prompts[perms[k // n][k % n]] for k in ks]
+
+
+def config_tokens(argv, known):
+    """The command line, with a leading config file (`gvu.py configs/x.json --out runs/x`) turned
+    into flags that go before the others (config_flags)."""
+    if argv and not argv[0].startswith("-"):
+        return config_flags(argv[0], argv[1:], known) + argv[1:]
+    return argv
 
 
 # -----------------------------------------------------------------------------
@@ -370,3 +495,91 @@ def adapter_info(args, policy, step):
         base_model=base_model_id(args.model, args.seed),
         base_fingerprint=base_fingerprint(policy.get_base_model()),
     )
+
+
+# -----------------------------------------------------------------------------
+# the run folder as gvu.py's training loop sees it
+class Run:
+    """Start the run in --out, or resume it (open_run), then log, draw and save into it.
+    torchrun: every rank loads the state; rank 0 alone (is_main) prints and writes."""
+
+    def __init__(self, args, policy, optimizer, scheduler, device, is_main=True):
+        self.args, self.policy, self.optimizer, self.scheduler = args, policy, optimizer, scheduler
+        self.is_main = is_main
+        self.start, self.lock = open_run(args, policy, optimizer, scheduler, device, is_main)
+        self.log_path = os.path.join(args.out, "log.jsonl")
+        # the tracker: a no-op unless --report-to and the main process
+        self.tracker = loggers.make_logger(
+            args.report_to, args.out, asdict(args), self.start, is_main
+        )
+        self.bar = None
+
+    def steps(self):
+        """The steps still to run, with a tqdm bar (main process only)."""
+        self.bar = tqdm(range(self.start, self.args.steps), "gvu", self.args.steps,
+                        initial=self.start, dynamic_ncols=True, disable=not self.is_main)  # fmt: skip
+        return self.bar
+
+    def log(self, step, out, lr, seconds, probe=None):
+        """One line of log.jsonl (gvu_step's output as numbers), one printed line, the tracker's copy."""
+        if not self.is_main:
+            return
+        r, G = out["rewards"], self.args.group_size  # (B*G,): every rank's rewards
+        zero_std = (r.view(-1, G).std(1) == 0).float().mean().item()
+        row = dict(step=step, samples=len(r), reward_mean=r.mean().item(), reward_std=r.std().item(),
+                   frac_zero_std=zero_std, **out["stats"], lr=lr, seconds=seconds)  # fmt: skip
+        if probe is not None:
+            row["probe_reward"] = probe
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.bar.set_postfix(reward=f"{row['reward_mean']:.4f}", kl=f"{row['kl']:.4f}")
+        tqdm.write(
+            f"step {step:5d} | reward {row['reward_mean']:.4f} ± {row['reward_std']:.4f} "
+            f"| kl {row['kl']:.4f} | clip {row['clip_frac']:.3f} | zero-std {zero_std:.2f} "
+            f"| grad {row['grad_norm']:.3f} | {seconds:.1f}s"
+            + (f" | {row['rollout_batches']} batches" if "rollout_batches" in row else "")
+        )
+        self.tracker.scalars(row, step)
+
+    def sample_grid(self, step, out, tokenizer, answer_ids):
+        """samples/step_NNNNN.png (loggers.save_grid): rows = prompts, columns = the G samples, each
+        with its reward and its prompt's tokens shaded by their probability under the judge.
+        answer_ids(prompts): the scored tokens' ids (gvu.answer_ids). torchrun: rank 0's groups."""
+        if not self.is_main:
+            return
+        G = self.args.group_size
+        prompts = [p for p in out["batch"] for _ in range(G)]
+        texts = [loggers.token_texts(tokenizer, ids) for ids in answer_ids(prompts)]
+        path = os.path.join(self.args.out, "samples", f"step_{step:05d}.png")
+        images, rewards = out["images"], out["rewards"][: len(out["images"])].tolist()
+        grid = loggers.save_grid(path, prompts, images, rewards, G, texts=texts,
+                                 token_logp=out["token_logp"])  # fmt: skip
+        self.tracker.image("samples", grid, step)
+
+    def save(self, step):
+        """state.pt first (the source of truth), then adapter/; nothing non-finite is saved."""
+        if not self.is_main:
+            return
+        state = dict(
+            step=step,
+            prompt_pos=step * self.args.batch_prompts,
+            lora=get_peft_model_state_dict(self.policy),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            rng=torch.get_rng_state(),
+        )
+        if not all_finite(state):
+            raise TrainingError(
+                f"the weights are not finite after step {step - 1}; nothing was saved from it"
+            )
+        atomic_save(state, os.path.join(self.args.out, "state.pt"))
+        save_adapter(
+            self.policy,
+            os.path.join(self.args.out, "adapter"),
+            adapter_info(self.args, self.policy, step),
+        )
+
+    def close(self):
+        self.tracker.close()
+        if self.lock is not None:
+            self.lock.close()
