@@ -320,7 +320,7 @@ def load_image(path) -> Image.Image:
         raise GenEvalError(f"cannot read image {path}: {e}") from None
 
 
-# ------------------------------------------------------------------ rules: world/geneval_rules.py
+# -------------------------------------------------------------------- rules: world/geneval_rules.py
 
 
 def crop_on_grey(image: Image.Image, mask, box, bgcolor="#999999") -> Image.Image:
@@ -695,7 +695,7 @@ def generate_prompts(n: int, seed: int, exclude: set[str] = frozenset()) -> list
     return metas[:n]
 
 
-# ------------------------------------------------------------------ generate (the model side)
+# ------------------------------------------------------------------------ generate (the model side)
 
 
 def check_adapter_path(adapter):
