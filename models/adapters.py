@@ -251,7 +251,7 @@ class JanusPro:
         return f"{self.bos}{self.system_prompt}{USER}: {img}\n{instruction}\n\n{ASSISTANT}:"
 
     def caption_prompts(self, images, instruction):
-        """caption_prompt for a batch: the text is the same for any image (pixels enter later)."""
+        """caption_prompt per image: the same text for each (the pixels enter in hidden_states)."""
         return [self.caption_prompt(im, instruction) for im in images]
 
     # understanding reads SigLIP features of pixels, not VQ codes: no --reward-input codes
