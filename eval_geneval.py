@@ -53,13 +53,13 @@ from tools import runio
 from world import shapes
 from tools import vlm_judge
 from models.adapters import InputError, load_umm, pick_device, use_bf16
-from world.geneval_rules import (
+from world.geneval_rules import (  # the rule engine; tests read its functions from here too
     COLORS,
     Detection,
     evaluate,
-    image_regions,
-    mean_area,  # noqa: F401 (re-exported)
-    relative_position,
+    image_regions,  # noqa: F401
+    mean_area,  # noqa: F401
+    relative_position,  # noqa: F401
     select_detections,
 )
 
@@ -153,18 +153,10 @@ COLOR_TEMPLATES = [
     "a photo of a {c} object",
 ]
 RELATIONS = ["left of", "right of", "above", "below"]
-REGIONS = [
-    "left",
-    "right",
-    "above",
-    "below",
-]  # GenEval++: "above" = top half, "below" = bottom half
-SIZES = [
-    "larger",
-    "smaller",
-    "small",
-    "large",
-]  # GenEval++ comparatives; the shapes world's absolutes
+# GenEval++: "above" = top half, "below" = bottom half
+REGIONS = ["left", "right", "above", "below"]
+# GenEval++ comparatives; the shapes world's absolutes
+SIZES = ["larger", "smaller", "small", "large"]
 GENEVAL_TAGS = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
 GENEVAL_PP_TAGS = [
     "color_count_attr",
@@ -173,9 +165,8 @@ GENEVAL_PP_TAGS = [
     "spatial_count_attr",
     "color_spatial_attr",
 ]
-KNOWN_TAGS = set(GENEVAL_TAGS + GENEVAL_PP_TAGS) | {
-    "size"
-}  # + the shapes world's train-only "size" tag
+# + the shapes world's train-only "size" tag
+KNOWN_TAGS = set(GENEVAL_TAGS + GENEVAL_PP_TAGS) | {"size"}
 NUMBER_WORDS = {
     1: "one",
     2: "two",
@@ -329,11 +320,11 @@ def load_image(path) -> Image.Image:
         raise GenEvalError(f"cannot read image {path}: {e}") from None
 
 
-# --------------------------------------------------------------------------- rules: world/geneval_rules.py
+# -------------------------------------------------------------------- rules: world/geneval_rules.py
 
 
 def crop_on_grey(image: Image.Image, mask, box, bgcolor="#999999") -> Image.Image:
-    """Paste the masked object onto a plain grey image and crop to its box (GenEval's colour crop)."""
+    """Paste the masked object onto a grey image and crop to its box (GenEval's colour crop)."""
     blank = Image.new("RGB", image.size, bgcolor)
     if mask is not None:
         image = Image.composite(image, blank, Image.fromarray(np.asarray(mask, np.uint8) * 255))
@@ -419,7 +410,7 @@ class GenEvalScorer:
         return dets
 
     def color_classifier(self, cls: str):
-        """Zero-shot colour weights (10 x D): mean of normalised template embeddings, renormalised."""
+        """Zero-shot colour weights (10 x D): normalised template embeddings' mean, renormalised."""
         if cls not in self._classifiers:
             rows = []
             for c in COLORS:
@@ -445,7 +436,7 @@ class GenEvalScorer:
 
 
 def scorer_classes(name):
-    """The class names a scorer knows: GenEval's 80 COCO names, or the shapes world's eight shapes."""
+    """The class names a scorer knows: GenEval's 80 COCO names, or the shapes world's 8 shapes."""
     if name == "shapes":
         return shapes.SHAPES
     return GENEVAL_CLASSES
@@ -467,10 +458,8 @@ def make_scorer(args) -> Callable[[Image.Image, dict], tuple[bool, str]]:
             args.counting_threshold,
             args.max_objects,
         )
-    except (
-        OSError,
-        ValueError,
-    ) as e:  # missing path / hub id not cached: keep the first line of the message
+    # missing path / hub id not cached: keep the first line of the message
+    except (OSError, ValueError) as e:
         raise GenEvalError(
             f"cannot load models ({args.detector}, {args.clip}): {str(e).splitlines()[0]}"
         ) from None
@@ -480,8 +469,9 @@ def make_scorer(args) -> Callable[[Image.Image, dict], tuple[bool, str]]:
 
 
 def summarize(results: list[dict]) -> dict:
-    """Per-tag accuracy, overall = unweighted mean of tag means, share of prompts with >= 1 correct image.
-    Rows with correct == -1 (a VLM judge that gave up) are left out of every accuracy and counted apart."""
+    """Per-tag accuracy, overall = unweighted mean of tag means, share of prompts with >= 1
+    correct image. Rows with correct == -1 (a VLM judge that gave up) are left out of every
+    accuracy and counted apart."""
     by_tag, by_prompt, unevaluated = {}, {}, {}
     for r in results:
         if r["correct"] == vlm_judge.UNEVALUATED:
@@ -514,7 +504,8 @@ def format_table(summary: dict) -> str:
     lines += [f"| {t} | {v['images']} | {v['accuracy']:.4f} |" for t, v in summary["tags"].items()]
     lines += [
         f"| **overall** (mean of tag means) | {summary['images']} | {summary['overall']:.4f} |",
-        f"| prompts with >=1 correct image | {summary['prompts']} | {summary['prompts_any_correct']:.4f} |",
+        f"| prompts with >=1 correct image | {summary['prompts']} "
+        f"| {summary['prompts_any_correct']:.4f} |",
     ]
     return "\n".join(lines + [f"\nNote: {n}" for n in summary.get("notes", [])])
 
@@ -551,7 +542,8 @@ def compare_table(a: dict, b: dict) -> str:
 
 
 def load_prompt_accuracy(path) -> dict[str, dict[int, float]] | None:
-    """Per tag, each prompt's share of correct images, from the results.jsonl beside a summary (None if absent)."""
+    """Per tag, each prompt's share of correct images, from the results.jsonl beside a summary
+    (None if absent)."""
     path = Path(path)
     results = (path if path.is_dir() else path.parent) / "results.jsonl"
     if not results.is_file():
@@ -565,26 +557,28 @@ def load_prompt_accuracy(path) -> dict[str, dict[int, float]] | None:
 
 
 def bootstrap_deltas(base: dict, runs: list[dict], n_boot=2000, seed=0) -> dict[str, np.ndarray]:
-    """Bootstrap draws of (mean over runs of the trained accuracy) - (base accuracy), per tag and "overall"
-    (the mean of the tag deltas). Prompts are resampled with replacement within each tag, the same prompts
-    for the base and every run (a paired bootstrap over prompts; the runs' seeds are not resampled)."""
+    """Bootstrap draws of (mean over runs of the trained accuracy) - (base accuracy), per tag and
+    "overall" (the mean of the tag deltas). Prompts are resampled with replacement within each tag,
+    the same prompts for the base and every run (a paired bootstrap over prompts; the runs' seeds
+    are not resampled)."""
     rng = np.random.default_rng(seed)
     out = {}
     for tag in sorted(set(base).intersection(*runs)):
         idx = sorted(set(base[tag]).intersection(*(run[tag] for run in runs)))
-        d = np.mean([[run[tag][i] for i in idx] for run in runs], 0) - np.array(
-            [base[tag][i] for i in idx]
-        )  # (P,)
+        trained = np.mean([[run[tag][i] for i in idx] for run in runs], 0)
+        d = trained - np.array([base[tag][i] for i in idx])  # (P,)
         out[tag] = d[rng.integers(0, len(idx), (n_boot, len(idx)))].mean(1)  # (n_boot,)
     out["overall"] = np.mean(list(out.values()), 0)
     return out
 
 
 def compare_runs_table(base: dict, runs: list[dict], n_boot=2000, seed=0) -> str:
-    """Markdown: per tag and overall, the base, the trained runs' mean ± std across runs (seeds), the mean
-    delta and its 95% bootstrap interval over prompts. base, runs: load_prompt_accuracy() dicts."""
+    """Markdown: per tag and overall, the base, the trained runs' mean ± std across runs (seeds),
+    the mean delta and its 95% bootstrap interval over prompts.
+    base, runs: load_prompt_accuracy() dicts."""
     draws = bootstrap_deltas(base, runs, n_boot, seed)
-    acc = lambda d, tag: float(np.mean(list(d[tag].values())))  # noqa: E731  (a tag's accuracy: mean over prompts)
+    # a tag's accuracy: the mean over its prompts
+    acc = lambda d, tag: float(np.mean(list(d[tag].values())))
     tags = [t for t in draws if t != "overall"]
     rows = {t: (acc(base, t), [acc(r, t) for r in runs]) for t in tags}
     rows["overall"] = (
@@ -592,16 +586,19 @@ def compare_runs_table(base: dict, runs: list[dict], n_boot=2000, seed=0) -> str
         [float(np.mean([rows[t][1][k] for t in tags])) for k in range(len(runs))],
     )
     lines = [
-        f"| tag | prompts | base | trained (mean ± std over {len(runs)} runs) | delta | 95% interval |",
+        f"| tag | prompts | base | trained (mean ± std over {len(runs)} runs) "
+        "| delta | 95% interval |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for t, (b, tr) in rows.items():
         lo, hi = np.percentile(draws[t], [2.5, 97.5])
         rel = f" ({(np.mean(tr) - b) / b:+.1%})" if t == "overall" and b > 0 else ""
         n = len(set(base[t])) if t != "overall" else sum(len(base[x]) for x in tags)
+        name = "**overall**" if t == "overall" else t
+        std = np.std(tr, ddof=1) if len(tr) > 1 else 0
         lines.append(
-            f"| {'**overall**' if t == 'overall' else t} | {n} | {b:.4f} | {np.mean(tr):.4f} ± "
-            f"{np.std(tr, ddof=1) if len(tr) > 1 else 0:.4f} | {np.mean(tr) - b:+.4f}{rel} | [{lo:+.4f}, {hi:+.4f}] |"
+            f"| {name} | {n} | {b:.4f} | {np.mean(tr):.4f} ± {std:.4f} "
+            f"| {np.mean(tr) - b:+.4f}{rel} | [{lo:+.4f}, {hi:+.4f}] |"
         )
     return "\n".join(lines)
 
@@ -682,8 +679,8 @@ def make_meta(tag: str, index: int) -> dict:
 
 
 def generate_prompts(n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
-    """n distinct GenEval-style prompts, tags balanced (small tags first, leftovers go to larger ones).
-    `exclude` holds lowercased prompt texts (GenEval++ capitalises "A photo of ...")."""
+    """n distinct GenEval-style prompts, tags balanced (small tags first, leftovers go to larger
+    ones). `exclude` holds lowercased prompt texts (GenEval++ capitalises "A photo of ...")."""
     rng = random.Random(seed)
     tags = sorted(TAG_SPACES, key=lambda t: math.prod(TAG_SPACES[t]))
     metas = []
@@ -698,12 +695,12 @@ def generate_prompts(n: int, seed: int, exclude: set[str] = frozenset()) -> list
     return metas[:n]
 
 
-# --------------------------------------------------------------------------- generate (the model side)
+# ------------------------------------------------------------------------ generate (the model side)
 
 
 def check_adapter_path(adapter):
-    """--adapter is a local folder that gvu.py wrote (its --out/adapter). Checked here, before peft, which would
-    take a missing path for a hub id and try the network."""
+    """--adapter is a local folder that gvu.py wrote (its --out/adapter). Checked here, before
+    peft, which would take a missing path for a hub id and try the network."""
     if not os.path.isdir(adapter):
         raise GenEvalError(f"--adapter {adapter}: no such folder")
     if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
@@ -713,12 +710,11 @@ def check_adapter_path(adapter):
 
 
 def adapter_base(adapter):
-    """(what the adapter says it was trained on, where that comes from), or (None, None). gvu.py writes
-    gvu.json into the adapter; older runs have gvu's config.json next to it; else peft's own record."""
-    info_path, config = (
-        os.path.join(adapter, "gvu.json"),
-        os.path.join(adapter, os.pardir, "config.json"),
-    )
+    """(what the adapter says it was trained on, where that comes from), or (None, None). gvu.py
+    writes gvu.json into the adapter; older runs have gvu's config.json next to it; else peft's
+    own record."""
+    info_path = os.path.join(adapter, "gvu.json")
+    config = os.path.join(adapter, os.pardir, "config.json")
     if os.path.isfile(info_path):
         info = json.loads(Path(info_path).read_text())
         return info.get("base_model"), "its gvu.json"
@@ -735,8 +731,8 @@ def adapter_base(adapter):
 
 
 def check_adapter_base(umm, args):
-    """Refuse an adapter trained on another base model: by the weights' fingerprint when gvu.json has one
-    (robust to a model's path or hub id changing), else by the recorded base model's name."""
+    """Refuse an adapter trained on another base model: by the weights' fingerprint when gvu.json
+    has one (robust to a changed model path or hub id), else by the recorded base model's name."""
     info_path = os.path.join(args.adapter, "gvu.json")
     info = json.loads(Path(info_path).read_text()) if os.path.isfile(info_path) else {}
     base, source = adapter_base(args.adapter)
@@ -752,14 +748,15 @@ def check_adapter_base(umm, args):
         same = base == runio.base_model_id(args.model, args.seed)
     if not same:
         raise GenEvalError(
-            f"--adapter {args.adapter} was trained on {base} ({source}), not on --model {args.model}"
+            f"--adapter {args.adapter} was trained on {base} ({source}), "
+            f"not on --model {args.model}"
             + (f" with --seed {args.seed}" if args.model == "tiny-random" else "")
         )
 
 
 def load_model(args):
-    """Any model gvu.py trains (+ an optional peft adapter saved by gvu.py), in eval mode, in the precision the
-    trainer uses (--dtype)."""
+    """Any model gvu.py trains (+ an optional peft adapter saved by gvu.py), in eval mode, in the
+    precision the trainer uses (--dtype)."""
     if args.adapter:
         check_adapter_path(args.adapter)
     try:
@@ -779,9 +776,8 @@ def load_model(args):
     if args.adapter:
         check_adapter_base(umm, args)
         try:
-            PeftModel.from_pretrained(
-                umm.lm, args.adapter
-            )  # injects the LoRA layers into umm.lm in place
+            # injects the LoRA layers into umm.lm in place
+            PeftModel.from_pretrained(umm.lm, args.adapter)
         except (OSError, ValueError, RuntimeError) as e:
             raise GenEvalError(
                 f"cannot load --adapter {args.adapter}: {str(e).splitlines()[0]}"
@@ -791,26 +787,26 @@ def load_model(args):
 
 
 def sample_groups(umm, metas, n, args):
-    """Yield (index, meta, images) with n images per prompt, batched; seeds depend only on the batch index,
-    so a base and a trained model are compared on the same noise."""
+    """Yield (index, meta, images) with n images per prompt, batched; seeds depend only on the
+    batch index, so a base and a trained model are compared on the same noise."""
     prompts = [m["prompt"] for m in metas]
     try:
         runio.check_vocabulary(umm, prompts)
     except InputError as e:
         raise GenEvalError(str(e)) from None
     device = umm.lm.device.type
+    # as gvu.train
     autocast = (
         torch.autocast(device, torch.bfloat16) if use_bf16(args.dtype, device) else nullcontext()
-    )  # as gvu.train
+    )
     for b in tqdm(
         range(0, len(metas), args.batch),
         desc="sampling",
         unit="batch" if args.batch > 1 else "prompt",
     ):
         seed = args.seed * 100_003 + b
-        gen = torch.Generator(umm.lm.device).manual_seed(
-            seed
-        )  # sampling runs on the model's device
+        # sampling runs on the model's device
+        gen = torch.Generator(umm.lm.device).manual_seed(seed)
         batch = prompts[b : b + args.batch]
         with autocast:
             ro = gvu.rollout(
@@ -829,8 +825,8 @@ OUTPUT_NAMES = re.compile(r"\d+|results\.jsonl|summary\.(json|md)")  # what gene
 
 
 def check_generate_out(out, overwrite):
-    """generate never mixes its images with an earlier run's: a non-empty --out needs --overwrite, which
-    clears only what generate and score write there."""
+    """generate never mixes its images with an earlier run's: a non-empty --out needs
+    --overwrite, which clears only what generate and score write there."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise GenEvalError(f"--out {out} is a file, not a folder")
@@ -847,8 +843,8 @@ def check_generate_out(out, overwrite):
 
 
 def cmd_generate(args) -> None:
-    """generate: n images per metadata line into GenEval's folder layout, written beside --out and renamed
-    into place at the end (an interrupted generate leaves no half-filled --out)."""
+    """generate: n images per metadata line into GenEval's folder layout, written beside --out
+    and renamed into place at the end (an interrupted generate leaves no half-filled --out)."""
     metas = read_metadata(args.metadata, classes=None if args.any_class else GENEVAL_CLASSES)
     check_generate_out(args.out, args.overwrite)
     umm = load_model(args)
@@ -869,18 +865,16 @@ def cmd_score(args) -> None:
     """score: run a scorer over a folder, write results.jsonl, summary.md, summary.json."""
     classes = scorer_classes(args.scorer)
     metadata = read_metadata(args.metadata, classes) if args.metadata else None
-    samples = list(
-        iter_samples(args.folder, metadata, classes)
-    )  # validate everything before loading models
+    # validate everything before loading models
+    samples = list(iter_samples(args.folder, metadata, classes))
     for _, _, path in samples:
         check_image(path)
     scorer = make_scorer(args)
     out = Path(args.out or args.folder)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    with open(
-        out / "results.jsonl.tmp", "w"
-    ) as f:  # renamed at the end: a failed score keeps the last results
+    # renamed at the end: a failed score keeps the last results
+    with open(out / "results.jsonl.tmp", "w") as f:
         for index, meta, path in samples:
             correct, reason = scorer(load_image(path), meta)
             row = {
@@ -888,9 +882,9 @@ def cmd_score(args) -> None:
                 "sample": path.stem,
                 "tag": meta["tag"],
                 "prompt": meta["prompt"],
-                "correct": -1 if correct == -1 else bool(correct),
+                "correct": -1 if correct == -1 else bool(correct),  # -1: judge gave up
                 "reason": reason,
-            }  # -1: judge gave up
+            }
             f.write(json.dumps(row) + "\n")
             results.append(row)
     summary = summarize(results) | {"scorer": args.scorer}
@@ -911,8 +905,9 @@ def cmd_score(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    """compare: per-tag accuracies of a base and one or more trained runs; with results.jsonl beside every
-    summary (score's output folders), the mean ± std across runs and a 95% bootstrap interval over prompts."""
+    """compare: per-tag accuracies of a base and one or more trained runs; with results.jsonl
+    beside every summary (score's output folders), the mean ± std across runs and a 95% bootstrap
+    interval over prompts."""
     prompt_acc = [load_prompt_accuracy(p) for p in [args.base] + args.runs]
     if all(a is not None for a in prompt_acc):
         print(compare_runs_table(prompt_acc[0], prompt_acc[1:], args.bootstrap, args.seed))
@@ -978,7 +973,8 @@ def add_load_flags(q, model_default: str = "tiny-random") -> None:
         "--seed",
         type=int,
         default=0,
-        help="seed of the sampling noise (same seed -> same noise for any model) and of 'tiny-random'",
+        help="seed of the sampling noise (same seed -> same noise for any model) "
+        "and of 'tiny-random'",
     )
     q.add_argument(
         "--dtype",
@@ -1047,7 +1043,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["geneval", "shapes", "vlm"],
         default="geneval",
         help="geneval: Mask2Former + CLIP rules (GenEval++ region/size via a rule-based proxy); "
-        "shapes: the synthetic-shapes oracle shapes.oracle; vlm: a VLM judge (GenEval++ as in the paper)",
+        "shapes: the synthetic-shapes oracle shapes.oracle; "
+        "vlm: a VLM judge (GenEval++ as in the paper)",
     )
     s.add_argument(
         "--judge",
@@ -1078,7 +1075,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--exclude",
         nargs="*",
         default=[],
-        help="GenEval-format metadata .jsonl files whose prompts must not be generated (case-insensitive)",
+        help="GenEval-format metadata .jsonl files whose prompts must not be generated "
+        "(case-insensitive)",
     )
     g.add_argument(
         "--out", default="prompts/geneval_train", help="output path prefix (.txt and .jsonl)"

@@ -1,40 +1,49 @@
 """
-Adapters: real unified multimodal models behind the small interface that gvu.py drives (gvu.UMM; TinyUMM
-is its reference implementation), and `load_umm`, which picks the class for --model and keeps the
-trust-remote-code policy: X-Omni's code runs only when asked for.
+Adapters: real unified multimodal models behind the small interface that gvu.py drives (gvu.UMM;
+TinyUMM is its reference implementation), and `load_umm`, which picks the class for --model and
+keeps the trust-remote-code policy: X-Omni's code runs only when asked for.
 
-JanusPro wraps transformers' native `JanusForConditionalGeneration` (deepseek-community/Janus-Pro-1B,
--7B). Janus keeps generation and understanding apart around one Llama:
+JanusPro wraps transformers' native `JanusForConditionalGeneration`
+(deepseek-community/Janus-Pro-1B, -7B). Janus keeps generation and understanding apart around one
+Llama:
 
-    T2I:  "<|User|>: {prompt}\\n\\n<|Assistant|>:<begin_of_image>" -> Llama -> generation_head -> VQ code k
-          code k -> generation_embeddings -> generation_aligner -> next Llama input   (24 x 24 codes)
+    T2I:  "<|User|>: {prompt}\\n\\n<|Assistant|>:<begin_of_image>" -> Llama -> generation_head
+              -> VQ code k
+          code k -> generation_embeddings -> generation_aligner -> next Llama input
+              (24 x 24 codes)
           codes -> VQ-VAE decoder -> 384 px image
-    I2T:  image -> SigLIP normalisation -> vision_model -> aligner -> the 576 <image_placeholder> slots
-          -> Llama -> lm_head -> text
+    I2T:  image -> SigLIP normalisation -> vision_model -> aligner -> the 576 <image_placeholder>
+              slots -> Llama -> lm_head -> text
 
-gvu.py sees one id space: text ids [0, V) from the tokenizer, and image code k as id `image_offset + k`
-with `image_offset = V` (the text vocabulary size; such ids never reach the text embedding table).
-`hidden_states` routes each id to its embedding path; `logits` reads the generation head in image mode
-and the text head in text mode.
+gvu.py sees one id space: text ids [0, V) from the tokenizer, and image code k as id
+`image_offset + k` with `image_offset = V` (the text vocabulary size; such ids never reach the text
+embedding table). `hidden_states` routes each id to its embedding path; `logits` reads the
+generation head in image mode and the text head in text mode.
 
 CFG: Janus samples with classifier-free guidance 5 (its own `generate` and the official code; pass
-`--cfg-scale 5`). Its unconditional branch is the conditional prompt with every token between BOS and
-<begin_of_image> replaced by the pad token, same length, all attended (`uncond_prompt`). gvu samples
-from the guided distribution but computes the ratio and the KL with the conditional policy only
-(T2I-R1's convention), so CFG only shapes which codes are sampled.
+`--cfg-scale 5`). Its unconditional branch is the conditional prompt with every token between BOS
+and <begin_of_image> replaced by the pad token, same length, all attended (`uncond_prompt`). gvu
+samples from the guided distribution but computes the ratio and the KL with the conditional policy
+only (T2I-R1's convention), so CFG only shapes which codes are sampled.
 
     umm = JanusPro.from_pretrained("deepseek-community/Janus-Pro-1B", device="cuda")
 
-XOmni wraps X-Omni's own remote code (X-Omni/X-Omni-En on the hub: configuration_xomni.py, modeling_xomni.py,
-modeling_siglip_tokenizer.py, modeling_siglip_flux.py), loaded with trust_remote_code. One Qwen2.5-7B with two
-embedding tables and two heads; the image codes are ordinary ids `config.vocab_size + k`, printed <MM-Token-k>:
+XOmni wraps X-Omni's own remote code (X-Omni/X-Omni-En on the hub: configuration_xomni.py,
+modeling_xomni.py, modeling_siglip_tokenizer.py, modeling_siglip_flux.py), loaded with
+trust_remote_code. One Qwen2.5-7B with two embedding tables and two heads; the image codes are
+ordinary ids `config.vocab_size + k`, printed <MM-Token-k>:
 
-    T2I:  "{prompt}<SOM>{h} {w}<IMAGE>" -> LM -> mm_head rows [0, K) -> code k -> id vocab_size + k -> next input
-          codes -> SigLIP-VQ codebook -> FLUX.1-dev-based decoder (FluxPipelineWithSigLIP) -> h*16 x w*16 px
-    I2T:  image -> tokenize_image: "<SOM>{H} {W}<IMAGE><MM-Token-k>...<EOM>" -> Qwen chat template -> lm_head
+    T2I:  "{prompt}<SOM>{h} {w}<IMAGE>" -> LM -> mm_head rows [0, K) -> code k
+              -> id vocab_size + k -> next input
+          codes -> SigLIP-VQ codebook -> FLUX.1-dev-based decoder (FluxPipelineWithSigLIP)
+              -> h*16 x w*16 px
+    I2T:  image -> tokenize_image: "<SOM>{H} {W}<IMAGE><MM-Token-k>...<EOM>"
+              -> Qwen chat template -> lm_head
 
-    umm = XOmni.from_pretrained("X-Omni/X-Omni-En", flux="black-forest-labs/FLUX.1-dev", trust_remote_code=True,
-                                device="cuda")
+    umm = XOmni.from_pretrained(
+        "X-Omni/X-Omni-En", flux="black-forest-labs/FLUX.1-dev", trust_remote_code=True,
+        device="cuda"
+    )
 """
 
 import inspect
@@ -48,14 +57,11 @@ from PIL import Image
 
 from models.tiny_umm import TinyUMM
 
-USER, ASSISTANT = (
-    "<|User|>",
-    "<|Assistant|>",
-)  # Janus's "deepseek" chat roles (sep "\n\n", sep2 EOS)
+# Janus's "deepseek" chat roles (sep "\n\n", sep2 EOS)
+USER, ASSISTANT = "<|User|>", "<|Assistant|>"
 PAD_TOKEN = "<｜▁pad▁｜>"  # Janus's pad token, used when a tokenizer names none
-JANUS_TRANSFORMERS = (
-    "5"  # the adapter reads get_image_features(...).pooler_output: transformers 5's return type
-)
+# the adapter reads get_image_features(...).pooler_output: transformers 5's return type
+JANUS_TRANSFORMERS = "5"
 
 
 def require_transformers(version, who):
@@ -65,12 +71,14 @@ def require_transformers(version, who):
 
     if Version(transformers.__version__) < Version(version):
         raise InputError(
-            f"{who} needs transformers >= {version}; this environment has {transformers.__version__}"
+            f"{who} needs transformers >= {version}; "
+            f"this environment has {transformers.__version__}"
         )
 
 
 def janus_image_processor_class():
-    """Janus's image processor without torchvision: its own module in transformers 5, the plain class in 4.x."""
+    """Janus's image processor without torchvision: its own module in transformers 5, the plain
+    class in 4.x."""
     try:
         from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
 
@@ -82,7 +90,8 @@ def janus_image_processor_class():
 
 
 def is_model_type(name_or_path, model_type):
-    """A folder whose config.json says `model_type` (read as JSON: no code runs), or a hub id that names it."""
+    """A folder whose config.json says `model_type` (read as JSON: no code runs), or a hub id
+    that names it."""
     cfg = os.path.join(name_or_path, "config.json")
     if os.path.isfile(cfg):
         with open(cfg) as f:
@@ -97,7 +106,7 @@ class ImagesRequired(ValueError):
 class JanusPro:
     """gvu's UMM API over `JanusForConditionalGeneration` + its tokenizer and image processor."""
 
-    # LoRA on the language model's linear layers only: the SigLIP tower also has q_proj/k_proj/v_proj
+    # LoRA on the LM's linear layers only: the SigLIP tower also has q_proj/k_proj/v_proj
     lora_targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
     def __init__(
@@ -108,11 +117,12 @@ class JanusPro:
         system_prompt=None,
         decode_batch=16,
     ):
-        """model: JanusForConditionalGeneration. processor_or_tokenizer: a JanusProcessor (its tokenizer and
-        image processor are used) or a tokenizer, then `image_processor` (default: Janus's SigLIP
-        normalisation, mean = std = 0.5, at the vision tower's size). system_prompt: text before the
-        understanding turn, verbatim; None = the processor's choice (the converted Janus-Pro processors set
-        use_default_system_prompt, as the official VLChatProcessor does for understanding), else ""."""
+        """model: JanusForConditionalGeneration. processor_or_tokenizer: a JanusProcessor (its
+        tokenizer and image processor are used) or a tokenizer, then `image_processor` (default:
+        Janus's SigLIP normalisation, mean = std = 0.5, at the vision tower's size). system_prompt:
+        text before the understanding turn, verbatim; None = the processor's choice (the converted
+        Janus-Pro processors set use_default_system_prompt, as the official VLChatProcessor does for
+        understanding), else ""."""
         require_transformers(JANUS_TRANSFORMERS, "the Janus-Pro adapter")
         proc = processor_or_tokenizer
         if hasattr(proc, "image_processor") and hasattr(proc, "tokenizer"):
@@ -136,7 +146,8 @@ class JanusPro:
         self.system_prompt, self.decode_batch = system_prompt, decode_batch
         if tokenizer.pad_token is None:
             tokenizer.pad_token = PAD_TOKEN
-        # CFG's unconditional rows use generate's pad (<｜▁pad▁｜> in the converted checkpoints' generation config)
+        # CFG's unconditional rows use generate's pad (<｜▁pad▁｜> in the converted checkpoints'
+        # generation config)
         gen_pad = getattr(model.generation_config, "pad_token_id", None)
         self.cfg_pad_token = (
             tokenizer.convert_ids_to_tokens(gen_pad) if gen_pad is not None else tokenizer.pad_token
@@ -157,8 +168,8 @@ class JanusPro:
         assert tokenizer.convert_tokens_to_ids(self.image_token) == self.image_token_id, (
             "config.image_token_id"
         )
-        # the tokenizer adds BOS itself (gvu's rollout relies on it); caption contexts are tokenised without
-        # special tokens, so they spell BOS out
+        # the tokenizer adds BOS itself (gvu's rollout relies on it); caption contexts are tokenised
+        # without special tokens, so they spell BOS out
         self.bos = tokenizer.bos_token
         self.adds_bos = tokenizer("a").input_ids[0] == tokenizer.bos_token_id
 
@@ -168,31 +179,28 @@ class JanusPro:
         )
         self.image_vocab_size = model.config.vq_config.num_embeddings  # K (16384)
         self.grid = tuple(model.model.vqmodel.quantize.quant_state_dims)  # (24, 24)
-        levels = len(
-            model.config.vq_config.channel_multiplier
-        )  # the VQ decoder doubles the size at each level but one
-        self.image_size = self.grid[0] * 2 ** (
-            levels - 1
-        )  # its only output size: 24 * 16 = 384 px for Janus-Pro
-        self.num_image_tokens = (
-            model.model.vision_model.embeddings.num_patches
-        )  # 576 understanding slots
+        # the VQ decoder doubles the size at each level but one
+        levels = len(model.config.vq_config.channel_multiplier)
+        # its only output size: 24 * 16 = 384 px for Janus-Pro
+        self.image_size = self.grid[0] * 2 ** (levels - 1)
+        # 576 understanding slots
+        self.num_image_tokens = model.model.vision_model.embeddings.num_patches
         if hasattr(proc, "num_image_tokens"):
             assert proc.num_image_tokens == self.num_image_tokens, (
                 "processor and vision tower disagree"
             )
         self.generation_mode = "text"
         params = inspect.signature(model.model.language_model.forward).parameters
-        self._cache_kw = (
-            "cache" if "cache" in params else "past_key_values"
-        )  # transformers 5.x : 4.x
+        # transformers 5.x : 4.x
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         model.model.vqmodel.requires_grad_(False).eval()  # frozen: GvU trains LoRA on the LM only
 
     # --- construction --------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, name_or_path, device="cpu", dtype=None, **kwargs):
         """Load a transformers-format Janus(-Pro) checkpoint (hub id or folder) and its processor.
-        dtype: None keeps float32 weights (gvu adds bf16 autocast on CUDA); torch.bfloat16 halves memory."""
+        dtype: None keeps float32 weights (gvu adds bf16 autocast on CUDA); torch.bfloat16 halves
+        the memory."""
         require_transformers(JANUS_TRANSFORMERS, "the Janus-Pro adapter")
         from transformers import JanusForConditionalGeneration, JanusProcessor
 
@@ -217,7 +225,8 @@ class JanusPro:
         self.generation_mode = mode
 
     def _t2i_chat(self, prompt):
-        """Janus's T2I prompt (official code: sft template, system prompt "", then <begin_of_image>)."""
+        """Janus's T2I prompt, as its official code: the sft template, system prompt "", then
+        <begin_of_image>."""
         bos = "" if self.adds_bos else self.bos
         return f"{bos}{USER}: {prompt}\n\n{ASSISTANT}:{self.boi_token}"
 
@@ -227,29 +236,30 @@ class JanusPro:
         return self._t2i_chat(prompt) if prompt else self.uncond_prompt("")
 
     def uncond_prompt(self, prompt):
-        """Janus's CFG unconditional prompt for `prompt`: same length as t2i_prompt(prompt), every token
-        between BOS and <begin_of_image> replaced by generate's pad token (attended, as in Janus's generate)."""
+        """Janus's CFG unconditional prompt for `prompt`: same length as t2i_prompt(prompt), every
+        token between BOS and <begin_of_image> replaced by generate's pad token (attended, as in
+        Janus's generate)."""
         ids = self.tokenizer(self._t2i_chat(prompt), add_special_tokens=False).input_ids
         n = len(ids) - 1 - (0 if self.adds_bos else 1)  # minus BOI (and a spelled-out BOS)
         return ("" if self.adds_bos else self.bos) + self.cfg_pad_token * n + self.boi_token
 
     def caption_prompt(self, image, instruction):
-        """Understanding context, tokenised without special tokens: BOS, the system prompt, the user turn
-        with the image (BOI, num_image_tokens placeholders, EOI) and the instruction, then the assistant
-        turn: what JanusProcessor makes of the chat template's text. The image's pixels enter through
-        hidden_states(..., images=...)."""
+        """Understanding context, tokenised without special tokens: BOS, the system prompt, the
+        user turn with the image (BOI, num_image_tokens placeholders, EOI) and the instruction, then
+        the assistant turn: what JanusProcessor makes of the chat template's text. The image's
+        pixels enter through hidden_states(..., images=...)."""
         img = self.boi_token + self.image_token * self.num_image_tokens + self.eoi_token
         return f"{self.bos}{self.system_prompt}{USER}: {img}\n{instruction}\n\n{ASSISTANT}:"
 
     def caption_prompts(self, images, instruction):
-        """caption_prompt for a batch: the text does not depend on the image (pixels enter in hidden_states)."""
+        """caption_prompt per image: the same text for each (the pixels enter in hidden_states)."""
         return [self.caption_prompt(im, instruction) for im in images]
 
-    understands_codes = False  # understanding reads SigLIP features of pixels, not VQ codes: no --reward-input codes
+    # understanding reads SigLIP features of pixels, not VQ codes: no --reward-input codes
+    understands_codes = False
 
-    answer_prefix = (
-        " "  # the chat template writes "<|Assistant|>: {answer}" (byte-level BPE: "Ġword")
-    )
+    # the chat template writes "<|Assistant|>: {answer}" (byte-level BPE: "Ġword")
+    answer_prefix = " "
 
     @property
     def answer_suffix(self):
@@ -261,17 +271,17 @@ class JanusPro:
 
     # --- the LM ---------------------------------------------------------------------------------
     def image_pixel_values(self, images):
-        """list of PIL -> (N, 3, S, S): Janus's image processor (resize, pad to square, SigLIP norm)."""
-        pv = self.image_processor([im.convert("RGB") for im in images], return_tensors="pt")[
-            "pixel_values"
-        ]
+        """list of PIL -> (N, 3, S, S) through Janus's image processor: resize, pad to square,
+        SigLIP normalisation."""
+        rgb = [im.convert("RGB") for im in images]
+        pv = self.image_processor(rgb, return_tensors="pt")["pixel_values"]
         return pv.to(
             self.lm.device, self.lm.model.vision_model.embeddings.patch_embedding.weight.dtype
         )
 
     def embed(self, input_ids, images=None):
-        """Input embeddings (B, T, D): text ids -> text table; ids >= image_offset -> generation path;
-        <image_placeholder> slots of row i -> understanding features of images[i]."""
+        """Input embeddings (B, T, D): text ids -> text table; ids >= image_offset -> generation
+        path; <image_placeholder> slots of row i -> understanding features of images[i]."""
         janus = self.lm.model
         is_code = input_ids >= self.image_offset
         embeds = janus.language_model.get_input_embeddings()(input_ids.masked_fill(is_code, 0))
@@ -292,9 +302,8 @@ class JanusPro:
             assert (per_row == self.num_image_tokens).all(), (
                 f"placeholders per row {per_row.tolist()}"
             )
-            feats = janus.get_image_features(
-                self.image_pixel_values(images)
-            ).pooler_output  # (B, 576, D)
+            pixels = self.image_pixel_values(images)
+            feats = janus.get_image_features(pixels).pooler_output  # (B, 576, D)
             embeds = embeds.masked_scatter(slots[..., None], feats.to(embeds.dtype))
         return embeds
 
@@ -311,16 +320,17 @@ class JanusPro:
         return out.last_hidden_state
 
     def logits(self, hidden):
-        """Image mode: the generation head over the K VQ codes. Text mode: lm_head over text ids [0, V)."""
+        """Image mode: the generation head over the K VQ codes. Text mode: lm_head over the text
+        ids [0, V)."""
         if self.generation_mode == "image":
             return self.lm.model.generation_head(hidden)
         return self.lm.lm_head(hidden)
 
     @torch.no_grad()
     def decode_images(self, codes, generator=None, prompts=None):
-        """codes (N, h*w) in [0, K) -> N PIL images via the VQ-VAE decoder, in batches. Deterministic:
-        `generator` and `prompts` are accepted for API parity and unused (the VQ decoder reads no text).
-        Pixels as in Janus: clip((x + 1) / 2 * 255)."""
+        """codes (N, h*w) in [0, K) -> N PIL images via the VQ-VAE decoder, in batches.
+        Deterministic: `generator` and `prompts` are accepted for API parity and unused (the VQ
+        decoder reads no text). Pixels as in Janus: clip((x + 1) / 2 * 255)."""
         images = []
         for chunk in codes.to(self.lm.device).split(self.decode_batch):
             x = self.lm.decode_image_tokens(chunk).float()  # (n, H, W, 3) in about [-1, 1]
@@ -329,19 +339,23 @@ class JanusPro:
         return images
 
 
-# -------------------------------------------------------------------------------------------------------
-# X-Omni: remote code. The names used below come from X-Omni/X-Omni-En's modeling_xomni.py (XOmniForCausalLM,
-# XOmniModel and their init_vision, set_generation_mode, tokenize_image, mmdecode, detokenize_image, forward),
-# configuration_xomni.py (XOmniConfig) and modeling_siglip_tokenizer.py (SiglipTokenizer.decode), and from the
-# GitHub repo X-Omni-Team/X-Omni's generate.py and chat.py. modeling_siglip_flux.py (the decoder pipeline) was read
-# in the copy GvU's official repo (matrix0721/GvU, omni_r1/models/) ships: FluxPipelineWithSigLIP subclasses diffusers'
-# FluxPipeline; its __call__ takes the *_prompt_embeds and generator arguments (_prepare_decoder_text checks them
-# when the model loads) and encodes text with FluxPipeline.encode_prompt, as _encode_decoder_text does.
+# --------------------------------------------------------------------------------------------------
+# X-Omni: remote code. The names used below come from X-Omni/X-Omni-En's modeling_xomni.py
+# (XOmniForCausalLM, XOmniModel and their init_vision, set_generation_mode, tokenize_image,
+# mmdecode, detokenize_image, forward), configuration_xomni.py (XOmniConfig) and
+# modeling_siglip_tokenizer.py (SiglipTokenizer.decode), and from the GitHub repo
+# X-Omni-Team/X-Omni's generate.py and chat.py.
+# modeling_siglip_flux.py (the decoder pipeline) was read in the copy GvU's official repo
+# (matrix0721/GvU, omni_r1/models/) ships: FluxPipelineWithSigLIP subclasses diffusers'
+# FluxPipeline; its __call__ takes the *_prompt_embeds and generator arguments
+# (_prepare_decoder_text checks them when the model loads) and encodes text with
+# FluxPipeline.encode_prompt, as _encode_decoder_text does.
 END_OF_TURN = "<|im_end|>"  # Qwen's end of turn; chat.py stops generation at it
 
 
 def dtype_kwarg():
-    """from_pretrained's dtype keyword: `dtype` from transformers 4.56, `torch_dtype` before (X-Omni's 4.52)."""
+    """from_pretrained's dtype keyword: `dtype` from transformers 4.56, `torch_dtype` before
+    (X-Omni's 4.52)."""
     import transformers
     from packaging.version import Version
 
@@ -349,8 +363,8 @@ def dtype_kwarg():
 
 
 def chat_answer_affixes(tokenizer, end_of_turn=END_OF_TURN):
-    """(what the chat template writes between the assistant header and an answer, the token that ends it),
-    read off the template itself rather than assumed."""
+    """(what the chat template writes between the assistant header and an answer, the token that
+    ends it), read off the template itself rather than assumed."""
     user = [{"role": "user", "content": "?"}]
     head = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
     full = tokenizer.apply_chat_template(
@@ -369,30 +383,31 @@ def chat_answer_affixes(tokenizer, end_of_turn=END_OF_TURN):
 class XOmni:
     """gvu's UMM API over X-Omni's `XOmniForCausalLM` (after `init_vision`) and its tokenizer.
 
-    The remote model keeps two of everything around one Qwen2.5 stack: `model.lm_embed_tokens` / `mm_embed_tokens`
-    (ids >= config.vocab_size are image codes), `model.lm_norm` / `mm_norm`, `lm_head` / `mm_head`; the first
-    num_mm_adap_layers and last num_mm_head_layers decoder layers update image positions only. Its `forward`
-    builds fp32 logits over all ~168k ids (text and image vocabularies, the other mode's rows at dtype min) at every
-    position; gvu never calls it: `hidden_states` runs `model.model` (normed final states) and `logits` applies the
-    current mode's head rows only: the same numbers (tested against a stand-in's own forward).
+    The remote model keeps two of everything around one Qwen2.5 stack: `model.lm_embed_tokens` /
+    `mm_embed_tokens` (ids >= config.vocab_size are image codes), `model.lm_norm` / `mm_norm`,
+    `lm_head` / `mm_head`; the first num_mm_adap_layers and last num_mm_head_layers decoder layers
+    update image positions only. Its `forward` builds fp32 logits over all ~168k ids (text and image
+    vocabularies, the other mode's rows at dtype min) at every position; gvu never calls it:
+    `hidden_states` runs `model.model` (normed final states) and `logits` applies the current
+    mode's head rows only: the same numbers (tested against a stand-in's own forward).
 
-    Departure: X-Omni's `detokenize_image` gives FLUX the prompt text too ('' as the negative prompt); here the
-    decoder's text condition is the empty prompt for every image. GvU trains the autoregressive policy, and a
-    decoder that also reads the prompt could repair an image whose codes got it wrong, rewarding the policy for
-    the decoder's work."""
+    Departure: X-Omni's `detokenize_image` gives FLUX the prompt text too ('' as the negative
+    prompt); here the decoder's text condition is the empty prompt for every image. GvU trains the
+    autoregressive policy, and a decoder that also reads the prompt could repair an image whose
+    codes got it wrong, rewarding the policy for the decoder's work."""
 
-    # LoRA on the LM's linear layers only: image_tokenizer (the SigLIP ViT) is a submodule of the same model
+    # LoRA on the LM's linear layers only: image_tokenizer (the SigLIP ViT) is a submodule too
     lora_targets = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
     patch = 16  # generate.py's --downsample-size: one image code per 16 x 16 pixels
-    default_image_size = (
-        512  # 32 x 32 codes; generate.py's default is 1152 (72 x 72); GvU's official runs use 576
-    )
+    # 32 x 32 codes; generate.py's default is 1152 (72 x 72); GvU's official runs use 576
+    default_image_size = 512
 
     def __init__(self, model, tokenizer, image_size=None, decode_batch=8, decoder_text="none"):
-        """model: XOmniForCausalLM on which init_vision has run. image_size: the square size to generate, in
-        pixels, a multiple of 16 (None: default_image_size). decode_batch: images per decoder call (a memory knob).
-        decoder_text: the FLUX decoder's text condition, "none" (the empty prompt) or "prompt" (each image's T2I
-        prompt, as X-Omni's mmdecode and GvU's official code do); see decode_images."""
+        """model: XOmniForCausalLM on which init_vision has run. image_size: the square size to
+        generate, in pixels, a multiple of 16 (None: default_image_size). decode_batch: images per
+        decoder call (a memory knob). decoder_text: the FLUX decoder's text condition, "none" (the
+        empty prompt) or "prompt" (each image's T2I prompt, as X-Omni's mmdecode and GvU's official
+        code do); see decode_images."""
         image_size = image_size or self.default_image_size
         assert image_size % self.patch == 0 and decoder_text in ("none", "prompt"), (
             image_size,
@@ -402,16 +417,13 @@ class XOmni:
         cfg = model.config
         self.lm, self.tokenizer, self.decode_batch = model, tokenizer, decode_batch
         self.som, self.eom, self.img = cfg.mm_special_tokens[:3]  # '<SOM>', '<EOM>', '<IMAGE>'
-        self.image_offset = (
-            cfg.vocab_size
-        )  # XOmniModel.embed_tokens: id >= vocab_size is code id - vocab_size
-        self.image_vocab_size = (
-            cfg.image_vocab_size
-        )  # K; forward's image logits are mm_head rows [0, K)
+        # XOmniModel.embed_tokens: id >= vocab_size is code id - vocab_size
+        self.image_offset = cfg.vocab_size
+        # K; forward's image logits are mm_head rows [0, K)
+        self.image_vocab_size = cfg.image_vocab_size
         self.grid = (image_size // self.patch,) * 2  # (h, w) codes, generate.py's token_h, token_w
-        ends = [
-            f"<MM-Token-{k}>" for k in (0, self.image_vocab_size - 1)
-        ]  # mmdecode parses codes from these
+        # mmdecode parses codes from these
+        ends = [f"<MM-Token-{k}>" for k in (0, self.image_vocab_size - 1)]
         got = tokenizer.convert_tokens_to_ids(ends)
         assert got == [self.image_offset, self.image_offset + self.image_vocab_size - 1], (
             f"{ends} are ids {got}"
@@ -423,12 +435,10 @@ class XOmni:
         self.answer_prefix, self.answer_suffix = chat_answer_affixes(tokenizer)
         self.generation_mode = "text"
         params = inspect.signature(model.model.forward).parameters
-        self._cache_kw = (
-            "cache" if "cache" in params else "past_key_values"
-        )  # transformers 5.x : 4.x
-        model.model.has_sliding_layers = (
-            False  # XOmniModel skips Qwen2Model.__init__; X-Omni's forward sets it too
-        )
+        # transformers 5.x : 4.x
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        # XOmniModel skips Qwen2Model.__init__; X-Omni's forward sets it too
+        model.model.has_sliding_layers = False
         model.image_tokenizer.requires_grad_(False).eval()  # frozen: GvU trains LoRA on the LM only
         self._empty_text = self._prepare_decoder_text()  # (1, L, D), (1, D'): the embeddings of ""
         model.decoder_pipe.to(model.device)
@@ -438,17 +448,18 @@ class XOmni:
     def from_pretrained(
         cls, name_or_path, flux, trust_remote_code=False, device="cpu", dtype=None, **kwargs
     ):
-        """Load as X-Omni's generate.py and chat.py do: the fast tokenizer, AutoModelForCausalLM with the
-        repository's own code, moved to `device`, then `init_vision(flux)` (SigLIP-VQ tokenizer + the FLUX.1-dev
-        based decoder). trust_remote_code reaches transformers as given (False: transformers refuses).
-        dtype: None = bfloat16 on CUDA (X-Omni's), else float32."""
+        """Load as X-Omni's generate.py and chat.py do: the fast tokenizer, AutoModelForCausalLM
+        with the repository's own code, moved to `device`, then `init_vision(flux)` (SigLIP-VQ
+        tokenizer + the FLUX.1-dev based decoder). trust_remote_code reaches transformers as given
+        (False: transformers refuses). dtype: None = bfloat16 on CUDA (X-Omni's), else float32."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, trust_remote_code=trust_remote_code, **{dtype_kwarg(): dtype}
         )
-        # the flag reaches the tokenizer too: transformers 5 would otherwise ask on stdin about the config's auto_map
+        # the flag reaches the tokenizer too: transformers 5 would otherwise ask on stdin about the
+        # config's auto_map
         tokenizer = AutoTokenizer.from_pretrained(
             name_or_path, use_fast=True, trust_remote_code=trust_remote_code
         )
@@ -458,23 +469,24 @@ class XOmni:
 
     @staticmethod
     def is_xomni(name_or_path):
-        """A folder whose config.json says model_type "x-omni" (read as JSON: no code runs), or a hub id naming X-Omni."""
+        """A folder whose config.json says model_type "x-omni" (read as JSON: no code runs), or a
+        hub id naming X-Omni."""
         return is_model_type(name_or_path, "x-omni")
 
     def to(self, device):
         self.lm.to(device)  # the image tokenizer is a submodule of lm
-        self.lm.decoder_pipe.to(
-            device
-        )  # a diffusers pipeline (without its text encoders with decoder_text "none")
+        # a diffusers pipeline (without its text encoders with decoder_text "none")
+        self.lm.decoder_pipe.to(device)
         return self
 
     @torch.no_grad()
     def _prepare_decoder_text(self):
-        """The FLUX decoder's text side. X-Omni's detokenize_image passes the text before <SOM> (the T2I prompt)
-        as the prompt and '' as the negative prompt. Returns the embeddings of '' (CLIP + T5, encoded once); with
-        decoder_text "none" both encoders and their tokenizers are then dropped (~10 GB): the decoder is still
-        conditioned on the SigLIP-VQ features of the codes, just not on text. With "prompt" they stay, and
-        decode_images encodes each batch's prompts."""
+        """The FLUX decoder's text side. X-Omni's detokenize_image passes the text before <SOM>
+        (the T2I prompt) as the prompt and '' as the negative prompt. Returns the embeddings of ''
+        (CLIP + T5, encoded once); with decoder_text "none" both encoders and their tokenizers are
+        then dropped (~10 GB): the decoder is still conditioned on the SigLIP-VQ features of the
+        codes, just not on text. With "prompt" they stay, and decode_images encodes each batch's
+        prompts."""
         pipe = self.lm.decoder_pipe
         want = {
             "prompt_embeds",
@@ -502,7 +514,7 @@ class XOmni:
         return empty
 
     def _encode_decoder_text(self, texts):
-        """FLUX's CLIP + T5 embeddings of `texts`: (n, L, D), (n, D'), as the pipeline itself makes them."""
+        """FLUX's CLIP + T5 embeddings of `texts`, (n, L, D) and (n, D'), made by the pipeline."""
         embeds, pooled, _ = self.lm.decoder_pipe.encode_prompt(
             prompt=texts, prompt_2=texts, device=self.lm.device
         )
@@ -515,7 +527,8 @@ class XOmni:
         self.lm.set_generation_mode(mode)  # keep the remote model's own state in step
 
     def t2i_prompt(self, prompt):
-        """generate.py's input: the raw prompt (no chat template) then the image prefix '<SOM>{h} {w}<IMAGE>'."""
+        """generate.py's input: the raw prompt (no chat template) then the image prefix
+        '<SOM>{h} {w}<IMAGE>'."""
         h, w = self.grid
         return f"{prompt}{self.som}{h} {w}{self.img}"
 
@@ -524,30 +537,33 @@ class XOmni:
         return self.t2i_prompt("")
 
     def tokenize_image(self, image):
-        """X-Omni's own tokenize_image: anyres resize, SigLIP-VQ -> '<SOM>{H} {W}<IMAGE><MM-Token-k>...<EOM>'."""
-        self.lm.image_tokenizer.eval()  # lm.train() reaches this submodule; its codes must not depend on that
+        """X-Omni's own tokenize_image: anyres resize, SigLIP-VQ
+        -> '<SOM>{H} {W}<IMAGE><MM-Token-k>...<EOM>'."""
+        # lm.train() reaches this submodule; its codes must not depend on that
+        self.lm.image_tokenizer.eval()
         return self.lm.tokenize_image(image)
 
     def caption_prompt(self, image, instruction):
-        """chat.py's understanding context: one user turn '{image string}\\n{instruction}' through the chat
-        template, with the assistant header (tokenised without special tokens: Qwen adds none)."""
+        """chat.py's understanding context: one user turn '{image string}\\n{instruction}' through
+        the chat template, with the assistant header (tokenised without special tokens: Qwen adds
+        none)."""
         msgs = [{"role": "user", "content": self.tokenize_image(image) + "\n" + instruction}]
         return self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
     @torch.no_grad()
     def caption_prompts(self, images, instruction):
-        """caption_prompt for a batch. Images of one size (decode_images' are) go through the SigLIP-VQ tokenizer
-        in ONE call, with the steps of X-Omni's tokenize_image (image_transform, then image_tokenizer.encode on a
-        batch of one); other sizes, one call each. `images` may also be codes (N, h*w) already: X-Omni's
-        generated codes and understanding codes share one SigLIP-VQ vocabulary (--reward-input codes)."""
+        """caption_prompt for a batch. Images of one size (decode_images' are) go through the
+        SigLIP-VQ tokenizer in ONE call, with the steps of X-Omni's tokenize_image (image_transform,
+        then image_tokenizer.encode on a batch of one); other sizes, one call each. `images` may
+        also be codes (N, h*w) already: X-Omni's generated codes and understanding codes share one
+        SigLIP-VQ vocabulary (--reward-input codes)."""
         if torch.is_tensor(images):
             texts = [self.codes_text(c, self.grid) for c in images]
         elif len({im.size for im in images}) == 1:
             self.lm.image_tokenizer.eval()
             x = torch.stack([self.lm.image_transform(im) for im in images])  # (N, 3, H, W)
-            codes = self.lm.image_tokenizer.encode(
-                x.to(self.lm.device, self.lm.vision_dtype)
-            )  # (N, h, w)
+            x = x.to(self.lm.device, self.lm.vision_dtype)
+            codes = self.lm.image_tokenizer.encode(x)  # (N, h, w)
             texts = [self.codes_text(c.reshape(-1), c.shape) for c in codes]
         else:
             texts = [self.tokenize_image(im) for im in images]
@@ -555,7 +571,8 @@ class XOmni:
         return self.tokenizer.apply_chat_template(chats, add_generation_prompt=True, tokenize=False)
 
     def codes_text(self, codes, shape):
-        """One image's codes (h*w,) on an (h, w) grid -> tokenize_image's '<SOM>{h} {w}<IMAGE><MM-Token-k>...<EOM>'."""
+        """One image's codes (h*w,) on an (h, w) grid -> tokenize_image's
+        '<SOM>{h} {w}<IMAGE><MM-Token-k>...<EOM>'."""
         body = "".join(f"<MM-Token-{k}>" for k in codes.tolist())
         return f"{self.som}{shape[0]} {shape[1]}{self.img}{body}{self.eom}"
 
@@ -566,9 +583,9 @@ class XOmni:
 
     # --- the LM ---------------------------------------------------------------------------------
     def hidden_states(self, input_ids, attention_mask, position_ids=None, cache=None, images=None):
-        """Final hidden states (B, T, D) of XOmniModel: lm_norm at text positions, mm_norm at image codes (the
-        remote `norm`). `cache` (a DynamicCache) is updated in place. `images` is unused: X-Omni reads images as
-        codes in the text (caption_prompt)."""
+        """Final hidden states (B, T, D) of XOmniModel: lm_norm at text positions, mm_norm at
+        image codes (the remote `norm`). `cache` (a DynamicCache) is updated in place. `images` is
+        unused: X-Omni reads images as codes in the text (caption_prompt)."""
         out = self.lm.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -579,18 +596,20 @@ class XOmni:
         return out.last_hidden_state
 
     def logits(self, hidden):
-        """Image mode: mm_head rows [0, K), the codes (X-Omni's forward puts them at ids vocab_size + k). Text
-        mode: lm_head over the text ids [0, vocab_size). LoRA never touches the heads, so slicing is exact."""
+        """Image mode: mm_head rows [0, K), the codes (X-Omni's forward puts them at ids
+        vocab_size + k). Text mode: lm_head over the text ids [0, vocab_size). LoRA never touches
+        the heads, so slicing is exact."""
         if self.generation_mode == "image":
             return F.linear(hidden, self.lm.mm_head.weight[: self.image_vocab_size])
         return self.lm.lm_head(hidden)
 
     @torch.no_grad()
     def decode_images(self, codes, generator=None, prompts=None):
-        """codes (N, h*w) in [0, K) -> N PIL images of h*16 x w*16 px, `decode_batch` per decoder call (X-Omni's
-        detokenize_image decodes one): SigLIP-VQ codebook -> features (n, h*w, C) -> the FLUX-based decoder with
-        the checkpoint's steps and CFG scales, its noise drawn from `generator`. prompts: each row's T2I prompt,
-        the text condition when decoder_text is "prompt" (negative: ''); ignored with "none" ('' for both)."""
+        """codes (N, h*w) in [0, K) -> N PIL images of h*16 x w*16 px, `decode_batch` per decoder
+        call (X-Omni's detokenize_image decodes one): SigLIP-VQ codebook -> features (n, h*w, C) ->
+        the FLUX-based decoder with the checkpoint's steps and CFG scales, its noise drawn from
+        `generator`. prompts: each row's T2I prompt, the text condition when decoder_text is
+        "prompt" (negative: ''); ignored with "none" ('' for both)."""
         (h, w), dec, pipe = self.grid, self.lm.decoder_config, self.lm.decoder_pipe
         if self.decoder_text == "prompt":
             assert prompts is not None and len(prompts) == len(codes), (
@@ -606,20 +625,15 @@ class XOmni:
             feats = self.lm.image_tokenizer.decode(
                 chunk.reshape(-1), (n, h, w, self.lm.encoder_config.codebook_dim)
             )
-            feats = (
-                feats.flatten(2).transpose(1, 2).contiguous()
-            )  # (n, C, h, w) -> (n, h*w, C), as detokenize_image
+            # (n, C, h, w) -> (n, h*w, C), as detokenize_image
+            feats = feats.flatten(2).transpose(1, 2).contiguous()
             empty = dict(
                 prompt_embeds=embeds.repeat(n, 1, 1), pooled_prompt_embeds=pooled.repeat(n, 1)
             )
             text = empty
             if self.decoder_text == "prompt":
-                text = dict(
-                    zip(
-                        ("prompt_embeds", "pooled_prompt_embeds"),
-                        self._encode_decoder_text(prompts[s : s + n]),
-                    )
-                )
+                prompt_embeds, pooled_prompt_embeds = self._encode_decoder_text(prompts[s : s + n])
+                text = dict(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds)
             out = pipe(
                 feats,
                 **text,
@@ -643,7 +657,7 @@ class InputError(Exception):
 
 
 def pick_device(name="auto"):
-    """'auto' -> cuda > mps > cpu; anything else as given, if this machine has it (else InputError)."""
+    """'auto' -> cuda > mps > cpu; any other name if this machine has it (else InputError)."""
     if name == "auto":
         return (
             "cuda"
@@ -669,8 +683,8 @@ def pick_device(name="auto"):
 
 
 def use_bf16(dtype, device):
-    """--dtype -> bf16 or not. 'auto': bf16 (real weights loaded in bf16, bf16 autocast) on a CUDA GPU that has it,
-    fp32 elsewhere; the trainer and the evaluation both decide with this one rule."""
+    """--dtype -> bf16 or not. 'auto': bf16 (real weights loaded in bf16, bf16 autocast) on a CUDA
+    GPU that has it, fp32 elsewhere; the trainer and the evaluation both decide by this rule."""
     return dtype == "bfloat16" or (
         dtype == "auto" and device == "cuda" and torch.cuda.is_bf16_supported()
     )
@@ -686,17 +700,18 @@ def load_umm(
     image_size=0,
     decoder_text="none",
 ):
-    """The UMM for --model. Real checkpoints load their weights in bf16 when bf16 is on (LoRA stays fp32).
-    X-Omni's model class is Python code from its repository: it runs only with trust_remote_code.
-    image_size: pixels per side to generate, 0 = the model's default (X-Omni: any multiple of 16; the tiny UMM and
-    Janus-Pro: their decoder's one size). decoder_text: "prompt" conditions X-Omni's FLUX decoder on each image's
-    T2I prompt; the other decoders read codes only, so they accept "none" alone."""
+    """The UMM for --model. Real checkpoints load their weights in bf16 when bf16 is on (LoRA
+    stays fp32). X-Omni's model class is Python code from its repository: it runs only with
+    trust_remote_code. image_size: pixels per side to generate, 0 = the model's default (X-Omni: any
+    multiple of 16; the tiny UMM and Janus-Pro: their decoder's one size). decoder_text: "prompt"
+    conditions X-Omni's FLUX decoder on each image's T2I prompt; the other decoders read codes only,
+    so they accept "none" alone."""
 
     def no_text(kind):
         if decoder_text != "none":
             raise InputError(
-                f"--decoder-text {decoder_text}: {kind}'s decoder reads image codes only, not text; "
-                "use --decoder-text none"
+                f"--decoder-text {decoder_text}: {kind}'s decoder reads image codes only, "
+                "not text; use --decoder-text none"
             )
 
     def native_size(umm, kind):
@@ -738,15 +753,14 @@ def load_umm(
             decoder_text=decoder_text,
         )
     if JanusPro.is_janus(name):
-        no_text(
-            "Janus-Pro"
-        )  # from_pretrained checks the transformers version before loading; on the CPU
+        # from_pretrained checks the transformers version before loading; on the CPU
+        no_text("Janus-Pro")
         return native_size(
             JanusPro.from_pretrained(name, dtype=torch.bfloat16 if bf16 else None), "Janus-Pro"
         )
     raise InputError(
-        f"--model {name}: not 'tiny-random', a tiny UMM folder (tiny_umm.json), a Janus(-Pro) or an "
-        "X-Omni checkpoint"
+        f"--model {name}: not 'tiny-random', a tiny UMM folder (tiny_umm.json), "
+        "a Janus(-Pro) or an X-Omni checkpoint"
     )
 
 

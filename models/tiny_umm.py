@@ -20,8 +20,9 @@ Parts:
 - Decoder: a diffusers `UNet2DModel` (no self-attention) that sees the noisy image
   concatenated with a learned 16x16 patch per code, sampled with a diffusers `DDIMScheduler`.
 
-The recipe that trains it (and measures its understanding) is world/make_tiny_umm.py; the checkpoints it
-wrote are checkpoints/tiny-umm (the default --model of gvu.py) and checkpoints/tiny-umm-weak.
+The recipe that trains it (and measures its understanding) is world/make_tiny_umm.py; the
+checkpoints it wrote are checkpoints/tiny-umm (the default --model of gvu.py) and
+checkpoints/tiny-umm-weak.
 """
 
 import json
@@ -37,15 +38,11 @@ from PIL import Image
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from world.shapes import (
-    GRID,
-    IMAGE_SIZE,
-    PROMPT_WORDS,
-)  # 64 px canvas, 4x4 cells: one image code per 16x16 cell
+# 64 px canvas, 4x4 cells: one image code per 16x16 cell
+from world.shapes import GRID, IMAGE_SIZE, PROMPT_WORDS
 
-WORDS = (
-    list(PROMPT_WORDS) + "describe image in detail user assistant 1 2 3 4 5 6 7 8 9".split()
-)  # + instruction, chat, grid
+# the prompt words + instruction, chat, grid
+WORDS = list(PROMPT_WORDS) + "describe image in detail user assistant 1 2 3 4 5 6 7 8 9".split()
 SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<SOM>", "<EOM>", "<IMAGE>"]
 CHAT_TEMPLATE = (  # Qwen's chat format, on one line (the word-level tokenizer drops newlines)
     "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
@@ -54,8 +51,8 @@ CHAT_TEMPLATE = (  # Qwen's chat format, on one line (the word-level tokenizer d
 
 
 def build_tokenizer(num_codes, extra_words=(), text_rows=0):
-    """Word-level tokenizer: ids [0, n_text) are words and specials (padded with unused entries up to
-    `text_rows`, as a big model's text vocabulary), then <MM-Token-0..K-1>."""
+    """Word-level tokenizer: ids [0, n_text) are words and specials (padded with unused entries
+    up to `text_rows`, as a big model's text vocabulary), then <MM-Token-0..K-1>."""
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(SPECIALS + WORDS + list(extra_words)))}
     vocab.update({f"<unused-{i}>": i for i in range(len(vocab), text_rows)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -75,19 +72,19 @@ def build_tokenizer(num_codes, extra_words=(), text_rows=0):
 class ImageTokenizer(ModelMixin, ConfigMixin):
     """Pixels -> codes: one learned feature per grid cell, snapped to the nearest codebook entry.
     Each 16x16 cell is read on its own (a small conv net, then one conv over the whole cell), so a
-    neighbour's pixels never change a cell's code. `train` fits it as a nearest-prototype classifier:
-    code k = kind k of `shape_kinds()` (0 = empty cell), codes >= the number of kinds (161) are never produced."""
+    neighbour's pixels never change a cell's code. `train` fits it as a nearest-prototype
+    classifier: code k = kind k of `shape_kinds()` (0 = empty cell); codes >= the number of kinds
+    (161) are never produced."""
 
     @register_to_config
     def __init__(self, num_codes=64, image_size=IMAGE_SIZE, grid=GRID, dim=32, hidden=32):
         super().__init__()
         cell = image_size // grid
-        self.proj = (
-            nn.Sequential(  # per-cell features: local edges/colours, then the cell as a whole
-                nn.Conv2d(3, hidden, 3, padding=1),
-                nn.ReLU(),
-                nn.Conv2d(hidden, dim, kernel_size=cell),
-            )
+        # per-cell features: local edges/colours, then the cell as a whole
+        self.proj = nn.Sequential(
+            nn.Conv2d(3, hidden, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(hidden, dim, kernel_size=cell),
         )
         self.codebook = nn.Parameter(torch.randn(num_codes, dim))
 
@@ -117,7 +114,8 @@ class TinyDecoder(ModelMixin, ConfigMixin):
     two identical neighbouring codes would otherwise give a featureless region with no hint of
     where one object ends and the next begins. The first 3 patch channels are an RGB template.
     It outputs epsilon (what DDIMScheduler expects) but is parameterised through x0:
-        x0_hat = template + UNet(noisy, cond),  eps = (noisy - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t),
+        x0_hat = template + UNet(noisy, cond)
+        eps = (noisy - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t)
     so a good template alone already decodes to a crisp image, and the UNet learns the rest."""
 
     @register_to_config
@@ -148,9 +146,8 @@ class TinyDecoder(ModelMixin, ConfigMixin):
         abar = DDIMScheduler(
             num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule
         ).alphas_cumprod
-        self.register_buffer(
-            "alphas_cumprod", abar.float(), persistent=False
-        )  # the scheduler's, for eps <-> x0
+        # the scheduler's, for eps <-> x0
+        self.register_buffer("alphas_cumprod", abar.float(), persistent=False)
 
     def condition(self, codes):  # codes (N, h*w) -> (N, cond_dim, H, W): one patch per cell
         g, s, d = self.config.grid, self.config.image_size, self.config.cond_dim
@@ -191,9 +188,8 @@ class TinyUMM:
         self.lm, self.tokenizer = lm, tokenizer
         self.image_tokenizer, self.decoder, self.scheduler = image_tokenizer, decoder, scheduler
         self.decode_steps = decode_steps  # DDIM steps when decoding codes to pixels
-        self.image_offset = tokenizer.convert_tokens_to_ids(
-            "<MM-Token-0>"
-        )  # X-Omni: config.vocab_size
+        # X-Omni: config.vocab_size
+        self.image_offset = tokenizer.convert_tokens_to_ids("<MM-Token-0>")
         self.image_vocab_size = image_tokenizer.config.num_codes
         self.grid = (image_tokenizer.config.grid,) * 2  # (h, w) codes
         self.generation_mode = "text"
@@ -278,39 +274,32 @@ class TinyUMM:
         return self.codes_to_text(self.image_codes([image])[0])
 
     def codes_to_text(self, codes):
-        """One image's codes (h*w,) -> '<SOM>h w<IMAGE><MM-Token-k>...<EOM>' (what tokenize_image returns)."""
+        """One image's codes (h*w,) -> '<SOM>h w<IMAGE><MM-Token-k>...<EOM>', as tokenize_image."""
         h, w = self.grid
         return f"<SOM>{h} {w}<IMAGE>" + "".join(f"<MM-Token-{k}>" for k in codes.tolist()) + "<EOM>"
 
     def caption_prompt(self, image, instruction):
-        """Chat context for understanding: the image, then the instruction, then the assistant's turn."""
+        """Chat context for understanding: the image, the instruction, then the assistant's turn."""
         return self.caption_prompt_text(self.tokenize_image(image), instruction)
 
-    understands_codes = (
-        True  # understanding reads the generation vocabulary: --reward-input codes works
-    )
+    # understanding reads the generation vocabulary: --reward-input codes works
+    understands_codes = True
 
     def caption_prompts(self, images, instruction):
-        """caption_prompt for a batch, with ONE image-tokenizer call for all images. `images`: N PIL images, or
-        their codes (N, h*w) already (--reward-input codes: the generated codes, read without decoding)."""
+        """caption_prompt for a batch, with ONE image-tokenizer call for all images. `images`: N PIL
+        images, or their codes (N, h*w) already (--reward-input codes: the generated codes, read
+        without decoding)."""
         codes = images if torch.is_tensor(images) else self.image_codes(images)
         return [self.caption_prompt_text(self.codes_to_text(c), instruction) for c in codes]
 
     def caption_prompt_text(self, image_text, instruction):
-        """caption_prompt for an image already tokenised to text (training builds these in batches)."""
+        """caption_prompt for an image already tokenised to text (training tokenises in batches)."""
         msgs = [{"role": "user", "content": image_text + " " + instruction}]
         return self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
     answer_prefix, answer_suffix = "", "<|im_end|>"  # what the scored answer starts and ends with
-    lora_targets = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ]  # the LM's linear layers
+    # the LM's linear layers
+    lora_targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
     def uncond_prompt(self, prompt):
         """CFG's unconditional prompt: X-Omni's image prefix alone."""
@@ -322,8 +311,9 @@ class TinyUMM:
 
     @torch.no_grad()
     def decode_images(self, codes, generator=None, prompts=None, batch_size=64):
-        """codes (N, h*w) in [0, K) -> N PIL images, DDIM-sampled in batches from seeded noise. `prompts` (the
-        T2I prompts) is accepted for the UMM API and unused: this decoder reads codes only."""
+        """codes (N, h*w) in [0, K) -> N PIL images, DDIM-sampled in batches from seeded noise.
+        `prompts` (the T2I prompts) is accepted for the UMM API and unused: this decoder reads codes
+        only."""
         device, s = self.decoder.device, self.decoder.config.image_size
         self.scheduler.set_timesteps(self.decode_steps)
         images = []
@@ -336,8 +326,9 @@ class TinyUMM:
 
     # --- what gvu.py reads off the LM ------------------------------------------------------
     def hidden_states(self, input_ids, attention_mask, position_ids=None, cache=None, images=None):
-        """Final-layer hidden states (B, T, D). `cache` (a DynamicCache) is updated in place. `images` is
-        unused: like X-Omni, the tiny UMM reads images as codes in the text (Janus encodes pixels)."""
+        """Final-layer hidden states (B, T, D). `cache` (a DynamicCache) is updated in place.
+        `images` is unused: like X-Omni, the tiny UMM reads images as codes in the text (Janus
+        encodes pixels)."""
         # positional: transformers 4.x calls the 4th argument past_key_values, 5.x calls it cache
         out = self.lm.model(
             input_ids, attention_mask, position_ids, cache, use_cache=cache is not None
@@ -345,7 +336,7 @@ class TinyUMM:
         return out.last_hidden_state
 
     def logits(self, hidden):
-        """Logits over the current mode's vocabulary only: image codes [0, K) or text ids [0, offset)."""
+        """Logits over the current mode's vocabulary: image codes [0, K) or text ids [0, offset)."""
         w = self.lm.lm_head.weight  # (V, D); LoRA never touches the head, so slicing it is exact
         w = (
             w[self.image_offset : self.image_offset + self.image_vocab_size]

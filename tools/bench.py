@@ -1,35 +1,43 @@
 """
-Side-by-side measurements of what gvu.py does differently from the official code, in one run; every figure is
-the median [min-max] of --repeats runs (5), the contenders interleaved so a busy moment hits both:
+Side-by-side measurements of what gvu.py does differently from the official code, in one run;
+every figure is the median [min-max] of --repeats runs (5), the contenders interleaved so a busy
+moment hits both:
 
-  1. reward:   one batched teacher-forced forward  vs  the official loop (one uncached forward of the
-               full LM per prompt token, one image at a time); the rewards must be identical;
-  2. rollout:  one batched KV-cached pass          vs  recomputing the whole sequence at every token
-               (64 image tokens);
-  3. memory:   peak memory of the policy forward + backward (LoRA r=8, as the trainer) with gradient
-               checkpointing on vs off, measured (CUDA: max_memory_allocated; CPU: peak resident set of a
-               fresh process, with glibc's mmap threshold fixed so that freed blocks leave the resident set);
-  4. step:     where the time of a real gvu.gvu_step goes (its timing hook), on the shipped tiny UMM, with
-               --reward-input pixels (decode, re-tokenise) and codes (no decode).
+  1. reward:   one batched teacher-forced forward  vs  the official loop (one uncached forward of
+               the full LM per prompt token, one image at a time); the rewards must be identical;
+  2. rollout:  one batched KV-cached pass          vs  recomputing the whole sequence at every
+               token (64 image tokens);
+  3. memory:   peak memory of the policy forward + backward (LoRA r=8, as the trainer) with
+               gradient checkpointing on vs off, measured (CUDA: max_memory_allocated; CPU: peak
+               resident set of a fresh process, with glibc's mmap threshold fixed so that freed
+               blocks leave the resident set);
+  4. step:     where the time of a real gvu.gvu_step goes (its timing hook), on the shipped tiny
+               UMM, with --reward-input pixels (decode, re-tokenise) and codes (no decode).
 
     python -m tools.bench                 # tiny UMM on the CPU, a few minutes
-    python -m tools.bench --reward-agreement prompts/shapes_geneval.jsonl   # codes vs pixels rewards on base samples
+    # codes vs pixels rewards on base samples
+    python -m tools.bench --reward-agreement prompts/shapes_geneval.jsonl
 
 And the memory plan for real models (second half of this file):
 
   4. --gpu-rehearsal: builds RANDOMLY INITIALISED models at the real sizes on CUDA (nothing is
-     downloaded) and runs a few gvu.gvu_step calls, the trainer's own step (bf16, gradient checkpointing,
-     LoRA r=8 / alpha=32, micro-batches), printing peak CUDA memory and seconds per step;
+     downloaded) and runs a few gvu.gvu_step calls, the trainer's own step (bf16, gradient
+     checkpointing, LoRA r=8 / alpha=32, micro-batches), printing peak CUDA memory and seconds per
+     step;
   5. --estimate: the same sizes as arithmetic (parameters, KV cache, activations), on the CPU.
 
-    python -m tools.bench --gpu-rehearsal                        # janus1b, janus7b, xomni7b; skips without CUDA
+    # janus1b, janus7b, xomni7b; skips without CUDA
+    python -m tools.bench --gpu-rehearsal
     python -m tools.bench --gpu-rehearsal --configs xomni7b --steps 3 --prompts 8 --group-size 8
-    python -m tools.bench --gpu-rehearsal --configs tiny-janus,tiny-xomni   # the same code path, tiny, on the CPU
+    # the same code path, tiny, on the CPU
+    python -m tools.bench --gpu-rehearsal --configs tiny-janus,tiny-xomni
     python -m tools.bench --estimate --configs xomni7b           # seconds, CPU only
 
-  6. --ddp N: seconds per step of the same gvu.py run in one process and under torchrun with N processes.
+  6. --ddp N: seconds per step of the same gvu.py run in one process and under torchrun with N
+     processes.
 
-    python -m tools.bench --ddp 2 --prompts 4 --group-size 2     # CPU (gloo): a correctness and overhead check
+    # CPU (gloo): a correctness and overhead check
+    python -m tools.bench --ddp 2 --prompts 4 --group-size 2
 """
 
 import argparse
@@ -72,8 +80,9 @@ PROMPTS = [
 
 
 def timed(fns, repeat=5):
-    """Run each of `fns` once to warm up, then `repeat` rounds of all of them in turn (so a busy moment of a
-    shared machine falls on every contender alike). Returns the last outputs and each fn's seconds per round."""
+    """Run each of `fns` once to warm up, then `repeat` rounds of all of them in turn (so a busy
+    moment of a shared machine falls on every contender alike). Returns the last outputs and each
+    fn's seconds per round."""
     outs = [fn() for fn in fns]
     seconds = [[] for _ in fns]
     for _ in range(repeat):
@@ -147,12 +156,13 @@ def stopwatch(timings):
 
 
 def step_breakdown(model, steps, prompts_path="prompts/train.txt", **overrides):
-    """Seconds per phase of real gvu.gvu_step calls (the trainer's defaults: B=8 x G=8, one micro-batch, LoRA,
-    checkpointing, mu=1) on `model`, through gvu_step's own timing hook, for --reward-input pixels and codes:
-    two copies of the model stepped in turn (pixels step k, codes step k), so machine load falls on both alike.
-    Step 0 (a sample step, and the warm-up) is left out. Image tokenisation happens inside the reward: it is
-    timed on its own right after each pixels step, on the same images, with the batched call the reward makes.
-    `overrides`: other gvu.Args fields (the tests use a smaller batch)."""
+    """Seconds per phase of real gvu.gvu_step calls (the trainer's defaults: B=8 x G=8, one
+    micro-batch, LoRA, checkpointing, mu=1) on `model`, through gvu_step's own timing hook, for
+    --reward-input pixels and codes: two copies of the model stepped in turn (pixels step k, codes
+    step k), so machine load falls on both alike. Step 0 (a sample step, and the warm-up) is left
+    out. Image tokenisation happens inside the reward: it is timed on its own right after each
+    pixels step, on the same images, with the batched call the reward makes. `overrides`: other
+    gvu.Args fields (the tests use a smaller batch)."""
     runs = {}
     for reward_input in ("pixels", "codes"):
         args = gvu.Args(model=model, reward_input=reward_input, **overrides)
@@ -181,10 +191,11 @@ def step_breakdown(model, steps, prompts_path="prompts/train.txt", **overrides):
 
 @torch.no_grad()
 def reward_agreement(model, metadata, group_size=8, batch=8, seed=0):
-    """--reward-input codes vs pixels on the base model's own samples of `metadata` (eval_geneval's seeds): the
-    share of codes that survive decode -> re-tokenise, the correlation of the two rewards (all samples, and
-    within groups after removing each group's mean), and per tag the within-group AUC of each reward against
-    the shapes world's pixel oracle (tools/experiments.py audit's table)."""
+    """--reward-input codes vs pixels on the base model's own samples of `metadata` (eval_geneval's
+    seeds): the share of codes that survive decode -> re-tokenise, the correlation of the two
+    rewards (all samples, and within groups after removing each group's mean), and per tag the
+    within-group AUC of each reward against the shapes world's pixel oracle (tools/experiments.py
+    audit's table)."""
     from tools.experiments import audit_table
     from eval_geneval import read_metadata
     from world import shapes
@@ -194,9 +205,8 @@ def reward_agreement(model, metadata, group_size=8, batch=8, seed=0):
     rows, kept, r_pix, r_code = {"pixels": [], "codes": []}, [], [], []
     for b in range(0, len(metas), batch):
         part, s = metas[b : b + batch], seed * 100_003 + b
-        gen = torch.Generator().manual_seed(
-            s
-        )  # as eval_geneval.sample_groups on the CPU: one generator for both
+        # as eval_geneval.sample_groups on the CPU: one generator for both
+        gen = torch.Generator().manual_seed(s)
         ro = gvu.rollout(umm, [m["prompt"] for m in part], group_size, generator=gen)
         images = umm.decode_images(ro["codes"], gen)
         kept.append((umm.image_codes(images) == ro["codes"]).float().mean(1))  # (n,) per image
@@ -216,26 +226,31 @@ def reward_agreement(model, metadata, group_size=8, batch=8, seed=0):
     centred = lambda r: r.view(-1, group_size) - r.view(-1, group_size).mean(1, keepdim=True)
     corr = lambda a, b: np.corrcoef(a.flatten().numpy(), b.flatten().numpy())[0, 1]
     print(
-        f"agreement of --reward-input codes and pixels, {model}, {len(metas)} prompts x G={group_size} ({metadata})"
+        f"agreement of --reward-input codes and pixels, {model}, "
+        f"{len(metas)} prompts x G={group_size} ({metadata})"
     )
     print(
-        f"  codes surviving decode -> re-tokenise: {kept.mean():.3f} of all codes; images with every code kept: "
-        f"{(kept == 1).float().mean():.3f}"
+        f"  codes surviving decode -> re-tokenise: {kept.mean():.3f} of all codes; "
+        f"images with every code kept: {(kept == 1).float().mean():.3f}"
     )
     print(
-        f"  reward correlation (Pearson): all samples {corr(r_pix, r_code):.3f}, within groups "
-        f"{corr(centred(r_pix), centred(r_code)):.3f} | mean reward pixels {r_pix.mean():.4f}, codes {r_code.mean():.4f}"
+        f"  reward correlation (Pearson): all samples {corr(r_pix, r_code):.3f}, "
+        f"within groups {corr(centred(r_pix), centred(r_code)):.3f} "
+        f"| mean reward pixels {r_pix.mean():.4f}, codes {r_code.mean():.4f}"
     )
     tables = {path: audit_table(r) for path, r in rows.items()}
     fmt = lambda v: "  n/a" if v is None else f"{v:.3f}"
     print(f"  {'tag':22s} {'groups':>6s} {'accuracy':>8s} {'AUC pixels':>10s} {'AUC codes':>10s}")
     for tag, v in tables["pixels"].items():
+        auc_codes = fmt(tables["codes"][tag]["auc"])
         print(
-            f"  {tag:22s} {v['groups']:6d} {v['accuracy']:8.3f} {fmt(v['auc']):>10s} {fmt(tables['codes'][tag]['auc']):>10s}"
+            f"  {tag:22s} {v['groups']:6d} {v['accuracy']:8.3f} "
+            f"{fmt(v['auc']):>10s} {auc_codes:>10s}"
         )
     mean_auc = lambda t: np.mean([v["auc"] for v in t.values() if v["auc"] is not None])
     print(
-        f"  {'mean over tags':22s} {'':6s} {'':8s} {mean_auc(tables['pixels']):10.3f} {mean_auc(tables['codes']):10.3f}"
+        f"  {'mean over tags':22s} {'':6s} {'':8s} "
+        f"{mean_auc(tables['pixels']):10.3f} {mean_auc(tables['codes']):10.3f}"
     )
 
 
@@ -243,23 +258,17 @@ PHASES = ("rollout", "decode", "image tokenisation", "reward forward", "referenc
 
 
 def print_breakdown(model, steps):
-    """The step-time table, --reward-input pixels and codes side by side: ms, median [min-max] of `steps`
-    steps, and the median share of the step."""
+    """The step-time table, --reward-input pixels and codes side by side: ms, median [min-max] of
+    `steps` steps, and the median share of the step."""
     res = {}
     for reward_input, t in step_breakdown(model, steps).items():
-        tok = t.pop(
-            "tokenise", np.zeros(steps)
-        )  # codes: no image tokenizer runs (strings only, in the forward)
-        res[reward_input] = dict(
-            zip(
-                PHASES,
-                (t["rollout"], t["decode"], tok, t["reward"] - tok, t["reference"], t["update"]),
-            ),
-            step=t["step"],
-        )
+        # codes: no image tokenizer runs (strings only, in the forward)
+        tok = t.pop("tokenise", np.zeros(steps))
+        phases = (t["rollout"], t["decode"], tok, t["reward"] - tok, t["reference"], t["update"])
+        res[reward_input] = dict(zip(PHASES, phases), step=t["step"])
     print(
-        f"step     one gvu_step on {model} (B=8 x G=8, micro-batch 64, LoRA, checkpointing), ms, median [min-max] "
-        f"of {steps} steps"
+        f"step     one gvu_step on {model} (B=8 x G=8, micro-batch 64, LoRA, checkpointing), "
+        f"ms, median [min-max] of {steps} steps"
     )
     print(f"         {'':20s} | {'--reward-input pixels':>31s} | {'--reward-input codes':>31s}")
     for k in PHASES + ("step",):
@@ -268,21 +277,21 @@ def print_breakdown(model, steps):
         ]
         print(f"         {k:20s} | " + " | ".join(cells))
     covered = [np.median(sum(r[k] for k in PHASES) / r["step"]) * 100 for r in res.values()]
-    speedup = (
-        res["pixels"]["step"] / res["codes"]["step"]
-    )  # steps run in turn: each pair saw the same load
+    # steps run in turn: each pair saw the same load
+    speedup = res["pixels"]["step"] / res["codes"]["step"]
     print(
-        f"         phases cover {covered[0]:.0f}% / {covered[1]:.0f}% of the step | codes vs pixels: "
-        f"{spread(speedup, 1, '{:.2f}')}x faster per step (the decode on sample steps left out)"
+        f"         phases cover {covered[0]:.0f}% / {covered[1]:.0f}% of the step "
+        f"| codes vs pixels: {spread(speedup, 1, '{:.2f}')}x faster per step "
+        "(the decode on sample steps left out)"
     )
 
 
 def memory_worker(checkpointing, hidden, layers, n):
-    """Run in a fresh process: one policy forward + backward; report peak memory above the baseline."""
+    """Run in a fresh process: one policy forward + backward; report peak memory above the
+    baseline."""
     umm = TinyUMM.random(0, hidden=hidden, layers=layers, heads=8)
-    umm.lm.requires_grad_(
-        False
-    )  # LoRA r=8 / alpha=32 as gvu.add_lora: the gradients are LoRA's only
+    # LoRA r=8 / alpha=32 as gvu.add_lora: the gradients are LoRA's only
+    umm.lm.requires_grad_(False)
     get_peft_model(
         umm.lm, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules=umm.lora_targets)
     )
@@ -310,29 +319,31 @@ def memory_worker(checkpointing, hidden, layers, n):
     print(json.dumps({"peak_mb": (peak - base) / 2**20, "device": "cuda" if cuda else "cpu"}))
 
 
-# =====================================================================================
+# ==================================================================================================
 # 4-5. The memory plan at the real sizes: GPU rehearsal (random weights) and arithmetic estimate
 #
 # Sizes are those of the released configs; nothing is downloaded, every weight is random.
 #   Janus-Pro-1B / -7B (transformers' JanusConfig, what adapters.JanusPro drives):
-#     text (Llama): 1B = deepseek-community/Janus-Pro-1B's converted config.json (hidden 2048, 24 layers,
-#       16 heads, 16 KV heads, MLP 5632, vocab 102400); 7B = deepseek-ai/Janus-Pro-7B's language_config
-#       (30 layers, vocab 102400) with hidden 4096 / 32 heads / MLP 11008 / untied head, as its Llama
-#       export (wnma3mz/Janus-Pro-7B-LM) spells out. Heads untied in both (7B: 14.8 GB of bf16 weights).
-#     vision: SigLIP-L/16 at 384 px (hidden 1024, 24 layers, 16 heads, 576 tokens) and VQ-16 (16384 codes
-#       of dim 8 on 24 x 24, channels 128 x [1, 1, 2, 2, 4], 2 res blocks) are JanusVisionConfig's and
-#       JanusVQVAEConfig's defaults, which convert_janus_weights_to_hf.py keeps; aligners and the
-#       generation head are at the LM's width (n_embed 2048 / 4096 in the original configs).
+#     text (Llama): 1B = deepseek-community/Janus-Pro-1B's converted config.json (hidden 2048,
+#       24 layers, 16 heads, 16 KV heads, MLP 5632, vocab 102400); 7B = deepseek-ai/Janus-Pro-7B's
+#       language_config (30 layers, vocab 102400) with hidden 4096 / 32 heads / MLP 11008 / untied
+#       head, as its Llama export (wnma3mz/Janus-Pro-7B-LM) spells out. Heads untied in both
+#       (7B: 14.8 GB of bf16 weights).
+#     vision: SigLIP-L/16 at 384 px (hidden 1024, 24 layers, 16 heads, 576 tokens) and VQ-16
+#       (16384 codes of dim 8 on 24 x 24, channels 128 x [1, 1, 2, 2, 4], 2 res blocks) are
+#       JanusVisionConfig's and JanusVQVAEConfig's defaults, which convert_janus_weights_to_hf.py
+#       keeps; aligners and the generation head are at the LM's width (n_embed 2048 / 4096 in the
+#       original configs).
 #   X-Omni-7B: a STAND-IN (X-Omni's own model is remote code, not available offline), XOmniStandIn
-#     below: TinyUMM's API over a Qwen2.5-7B-sized Qwen2ForCausalLM (hidden 3584, 28 layers, 28 heads, 4 KV heads, MLP 18944,
-#     vocabulary 152064 text rows + 16384 image codes) at 512 px = 32 x 32 codes; a SigLIP-so400m-sized
-#     tower + nearest-code lookup as the SigLIP-VQ tokenizer; FLUX.1-dev's FluxTransformer2DModel
-#     (19 + 38 blocks, 24 heads x 128: 11.9B) + AutoencoderKL as the decoder, from their config.json.
-# =====================================================================================
+#     below: TinyUMM's API over a Qwen2.5-7B-sized Qwen2ForCausalLM (hidden 3584, 28 layers,
+#     28 heads, 4 KV heads, MLP 18944, vocabulary 152064 text rows + 16384 image codes) at 512 px =
+#     32 x 32 codes; a SigLIP-so400m-sized tower + nearest-code lookup as the SigLIP-VQ tokenizer;
+#     FLUX.1-dev's FluxTransformer2DModel (19 + 38 blocks, 24 heads x 128: 11.9B) + AutoencoderKL
+#     as the decoder, from their config.json.
+# ==================================================================================================
 INSTRUCTION = "Describe the image in detail."  # gvu's default understanding instruction
-FIT_GIB = (
-    78.0  # an "80 GB" card has 79.2 GiB; leave ~1 GiB for the CUDA context and cuBLAS workspaces
-)
+# an "80 GB" card has 79.2 GiB; leave ~1 GiB for the CUDA context and cuBLAS workspaces
+FIT_GIB = 78.0
 
 
 def janus_spec(hidden, layers, heads, mlp):
@@ -349,11 +360,11 @@ def janus_spec(hidden, layers, heads, mlp):
             max_position_embeddings=16384,
             rms_norm_eps=1e-6,
         ),
-        vision=dict(
-            projection_dim=hidden
-        ),  # the rest: JanusVisionConfig defaults (SigLIP-L/16, 384 px)
+        # the rest: JanusVisionConfig defaults (SigLIP-L/16, 384 px)
+        vision=dict(projection_dim=hidden),
+        # the rest: JanusVQVAEConfig (VQ-16)
         vq=dict(projection_dim=hidden, image_token_embed_dim=hidden),
-    )  # the rest: JanusVQVAEConfig (VQ-16)
+    )
 
 
 SPECS = {
@@ -363,7 +374,7 @@ SPECS = {
         kind="xomni",
         cfg_scale=1.0,
         min_p=0.03,  # X-Omni samples without CFG, min-p 0.03
-        lm=dict(
+        lm=dict(  # Qwen2.5-7B
             hidden_size=3584,
             num_hidden_layers=28,
             num_attention_heads=28,
@@ -371,19 +382,20 @@ SPECS = {
             intermediate_size=18944,
             max_position_embeddings=32768,
             rms_norm_eps=1e-6,
-        ),  # Qwen2.5-7B
+        ),
+        # Qwen2.5's vocabulary rows, then X-Omni's 16384 image codes
         text_vocab=152064,
-        codes=16384,  # Qwen2.5's vocabulary rows, then X-Omni's 16384 image codes
-        siglip=dict(
+        codes=16384,
+        siglip=dict(  # so400m-sized; 512 / 16 = 32 x 32 codes
             hidden_size=1152,
             intermediate_size=4304,
             num_hidden_layers=27,
             num_attention_heads=16,
             image_size=512,
             patch_size=16,
-        ),  # so400m-sized; 512 / 16 = 32 x 32 codes
+        ),
         code_dim=64,  # the codebook's width is a guess (tiny either way)
-        flux=dict(
+        flux=dict(  # black-forest-labs/FLUX.1-dev transformer/config.json
             num_layers=19,
             num_single_layers=38,
             attention_head_dim=128,
@@ -393,7 +405,7 @@ SPECS = {
             in_channels=64,
             guidance_embeds=True,
             axes_dims_rope=(16, 56, 56),
-        ),  # black-forest-labs/FLUX.1-dev transformer/config.json
+        ),
         vae=dict(
             latent_channels=16,
             block_out_channels=(128, 256, 512, 512),
@@ -405,8 +417,8 @@ SPECS = {
             scaling_factor=0.3611,
             shift_factor=0.1159,
         ),
-        text_tokens=512,
-    ),  # T5 prompt features FLUX attends to (FluxPipeline's max_sequence_length)
+        text_tokens=512,  # T5 prompt features FLUX attends to (FluxPipeline's max_sequence_length)
+    ),
     # the same classes at toy sizes: the rehearsal's code path on the CPU (test_gvu.py)
     "tiny-janus": dict(
         kind="janus",
@@ -506,9 +518,9 @@ def building(device, dtype):
 
 # --- Janus-Pro: transformers' JanusForConditionalGeneration behind adapters.JanusPro ----------
 def janus_tokenizer(texts=None):
-    """A small byte-level BPE with Janus's special tokens, trained on `texts` (default: PROMPTS and the
-    instruction); test_adapters.py uses it too. Only the MODEL has the real 102400-row vocabulary;
-    prompts tokenise into more pieces than with DeepSeek's BPE."""
+    """A small byte-level BPE with Janus's special tokens, trained on `texts` (default: PROMPTS and
+    the instruction); test_adapters.py uses it too. Only the MODEL has the real 102400-row
+    vocabulary; prompts tokenise into more pieces than with DeepSeek's BPE."""
     from models.adapters import ASSISTANT, PAD_TOKEN, USER
 
     bos, eos = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
@@ -556,16 +568,15 @@ def build_janus(spec, device, dtype):
     )
     with building(device, dtype):
         model = JanusForConditionalGeneration._from_config(cfg, **{dtype_kwarg(): dtype})
-    model.generation_config.pad_token_id = (
-        tok.pad_token_id
-    )  # CFG's unconditional rows, as the converted checkpoints
+    # CFG's unconditional rows, as the converted checkpoints
+    model.generation_config.pad_token_id = tok.pad_token_id
     return JanusPro(model, tok)
 
 
 # --- X-Omni stand-in: TinyUMM's API at X-Omni-7B's sizes -------------------------------------
 class SiglipVQ(nn.Module):
-    """Pixels -> codes in the shape of X-Omni's SigLIP-VQ: a SigLIP vision tower (one token per 16 px
-    patch), a projection, the nearest of K codebook entries."""
+    """Pixels -> codes in the shape of X-Omni's SigLIP-VQ: a SigLIP vision tower (one token per
+    16 px patch), a projection, the nearest of K codebook entries."""
 
     def __init__(self, siglip, num_codes, code_dim):
         super().__init__()
@@ -591,17 +602,16 @@ class SiglipVQ(nn.Module):
             np.stack([np.asarray(im.convert("RGB").resize((s, s))) for im in images])
         )
         px = px.permute(0, 3, 1, 2).to(w.device, w.dtype) / 127.5 - 1  # (N, 3, s, s)
-        z = self.proj(
-            self.vit(pixel_values=px).last_hidden_state
-        ).float()  # (N, grid*grid, code_dim)
+        # (N, grid * grid, code_dim)
+        z = self.proj(self.vit(pixel_values=px).last_hidden_state).float()
         return torch.cdist(z, self.codebook.float().expand(len(z), -1, -1)).argmin(-1)
 
 
 class FluxDecoder(nn.Module):
     """Codes -> pixels with FLUX.1-dev's transformer and VAE. Stand-in for X-Omni's
-    FluxTransformer2DModelWithSigLIP: each code's learned embedding is added to its packed latent token
-    (32 x 32 codes = the 32 x 32 packed tokens of a 512 px image); the T5 prompt features and CLIP's
-    pooled vector are random (the text encoders are kept off the GPU)."""
+    FluxTransformer2DModelWithSigLIP: each code's learned embedding is added to its packed latent
+    token (32 x 32 codes = the 32 x 32 packed tokens of a 512 px image); the T5 prompt features and
+    CLIP's pooled vector are random (the text encoders are kept off the GPU)."""
 
     def __init__(self, flux, vae, num_codes, text_tokens):
         super().__init__()
@@ -613,17 +623,15 @@ class FluxDecoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, codes, generator, steps):
-        """codes (n, g*g) -> pixels (n, 3, 16g, 16g): `steps` flow-matching Euler steps (FLUX's scheduler
-        without its resolution shift), then the VAE decoder."""
+        """codes (n, g*g) -> pixels (n, 3, 16g, 16g): `steps` flow-matching Euler steps (FLUX's
+        scheduler without its resolution shift), then the VAE decoder."""
         tf, w = self.transformer, self.code_embed.weight
         n, S = codes.shape
         g = int(S**0.5)
         noise = lambda *shape: torch.randn(*shape, generator=generator).to(w.device, w.dtype)
         x = noise(n, S, tf.config.in_channels)  # packed latents: 2 x 2 patches of 16 channels
-        txt, pooled = (
-            noise(n, self.text_tokens, tf.config.joint_attention_dim),
-            noise(n, tf.config.pooled_projection_dim),
-        )
+        txt = noise(n, self.text_tokens, tf.config.joint_attention_dim)
+        pooled = noise(n, tf.config.pooled_projection_dim)
         rows, cols = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
         img_ids = (
             torch.stack([torch.zeros_like(rows), rows, cols], -1).view(S, 3).to(w.device, w.dtype)
@@ -647,9 +655,8 @@ class FluxDecoder(nn.Module):
                 txt_ids=txt_ids,
             ).sample
             x = x + (s_next - s).item() * v
-        c = (
-            tf.config.in_channels // 4
-        )  # unpack 2 x 2 patches -> (n, 16, 2g, 2g), as FluxPipeline._unpack_latents
+        # unpack 2 x 2 patches -> (n, 16, 2g, 2g), as FluxPipeline._unpack_latents
+        c = tf.config.in_channels // 4
         latents = x.view(n, g, g, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, 2 * g, 2 * g)
         return self.vae.decode(
             latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
@@ -657,9 +664,9 @@ class FluxDecoder(nn.Module):
 
 
 class XOmniStandIn(TinyUMM):
-    """TinyUMM's (= X-Omni's) API over the real-size parts above, random weights: the LM, tokenizer and
-    chat format work exactly as in TinyUMM; pixels are re-tokenised by SiglipVQ and decoded by FluxDecoder.
-    A memory / speed stand-in for X-Omni-7B, not X-Omni's code."""
+    """TinyUMM's (= X-Omni's) API over the real-size parts above, random weights: the LM, tokenizer
+    and chat format work exactly as in TinyUMM; pixels are re-tokenised by SiglipVQ and decoded by
+    FluxDecoder. A memory / speed stand-in for X-Omni-7B, not X-Omni's code."""
 
     def __init__(self, lm, tokenizer, image_tokenizer, decoder, decode_steps=2, decode_batch=8):
         super().__init__(
@@ -670,23 +677,17 @@ class XOmniStandIn(TinyUMM):
     def image_codes(self, images):
         return self.image_tokenizer.encode(images)
 
+    # prompts: unused (the empty decoder text)
     @torch.no_grad()
-    def decode_images(
-        self, codes, generator=None, prompts=None
-    ):  # prompts: unused (the empty decoder text)
-        pixels = torch.cat(
-            [
-                self.decoder(c, generator, self.decode_steps).float()
-                for c in codes.split(self.decode_batch)
-            ]
-        )
+    def decode_images(self, codes, generator=None, prompts=None):
+        chunks = codes.split(self.decode_batch)
+        pixels = torch.cat([self.decoder(c, generator, self.decode_steps).float() for c in chunks])
         return tiny_umm.to_pil(pixels.nan_to_num())  # random weights may overflow bf16
 
 
 def build_xomni(spec, device, dtype, decode_steps):
-    grid = (
-        spec["siglip"]["image_size"] // spec["siglip"]["patch_size"]
-    )  # code k is id text_vocab + k, as in X-Omni
+    # code k is id text_vocab + k, as in X-Omni
+    grid = spec["siglip"]["image_size"] // spec["siglip"]["patch_size"]
     tok = tiny_umm.build_tokenizer(
         spec["codes"], extra_words=[str(grid)], text_rows=spec["text_vocab"]
     )
@@ -699,9 +700,8 @@ def build_xomni(spec, device, dtype, decode_steps):
     )
     with building(device, dtype):
         lm = Qwen2ForCausalLM._from_config(cfg, **{dtype_kwarg(): dtype})
-    with building(
-        device, torch.bfloat16 if device == "cuda" else dtype
-    ):  # X-Omni runs tokenizer + decoder in bf16
+    # X-Omni runs tokenizer + decoder in bf16
+    with building(device, torch.bfloat16 if device == "cuda" else dtype):
         image_tokenizer = SiglipVQ(spec["siglip"], spec["codes"], spec["code_dim"])
         decoder = FluxDecoder(spec["flux"], spec["vae"], spec["codes"], spec["text_tokens"])
     return XOmniStandIn(lm, tok, image_tokenizer, decoder, decode_steps)
@@ -720,7 +720,8 @@ def n_params(*modules):
 
 
 def lora_param_count(lm, targets, r):
-    """What peft adds: r * (in + out) per targeted Linear (a regex is matched in full, a list by last name)."""
+    """What peft adds: r * (in + out) per targeted Linear (a regex is matched in full, a list by
+    last name)."""
     hit = (
         (lambda n: re.fullmatch(targets, n))
         if isinstance(targets, str)
@@ -733,7 +734,7 @@ def lora_param_count(lm, targets, r):
     )
 
 
-# --- the rehearsal: gvu.gvu_step, the trainer's own step, at real sizes ----------------------------
+# --- the rehearsal: gvu.gvu_step, the trainer's own step, at real sizes ---------------------------
 def rehearse(
     name,
     device="cuda",
@@ -746,31 +747,28 @@ def rehearse(
     lr=1e-6,
     seed=0,
 ):
-    """Build config `name` (SPECS) at its sizes with random weights on `device`, add LoRA r=8 / alpha=32 and
-    gradient checkpointing, and run `steps` gvu.gvu_step calls of `prompts` x `group_size` samples (mu = 1, the
-    policy judges, gvu's default beta / clip). weights: None = as gvu.train loads a real checkpoint (CUDA: bf16
-    weights, fp32 LoRA, bf16 autocast; CPU: fp32), or "bf16" / "fp32". Returns parameter
-    counts, weight / peak memory in GiB (CUDA: torch's allocations, peak from after the build; CPU: the
-    process's peak resident set) and seconds per step (mean of the steps after the first)."""
+    """Build config `name` (SPECS) at its sizes with random weights on `device`, add LoRA r=8 /
+    alpha=32 and gradient checkpointing, and run `steps` gvu.gvu_step calls of `prompts` x
+    `group_size` samples (mu = 1, the policy judges, gvu's default beta / clip). weights: None = as
+    gvu.train loads a real checkpoint (CUDA: bf16 weights, fp32 LoRA, bf16 autocast; CPU: fp32), or
+    "bf16" / "fp32". Returns parameter counts, weight / peak memory in GiB (CUDA: torch's
+    allocations, peak from after the build; CPU: the process's peak resident set) and seconds per
+    step (mean of the steps after the first)."""
     spec, cuda = SPECS[name], device == "cuda"
     weights = weights or ("bf16" if cuda else "fp32")
     torch.manual_seed(seed)
     if cuda:
-        torch.cuda.reset_peak_memory_stats()  # an out-of-memory report then speaks of this config only
-    umm = build_umm(
-        spec, device, torch.float32 if weights == "fp32" else torch.bfloat16, decode_steps
-    )
-    vision = [
-        m
-        for m in (getattr(umm, "image_tokenizer", None), getattr(umm, "decoder", None))
-        if m is not None
-    ]
+        # an out-of-memory report then speaks of this config only
+        torch.cuda.reset_peak_memory_stats()
+    dtype = torch.float32 if weights == "fp32" else torch.bfloat16
+    umm = build_umm(spec, device, dtype, decode_steps)
+    parts = (getattr(umm, "image_tokenizer", None), getattr(umm, "decoder", None))
+    vision = [m for m in parts if m is not None]
     weight_bytes = sum(
         p.numel() * p.element_size() for m in [umm.lm, *vision] for p in m.parameters()
     )
-    counts = dict(
-        lm_params=n_params(umm.lm), vision_params=n_params(*vision)
-    )  # before LoRA is injected
+    # before LoRA is injected
+    counts = dict(lm_params=n_params(umm.lm), vision_params=n_params(*vision))
     umm.lm.requires_grad_(False)
     policy = get_peft_model(
         umm.lm, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules=umm.lora_targets)
@@ -779,9 +777,8 @@ def rehearse(
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     before = [p.detach().cpu().clone() for p in params]
-    bf16 = (
-        cuda and torch.cuda.is_bf16_supported()
-    )  # as gvu.train: bf16 autocast on CUDA, fp32 on the CPU
+    # as gvu.train: bf16 autocast on CUDA, fp32 on the CPU
+    bf16 = cuda and torch.cuda.is_bf16_supported()
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
     batch = (PROMPTS * (prompts // len(PROMPTS) + 1))[:prompts]
     args = gvu.Args(
@@ -813,6 +810,7 @@ def rehearse(
     )
     reserved = torch.cuda.max_memory_reserved() / gib if cuda else None
     timed_steps = seconds[1:] or seconds  # the first step warms up kernels and the allocator
+    children = [c for v in vision for c in v.children()]
     return dict(
         config=name,
         device=device,
@@ -829,28 +827,28 @@ def rehearse(
         s_per_step=sum(timed_steps) / len(timed_steps),
         step_seconds=seconds,
         lora_changed=any(not torch.equal(b, p.detach().cpu()) for b, p in zip(before, params)),
-        modules=sorted(
-            {
-                type(m).__name__
-                for m in [umm.lm, *vision, *(c for v in vision for c in v.children())]
-            }
-        ),
+        modules=sorted({type(m).__name__ for m in [umm.lm, *vision, *children]}),
         **stats[-1],
     )
 
 
 def format_result(r):
     if "oom" in r:
-        return f"{r['config']:10s} | out of memory on this GPU after {r['peak_gib']:.1f} GiB: {r['oom']}"
+        return (
+            f"{r['config']:10s} | out of memory on this GPU after {r['peak_gib']:.1f} GiB: "
+            f"{r['oom']}"
+        )
     where = "peak" if r["device"] == "cuda" else "peak RSS"
     fits = "" if r["fits_80gb"] is None else f" | fits 80 GB: {'yes' if r['fits_80gb'] else 'NO'}"
     reserved = "" if r["reserved_gib"] is None else f" (reserved {r['reserved_gib']:.1f})"
     n = lambda x: f"{x / 1e9:.2f}B" if x >= 1e8 else f"{x / 1e6:.2f}M"
+    lm, vision = r["lm_params"], r["vision_params"]
     return (
-        f"{r['config']:10s} | {n(r['lm_params'] + r['vision_params'])} params (LM {n(r['lm_params'])}"
-        f" + tokenizer/decoder {n(r['vision_params'])}, LoRA {n(r['lora_params'])}) | {r['weights']} "
-        f"weights {r['weights_gib']:.1f} GiB | {where} {r['peak_gib']:.1f} GiB{reserved} | {r['s_per_step']:.1f} s/step"
-        f"{fits} | B={r['prompts']} G={r['group_size']} mb={r['micro_batch']}, {r['device']}"
+        f"{r['config']:10s} | {n(lm + vision)} params (LM {n(lm)}"
+        f" + tokenizer/decoder {n(vision)}, LoRA {n(r['lora_params'])}) "
+        f"| {r['weights']} weights {r['weights_gib']:.1f} GiB "
+        f"| {where} {r['peak_gib']:.1f} GiB{reserved} | {r['s_per_step']:.1f} s/step{fits} "
+        f"| B={r['prompts']} G={r['group_size']} mb={r['micro_batch']}, {r['device']}"
     )
 
 
@@ -858,7 +856,8 @@ def run_rehearsal(names, a):
     cuda = torch.cuda.is_available()
     if not cuda and not all(n.startswith("tiny-") for n in names):
         print(
-            "gpu-rehearsal: skipped (no CUDA device; real sizes need a GPU, tiny-* configs run on the CPU)"
+            "gpu-rehearsal: skipped "
+            "(no CUDA device; real sizes need a GPU, tiny-* configs run on the CPU)"
         )
         return
     for name in names:
@@ -890,29 +889,24 @@ def run_rehearsal(names, a):
 
 # --- the same sizes as arithmetic ---------------------------------------------------------------
 def estimate(name, prompts=8, group_size=8, micro_batch=8):
-    """Memory of one gvu.train step on config `name`, as arithmetic from the same SPECS: modules are built
-    on the meta device (exact parameter counts, no memory). Returns rows (part, GiB with fp32 weights +
-    bf16 autocast, GiB with bf16 weights, kind) with kind "static" (resident all step) or the phase it
-    belongs to (phases run one after another, so the peak is static + the largest phase)."""
+    """Memory of one gvu.train step on config `name`, as arithmetic from the same SPECS: modules are
+    built on the meta device (exact parameter counts, no memory). Returns rows (part, GiB with fp32
+    weights + bf16 autocast, GiB with bf16 weights, kind) with kind "static" (resident all step) or
+    the phase it belongs to (phases run one after another, so the peak is static + the largest
+    phase)."""
     spec = SPECS[name]
     umm = build_umm(spec, "meta", torch.bfloat16)
     tc = getattr(umm.lm.config, "text_config", umm.lm.config)
-    D, I, L, kvh = (
-        tc.hidden_size,
-        tc.intermediate_size,
-        tc.num_hidden_layers,
-        tc.num_key_value_heads,
-    )
+    D, I, L = tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers
+    kvh = tc.num_key_value_heads
     hd = getattr(tc, "head_dim", None) or D // tc.num_attention_heads
     g, K, V, janus = umm.grid[0], umm.image_vocab_size, umm.image_offset, spec["kind"] == "janus"
     n_img, px = g * g, 16 * g  # both decoders give 16 px per code
-    P = max(
-        len(umm.tokenizer(umm.t2i_prompt(p)).input_ids) for p in PROMPTS
-    )  # prefix before the codes
+    # prefix before the codes
+    P = max(len(umm.tokenizer(umm.t2i_prompt(p)).input_ids) for p in PROMPTS)
     T = P + n_img  # rollout, reference and policy sequence length
-    if (
-        janus
-    ):  # the image enters as 576 placeholders; the text around it does not depend on the image
+    # Janus: the image enters as 576 placeholders; the text around it does not depend on the image
+    if janus:
         ctx = umm.caption_prompt(None, INSTRUCTION)
     else:
         ctx = umm.caption_prompt_text(
@@ -943,7 +937,7 @@ def estimate(name, prompts=8, group_size=8, micro_batch=8):
         ]:
             row(f"{part} weights (bf16), {n_params(m) / 1e9:.2f}B params", 2 * n_params(m))
     row(f"LoRA r=8 ({lora / 1e6:.1f}M): fp32 weight, grad, AdamW m, v", 16 * lora)
-    # K is cached in the residual stream's dtype (RoPE promotes it: fp32 with fp32 weights), V in bf16
+    # K is cached in the residual stream's dtype (RoPE promotes it: fp32 with fp32 weights), V bf16
     kv = lambda k_bytes: rows_n * T * L * kvh * hd * (k_bytes + 2)
     row(f"KV cache: {rows_n} rows x {T} tok x {L} layers x {kvh} x {hd}", kv(4), kv(2), "rollout")
     row(
@@ -982,7 +976,8 @@ def estimate(name, prompts=8, group_size=8, micro_batch=8):
             kind="decode (no grad)",
         )
     extra = None
-    if not janus:  # X-Omni's config class has 4 adapter + 4 head layers for image tokens (XOmniConfig defaults)
+    # X-Omni's config class has 4 adapter + 4 head layers for image tokens (XOmniConfig defaults)
+    if not janus:
         extra = 8 * n_params(umm.lm.model.layers[0])
     params = dict(lm=lm, lora=lora)
     if not janus:
@@ -1005,15 +1000,15 @@ def print_estimate(name, a):
     e = estimate(name, a.prompts, a.group_size or 8, a.micro_batch)
     rows, t = e["rows"], e["tokens"]
     print(
-        f"estimate {name} (arithmetic, not a measurement): B={a.prompts} x G={a.group_size or 8} = {e['N']} samples,\n"
-        f"  {e['rollout_rows']} rollout rows, {t['prefix']} prefix + {t['image']} image tokens, reward context "
-        f"~{t['context']} tokens, micro-batch {a.micro_batch}"
+        f"estimate {name} (arithmetic, not a measurement): "
+        f"B={a.prompts} x G={a.group_size or 8} = {e['N']} samples,\n"
+        f"  {e['rollout_rows']} rollout rows, {t['prefix']} prefix + {t['image']} image tokens, "
+        f"reward context ~{t['context']} tokens, micro-batch {a.micro_batch}"
     )
     print(f"  {'GiB':66s} {'fp32 weights':>12s} {'bf16 weights':>12s}")
     totals = {}
-    for kind in dict.fromkeys(
-        r[3] for r in rows
-    ):  # static first, then the phases in the order they run
+    # static first, then the phases in the order they run
+    for kind in dict.fromkeys(r[3] for r in rows):
         print(f"  {kind}")
         for part, f32, b16, _ in (r for r in rows if r[3] == kind):
             print(f"    {part:64s} {f32:12.1f} {b16:12.1f}")
@@ -1023,23 +1018,24 @@ def print_estimate(name, a):
     peak = [static[i] + phases[top][i] for i in (0, 1)]
     print(f"  {'static total':66s} {static[0]:12.1f} {static[1]:12.1f}")
     print(f"  {'peak = static + largest phase (' + top + ')':66s} {peak[0]:12.1f} {peak[1]:12.1f}")
-    print(
-        f"  {'fits an 80 GB card (<= %.0f GiB)' % FIT_GIB:66s} {'yes' if peak[0] <= FIT_GIB else 'NO':>12s} "
-        f"{'yes' if peak[1] <= FIT_GIB else 'NO':>12s}"
-    )
-    if e["extra_layers"]:
+    fits = ["yes" if gib <= FIT_GIB else "NO" for gib in peak]
+    print(f"  {'fits an 80 GB card (<= %.0f GiB)' % FIT_GIB:66s} {fits[0]:>12s} {fits[1]:>12s}")
+    if extra := e["extra_layers"]:
         print(
-            f"  note: X-Omni's config class also has 4 + 4 image-token layers (XOmniConfig num_mm_adap_layers,\n"
-            f"  num_mm_head_layers); if they come on top of Qwen2.5's 28, add {e['extra_layers'] / 1e9:.2f}B params "
-            f"= {4 * e['extra_layers'] / 2**30:.1f} / {2 * e['extra_layers'] / 2**30:.1f} GiB of weights"
+            "  note: X-Omni's config class also has 4 + 4 image-token layers "
+            "(XOmniConfig num_mm_adap_layers,\n"
+            f"  num_mm_head_layers); if they come on top of Qwen2.5's 28, "
+            f"add {extra / 1e9:.2f}B params "
+            f"= {4 * extra / 2**30:.1f} / {2 * extra / 2**30:.1f} GiB of weights"
         )
     print()
 
 
 def ddp_bench(n, B, G, steps, micro_batch):
-    """--ddp: gvu.py on the tiny random UMM, B prompts x G a step, in 1 process and in n under torchrun (one thread
-    each; gloo on the CPU, one GPU each with NCCL); s/step = the logs' mean after the first step. Scaling
-    efficiency = t_1 / (n * t_n): 1.0 if n processes take 1/n of the time (the global batch is the same)."""
+    """--ddp: gvu.py on the tiny random UMM, B prompts x G a step, in 1 process and in n under
+    torchrun (one thread each; gloo on the CPU, one GPU each with NCCL); s/step = the logs' mean
+    after the first step. Scaling efficiency = t_1 / (n * t_n): 1.0 if n processes take 1/n of the
+    time (the global batch is the same)."""
     import tempfile
 
     if B % n:
@@ -1080,8 +1076,9 @@ def ddp_bench(n, B, G, steps, micro_batch):
             rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
             seconds[procs] = float(np.mean([r["seconds"] for r in rows[1:]]))
     print(
-        f"ddp      {B} prompts x G={G}, {steps} steps | 1 process {seconds[1]:.3f} s/step | {n} processes "
-        f"{seconds[n]:.3f} s/step | scaling efficiency {seconds[1] / (n * seconds[n]):.2f} "
+        f"ddp      {B} prompts x G={G}, {steps} steps | 1 process {seconds[1]:.3f} s/step "
+        f"| {n} processes {seconds[n]:.3f} s/step "
+        f"| scaling efficiency {seconds[1] / (n * seconds[n]):.2f} "
         f"({'CUDA' if torch.cuda.is_available() else 'CPU, gloo'})"
     )
 
@@ -1142,7 +1139,8 @@ def main(argv=None):
     p.add_argument(
         "--weights",
         choices=["fp32", "bf16"],
-        help="LM weights (default: as gvu.train loads a real checkpoint, bf16 on CUDA) or fp32 + bf16 autocast",
+        help="LM weights (default: as gvu.train loads a real checkpoint, bf16 on CUDA) "
+        "or fp32 + bf16 autocast",
     )
     p.add_argument(
         "--decode-steps",
@@ -1170,7 +1168,8 @@ def main(argv=None):
         type=int,
         default=0,
         metavar="N",
-        help="s/step of gvu.py in 1 process vs N under torchrun (uses --prompts, --group-size, --steps)",
+        help="s/step of gvu.py in 1 process vs N under torchrun "
+        "(uses --prompts, --group-size, --steps)",
     )
     a = p.parse_args(argv)
     if a.ddp:
@@ -1192,7 +1191,7 @@ def main(argv=None):
     umm, G, n, instr = TinyUMM.random(0), a.group_size or 4, a.repeats, INSTRUCTION
     prompts = [p for p in PROMPTS for _ in range(G)]
     print(
-        f"tiny UMM: {sum(q.numel() for q in umm.lm.parameters()) / 1e6:.2f}M LM params, {len(prompts)} images, "
+        f"tiny UMM: {n_params(umm.lm) / 1e6:.2f}M LM params, {len(prompts)} images, "
         f"{torch.get_num_threads()} threads; every figure: median [min-max] of {n} repeats"
     )
 
@@ -1215,7 +1214,8 @@ def main(argv=None):
         f"{spread(t_slow / t_fast, 1)}x | max |dR| {(fast - slow).abs().max().item():.1e}"
     )
 
-    # 2. rollout, at 64 image tokens: the rollout reads only the LM and the grid, so the tiny model samples 8 x 8
+    # 2. rollout, at 64 image tokens: the rollout reads only the LM and the grid, so the tiny model
+    # samples 8 x 8
     umm.grid = (8, 8)
     gen = lambda: torch.Generator().manual_seed(1)
     (cached, uncached), (t_c, t_u) = timed(
@@ -1226,13 +1226,15 @@ def main(argv=None):
         n,
     )
     print(
-        f"rollout  KV-cached {spread(t_c)} ms | uncached {spread(t_u)} ms | speed-up {spread(t_u / t_c, 1)}x | "
-        f"{cached.shape[1]} image tokens | same codes: {torch.equal(cached, uncached)}"
+        f"rollout  KV-cached {spread(t_c)} ms | uncached {spread(t_u)} ms "
+        f"| speed-up {spread(t_u / t_c, 1)}x | {cached.shape[1]} image tokens "
+        f"| same codes: {torch.equal(cached, uncached)}"
     )
 
-    # 3. memory, each setting in a fresh process so the peaks do not mix. On the CPU the peak resident set only
-    # tracks live memory when glibc hands every large block straight back (a fixed mmap threshold): with its
-    # default, a dynamic threshold, freed activations stay in the heap and inflate the later peak
+    # 3. memory, each setting in a fresh process so the peaks do not mix. On the CPU the peak
+    # resident set only tracks live memory when glibc hands every large block straight back (a fixed
+    # mmap threshold): with its default, a dynamic threshold, freed activations stay in the heap and
+    # inflate the later peak
     peaks = {"off": [], "on": []}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     for _ in range(n):
@@ -1256,9 +1258,10 @@ def main(argv=None):
             peaks[mode].append(json.loads(out)["peak_mb"])
     off, on = np.array(peaks["off"]), np.array(peaks["on"])
     print(
-        f"memory   checkpointing off {spread(off, 1)} MB | on {spread(on, 1)} MB | on / off {spread(on / off, 1, '{:.2f}')}"
-        f"  ({'cuda' if torch.cuda.is_available() else 'cpu'}, hidden {a.mem_hidden}, {a.mem_layers} layers, "
-        f"{a.mem_seqs} sequences, LoRA r=8, forward + backward)"
+        f"memory   checkpointing off {spread(off, 1)} MB | on {spread(on, 1)} MB "
+        f"| on / off {spread(on / off, 1, '{:.2f}')}"
+        f"  ({'cuda' if torch.cuda.is_available() else 'cpu'}, hidden {a.mem_hidden}, "
+        f"{a.mem_layers} layers, {a.mem_seqs} sequences, LoRA r=8, forward + backward)"
     )
 
     # 4. where a real step's time goes, on the shipped tiny UMM

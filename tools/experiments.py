@@ -1,23 +1,27 @@
-"""Figures and experiments around a GvU run: what the README's pictures and tables are made of.
+r"""Figures and experiments around a GvU run: what the README's pictures and tables are made of.
 
 audit         per tag, does the model's own intrinsic reward rank its images like the scorer?
 curve         reward (and KL) vs step from gvu.py log.jsonl files
-failures      per tag, how many of a scored folder's wrong images lack a named object (and how many draw
-              every object but get a colour, size or relation wrong)
+failures      per tag, how many of a scored folder's wrong images lack a named object (and how
+              many draw every object but get a colour, size or relation wrong)
 grid          the same prompts and seeds from two `eval_geneval.py generate` folders side by side
 oracle-train  gvu.py with the shapes world's pixel oracle as the reward (gvu_step's reward_fn):
               same RL, a perfect judge, meant as an upper bound for the intrinsic reward
-token-view    what the reward sees: a generate folder's images with the prompt's tokens shaded by their
-              probability under the judge; --edits: the mean reward drop when one attribute word changes
-where         can the tiny UMM's LM learn to read WHERE an object is? fine-tunes a copy on one-object
-              region captions and reports how often it names the right half
+token-view    what the reward sees: a generate folder's images with the prompt's tokens shaded by
+              their probability under the judge; --edits: the mean reward drop when one attribute
+              word changes
+where         can the tiny UMM's LM learn to read WHERE an object is? fine-tunes a copy on
+              one-object region captions and reports how often it names the right half
 
-python -m tools.experiments audit --model checkpoints/tiny-umm --metadata prompts/shapes_geneval.jsonl --out runs/audit_base
+python -m tools.experiments audit --model checkpoints/tiny-umm \
+    --metadata prompts/shapes_geneval.jsonl --out runs/audit_base
 python -m tools.experiments curve "GvU=runs/A/log.jsonl" --out assets/reward_curve.png --smooth 20
 python -m tools.experiments failures runs/eval_base/shapes_geneval runs/eval_A/shapes_geneval
-python -m tools.experiments grid runs/eval_base/geneval runs/eval_A/geneval --out assets/before_after.png
+python -m tools.experiments grid runs/eval_base/geneval runs/eval_A/geneval \
+    --out assets/before_after.png
 python -m tools.experiments oracle-train --out runs/O          # other flags go to gvu.py
-python -m tools.experiments token-view runs/eval_base/geneval --edits --correct-only --out assets/token_view.png
+python -m tools.experiments token-view runs/eval_base/geneval --edits --correct-only \
+    --out assets/token_view.png
 python -m tools.experiments where --model checkpoints/tiny-umm --others 0 --cell-embedding 2
 """
 
@@ -60,7 +64,8 @@ from models.tiny_umm import TinyUMM
 
 
 def group_auc(rewards, correct):
-    """P(reward of a correct image > reward of a wrong one) within one group, ties count half; None if undefined."""
+    """P(reward of a correct image > reward of a wrong one) within one group, ties count half;
+    None if undefined."""
     pos = [r for r, c in zip(rewards, correct) if c]
     neg = [r for r, c in zip(rewards, correct) if not c]
     if not pos or not neg:
@@ -69,7 +74,8 @@ def group_auc(rewards, correct):
 
 
 def audit_table(rows):
-    """Per tag: within-group AUC, share of groups the scorer cannot split, mean reward of correct vs wrong."""
+    """Per tag: within-group AUC, share of groups the scorer cannot split, and the mean reward of
+    correct vs wrong images."""
     by_tag = {}
     for r in rows:
         by_tag.setdefault(r["tag"], []).append(r)
@@ -122,12 +128,13 @@ def cmd_audit(args) -> None:
     (out / "audit.json").write_text(json.dumps(table, indent=2) + "\n")
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
     md = [
-        "| tag | groups | accuracy | within-group AUC | groups with no difference | reward correct | reward wrong |",
+        "| tag | groups | accuracy | within-group AUC | groups with no difference "
+        "| reward correct | reward wrong |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     md += [
-        f"| {t} | {v['groups']} | {v['accuracy']:.3f} | {fmt(v['auc'])} | {v['no_difference']:.2f} | "
-        f"{fmt(v['reward_correct'])} | {fmt(v['reward_wrong'])} |"
+        f"| {t} | {v['groups']} | {v['accuracy']:.3f} | {fmt(v['auc'])} "
+        f"| {v['no_difference']:.2f} | {fmt(v['reward_correct'])} | {fmt(v['reward_wrong'])} |"
         for t, v in table.items()
     ]
     (out / "audit.md").write_text("\n".join(md) + "\n")
@@ -168,7 +175,8 @@ def cmd_curve(args) -> None:
 
 
 def failure_counts(results: list[dict]) -> dict[str, tuple[int, int, int]]:
-    """{tag: (images, wrong, wrong with a named object missing)} from `eval_geneval.py score`'s results.jsonl rows."""
+    """{tag: (images, wrong, wrong with a named object missing)} from the results.jsonl rows of
+    `eval_geneval.py score`."""
     counts = {}
     for r in results:
         images, wrong, missing = counts.get(r["tag"], (0, 0, 0))
@@ -182,8 +190,8 @@ def failure_counts(results: list[dict]) -> dict[str, tuple[int, int, int]]:
 
 
 def cmd_failures(args) -> None:
-    """failures: why a scored folder's images are wrong, per tag: a named object missing, or every object drawn
-    and one of its attributes (colour, size, relation, region) wrong."""
+    """failures: why a scored folder's images are wrong, per tag: a named object missing, or every
+    object drawn and one of its attributes (colour, size, relation, region) wrong."""
     for folder in args.folders:
         path = Path(folder) / "results.jsonl"
         if not path.is_file():
@@ -194,7 +202,8 @@ def cmd_failures(args) -> None:
             [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         )
         print(
-            f"{folder}\n| tag | images | wrong | an object missing | every object drawn, an attribute wrong |"
+            f"{folder}\n| tag | images | wrong | an object missing "
+            "| every object drawn, an attribute wrong |"
         )
         print("|---|---:|---:|---:|---:|")
         for tag, (images, wrong, missing) in sorted(counts.items()):
@@ -202,7 +211,8 @@ def cmd_failures(args) -> None:
 
 
 def cmd_grid(args) -> None:
-    """grid: the same prompts and seeds from two generate folders side by side, with the scorer's verdicts."""
+    """grid: the same prompts and seeds of two generate folders side by side, with the scorer's
+    verdicts in green/red frames."""
     classes = scorer_classes(args.scorer)
     runs = [list(iter_samples(folder, classes=classes)) for folder in (args.run_a, args.run_b)]
     scorer, px, n = make_scorer(args), 96, args.images
@@ -232,11 +242,12 @@ def cmd_grid(args) -> None:
     print(f"wrote {args.out}: left {args.run_a}, right {args.run_b}; green = correct, red = wrong")
 
 
-# --------------------------------------------------------------------------- oracle-reward upper bound
+# ------------------------------------------------------------------------ oracle-reward upper bound
 
 
 def oracle_reward_fn(train_metadata):
-    """A gvu reward_fn: the pixel oracle's verdict (1 or 0) for each image, from the prompt's metadata."""
+    """A gvu reward_fn: the pixel oracle's verdict (1 or 0) on each image, given its prompt's
+    metadata."""
     by_prompt = {m["prompt"]: m for m in read_metadata(train_metadata, classes=shapes.SHAPES)}
 
     def oracle_rewards(umm, images, prompts, args):
@@ -252,34 +263,35 @@ def oracle_reward_fn(train_metadata):
 
 def cmd_oracle_train(args, gvu_argv) -> None:
     """oracle-train: gvu.py unchanged except that the reward is the pixel oracle's verdict (1 or 0).
-    Same RL, a perfect judge: the gap to GvU separates "the reward is weak" from "the RL cannot learn this"."""
+    Same RL, a perfect judge: the gap to GvU separates "the reward is weak" from "the RL cannot
+    learn this". --dynamic-sampling N attaches DAPO's dynamic sampling as gvu_step's sampler."""
     if args.dynamic_sampling < 0:
-        raise GenEvalError(f"--dynamic-sampling must be >= 0 (0 = off; got {args.dynamic_sampling})")
-    sample_fn = dynamic_sampler(args.dynamic_sampling) if args.dynamic_sampling else None
-    gvu.main(gvu_argv, oracle_reward_fn(args.train_metadata), sample_fn or gvu.sample_and_reward)
+        raise GenEvalError(
+            f"--dynamic-sampling must be >= 0 (0 = off; got {args.dynamic_sampling})"
+        )
+    sampler = dynamic_sampler(args.dynamic_sampling) if args.dynamic_sampling else None
+    gvu.main(gvu_argv, oracle_reward_fn(args.train_metadata), sampler or gvu.sample_and_reward)
 
 
-# --------------------------------------------------------------------------- where: can the LM read positions?
+# ---------------------------------------------------------------- where: can the LM read positions?
 
 
 def add_cell_embedding(umm, scale, seed=1234):
-    """Hand the LM where each image code sits: a fixed random row embedding + column embedding (norm about
-    `scale`) added to each code's input embedding, through a forward hook on the LM's input embeddings."""
+    """Hand the LM where each image code sits: a fixed random row embedding + column embedding
+    (norm about `scale`) added to each code's input embedding, through a forward hook on the LM's
+    input embeddings."""
     g, d = umm.grid[0], umm.lm.config.hidden_size
     gen = torch.Generator().manual_seed(seed)
     rows, cols = torch.randn(g, d, generator=gen), torch.randn(g, d, generator=gen)
-    table = (
-        (rows[:, None] + cols[None]).reshape(g * g, d) * scale / (2 * d) ** 0.5
-    )  # (h*w, D), row-major cells
+    # (h*w, D), row-major cells
+    table = (rows[:, None] + cols[None]).reshape(g * g, d) * scale / (2 * d) ** 0.5
 
-    def hook(
-        module, inputs, embeds
-    ):  # inputs[0]: ids (B, T); each run of image ids is one image, cell 0 first
+    # inputs[0]: ids (B, T); each run of image ids is one image, cell 0 first
+    def hook(module, inputs, embeds):
         img = inputs[0] >= umm.image_offset
         seen = img.long().cumsum(1)
-        start = (
-            torch.where(~img, seen, torch.zeros_like(seen)).cummax(1).values
-        )  # image ids before this image
+        # image ids before this image
+        start = torch.where(~img, seen, torch.zeros_like(seen)).cummax(1).values
         cell = (seen - start - 1).clamp(0, g * g - 1)
         return embeds + table.to(embeds.dtype)[cell] * img[..., None]
 
@@ -287,7 +299,8 @@ def add_cell_embedding(umm, scale, seed=1234):
 
 
 def region_line(rng):
-    """'a photo of a red circle on the left': one object in one half (a caption family only this probe uses)."""
+    """'a photo of a red circle on the left': one object in one half (a caption family only this
+    probe uses)."""
     req = shapes.item(
         str(rng.choice(shapes.SHAPES)),
         color=str(rng.choice(list(shapes.COLORS))),
@@ -298,8 +311,9 @@ def region_line(rng):
 
 @torch.no_grad()
 def region_direction(umm, rng, others, n=120):
-    """Mean over n held-out scenes of p(true half) / (p(true half) + p(opposite half)) for the word after
-    'a photo of a red circle on the', each scene with one of `others` extra objects of other shapes (0.5: blind)."""
+    """Mean over n held-out scenes of p(true half) / (p(true half) + p(opposite half)) for the
+    word after 'a photo of a red circle on the', each scene with one of `others` extra objects of
+    other shapes (0.5: blind)."""
     words = list(shapes.REGIONS)
     ids = [umm.tokenizer.convert_tokens_to_ids(w) for w in words]
     umm.set_generation_mode("text")
@@ -322,9 +336,10 @@ def region_direction(umm, rng, others, n=120):
 
 
 def cmd_where(args) -> None:
-    """where: fine-tune a copy of the LM (never saved) on one-object region captions, with `--others` extra
-    objects in each training scene, then read the region word with no other object and with 1-2 others.
-    Alone, the LM only has to find the one object; among others it must find the one the caption names."""
+    """where: fine-tune a copy of the LM (never saved) on one-object region captions, with
+    `--others` extra objects in each training scene, then read the region word with no other object
+    and with 1-2 others. Alone, the LM only has to find the one object; among others it must find
+    the one the caption names."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     umm = TinyUMM.from_pretrained(args.model)
@@ -351,25 +366,23 @@ def cmd_where(args) -> None:
         if step % 100 == 0 or step == args.steps - 1:
             print(f"where step {step:4d}  caption nll {loss.item():.4f}", flush=True)
     umm.lm.eval().requires_grad_(False)
-    test = np.random.default_rng(
-        10_000 + args.seed
-    )  # held-out scenes, the same for every variant of a seed
-    alone, among = (
-        region_direction(umm, test, [0], args.scenes),
-        region_direction(umm, test, [1, 2], args.scenes),
-    )
+    # held-out scenes, the same for every variant of a seed
+    test = np.random.default_rng(10_000 + args.seed)
+    alone = region_direction(umm, test, [0], args.scenes)
+    among = region_direction(umm, test, [1, 2], args.scenes)
     print(
         f"where: right half named {alone:.3f} alone, {among:.3f} among 1-2 others (0.5: blind; "
         f"steps {args.steps}, others {args.others}, cell embedding {args.cell_embedding})"
     )
 
 
-# --------------------------------------------------------------------------- what the reward sees, token by token
+# ------------------------------------------------------------- what the reward sees, token by token
 
 
 def word_classes(shapes_world):
-    """(class, interchangeable words) for prompt edits: the shapes world's own lists (world/shapes.py), else GenEval's
-    colours and relations. Counts stay plural (two..seven) and shapes keep their number, so one word changes."""
+    """(class, interchangeable words) for prompt edits: the shapes world's own lists
+    (world/shapes.py), else GenEval's colours and relations. Counts stay plural (two..seven) and
+    shapes keep their number, so one word changes."""
     colours = list(shapes.COLORS) if shapes_world else GENEVAL_COLORS
     nouns = (
         [("shape", list(shapes.SHAPES)), ("shape", list(shapes.PLURALS.values()))]
@@ -388,9 +401,9 @@ def word_classes(shapes_world):
 
 
 def word_edits(prompt, classes):
-    """Every prompt that differs from `prompt` in one attribute word (or relation phrase): [(class, edited)].
-    A region ("on the left") is told from a relation ("left of", "above") by the "the" before it; an article
-    before the changed word follows it (a red / an orange)."""
+    """Every prompt that differs from `prompt` in one attribute word (or relation phrase):
+    [(class, edited)]. A region ("on the left") is told from a relation ("left of", "above") by the
+    "the" before it; an article before the changed word follows it (a red / an orange)."""
     words, edits = prompt.split(), []
     for name, options in classes:
         for i in range(len(words)):
@@ -398,9 +411,8 @@ def word_edits(prompt, classes):
                 k = len(old.split())
                 if words[i : i + k] != old.split():
                     continue
-                if name in ("relation", "region") and (name == "region") != (
-                    i > 0 and words[i - 1] == "the"
-                ):
+                after_the = i > 0 and words[i - 1] == "the"
+                if name in ("relation", "region") and (name == "region") != after_the:
                     continue
                 for new in options:
                     if new != old:
@@ -412,8 +424,9 @@ def word_edits(prompt, classes):
 
 
 def edit_table(umm, images, prompts, instruction):
-    """Per word class: how many (image, edit) pairs, mean reward for the image's own prompt and for the edited one,
-    the mean drop, and how often the edit lowers the reward. images[i] is scored against prompts[i] and its edits."""
+    """Per word class: how many (image, edit) pairs, mean reward for the image's own prompt and
+    for the edited one, the mean drop, and how often the edit lowers the reward. images[i] is
+    scored against prompts[i] and its edits."""
     shapes_world = all(w in shapes.PROMPT_WORDS for p in prompts for w in p.split())
     classes, by_class = word_classes(shapes_world), {}
     for image, prompt in zip(images, prompts):
@@ -438,7 +451,8 @@ def edit_table(umm, images, prompts, instruction):
 
 
 def cmd_token_view(args) -> None:
-    """token-view: images of a generate folder x their prompt's tokens, shaded by p(token | image, earlier tokens)."""
+    """token-view: images of a generate folder x their prompt's tokens, shaded by
+    p(token | image, earlier tokens)."""
     if args.prompts < 1 or args.images < 1 or args.px < 16:
         raise GenEvalError("--prompts and --images must be >= 1 and --px >= 16")
     if not Path(args.out).resolve().parent.is_dir():
@@ -452,15 +466,15 @@ def cmd_token_view(args) -> None:
         or any(r["class"] not in shapes.SHAPES for m, _ in groups.values() for r in m["include"])
     ):
         raise GenEvalError(
-            "--correct-only needs a shapes-world folder scored against its own prompts (no --prompt)"
+            "--correct-only needs a shapes-world folder scored against its own prompts "
+            "(no --prompt)"
         )
     n = min(args.images, *(len(paths) for _, paths in groups.values()))
     by_tag = {}
     for k in sorted(groups):
         by_tag.setdefault(groups[k][0]["tag"], []).append(k)
-    shown = [k for turn in zip_longest(*by_tag.values()) for k in turn if k is not None][
-        : args.prompts
-    ]  # tags take turns
+    turns = zip_longest(*by_tag.values())  # tags take turns
+    shown = [k for turn in turns for k in turn if k is not None][: args.prompts]
     prompts = [args.prompt or groups[k][0]["prompt"] for k in shown for _ in range(n)]
     umm = load_model(args)
     try:
@@ -485,8 +499,8 @@ def cmd_token_view(args) -> None:
         token_logp=token_logp,
     )
     print(
-        f"wrote {args.out}: {len(shown)} prompts x {n} images; tokens shaded white (p=1) to red (p=0), "
-        "the least likely one framed"
+        f"wrote {args.out}: {len(shown)} prompts x {n} images; "
+        "tokens shaded white (p=1) to red (p=0), the least likely one framed"
     )
     if not args.edits:
         return
@@ -508,8 +522,8 @@ def cmd_token_view(args) -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for name, row in table.items():
         print(
-            f"| {name} | {row['edits']} | {row['reward']:.3f} | {row['reward_edited']:.3f} | {row['drop']:.3f} "
-            f"| {row['lowered']:.0%} |"
+            f"| {name} | {row['edits']} | {row['reward']:.3f} | {row['reward_edited']:.3f} "
+            f"| {row['drop']:.3f} | {row['lowered']:.0%} |"
         )
 
 
@@ -533,7 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--end-of-turn",
         choices=["on", "off"],
         default="on",
-        help="score the end-of-turn token too (gvu.py --score-end-of-turn); off: the paper's T_1..T_L",
+        help="score the end-of-turn token too (gvu.py --score-end-of-turn); "
+        "off: the paper's T_1..T_L",
     )
     add_detector_flags(au)
     au.set_defaults(func=cmd_audit)
@@ -585,9 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
         "folder",
         help="an eval_geneval.py generate folder (00000/metadata.jsonl, 00000/samples/0000.png)",
     )
-    add_load_flags(
-        tv, model_default="checkpoints/tiny-umm"
-    )  # the judge: any model gvu.py loads, as generate
+    # the judge: any model gvu.py loads, as generate
+    add_load_flags(tv, model_default="checkpoints/tiny-umm")
     tv.add_argument(
         "--instruction", default="Describe the image in detail.", help="as gvu.py --instruction"
     )
@@ -604,8 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
     tv.add_argument(
         "--edits",
         action="store_true",
-        help="also score every image of the folder against its prompt "
-        "with one colour / count / shape / relation / region / size word changed; print the mean drop",
+        help="also score every image of the folder against its prompt with one "
+        "colour / count / shape / relation / region / size word changed; print the mean drop",
     )
     tv.add_argument(
         "--correct-only",
@@ -634,7 +648,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         nargs="+",
         default=[0, 0, 1, 2],
-        help="extra objects per training scene, drawn from this list (world/make_tiny_umm.py's draw by default)",
+        help="extra objects per training scene, drawn from this list "
+        "(world/make_tiny_umm.py's draw by default)",
     )
     wh.add_argument(
         "--cell-embedding",
@@ -657,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Entry point; oracle-train passes the flags it does not know to gvu.py. Errors are one line."""
+    """Entry point; oracle-train hands unknown flags to gvu.py; errors are one line."""
     args, rest = build_parser().parse_known_args(argv)
     if rest and args.command != "oracle-train":
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")

@@ -1,28 +1,32 @@
 """GenEval++ scored the paper's way: a vision-language model judges each image against a checklist.
 
-The protocol is the official one, from evaluation/evaluation_geneval_plus.py in the public repository
-matrix0721/GvU (read at commit 0a3000a; this is our own code, only the prompt text is theirs):
+The protocol is the official one, from evaluation/evaluation_geneval_plus.py in the public
+repository matrix0721/GvU (read at commit 0a3000a; this is our own code, only the prompt text is
+theirs):
 
-  1. each metadata line becomes an "Expectation checklist" (count, colour, size, region of each included
-     object; "No more than N ... should appear" for each exclude clause),
-  2. the judge gets a fixed system prompt, then one user turn: the instruction and the checklist as text,
-     followed by the image as a base64 JPEG (PIL's default quality),
+  1. each metadata line becomes an "Expectation checklist" (count, colour, size, region of each
+     included object; "No more than N ... should appear" for each exclude clause),
+  2. the judge gets a fixed system prompt, then one user turn: the instruction and the checklist as
+     text, followed by the image as a base64 JPEG (PIL's default quality),
   3. decoding at temperature 0 with at most 200 new tokens,
-  4. the answer must hold a JSON object {"correct": 0|1, "reason": ...}; a failed call or an unusable
-     answer is retried, 6 attempts in all; after that the image is not evaluated (correct = -1).
+  4. the answer must hold a JSON object {"correct": 0|1, "reason": ...}; a failed call or an
+     unusable answer is retried, 6 attempts in all; after that the image is not evaluated
+     (correct = -1).
 
 Where we differ, on purpose: images the judge could not evaluate are left out of the accuracies and
-reported as a separate share (the official script counts them as wrong); an answer whose "correct" is
-not 0/1 is retried (the official script would count it as wrong); failed attempts wait
-RETRY_BACKOFF_S * 2**k seconds (the official script retries at once); authentication / unknown-model
-errors stop the run instead of marking every image -1.
+reported as a separate share (the official script counts them as wrong); an answer whose "correct"
+is not 0/1 is retried (the official script would count it as wrong); failed attempts wait
+RETRY_BACKOFF_S * 2**k seconds (the official script retries at once); authentication /
+unknown-model errors stop the run instead of marking every image -1.
 
 Backends (`--judge`):
-  openai:MODEL  any OpenAI-compatible chat-completions endpoint, through the `openai` client (optional
-                dependency); the client reads OPENAI_BASE_URL and OPENAI_API_KEY from the environment.
-  hf:MODEL      a local transformers VLM (AutoProcessor + AutoModelForImageTextToText), the same messages
-                through the processor's chat template, greedy decoding. Greedy decoding is deterministic,
-                so a retry would repeat the same answer: this backend makes one attempt.
+  openai:MODEL  any OpenAI-compatible chat-completions endpoint, through the `openai` client
+                (optional dependency); the client reads OPENAI_BASE_URL and OPENAI_API_KEY from the
+                environment.
+  hf:MODEL      a local transformers VLM (AutoProcessor + AutoModelForImageTextToText), the same
+                messages through the processor's chat template, greedy decoding. Greedy decoding is
+                deterministic, so a retry would repeat the same answer: this backend makes one
+                attempt.
 """
 
 from __future__ import annotations
@@ -45,13 +49,12 @@ MAX_TOKENS = 200  # official: max_tokens=200
 TEMPERATURE = 0.0  # official: temperature=0.0
 ATTEMPTS = 6  # official: max_retries=6, i.e. 6 calls in all
 RETRY_BACKOFF_S = 1.0  # ours: wait 1, 2, 4, 8, 16 s between attempts (tests set 0)
-REQUEST_TIMEOUT_S = (
-    120.0  # ours: one HTTP request may take this long before it counts as a failed attempt
-)
+# ours: one HTTP request may take this long before it counts as a failed attempt
+REQUEST_TIMEOUT_S = 120.0
 UNEVALUATED = -1  # official: {"correct": -1, ...} once every attempt failed
 
-# The judge's instructions, word for word as in the official script
-# (matrix0721/GvU, evaluation/evaluation_geneval_plus.py, SYSTEM_PROMPT): any change moves the scores.
+# The judge's instructions, word for word as in the official script (matrix0721/GvU,
+# evaluation/evaluation_geneval_plus.py, SYSTEM_PROMPT): any change moves the scores.
 SYSTEM_PROMPT = """You are an expert image evaluator.
 
 Your task is to determine whether the given image faithfully satisfies the visual instruction and the expectation checklist.
@@ -73,18 +76,20 @@ Return your result as a JSON object using this format:
   "correct": 1 if the image fully satisfies all expectations, else 0,
   "reason": "You may explain in detail what is missing or incorrect"
 }
-"""
+"""  # noqa: E501 (verbatim)
 
 
 class JudgeError(Exception):
-    """A user-facing problem (bad --judge, missing package, rejected credentials): one line, non-zero exit."""
+    """A user-facing problem (bad --judge, missing package, rejected credentials): one line,
+    non-zero exit."""
 
 
 class TransientError(Exception):
-    """One failed judge call that is worth another attempt (network, rate limit, server error, empty answer)."""
+    """One failed judge call that is worth another attempt (network, rate limit, server error,
+    empty answer)."""
 
 
-# --------------------------------------------------------------------------- the checklist (official wording)
+# ----------------------------------------------------------------- the checklist (official wording)
 
 
 def naive_plural(name: str, count: int) -> str:
@@ -93,7 +98,7 @@ def naive_plural(name: str, count: int) -> str:
 
 
 def describe_include(req: dict) -> str:
-    """'red-colored larger 2 dogs located in the left part of the image' (official `format_item`)."""
+    """'red-colored larger 2 dogs located in the left part of the image' (official format_item)."""
     count = req.get("count", 1)
     noun = f"{count} {naive_plural(req['class'], count)}"
     adjectives = [f"{req['color']}-colored"] if req.get("color") else []
@@ -114,7 +119,7 @@ def describe_exclude(req: dict) -> str:
 
 
 def checklist(meta: dict) -> str:
-    """The expectation checklist of one metadata line: one '- ...' line per include, then per exclude."""
+    """The expectation checklist of a metadata line: '- ...' per include, then per exclude."""
     lines = [f"- {describe_include(r)}." for r in meta.get("include", [])]
     lines += [f"- {describe_exclude(r)}." for r in meta.get("exclude", [])]
     return "This image should contain:\n" + "\n".join(lines)
@@ -133,7 +138,7 @@ def encode_jpeg(image: Image.Image) -> str:
 
 
 def build_messages(meta: dict, image: Image.Image) -> list[dict]:
-    """OpenAI chat messages: the system prompt, then [checklist text, JPEG image] as the user turn."""
+    """OpenAI chat messages: the system prompt, then a user turn [checklist text, JPEG image]."""
     return [
         {"role": "system", "content": SYSTEM_PROMPT},
         {
@@ -153,18 +158,18 @@ def build_messages(meta: dict, image: Image.Image) -> list[dict]:
 
 
 def extract_json(text: str) -> dict:
-    """The JSON object in an answer: drop a ```json fence, then parse the outermost {...}; ValueError if none."""
+    """The JSON object in an answer: drop a ```json fence, then parse the outermost {...};
+    ValueError if none."""
     text = re.sub(r"\s*```$", "", re.sub(r"^```json\s*", "", text.strip()))
-    found = re.search(
-        r"\{[\s\S]*\}", text
-    )  # greedy: from the first '{' to the last '}', as the official script
+    # greedy: from the first '{' to the last '}', as the official script
+    found = re.search(r"\{[\s\S]*\}", text)
     if not found:
         raise ValueError("no JSON object in the answer")
     return json.loads(found.group(0))  # json.JSONDecodeError is a ValueError
 
 
 def parse_verdict(text: str) -> tuple[int, str]:
-    """(1 or 0, reason) from the judge's answer; ValueError if it holds no {"correct": 0|1} object."""
+    """(1 or 0, reason) from the judge's answer; ValueError without a {"correct": 0|1} object."""
     answer = extract_json(text)
     correct = answer.get("correct")
     if isinstance(correct, str) or correct not in (0, 1):  # bool, int or float equal to 0 / 1
@@ -210,7 +215,7 @@ def parse_judge_spec(spec: str) -> tuple[str, str]:
 
 
 def openai_backend(model: str):
-    """complete(messages) through an OpenAI-compatible endpoint (OPENAI_BASE_URL, OPENAI_API_KEY)."""
+    """complete(messages) via an OpenAI-compatible endpoint (OPENAI_BASE_URL, OPENAI_API_KEY)."""
     try:
         import openai
     except ImportError:
@@ -231,9 +236,8 @@ def openai_backend(model: str):
             openai.NotFoundError,
         ) as e:
             raise JudgeError(f"judge {model} at {client.base_url}: {one_line(e)}") from None
-        except (
-            openai.APIError
-        ) as e:  # connection, timeout, rate limit, 5xx, other 4xx: another attempt
+        # connection, timeout, rate limit, 5xx, other 4xx: another attempt
+        except openai.APIError as e:
             raise TransientError(one_line(e)) from None
         if not response.choices or response.choices[0].message.content is None:
             raise TransientError("empty answer")
@@ -243,7 +247,7 @@ def openai_backend(model: str):
 
 
 def hf_inputs(messages) -> tuple[list[dict], list[Image.Image]]:
-    """OpenAI messages -> the chat-template form ({"type": "image"} placeholders) and the decoded JPEGs."""
+    """OpenAI messages -> the chat-template form ({"type": "image"} placeholders), decoded JPEGs."""
     converted, images = [], []
     for message in messages:
         parts = message["content"]
@@ -261,7 +265,8 @@ def hf_inputs(messages) -> tuple[list[dict], list[Image.Image]]:
 
 
 def hf_backend(model_name: str, device: str | None = None):
-    """complete(messages) with a local transformers VLM: chat template, greedy decoding, MAX_TOKENS new tokens."""
+    """complete(messages) with a local transformers VLM: chat template, greedy decoding,
+    MAX_TOKENS new tokens."""
     device = pick_device(device or "auto")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:
@@ -271,20 +276,16 @@ def hf_backend(model_name: str, device: str | None = None):
             .to(device)
             .eval()
         )
-    except (
-        OSError,
-        ValueError,
-        ImportError,
-    ) as e:  # missing path, hub id not cached, unknown class, no torchvision
+    # missing path, hub id not cached, unknown class, no torchvision
+    except (OSError, ValueError, ImportError) as e:
         raise JudgeError(f"cannot load the judge {model_name}: {one_line(e)}") from None
 
     def complete(messages) -> str:
         chat, images = hf_inputs(messages)
         text = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
         inputs = processor(text=[text], images=images, return_tensors="pt").to(device)
-        inputs.pop(
-            "token_type_ids", None
-        )  # some processors return it; older generate() refuses what the model ignores
+        # some processors return it; older generate() refuses what the model ignores
+        inputs.pop("token_type_ids", None)
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
         return processor.batch_decode(
@@ -294,26 +295,26 @@ def hf_backend(model_name: str, device: str | None = None):
     return complete
 
 
-# --------------------------------------------------------------------------- the scorer `eval_geneval.py score` uses
+# ---------------------------------------------------------- the scorer `eval_geneval.py score` uses
 
 
 class VLMScorer:
-    """scorer(image, meta) -> (1 | 0 | -1, reason); eval_geneval.summarize keeps -1 rows out of the accuracies."""
+    """scorer(image, meta) -> (1 | 0 | -1, reason); eval_geneval.summarize leaves -1 rows out."""
 
     def __init__(self, spec: str | None = None, device: str | None = None):
         self.spec = spec or DEFAULT_JUDGE
         backend, model = parse_judge_spec(self.spec)
         self.complete = openai_backend(model) if backend == "openai" else hf_backend(model, device)
-        self.attempts = (
-            ATTEMPTS if backend == "openai" else 1
-        )  # greedy decoding: a retry repeats the answer
+        # greedy decoding: a retry repeats the answer
+        self.attempts = ATTEMPTS if backend == "openai" else 1
 
     def __call__(self, image: Image.Image, meta: dict) -> tuple[int, str]:
         return judge(self.complete, build_messages(meta, image), self.attempts)
 
     def note(self, unevaluated: int, images: int) -> str:
         """The summary's note on the images the judge left unevaluated."""
+        share = 100 * unevaluated / max(images, 1)
         return (
-            f"judge {self.spec}: {unevaluated} of {images} images ({100 * unevaluated / max(images, 1):.1f}%) "
+            f"judge {self.spec}: {unevaluated} of {images} images ({share:.1f}%) "
             f"not evaluated after {self.attempts} attempt(s), left out of every accuracy above"
         )

@@ -1,4 +1,4 @@
-"""The synthetic shapes world: a CPU-sized stand-in for GenEval, where the tiny UMM learns and is scored.
+"""The synthetic shapes world: a CPU-sized GenEval stand-in where the tiny UMM learns and is scored.
 
 shapes.py          the renderer, the scene sampler, the prompt sets (prompts/*) and the pixel oracle
 geneval_rules.py   GenEval's verdict rules, one engine for the oracle and eval_geneval.py's detector

@@ -22,23 +22,14 @@ from typing import Callable
 
 import numpy as np
 
-COLORS = [
-    "red",
-    "orange",
-    "yellow",
-    "green",
-    "blue",
-    "purple",
-    "pink",
-    "brown",
-    "black",
-    "white",
-]  # GenEval's
+# GenEval's
+COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white"]
 
 
 @dataclass
 class Detection:
-    """One detected object: class name, confidence, box (x1, y1, x2, y2), optional mask/colour/size."""
+    """One detected object: class name, confidence, box (x1, y1, x2, y2), optional mask, colour
+    and size."""
 
     cls: str
     score: float
@@ -51,8 +42,8 @@ class Detection:
 def select_detections(
     raw: list[Detection], tag: str, threshold=0.3, counting_threshold=0.9, max_per_class=16
 ) -> dict[str, list[Detection]]:
-    """Group detections by class, best first: score > threshold (0.9 for 'counting'), <= 16 each, no NMS.
-    Ties keep the input order (Python's sort is stable)."""
+    """Group detections by class, best first: score > threshold (0.9 for 'counting'), <= 16 each,
+    no NMS. Ties keep the input order (Python's sort is stable)."""
     thr = counting_threshold if tag == "counting" else threshold
     groups: dict[str, list[Detection]] = {}
     for det in sorted(raw, key=lambda d: -d.score):
@@ -89,7 +80,8 @@ def mean_area(group: list[Detection]) -> float:
 
 
 def lacks_an_object(reason: str) -> bool:
-    """Did `evaluate` fail an image because a named class has fewer detections than the prompt asks for?"""
+    """Did `evaluate` fail an image because a named class has fewer detections than the prompt
+    asks for?"""
     return any(re.fullmatch(r"expected .+>=\d+, found \d+", r) for r in reason.split("; "))
 
 
@@ -112,9 +104,8 @@ def evaluate(
         found = detected.get(cls, [])[:n]
         ok = len(found) >= n
         if not ok:
-            reasons.append(
-                f"expected {cls}>={n}, found {len(found)}"
-            )  # read back by `lacks_an_object`
+            # read back by `lacks_an_object`
+            reasons.append(f"expected {cls}>={n}, found {len(found)}")
         if ok and "color" in req:
             colors = color_fn(found, cls)
             if colors.count(req["color"]) < n:
@@ -124,9 +115,8 @@ def evaluate(
         if ok and req.get("size") in ("small", "large"):  # the shapes world's absolute sizes
             if any(d.size != req["size"] for d in found):
                 ok = False
-                reasons.append(
-                    f"expected {req['size']} {cls}>={n}, found {', '.join(str(d.size) for d in found)}"
-                )
+                sizes = ", ".join(str(d.size) for d in found)
+                reasons.append(f"expected {req['size']} {cls}>={n}, found {sizes}")
         if ok and "position" in req:
             rel, target = req["position"]
             if target >= len(groups) or groups[target] is None:

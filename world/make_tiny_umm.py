@@ -1,15 +1,20 @@
-"""
-The recipe that trains the shipped tiny UMM (models/tiny_umm.py) in the shapes world, and measures it.
+r"""
+The recipe of the shipped tiny UMM (models/tiny_umm.py) in the shapes world, and its measurements.
 
-    python -m world.make_tiny_umm train --out checkpoints/tiny-umm --seed 0 --threads 1     (the default base: the defaults)
-    python -m world.make_tiny_umm train --out checkpoints/tiny-umm-weak --t2i-frac 0.1 --vision-from checkpoints/tiny-umm \
-           --seed 0 --threads 1                    (the weak base: the default's recipe, half its share of T2I lines)
-    python -m world.make_tiny_umm understand --model checkpoints/tiny-umm --n 300 [--adapter RUN/adapter]
+    # the default base: the defaults
+    python -m world.make_tiny_umm train --out checkpoints/tiny-umm --seed 0 --threads 1
+    # the weak base: the default's recipe, half its share of T2I lines
+    python -m world.make_tiny_umm train --out checkpoints/tiny-umm-weak --t2i-frac 0.1 \
+        --vision-from checkpoints/tiny-umm --seed 0 --threads 1
+    python -m world.make_tiny_umm understand --model checkpoints/tiny-umm --n 300 \
+        [--adapter RUN/adapter]
     python -m world.make_tiny_umm draw --model checkpoints/tiny-umm --metadata prompts/train.jsonl
-    python -m world.make_tiny_umm random --out /tmp/tiny   # a random-init model folder (safetensors)
+    # a random-init model folder (safetensors)
+    python -m world.make_tiny_umm random --out /tmp/tiny
 
 Generation is measured by the evaluation script, as for any model:
-    python eval_geneval.py generate --model checkpoints/tiny-umm --metadata prompts/shapes_geneval.jsonl --out E --any-class
+    python eval_geneval.py generate --model checkpoints/tiny-umm \
+        --metadata prompts/shapes_geneval.jsonl --out E --any-class
     python eval_geneval.py score E --scorer shapes
 
 Three stages, each deterministic in --seed: (1) the image tokenizer, a per-cell classifier onto
@@ -55,7 +60,8 @@ def read_jsonl(path):
 
 # --- the 161 cell kinds -----------------------------------------------------------------
 def shape_kinds():
-    """Kind 0 = empty cell, then (shape, colour, size) for 8 x 10 x 2 = 160 objects: code k = kind k."""
+    """Kind 0 = empty cell, then (shape, colour, size) for 8 x 10 x 2 = 160 objects.
+    Code k is kind k."""
     return [None] + [(s, c, z) for s in shapes.SHAPES for c in shapes.COLORS for z in shapes.SIZES]
 
 
@@ -130,8 +136,9 @@ def init_decoder_templates(dec):
 
 
 def train_decoder(dec, scheduler, rng, steps=200, batch=16, lr=5e-4):
-    """Standard DDPM epsilon-prediction MSE on (render, codes), after the template init. Targets are renders without jitter:
-    given its codes an image is then fully determined, so decodes come out crisp and centred."""
+    """Standard DDPM epsilon-prediction MSE on (render, codes), after the template init. Targets
+    are renders without jitter: given its codes an image is then fully determined, so decodes come
+    out crisp and centred."""
     init_decoder_templates(dec)
     opt = torch.optim.AdamW(dec.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
@@ -180,7 +187,8 @@ def vision_round_trip(umm, rng, n=200):
 
 # --- captions and one-attribute distractors ------------------------------------------------
 def caption_of(meta):
-    """Rebuild a metadata line (prompt text, excludes) from its include list, in world/shapes.py's phrasing."""
+    """Rebuild a metadata line (prompt text, excludes) from its include list, in world/shapes.py's
+    phrasing."""
     return shapes.make_line(meta["tag"], meta["include"])
 
 
@@ -222,46 +230,41 @@ def distractors(meta):
 
 
 def swap_all(meta, key, swap):
-    """The line with every object's `key` (size, region) replaced by swap[value]; objects without it kept."""
-    return caption_of(
-        {
-            "tag": meta["tag"],
-            "include": [
-                dict(r, **{key: swap[r[key]]}) if r.get(key) in swap else dict(r)
-                for r in meta["include"]
-            ],
-        }
-    )
+    """The line with every object's `key` (size, region) replaced by swap[value]; objects without
+    it kept."""
+    swapped = lambda r: dict(r, **{key: swap[r[key]]}) if r.get(key) in swap else dict(r)
+    return caption_of({"tag": meta["tag"], "include": [swapped(r) for r in meta["include"]]})
 
 
 def regions_swapped(meta):
-    """The line with every region swapped, or None. Region lines always name an opposite pair ("on the left
-    ... on the right"), so a distractor that changes ONE region names a pair no caption has, and language
-    alone rejects it. The swap keeps an opposite pair: only the image can rule it out."""
+    """The line with every region swapped, or None. Region lines always name an opposite pair ("on
+    the left ... on the right"), so a distractor that changes ONE region names a pair no caption
+    has, and language alone rejects it. The swap keeps an opposite pair: only the image can rule it
+    out."""
     if sum("region" in r for r in meta["include"]) < 2:
         return None
     return swap_all(meta, "region", shapes.OPPOSITE)
 
 
 def colours_rotated(meta):
-    """The line with its named colours moved one object on (the last object's to the first), or None when that
-    names the same objects. Every colour the line names is still named, so a judge that reads a bag of colours
-    cannot reject it; only which object has which colour can (attribute binding, the color_attr tag's test)."""
+    """The line with its named colours moved one object on (the last object's to the first), or
+    None when that names the same objects. Every colour the line names is still named, so a judge
+    that reads a bag of colours cannot reject it; only which object has which colour can (attribute
+    binding, the color_attr tag's test)."""
     inc = meta["include"]
     if len(inc) < 2 or not all("color" in r for r in inc):
         return None
     rotated = [dict(r, color=inc[i - 1]["color"]) for i, r in enumerate(inc)]
-    if sorted((r["class"], r["color"]) for r in rotated) == sorted(
-        (r["class"], r["color"]) for r in inc
-    ):
+    objects = lambda rs: sorted((r["class"], r["color"]) for r in rs)
+    if objects(rotated) == objects(inc):
         return None
     return caption_of({"tag": meta["tag"], "include": rotated})
 
 
 def binding_views(scene, rotated, seed):
-    """The reward's side of binding: a line's scene, the same scene with the colours of `rotated` (its
-    colours_rotated line), and the scene without its last object (a wrong count where the last group is counted),
-    rendered with one jitter (the same seed)."""
+    """The reward's side of binding: a line's scene, the same scene with the colours of `rotated`
+    (its colours_rotated line), and the scene without its last object (a wrong count where the last
+    group is counted), rendered with one jitter (the same seed)."""
     colours = [r["color"] for r in rotated["include"] for _ in range(r["count"])]
     views = (scene, [replace(o, color=c) for o, c in zip(scene, colours)], scene[:-1])
     return [shapes.render(v, jitter=1, rng=np.random.default_rng(seed)) for v in views]
@@ -281,25 +284,26 @@ def false_distractors(image, meta, rng, per_attr=3):
 
 # --- stage 3: the LM --------------------------------------------------------------------
 def lone_object(meta):
-    """The line's one object (count 1), or None: what `draw` measures and --colour-first trains on."""
+    """The line's one object (count 1), or None: what `draw` measures, --colour-first trains on."""
     obj = meta["include"]
     return obj[0] if len(obj) == 1 and obj[0]["count"] == 1 else None
 
 
 def lone_colour(meta):
-    """One object of a named colour (the colors tag's kind of line): --colour-first and --colour-share."""
+    """One object of a named colour (the colors tag's lines): --colour-first and --colour-share."""
     return "color" in (lone_object(meta) or {})
 
 
 def colour_pair(meta):
-    """Two or more objects, one of each, every one of a named colour (color_attr's kind of line): --pair-share."""
+    """Two or more objects, one of each, each of a named colour (color_attr's lines), as
+    --pair-share draws."""
     obj = meta["include"]
     return len(obj) >= 2 and all(o["count"] == 1 and "color" in o for o in obj)
 
 
 def t2i_sequence(umm, prompt, objs):
-    """t2i_prompt(prompt) + the codes of the scene `objs`: exactly the sequence gvu.rollout samples and
-    gvu.token_logprobs scores. Returns (ids, where the codes start)."""
+    """t2i_prompt(prompt) + the codes of the scene `objs`: exactly the sequence gvu.rollout
+    samples and gvu.token_logprobs scores. Returns (ids, where the codes start)."""
     prefix = umm.tokenizer(umm.t2i_prompt(prompt), add_special_tokens=False).input_ids
     return prefix + [umm.image_offset + k for k in scene_codes(objs)], len(prefix)
 
@@ -313,8 +317,8 @@ def i2t_batch(umm, metas, rng, with_distractor, extras=(0, 0, 1, 2)):
     """I2T: caption_prompt(image, instruction) + prompt + <|im_end|> (loss on the answer), exactly
     gvu.caption_token_logprobs' layout. Images are jittered renders of scenes sampled for the line,
     sometimes with extra unmentioned objects (as generated images have); the context uses the
-    trained image tokenizer's codes (extra objects: one of `extras`, uniformly). Optionally one oracle-checked
-    one-attribute distractor each."""
+    trained image tokenizer's codes (extra objects: one of `extras`, uniformly). Optionally one
+    oracle-checked one-attribute distractor each."""
     scenes = [shapes.sample_scene(m, rng, extra=int(rng.choice(extras))) for m in metas]
     images = [shapes.render(s, jitter=1, rng=rng) for s in scenes]
     codes = umm.image_tokenizer.encode(to_pixels(images))
@@ -346,14 +350,12 @@ def lm_loss(umm, seqs, empty_weight=1.0):
     pad = umm.tokenizer.pad_token_id
     ids = torch.tensor([q + [pad] * (T - len(q)) for q, _ in seqs])
     attn = torch.tensor([[1] * len(q) + [0] * (T - len(q)) for q, _ in seqs])
-    tmask = torch.tensor([[0] * s + [1] * (len(q) - s) + [0] * (T - len(q)) for q, s in seqs])[
-        :, 1:
-    ].bool()
+    tmask = torch.tensor([[0] * s + [1] * (len(q) - s) + [0] * (T - len(q)) for q, s in seqs])
+    tmask = tmask[:, 1:].bool()
     hidden = umm.lm.model(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
     target = ids[:, 1:]
-    weight = tmask * torch.where(
-        target == umm.image_offset, empty_weight, 1.0
-    )  # (B, T-1); code 0 = empty cell
+    # (B, T-1); code 0 = empty cell
+    weight = tmask * torch.where(target == umm.image_offset, empty_weight, 1.0)
     is_img = target >= umm.image_offset
     logp = torch.zeros(target.shape)
     for mode, sel, offset in (
@@ -368,20 +370,20 @@ def lm_loss(umm, seqs, empty_weight=1.0):
 
 
 def caption_space():
-    """What the understanding branch learns to read: every line of every tag, as (benchmark, tag) keys
-    for shapes.sample_line, drawn uniformly (a key listed k times gets k shares). A captioner
+    """What the understanding branch learns to read: every line of every tag, as (benchmark, tag)
+    keys for shapes.sample_line, drawn uniformly (a key listed k times gets k shares). A captioner
     describes scenes in all the world's phrasings (as a real UMM's caption data does), the eval
     prompts' texts included; T2I learns from the train lines only, so eval prompts stay unseen by
     generation (and by GvU). Plain relations ("a square left of a circle") get POSITION_SHARES
-    shares: at one share they were the one attribute the v1 world's LM read poorly (0.84)."""
+    shares (docs/shapes_world.md says why)."""
     keys = [(bench, tag) for bench, tags in shapes.BENCHMARKS.items() for tag in tags]
     return keys + [("geneval", "position")] * (POSITION_SHARES - 1)
 
 
 def lm_batch(umm, metas, captions, rng, batch, n_t2i, with_distractor, kept=()):
-    """n_t2i T2I examples and batch - n_t2i I2T examples whose captions are drawn from `captions` ((benchmark, tag)
-    keys: a tag uniformly, then one of its lines). kept: (lines, n) pairs; n of the T2I examples are drawn from
-    those lines, the rest from the train lines `metas`."""
+    """n_t2i T2I examples and batch - n_t2i I2T examples whose captions are drawn from `captions`
+    ((benchmark, tag) keys: a tag uniformly, then one of its lines). kept: (lines, n) pairs; n of
+    the T2I examples are drawn from those lines, the rest from the train lines `metas`."""
     seqs = [
         t2i_example(umm, metas[i], rng)
         for i in rng.integers(0, len(metas), n_t2i - sum(n for _, n in kept))
@@ -410,20 +412,21 @@ def train_lm(
     colour_share=0.0,
     pair_share=0.0,
 ):
-    """Mixed batches (`lm_batch`): round(batch * t2i_frac) T2I sequences, the rest I2T. Loss = mean token NLL
-    over all targets + rank_weight * a ranking loss that puts the true caption's reward (mean
-    log-prob of prompt + end-of-turn, the intrinsic reward) above a one-attribute distractor's.
-    Empty-cell warm-up: for the first `empty_until` share of the steps, T2I's empty-cell targets (most of every
-    scene) weigh `empty_weight`; after it, plain NLL, which calibrates how often a cell is empty again (the logged
-    `nll img` is the weighted one meanwhile). Measured in the full recipe (session 9, `--empty-weight 0.05|0.2
-    --empty-until 0.5`, seed 0): `draw`'s named colour stays at 0.15 / 0.14, as without it.
-    Colour first: for the first `colour_first` share of the steps, T2I draws only the one-object lines that name
-    their colour; after it, every train line (55% name no colour and draw a random one), of which
-    round(n_t2i * colour_share) a batch stay on those lines. Without that share the curriculum's colour is
-    forgotten within 200 steps (docs/shapes_world.md, "Colour generation, a curriculum": one seed per run).
-    After it, round(n_t2i * pair_share) a batch are lines of two or more objects, each of a named colour (`colour_pair`);
-    in the default base (session 11, one seed) that did not teach colour binding: color_attr stayed at 0.
-    draw_every > 0 logs `draw_rates` on the train lines every that many steps (its own rng: the run is unchanged)."""
+    """Mixed batches (`lm_batch`): round(batch * t2i_frac) T2I sequences, the rest I2T. Loss = mean
+    token NLL over all targets + rank_weight * a ranking loss that puts the true caption's reward
+    (mean log-prob of prompt + end-of-turn, the intrinsic reward) above a one-attribute
+    distractor's.
+    Empty-cell warm-up: for the first `empty_until` share of the steps, T2I's empty-cell targets
+    (most of every scene) weigh `empty_weight`; after it, plain NLL, which calibrates how often a
+    cell is empty again (the logged `nll img` is the weighted one meanwhile).
+    Colour first: for the first `colour_first` share of the steps, T2I draws only the one-object
+    lines that name their colour; after it, every train line (55% name no colour and draw a random
+    one), of which round(n_t2i * colour_share) a batch stay on those lines. Without that share the
+    curriculum's colour is forgotten within 200 steps (docs/shapes_world.md, "Colour generation, a
+    curriculum"). After it, round(n_t2i * pair_share) a batch are lines of two or more objects,
+    each of a named colour (`colour_pair`).
+    draw_every > 0 logs `draw_rates` on the train lines every that many steps (its own rng: the run
+    is unchanged)."""
     coloured = [m for m in metas if lone_colour(m)]
     pairs = [m for m in metas if colour_pair(m)]
     n_t2i = int(round(batch * t2i_frac))
@@ -470,16 +473,17 @@ def train_lm(
             )
         if step % 100 == 0 or step == steps - 1:
             log(
-                f"lm step {step:5d}  nll img {nll_img.item():.3f}  txt {nll_txt.item():.3f}  rank {rank.item():.3f}"
-                f"  lr {sched.get_last_lr()[0]:.1e}"
+                f"lm step {step:5d}  nll img {nll_img.item():.3f}  txt {nll_txt.item():.3f}"
+                f"  rank {rank.item():.3f}  lr {sched.get_last_lr()[0]:.1e}"
             )
     umm.lm.eval().requires_grad_(False)
 
 
 def start_codes_from_words(umm, weight):
-    """Row image_offset + k of `weight` (V, D) starts as the sum of kind k's shape, colour and size word rows over
-    sqrt(3), which keeps the norm of a random row: every red code then shares one direction from step 0 (a
-    SigLIP-VQ code is a semantic feature too). The empty code, unused codes and text rows keep their init."""
+    """Row image_offset + k of `weight` (V, D) starts as the sum of kind k's shape, colour and size
+    word rows over sqrt(3), which keeps the norm of a random row: every red code then shares one
+    direction from step 0 (a SigLIP-VQ code is a semantic feature too). The empty code, unused codes
+    and text rows keep their init."""
     unk = umm.tokenizer.unk_token_id
     with torch.no_grad():
         for k, kind in enumerate(KINDS[1:], 1):
@@ -494,9 +498,9 @@ def semantic_code_init(umm):
 
 
 def semantic_head_init(umm):
-    """--semantic-head: the codes' output rows start from their words' output rows (what T2I writes), meant to let a
-    colour be learned once for every shape. Measured: it does not make C's recipe draw the named colour (`draw`:
-    0.13-0.17 with it, 0.15 without, chance 0.10; docs/shapes_world.md, "Colour generation, measured")."""
+    """--semantic-head: the codes' output rows start from their words' output rows (what T2I
+    writes), meant to let a colour be learned once for every shape. It does not make the model draw
+    the named colour (docs/shapes_world.md, "Colour generation, measured")."""
     start_codes_from_words(umm, umm.lm.lm_head.weight)
 
 
@@ -513,7 +517,8 @@ FROM_THE_FOLDER = (
 
 
 def check_train_args(p, a):
-    """Refuse bad `train` input before anything is trained or written: one line naming every bad flag."""
+    """Refuse bad `train` input before anything is trained or written: one line that names every
+    bad flag."""
     n_t2i = round(a.batch * a.t2i_frac)
     rules = [
         ("steps", a.steps >= 1, ">= 1"),
@@ -548,26 +553,26 @@ def check_train_args(p, a):
         pairs = any(map(colour_pair, metas))
     except OSError as e:  # missing, a folder, unreadable
         bad.append(f"--prompts {a.prompts}: {e.strerror or e}")
-    except (
-        ValueError,
-        KeyError,
-        TypeError,
-    ) as e:  # bad JSON, bad UTF-8, or a line without GenEval's fields
+    # bad JSON, bad UTF-8, or a line without GenEval's fields
+    except (ValueError, KeyError, TypeError) as e:
         bad.append(
             f"--prompts {a.prompts}: not GenEval-format JSON lines ({type(e).__name__}: {e})"
         )
     else:
         if (a.colour_first or a.colour_share) and not coloured:
             bad.append(
-                f"--colour-first/--colour-share: {a.prompts} has no one-object line that names a colour"
+                f"--colour-first/--colour-share: {a.prompts} has no one-object line "
+                "that names a colour"
             )
         if a.pair_share and not pairs:
             bad.append(
-                f"--pair-share: {a.prompts} has no line of one-of-each objects that all name a colour"
+                f"--pair-share: {a.prompts} has no line of one-of-each objects "
+                "that all name a colour"
             )
     if a.lm_from and (a.vision_from or a.semantic_codes or a.semantic_head):
         bad.append(
-            "--lm-from starts from a trained model: --vision-from, --semantic-codes and --semantic-head do not apply"
+            "--lm-from starts from a trained model: "
+            "--vision-from, --semantic-codes and --semantic-head do not apply"
         )
     if a.lm_from:
         default = vars(parser().parse_args(["train", "--out", "X"]))
@@ -581,7 +586,8 @@ def check_train_args(p, a):
         bad.append(problem)
     elif os.path.isdir(a.out) and os.listdir(a.out):
         bad.append(
-            f"--out {a.out} is not empty (a model there is never overwritten); remove it or pick another folder"
+            f"--out {a.out} is not empty (a model there is never overwritten); "
+            "remove it or pick another folder"
         )
     if bad:
         p.error("; ".join(bad))
@@ -591,16 +597,14 @@ def train(a):
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
-    if (
-        a.lm_from
-    ):  # a further LM stage: the whole model (LM, tokenizer, decoder) starts from a trained folder
+    # a further LM stage: the whole model (LM, tokenizer, decoder) starts from a trained folder
+    if a.lm_from:
         umm = TinyUMM.from_pretrained(a.lm_from)
         log(f"LM, image tokenizer and decoder loaded from {a.lm_from}")
     else:
         umm = TinyUMM.random(a.seed, a.hidden, a.layers, a.heads, a.num_codes)
-        umm.decode_steps = (
-            a.decode_steps
-        )  # saved with the model; the round-trip check below uses it too
+        # saved with the model; the round-trip check below uses it too
+        umm.decode_steps = a.decode_steps
     if a.semantic_codes:
         semantic_code_init(umm)
     if a.semantic_head:
@@ -630,9 +634,8 @@ def train(a):
     assert not eval_prompts & {m["prompt"] for m in metas}, (
         "train prompts must not contain eval prompts"
     )
-    rng = np.random.default_rng(
-        [a.seed, 1]
-    )  # the LM's data does not depend on how the vision parts were made
+    # the LM's data does not depend on how the vision parts were made
+    rng = np.random.default_rng([a.seed, 1])
     train_lm(
         umm,
         metas,
@@ -650,9 +653,8 @@ def train(a):
         a.colour_share,
         a.pair_share,
     )
-    tmp = (
-        a.out.rstrip("/") + ".tmp"
-    )  # written whole, then renamed: a killed run leaves no half model at --out
+    # written whole, then renamed: a killed run leaves no half model at --out
+    tmp = a.out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     umm.save_pretrained(tmp)
     with open(os.path.join(tmp, "train_args.json"), "w") as f:
@@ -663,8 +665,9 @@ def train(a):
 
 # --- measuring a base -------------------------------------------------------------------
 def load_measured(a):
-    """The model a measuring subcommand reads: --model, with --adapter (a GvU-trained LoRA) applied if given.
-    Returns (umm, the PeftModel or None); the LoRA is injected into umm.lm, so umm reads with it."""
+    """The model a measuring subcommand reads: --model, with --adapter (a GvU-trained LoRA) applied
+    if given. Returns (umm, the PeftModel or None); the LoRA is injected into umm.lm, so umm reads
+    with it."""
     torch.set_num_threads(a.threads)
     umm = TinyUMM.from_pretrained(a.model)
     lora = PeftModel.from_pretrained(umm.lm, a.adapter) if a.adapter else None
@@ -673,8 +676,9 @@ def load_measured(a):
 
 
 def paired_change(before, after):
-    """Two verdict lists on the same comparisons: (lost, gained, n, change, low, high), the change in accuracy with
-    its 95% Wald interval for a paired difference. Rough at a handful of changed verdicts (none: zero width)."""
+    """Two verdict lists on the same comparisons: (lost, gained, n, change, low, high), the change
+    in accuracy with its 95% Wald interval for a paired difference. Rough at a handful of changed
+    verdicts (none: zero width)."""
     b, x = np.array(before, bool), np.array(after, bool)
     lost, gained, n = int((b & ~x).sum()), int((~b & x).sum()), len(b)
     d = (gained - lost) / n
@@ -682,7 +686,8 @@ def paired_change(before, after):
     return lost, gained, n, d, d - half, d + half
 
 
-# the swaps `understand` reads apart from the one-attribute distractors: regions_swapped, colours_rotated
+# the swaps `understand` reads apart from the one-attribute distractors: regions_swapped,
+# colours_rotated
 SWAPS = {
     "regions, both swapped": "every region swapped",
     "colours, rotated": "its colours moved one object on",
@@ -698,13 +703,10 @@ def understand(a):
     paired, base_hits = bool(a.adapter and getattr(a, "paired", False)), {}
     rng = np.random.default_rng(a.seed)
     metas = [(os.path.basename(f).split(".")[0], m) for f in EVAL_FILES for m in read_jsonl(f)]
-    hits, by_tag, position = (
-        {},
-        {},
-        {},
-    )  # position: its comparisons split into relations and regions
+    # position: its comparisons split into relations and regions
+    hits, by_tag, position = {}, {}, {}
     swapped = {kind: [] for kind in SWAPS}  # true caption vs the line swapped, per kind
-    views = []  # colour lines: the line's reward on its scene, the colour-rotated scene, the scene one object short
+    views = []  # colour lines: the reward on the scene, the colour-rotated one, one object short
     for i in range(a.n):
         name, meta = (
             metas[i % len(metas)] if a.n >= len(metas) else metas[int(rng.integers(len(metas)))]
@@ -713,7 +715,8 @@ def understand(a):
         image = shapes.render(scene, jitter=1, rng=rng)
         bad = false_distractors(image, meta, rng)
         prompts = [meta["prompt"]] + [p for ps in bad.values() for p in ps]
-        # the swaps are false for every scene of the line; scored last, so the attributes keep their distractors
+        # the swaps are false for every scene of the line; scored last, so the attributes keep their
+        # distractors
         rotated = colours_rotated(meta)
         swaps = {kind: s["prompt"] for kind, s in zip(SWAPS, (regions_swapped(meta), rotated)) if s}
         prompts += list(swaps.values())
@@ -754,44 +757,39 @@ def understand(a):
         print(f"understanding {attr:9s} {np.mean(h):.3f}  (n={len(h)})")
     for kind, h in sorted(position.items()):
         print(f"  position, {kind:8s} {np.mean(h):.3f}  (n={len(h)})")
-    for (
-        kind,
-        h,
-    ) in (
-        swapped.items()
-    ):  # chance is 0.5: a judge blind to where things are (which object has which
-        if (
-            h
-        ):  # colour) scores ~0.5 here, however well it reads regions (colours) one at a time above
+    # chance is 0.5: a judge blind to where things are (which object has which colour) scores ~0.5
+    # here, however well it reads regions (colours) one at a time above
+    for kind, h in swapped.items():
+        if h:
             print(
-                f"  {kind} {np.mean(h):.3f}  (n={len(h)}: true caption above the line with {SWAPS[kind]})"
+                f"  {kind} {np.mean(h):.3f}  "
+                f"(n={len(h)}: true caption above the line with {SWAPS[kind]})"
             )
     if views:  # what GRPO's advantage sees: how much a wrong colour costs against a missing object
         own, rotated, short = np.array(views).T
+        below = np.mean(rotated < own)
         print(
-            f"  reward of a colour line on its scene {own.mean():.3f}, with its colours rotated {rotated.mean():.3f} "
-            f"(below in {np.mean(rotated < own):.3f}), one object short {short.mean():.3f} (n={len(own)})"
+            f"  reward of a colour line on its scene {own.mean():.3f}, "
+            f"with its colours rotated {rotated.mean():.3f} (below in {below:.3f}), "
+            f"one object short {short.mean():.3f} (n={len(own)})"
         )
-    print(
-        f"understanding overall   {np.mean([np.mean(h) for h in hits.values()]):.3f}  (mean of attributes)"
-    )
-    for (
-        attr,
-        h,
-    ) in (
-        base_hits.items()
-    ):  # paired: which comparisons the adapter lost and gained, and the change's interval
+    overall = np.mean([np.mean(h) for h in hits.values()])
+    print(f"understanding overall   {overall:.3f}  (mean of attributes)")
+    # paired: which comparisons the adapter lost and gained, and the change's interval
+    for attr, h in base_hits.items():
         lost, gained, n, d, lo, hi = paired_change(h, hits[attr])
         print(
-            f"paired with the base {attr:9s} {np.mean(h):.3f} -> {np.mean(hits[attr]):.3f}: lost {lost}, gained {gained} "
-            f"of {n}; {100 * d:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+            f"paired with the base {attr:9s} {np.mean(h):.3f} -> {np.mean(hits[attr]):.3f}: "
+            f"lost {lost}, gained {gained} of {n}; "
+            f"{100 * d:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}]"
         )
     return (hits, base_hits) if paired else hits
 
 
 @contextmanager
 def image_mode_eval(umm):
-    """The LM in eval and image mode inside the block, then back as it was (a probe inside train_lm changes nothing)."""
+    """The LM in eval and image mode inside the block, then back as it was (a probe inside train_lm
+    changes nothing)."""
     was_training, mode = umm.lm.training, umm.generation_mode
     umm.lm.eval()
     umm.set_generation_mode("image")
@@ -804,10 +802,11 @@ def image_mode_eval(umm):
 
 @torch.no_grad()
 def draw_rates(umm, metas, seed=1234, n=100):
-    """Does T2I draw what a one-object line names? Teacher-forced on a scene sampled for the line, at the object's
-    own cell: the LM's image-mode probability of the named shape (among all objects) and of the named colour (among
-    the ten colours of that shape and size). Chance: 1/8 and 1/10. Returns {tag: (shape, colour or nan, lines)}
-    over up to n one-object lines per tag of `metas`; its own rng, so a probe inside train_lm changes nothing."""
+    """Does T2I draw what a one-object line names? Teacher-forced on a scene sampled for the line,
+    at the object's own cell: the LM's image-mode probability of the named shape (among all
+    objects) and of the named colour (among the ten colours of that shape and size). Chance: 1/8
+    and 1/10. Returns {tag: (shape, colour or nan, lines)} over up to n one-object lines per tag of
+    `metas`; its own rng, so a probe inside train_lm changes nothing."""
     rng, by_tag = np.random.default_rng(seed), {}
     with image_mode_eval(umm):
         for meta in metas:
@@ -818,9 +817,8 @@ def draw_rates(umm, metas, seed=1234, n=100):
             cell = o.row * GRID + o.col
             ids, start = t2i_sequence(umm, meta["prompt"], [o])
             ids = ids[: start + cell]  # the prompt and the empty cells before the object
-            p = F.softmax(
-                umm.logits(umm.lm.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]), -1
-            )
+            hidden = umm.lm.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
+            p = F.softmax(umm.logits(hidden), -1)
             objects = p[1 : len(KINDS)].sum()
             shape = (
                 sum(p[KIND_ID[(o.shape, c, z)]] for c in shapes.COLORS for z in shapes.SIZES)
@@ -845,11 +843,12 @@ def draw_rates(umm, metas, seed=1234, n=100):
 
 @torch.no_grad()
 def binding_rates(umm, metas, seed=1234, n=150):
-    """Does T2I bind each colour to its own object? On up to n color_attr lines of `metas` (2+ objects, each of a
-    named colour), teacher-forced on a scene sampled for the line, at each object's cell: the probability of the
-    colour its prompt names and of the colours the prompt names for the OTHER objects, both among the ten colours of
-    that shape and size. A bag of the prompt's colours puts about as much on each named colour (a first object's
-    own colour and another's then tie); binding puts it on the object's own. Returns (own, another's, lines)."""
+    """Does T2I bind each colour to its own object? On up to n color_attr lines of `metas` (2+
+    objects, each of a named colour), teacher-forced on a scene sampled for the line, at each
+    object's cell: the probability of the colour its prompt names and of the colours the prompt
+    names for the OTHER objects, both among the ten colours of that shape and size. A bag of the
+    prompt's colours puts about as much on each named colour (a first object's own colour and
+    another's then tie); binding puts it on the object's own. Returns (own, another's, lines)."""
     rng, own, other = np.random.default_rng(seed), [], []
     lines = [m for m in metas if m["tag"] == "color_attr" and colour_pair(m)][:n]
     with image_mode_eval(umm):
@@ -877,13 +876,15 @@ def draw(a):
     own, other, n = binding_rates(umm, metas, a.seed)
     if n:
         print(
-            f"draw binding: at each object of a color_attr line, its own colour {own:.3f}, the other objects' "
-            f"named colours {other:.3f} (n={n} lines; a bag of the named colours spreads over both)"
+            f"draw binding: at each object of a color_attr line, its own colour {own:.3f}, "
+            f"the other objects' named colours {other:.3f} "
+            f"(n={n} lines; a bag of the named colours spreads over both)"
         )
 
 
 def parser():
-    """The command line; `train`'s defaults are the shipped default base's recipe (checkpoints/tiny-umm)."""
+    """The command line; `train`'s defaults are the shipped default base's recipe
+    (checkpoints/tiny-umm)."""
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -925,7 +926,8 @@ def parser():
         "--colour-first",
         type=float,
         default=0.3,
-        help="share of the LM steps whose T2I lines are one object of a named colour (0: every line from the start)",
+        help="share of the LM steps whose T2I lines are one object of a named colour "
+        "(0: every line from the start)",
     )
     t.add_argument(
         "--colour-share",
@@ -937,7 +939,8 @@ def parser():
         "--pair-share",
         type=float,
         default=0.25,
-        help="after --colour-first, share of each T2I batch drawn from lines of one-of-each objects that all name a colour",
+        help="after --colour-first, share of each T2I batch drawn from lines of one-of-each "
+        "objects that all name a colour",
     )
     t.add_argument(
         "--draw-every",
@@ -951,7 +954,7 @@ def parser():
         "--decode-steps",
         type=int,
         default=2,
-        help="DDIM steps the saved model decodes with (decode -> re-tokenise stays exact at 2)",
+        help="DDIM steps the saved model decodes with",
     )
     t.add_argument(
         "--semantic-codes",
@@ -969,8 +972,8 @@ def parser():
     t.add_argument(
         "--lm-from",
         default="",
-        help="start from this trained tiny UMM folder (LM, tokenizer, decoder and its decode steps) and train its LM "
-        "further: a second stage",
+        help="start from this trained tiny UMM folder (LM, tokenizer, decoder and its decode "
+        "steps) and train its LM further: a second stage",
     )
     t.add_argument("--prompts", default="prompts/train.jsonl", help="train metadata lines")
     t.add_argument("--hidden", type=int, default=128)
@@ -985,8 +988,8 @@ def parser():
     u.add_argument(
         "--paired",
         action="store_true",
-        help="with --adapter: also read every comparison with the "
-        "adapter off, and print per attribute how many the adapter lost and gained, with a 95%% interval",
+        help="with --adapter: also read every comparison with the adapter off, and print per "
+        "attribute how many the adapter lost and gained, with a 95%% interval",
     )
     d = sub.add_parser(
         "draw", help="T2I probability of the named shape and colour at the object's cell, per tag"

@@ -36,7 +36,8 @@ from world import geneval_rules as rules
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "star", "heart")
 PLURALS = {s: s + ("es" if s.endswith("s") else "s") for s in SHAPES}  # GenEval's plural: crosses
-COLORS = {  # GenEval's 10 names; nearest pair (orange/yellow) 87 apart in RGB, each >= 92 from the background
+# GenEval's 10 names; nearest pair (orange/yellow) 87 apart in RGB, each >= 92 from the background
+COLORS = {
     "red": (220, 40, 40),
     "orange": (245, 140, 20),
     "yellow": (240, 225, 40),
@@ -275,7 +276,7 @@ GENEVAL_PER_TAG = {
     "colors": 94,
     "position": 100,
     "color_attr": 100,
-}  # counts (553)
+}  # 553 prompts in all
 GENEVAL_PLUS_PER_TAG = 40  # GenEval++: 7 tags x 40
 EVAL_FRACTION = 0.75  # at most this share of a tag's prompt space is held out
 TRAIN_PER_TAG = 300  # train lines per tag (repeats when the space is small)
@@ -329,9 +330,8 @@ def perms(options, k):
     return list(itertools.permutations(options, k))
 
 
-COUNT_PAIRS = [
-    (a, b) for a in range(1, 5) for b in range(1, 5) if a + b <= 6
-]  # GenEval++: 2..6 objects
+# GenEval++: 2..6 objects
+COUNT_PAIRS = [(a, b) for a in range(1, 5) for b in range(1, 5) if a + b <= 6]
 COUNT_TRIPLES = [
     (a, b, c) for a in range(1, 4) for b in range(1, 4) for c in range(1, 4) if a + b + c <= 7
 ]
@@ -440,9 +440,8 @@ def enumerate_tag(bench, tag):
     ]
 
 
-ENUMERATE_MAX = (
-    50_000  # spaces up to this size are listed to draw train lines; larger ones are sampled
-)
+# spaces up to this size are listed to draw train lines; larger ones are sampled
+ENUMERATE_MAX = 50_000
 
 
 def draw_eval(bench, tag, n_max, rng):
@@ -592,7 +591,8 @@ def classify(mask):
 
 def detect(image):
     """All objects in an image, in reading order (top-left cell first): one Detection per
-    same-colour 4-connected component that matches some (shape, size) template with IoU >= MIN_IOU."""
+    same-colour 4-connected component that matches some (shape, size) template with
+    IoU >= MIN_IOU."""
     label = segment_colors(image)
     dets = []
     for ci in np.unique(label[label > 0]).tolist():  # the colours present
