@@ -363,7 +363,7 @@ def gvu_step(umm, policy, opt, batch, step, args, reward_fn=None, sampler=None, 
     # pi_old is the policy that sampled: the weights before this step's first update. Its
     # log-probs come from the first update's own pass (detached), as in the official code and
     # TRL, not from the rollout: the KV-cached pass differs by rounding (more so in bf16).
-    old_logp = {}
+    old_logp, not_applied = {}, "its update was not applied"
     for it in range(args.num_iterations):
         opt.zero_grad(set_to_none=True)
         stats = dict(loss=0.0, kl=0.0, clip_frac=0.0, ratio=0.0)
@@ -373,7 +373,7 @@ def gvu_step(umm, policy, opt, batch, step, args, reward_fn=None, sampler=None, 
                 old_logp[i] = logp.detach()
             loss, st = grpo_loss(logp, old_logp[i], ref_logp[sl], adv[sl], args.clip_eps, args.beta)
             if not ddp and not torch.isfinite(loss):  # (torchrun: the grad norm says it)
-                raise TrainingError(f"non-finite loss at step {step}; its update was not applied")
+                raise TrainingError(f"non-finite loss at step {step}; {not_applied}")
             w = len(logp) / N  # micro-batches add up to the batch mean
             (loss * w).backward()
             for k, v in dict(st, loss=loss.item()).items():
@@ -382,9 +382,7 @@ def gvu_step(umm, policy, opt, batch, step, args, reward_fn=None, sampler=None, 
         params = [p for p in policy.parameters() if p.requires_grad]
         stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
         if not math.isfinite(stats["grad_norm"]):
-            raise TrainingError(
-                f"non-finite gradient norm at step {step}; its update was not applied"
-            )
+            raise TrainingError(f"non-finite gradient norm at step {step}; {not_applied}")
         opt.step()
     lap("update")
     return dict(out, stats={**out.get("stats", {}), **stats})  # a sampler may add its own stats

@@ -687,7 +687,8 @@ if __name__ == "__main__":
     main()
 
 
-# --------------------------------------------------------------------------- DAPO's dynamic sampling
+# --------------------------------------------------------------------------- DAPO's dynamic
+# sampling
 
 
 def reserve_batches(prompts, step, n_batches, args):

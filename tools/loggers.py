@@ -2,11 +2,15 @@
 prompt's words shaded by their probability under the judge) and optional experiment trackers
 (--report-to none | tensorboard | wandb).
 
-log.jsonl and the sample PNGs stay the record of a run; a tracker gets a copy of every log.jsonl scalar and
-every sample grid. Each backend is imported only when chosen and is not a requirement of the project:
+log.jsonl and the sample PNGs stay the record of a run; a tracker gets a copy of every log.jsonl
+scalar and
+every sample grid. Each backend is imported only when chosen and is not a requirement of the
+project:
     pip install tensorboard     # then: tensorboard --logdir OUT/tensorboard
-    pip install wandb           # WANDB_MODE=offline works without network (then: wandb sync OUT/wandb/offline-run-*)
-Only the main process logs: make_logger hands every other process (and --report-to none) a no-op stand-in, so
+    pip install wandb           # WANDB_MODE=offline works without network (then: wandb sync
+    OUT/wandb/offline-run-*)
+Only the main process logs: make_logger hands every other process (and --report-to none) a no-op
+stand-in, so
 the training loop calls logger.scalars / logger.image unconditionally.
 """
 
@@ -123,7 +127,8 @@ def token_layout(draw, texts, token_logp, width, line=11):
 
 def save_grid(path, prompts, images, rewards, G, rows=4, px=96, texts=None, token_logp=None):
     """Rows = prompts, columns = the G samples, each captioned with its reward. Given the reward's per-token
-    log-probs (N, L) and each prompt's token texts, every image also gets its prompt's tokens shaded by their
+    log-probs (N, L) and each prompt's token texts, every image also gets its prompt's tokens shaded
+    by their
     probability under the judge (white = 1, red = 0) with the least likely one framed. Returns the grid."""
     rows = min(rows, len(prompts) // G)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))

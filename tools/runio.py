@@ -1,7 +1,9 @@
 """
-gvu.py's inputs and outputs: the prompt file and the config file read into one-line errors, the prompts checked
+gvu.py's inputs and outputs: the prompt file and the config file read into one-line errors, the
+prompts checked
 against the loaded model (words it can spell, lengths that fit its positions), then the run
-folder: what makes a run survive kill -9, a full disk or a second process, and open_run, which starts a run
+folder: what makes a run survive kill -9, a full disk or a second process, and open_run, which
+starts a run
 in OUT or resumes the one there.
 
     OUT/.lock          held (fcntl.flock) by the one process training in OUT
@@ -11,7 +13,8 @@ in OUT or resumes the one there.
     OUT/adapter/       the LoRA as a peft folder, + gvu.json saying which step it holds
     OUT/samples/       sample grids
 
-Every file is written beside its final name and renamed into place (os.replace is atomic), so a kill at
+Every file is written beside its final name and renamed into place (os.replace is atomic), so a kill
+at
 any moment leaves the old or the new version, never half of one. A save writes state.pt first, then
 adapter/: after a kill in between, state.pt is the newest and adapter/gvu.json names the older step
 (--resume writes the adapter again from the state). The log may run ahead of state.pt by the steps
@@ -225,7 +228,8 @@ def check_vocabulary(umm, prompts, lines=None):
 
 def check_context(umm, prompts, lines, instruction, path):
     """Every prompt must fit the LM's positions twice: in the rollout (prompt, then the image codes) and in
-    the reward pass (the image and the instruction, then the prompt). Past the limit RoPE models run on,
+    the reward pass (the image and the instruction, then the prompt). Past the limit RoPE models run
+    on,
     slowly and out of distribution, so this refuses instead, naming the line."""
     limit = getattr(umm.lm.config.get_text_config(), "max_position_embeddings", None)
     if not limit:
@@ -249,7 +253,8 @@ def check_context(umm, prompts, lines, instruction, path):
 
 def config_flags(path, cli, known):
     """A JSON config file (gvu.Args' field names, `known`; a "_sources" key documents them and is skipped) as
-    command-line flags that go BEFORE the real ones, so argparse checks its values and the command line
+    command-line flags that go BEFORE the real ones, so argparse checks its values and the command
+    line
     overrides it. --steps and --epochs are alternatives: the one given on the command line drops the file's other."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -286,7 +291,8 @@ def check_out_folder(out):
 def check_run_folder(out, resume, config, may_change, defaults):
     """Refuse an --out that cannot hold this run: not a writable folder, a finished or started run without
     --resume, --resume without a run, or a resume whose settings (`config`) differ from the run's config.json
-    outside `may_change`. A flag added since the run started counts as its default there (new flags default
+    outside `may_change`. A flag added since the run started counts as its default there (new flags
+    default
     to the old behaviour)."""
     if problem := check_out_folder(out):
         raise InputError(problem)
@@ -363,7 +369,8 @@ def load_state(path, device):
 
 def trim_log(path, start):
     """Keep the log lines of steps < start (later ones are repeated after the resume), rewritten atomically.
-    A last line cut mid-JSON by a kill is dropped with a notice; blank lines are skipped; a missing log
+    A last line cut mid-JSON by a kill is dropped with a notice; blank lines are skipped; a missing
+    log
     starts again with a notice. Returns the notices."""
     notices = []
     if not os.path.exists(path):
@@ -393,7 +400,8 @@ def trim_log(path, start):
 # the adapter: a peft folder, swapped in whole
 def save_adapter(policy, folder, info):
     """policy.save_pretrained into folder.tmp (+ gvu.json = info: the step and the base model), then swap it
-    in: folder -> folder.old, folder.tmp -> folder, remove folder.old. A kill in the middle leaves no
+    in: folder -> folder.old, folder.tmp -> folder, remove folder.old. A kill in the middle leaves
+    no
     folder for a moment; state.pt still holds the same weights and --resume writes the adapter again."""
     tmp, old = folder + ".tmp", folder + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -425,7 +433,8 @@ def saved_note(out):
 
 def base_fingerprint(lm):
     """A short hash of the base weights: 64 rows spread over the LM's first weight (its input embedding in
-    practice; never LoRA'd), rounded to bf16 so that fp32 and bf16 loads agree. The same weights under another
+    practice; never LoRA'd), rounded to bf16 so that fp32 and bf16 loads agree. The same weights
+    under another
     path or hub id match; another base (or tiny-random with another seed) does not."""
     w = next(p for n, p in lm.named_parameters() if "lora_" not in n).detach()
     rows = w[torch.linspace(0, len(w) - 1, 64).long().unique().to(w.device)]
@@ -438,8 +447,10 @@ def base_fingerprint(lm):
 # start or resume a run: the first write to --out
 def open_run(args, policy, optimizer, scheduler, device, is_main=True):
     """Create and lock --out (one process per run folder), then start the run (config.json, an empty log) or
-    resume it (check_args has compared the settings): the state's weights, optimizer and RNG, the log cut
-    back to the state's step, an adapter that matches the state. Returns (the step to start from, the lock).
+    resume it (check_args has compared the settings): the state's weights, optimizer and RNG, the
+    log cut
+    back to the state's step, an adapter that matches the state. Returns (the step to start from,
+    the lock).
     torchrun: every rank loads the state; rank 0 alone locks and writes (the others get lock None)."""
     lock = lock_run_folder(args.out) if is_main else None
     config, log, state_path, adapter = (
