@@ -33,7 +33,7 @@ PROMPTS = [
 
 @pytest.fixture(autouse=True)
 def watchdog():
-    """A test still running after 10 minutes has hung: print every thread's stack and exit non-zero."""
+    """A test still running after 10 minutes has hung: print every stack and exit non-zero."""
     faulthandler.dump_traceback_later(600, exit=True)
     yield
     faulthandler.cancel_dump_traceback_later()
@@ -49,7 +49,8 @@ def one_thread():
 
 
 def run_main(*argv):
-    """gvu.main in-process on these flags (any value, str()-ed); the SystemExit message, or None if it finished."""
+    """gvu.main in-process on these flags (any value, str()-ed); the SystemExit message, or None if
+    it finished."""
     try:
         gvu.main([str(a) for a in argv])
     except SystemExit as e:
@@ -85,8 +86,8 @@ def write(tmp_path, name, data):
 
 # --- 2. intrinsic reward ------------------------------------------------------------------
 def test_reward_is_geometric_mean_of_token_probs_whatever_the_mask_hides():
-    """exp(mean log p) equals the L-th root of the product of the unmasked probabilities; masked positions may hold
-    anything (garbage, -inf) without changing the reward."""
+    """exp(mean log p) equals the L-th root of the product of the unmasked probabilities; masked
+    positions may hold anything (garbage, -inf) without changing the reward."""
     p = torch.tensor([[0.5, 0.25, 0.8, 0.3], [0.9, 0.1, 0.0, 0.0]])  # 2nd row: 2 tokens + padding
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     garbage = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 7.0, -float("inf")]])
@@ -105,7 +106,8 @@ def test_equal_rewards_give_zero_advantage():
 
 
 def test_advantages_are_standardised_within_each_group():
-    """Advantages have zero mean within a group and match (R - mean) / stdev, by the statistics module."""
+    """Advantages have zero mean within a group and match (R - mean) / stdev, by the statistics
+    module."""
     groups = [[1.0, 3.0, 10.0], [20.0, 30.0, 40.0]]
     adv = gvu.group_advantages(torch.tensor(sum(groups, [])), G=3, eps=0.0)
     want = [(r - statistics.mean(g)) / statistics.stdev(g) for g in groups for r in g]
@@ -114,7 +116,8 @@ def test_advantages_are_standardised_within_each_group():
 
 
 def test_advantage_eps_is_added_to_the_sample_std():
-    """With eps = 0.5: A = (R - mean) / (stdev + 0.5) by hand, stdev with Bessel's n - 1 (not sqrt(var + eps))."""
+    """With eps = 0.5: A = (R - mean) / (stdev + 0.5) by hand, stdev with Bessel's n - 1 (not
+    sqrt(var + eps))."""
     adv = gvu.group_advantages(torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 4.0]), G=3, eps=0.5)
     std = [
         7**0.5,
@@ -141,7 +144,8 @@ def test_first_step_grpo_gradient_is_reinforce_plus_beta_kl():
 
 
 def test_clipping_stops_gradients_exactly_where_the_clip_says():
-    """Only tokens whose ratio left [1-eps, 1+eps] in the direction of the advantage get zero pg gradient."""
+    """Only tokens whose ratio left [1-eps, 1+eps] in the direction of the advantage get zero pg
+    gradient."""
     ratios = torch.tensor([0.5, 0.9, 1.1, 1.5])
     old = torch.zeros(2, 4)
     logp = torch.log(ratios).repeat(2, 1).requires_grad_()
@@ -160,6 +164,7 @@ def test_clipping_stops_gradients_exactly_where_the_clip_says():
     assert stats["clip_frac"] == pytest.approx(0.5)
 
 
+# --- 1. rollout, and the policy / reference pair ---------------------------------------------
 def test_rollout_keeps_the_kv_cache_with_gradient_checkpointing_enabled(umm):
     """With checkpointing on, sampling still feeds one token per step into a growing cache."""
     u = copy.copy(umm)
@@ -182,7 +187,8 @@ def test_rollout_keeps_the_kv_cache_with_gradient_checkpointing_enabled(umm):
 
 
 def slow_image_logits(umm, lm, text, codes):
-    """(N_img, K) fp64 image-code logits of `lm` for one row: one unpadded, uncached full forward, no gvu code."""
+    """(N_img, K) fp64 image-code logits of `lm` for one row: one unpadded, uncached full forward,
+    no gvu code."""
     ids = umm.tokenizer(text).input_ids + (codes + umm.image_offset).tolist()
     with torch.no_grad():
         logits = lm(input_ids=torch.tensor([ids])).logits[0, -len(codes) - 1 : -1].double()
@@ -190,7 +196,8 @@ def slow_image_logits(umm, lm, text, codes):
 
 
 def test_sampling_probs_are_guided_tempered_then_truncated():
-    """sampling_probs == softmax((u + s (c - u)) / T), top-k then min-p (p < min_p * max p dropped), by numpy."""
+    """sampling_probs == softmax((u + s (c - u)) / T), top-k then min-p (p < min_p * max p dropped),
+    by numpy."""
     g = torch.Generator().manual_seed(0)
     cond, uncond = torch.randn(5, 12, generator=g), torch.randn(5, 12, generator=g)
     for s, T, k, mp in [
@@ -220,8 +227,9 @@ def test_sampling_probs_are_guided_tempered_then_truncated():
 def test_greedy_cfg_rollout_picks_the_argmax_of_uncond_plus_scale_times_the_difference(
     umm, scale, one_thread
 ):
-    """With top_k=1, rollout's codes are argmax_k u + s (c - u) of independent unbatched forwards on t2i_prompt and
-    uncond_prompt; at scale 1 that is the conditional argmax, at 0 the unconditional one; otherwise codes change."""
+    """With top_k=1, rollout's codes are argmax_k u + s (c - u) of independent unbatched forwards on
+    t2i_prompt and uncond_prompt; at scale 1 that is the conditional argmax, at 0 the unconditional
+    one; otherwise codes change."""
     ro = gvu.rollout(umm, PROMPTS, G=1, top_k=1, cfg_scale=scale)
     moved = 0
     for p, codes in zip(PROMPTS, ro["codes"]):
@@ -233,8 +241,9 @@ def test_greedy_cfg_rollout_picks_the_argmax_of_uncond_plus_scale_times_the_diff
 
 
 def test_rollout_never_samples_a_code_that_min_p_drops(umm, one_thread):
-    """Every sampled code has tempered probability >= min_p * the position's max (independent forwards), and the
-    dropped codes hold enough mass that an untruncated sampler would have drawn several of them."""
+    """Every sampled code has tempered probability >= min_p * the position's max (independent
+    forwards), and the dropped codes hold enough mass that an untruncated sampler would have drawn
+    several of them."""
     T, min_p = 0.25, 0.5
     ro = gvu.rollout(
         umm, PROMPTS, G=4, temperature=T, min_p=min_p, generator=torch.Generator().manual_seed(3)
@@ -296,8 +305,9 @@ def test_prompt_stream_is_a_function_of_step_and_covers_each_epoch():
 
 
 def test_prompt_stream_reshuffles_every_epoch_and_batches_straddle_the_boundary():
-    """Across epochs (10 prompts, B=4): each epoch is a permutation, epochs come in different orders, and a batch
-    that crosses an epoch's end is the tail of that epoch then the head of the next (the B=1 stream, regrouped)."""
+    """Across epochs (10 prompts, B=4): each epoch is a permutation, epochs come in different
+    orders, and a batch that crosses an epoch's end is the tail of that epoch then the head of the
+    next (the B=1 stream, regrouped)."""
     prompts = [f"p{i}" for i in range(10)]
     stream = [
         gvu.prompt_batch(prompts, k, 1, seed=3)[0] for k in range(40)
@@ -316,10 +326,10 @@ def test_prompt_stream_reshuffles_every_epoch_and_batches_straddle_the_boundary(
     ]  # the seed matters
 
 
-# --- 5. gvu_step: the reference, the judge, micro-batches, mu, clipping, seeds ------------------------------
+# --- 5. gvu_step: the reference, the judge, micro-batches, mu, clipping, seeds ---------------
 def moved_lora(seed=1):
-    """A tiny UMM, an untouched copy of its LM (the base model, adapter removed), and gvu.add_lora's policy whose
-    LoRA B weights were moved away from zero, so that the adapter matters."""
+    """A tiny UMM, an untouched copy of its LM (the base model, adapter removed), and gvu.add_lora's
+    policy whose LoRA B weights were moved away from zero, so that the adapter matters."""
     u = TinyUMM.random(seed=seed, hidden=64, layers=2)
     u.decode_steps = 2  # the pixels' quality does not matter here; the time does
     base = copy.deepcopy(u.lm).eval()
@@ -344,7 +354,7 @@ def load_lora(policy, state):
 
 
 def sgd(policy, lr):
-    """Plain SGD: the update is -lr * (clipped) gradient, so weights read back the gradient exactly."""
+    """Plain SGD: the update is -lr * (clipped) gradient, so the weights read back the gradient."""
     return torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=lr)
 
 
@@ -362,15 +372,16 @@ def spy(monkeypatch, name):
 
 
 def pixel_mean_rewards(umm, images, prompts, args):
-    """A gvu reward_fn with a distinct value per image (mean pixel / 255): every group gets non-zero advantages
-    (the random tiny UMM's own judge often scores a whole group alike, leaving only the KL to train on)."""
+    """A gvu reward_fn with a distinct value per image (mean pixel / 255): every group gets non-zero
+    advantages (the random tiny UMM's own judge often scores a whole group alike, leaving only the
+    KL to train on)."""
     return torch.tensor(
         [np.asarray(im, dtype=np.float64).mean() / 255 for im in images], dtype=torch.float32
     )
 
 
 def slow_logprobs(umm, lm, prompts, codes, T=1.0):
-    """(N, N_img) fp64 log pi(code_t | prompt, code_<t) of `lm`, one unpadded full forward per row."""
+    """(N, N_img) fp64 log pi(code_t | prompt, code_<t) of `lm`: one unpadded forward per row."""
     return torch.stack(
         [
             F.log_softmax(slow_image_logits(umm, lm, umm.t2i_prompt(p), c) / T, -1).gather(
@@ -384,8 +395,9 @@ def slow_logprobs(umm, lm, prompts, codes, T=1.0):
 def test_reference_policy_in_gvu_step_is_the_base_model_not_the_moved_policy(
     monkeypatch, one_thread
 ):
-    """Inside gvu_step, pi_ref's log-probs are an untouched base copy's (adapter removed), the old log-probs are the
-    LoRA'd policy's own, and the two differ: the KL is against the base, never against the policy itself."""
+    """Inside gvu_step, pi_ref's log-probs are an untouched base copy's (adapter removed), the old
+    log-probs are the LoRA'd policy's own, and the two differ: the KL is against the base, never
+    against the policy itself."""
     u, base, policy = moved_lora()
     rollouts, losses = spy(monkeypatch, "rollout"), spy(monkeypatch, "grpo_loss")
     args = gvu.Args(group_size=2, temperature=0.8)
@@ -402,6 +414,28 @@ def test_reference_policy_in_gvu_step_is_the_base_model_not_the_moved_policy(
     assert (want_ref - want_old).abs().max() > 1e-2
 
 
+def test_codes_rewards_are_the_caption_logprobs_of_the_rollouts_own_codes(monkeypatch, one_thread):
+    """With --reward-input codes the rewards gvu_step returns, and standardises into the loss's
+    advantages, are exp(mean log p) of caption_token_logprobs read on the rollout's own codes (no
+    decode), and differ from the rewards of the same codes decoded and re-tokenised."""
+    u, _, policy = moved_lora()
+    rollouts, losses = spy(monkeypatch, "rollout"), spy(monkeypatch, "grpo_loss")
+    args = gvu.Args(group_size=3, reward_input="codes", sample_every=10, steps=10)
+    out = gvu.gvu_step(u, policy, sgd(policy, 0.0), PROMPTS[:2], 1, args)
+    codes, prompts = rollouts[0][1]["codes"], [p for p in PROMPTS[:2] for _ in range(3)]
+    assert out["images"] is None  # not a sample step: nothing was decoded
+    with torch.no_grad():
+        logp, mask = gvu.caption_token_logprobs(u, codes, prompts, args.instruction)
+        pixels = gvu.caption_token_logprobs(u, u.decode_images(codes), prompts, args.instruction)
+    want = torch.exp((logp * mask).sum(1) / mask.sum(1))
+    torch.testing.assert_close(out["rewards"], want, atol=1e-6, rtol=0)
+    from_pixels = torch.exp((pixels[0] * pixels[1]).sum(1) / pixels[1].sum(1))
+    assert (from_pixels - want).abs().max() > 1e-4
+    adv = [(r - statistics.mean(g)) / (statistics.stdev(g) + 1e-4) for g in want.view(2, 3).tolist()
+           for r in g]  # fmt: skip
+    assert losses[0][0][3].tolist() == pytest.approx(adv, rel=1e-4, abs=1e-4)
+
+
 def test_sampling_streams_differ_in_the_low_32_bits_of_every_rank_and_stream():
     """A CPU generator keeps only a seed's low 32 bits: torchrun ranks and extra sampling streams
     must differ there, or they sample the same codes (rank * 2**48 would). Rank 0's first stream is
@@ -416,8 +450,9 @@ def test_sampling_streams_differ_in_the_low_32_bits_of_every_rank_and_stream():
 
 
 def test_gvu_step_standardises_rewards_within_each_prompt_group(monkeypatch, one_thread):
-    """The advantages gvu_step hands to the loss are (R - group mean) / (group stdev + 1e-4) over each prompt's G
-    samples (adjacent), by the statistics module on the rewards it returns, never over the whole batch."""
+    """The advantages gvu_step hands to the loss are (R - group mean) / (group stdev + 1e-4) over
+    each prompt's G samples (adjacent), by the statistics module on the rewards it returns, never
+    over the whole batch."""
     u, _, policy = moved_lora()
     losses = spy(monkeypatch, "grpo_loss")
     rewards = gvu.gvu_step(
@@ -431,10 +466,11 @@ def test_gvu_step_standardises_rewards_within_each_prompt_group(monkeypatch, one
     )["rewards"]
     groups = rewards.view(3, 3).tolist()
     want = [(r - statistics.mean(g)) / (statistics.stdev(g) + 1e-4) for g in groups for r in g]
-    # gvu standardises in fp32: R - mean keeps an error of about eps32 * |R|, then divided by the group stdev. With
-    # the v2 world's 64 px tiny UMM this seed's smallest group stdev is 0.0015 (v1's 48 px: 0.0020) and the fp32
-    # error reached 2.5e-5 (v1: 7e-6), past the old abs=1e-5; allow 8x the bound. A wrong formula (population
-    # stdev, batch-wide stats, eps inside the root) is off by >= 1e-2 here.
+    # gvu standardises in fp32: R - mean keeps an error of about eps32 * |R|, then divided by the
+    # group stdev. With the v2 world's 64 px tiny UMM this seed's smallest group stdev is 0.0015
+    # (v1's 48 px: 0.0020) and the fp32 error reached 2.5e-5 (v1: 7e-6), past the old abs=1e-5;
+    # allow 8x the bound. A wrong formula (population stdev, batch-wide stats, eps inside the root)
+    # is off by >= 1e-2 here.
     tol = (
         8
         * torch.finfo(torch.float32).eps
@@ -445,8 +481,9 @@ def test_gvu_step_standardises_rewards_within_each_prompt_group(monkeypatch, one
 
 
 def test_frozen_judge_is_the_adapter_off_model_and_differs_from_the_policy_judge(one_thread):
-    """--reward-model frozen scores with the base model (an untouched copy, per-token loop), policy scores with the
-    LoRA'd model, and once the adapter has moved the two judges give different rewards for the same images."""
+    """--reward-model frozen scores with the base model (an untouched copy, per-token loop), policy
+    scores with the LoRA'd model, and once the adapter has moved the two judges give different
+    rewards for the same images."""
     u, base, policy = moved_lora()
     out = {
         j: gvu.gvu_step(
@@ -473,8 +510,8 @@ def test_frozen_judge_is_the_adapter_off_model_and_differs_from_the_policy_judge
 
 
 def test_micro_batched_update_equals_the_full_batch_update(one_thread):
-    """One gvu_step in micro-batches of 3, 3, 2 moves the LoRA weights exactly as one full batch of 8 (SGD, no
-    clipping): each micro-batch's loss is weighted by its share len/N of the batch."""
+    """One gvu_step in micro-batches of 3, 3, 2 moves the LoRA weights exactly as one full batch of
+    8 (SGD, no clipping): each micro-batch's loss is weighted by its share len/N of the batch."""
     u, _, policy = moved_lora()
     start, updates, losses = lora_state(policy), [], []
     for mb in (8, 3):
@@ -497,8 +534,9 @@ def test_micro_batched_update_equals_the_full_batch_update(one_thread):
 
 
 def test_mu_two_takes_a_second_fresh_update_on_the_same_rollout(monkeypatch, one_thread):
-    """num_iterations=2 == gvu_step with mu=1, then one more hand-made update on the same rollout, advantages and
-    reference (fresh gradient at the moved weights, ratio != 1): two optimizer steps, not one, not accumulated."""
+    """num_iterations=2 == gvu_step with mu=1, then one more hand-made update on the same rollout,
+    advantages and reference (fresh gradient at the moved weights, ratio != 1): two optimizer steps,
+    not one, not accumulated."""
     u, _, policy = moved_lora()
     start = lora_state(policy)
     args = dict(group_size=2, max_grad_norm=1e9, temperature=0.8)
@@ -537,8 +575,9 @@ def test_mu_two_takes_a_second_fresh_update_on_the_same_rollout(monkeypatch, one
 
 
 def test_applied_update_is_clipped_to_max_grad_norm(one_thread):
-    """With SGD (lr 1) the applied update's global norm is exactly --max-grad-norm when the gradient is larger, the
-    logged grad_norm is the unclipped one (the norm of the update when clipping is off), and the direction is kept."""
+    """With SGD (lr 1) the applied update's global norm is exactly --max-grad-norm when the gradient
+    is larger, the logged grad_norm is the unclipped one (the norm of the update when clipping is
+    off), and the direction is kept."""
     u, _, policy = moved_lora()
     start, updates, norms = lora_state(policy), [], []
     for max_norm in (1e9, 1e-3):
@@ -564,8 +603,8 @@ def test_applied_update_is_clipped_to_max_grad_norm(one_thread):
 
 
 def test_each_step_samples_from_its_own_seed_derived_from_seed_and_step(one_thread):
-    """gvu_step's sampling is a function of (--seed, step): the same step repeats its images exactly, another step
-    or another seed draws different ones (lr 0, so only the seed changes)."""
+    """gvu_step's sampling is a function of (--seed, step): the same step repeats its images
+    exactly, another step or another seed draws different ones (lr 0, so only the seed changes)."""
     u, _, policy = moved_lora()
     images = lambda step, seed: gvu.gvu_step(
         u, policy, sgd(policy, 0.0), PROMPTS[:2], step, gvu.Args(group_size=2, seed=seed)
@@ -625,7 +664,7 @@ def test_end_to_end_run_writes_log_adapter_and_sample_grid(tmp_path):
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
-    """Stopping at step 2 and resuming reproduces the uninterrupted run's log lines, timings aside."""
+    """Stopping at step 2 and resuming reproduces the uninterrupted run's log, timings aside."""
     pf = write(tmp_path, "p.txt", "\n".join(PROMPTS) + "\n")
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     assert run_main(*common(pf, a, "--steps", "4", "--save-every", "2")) is None
@@ -656,10 +695,11 @@ def test_non_finite_reward_stops_cleanly_and_keeps_the_saved_state(tmp_path, mon
 
 
 def test_same_seed_gives_identical_logs_and_another_seed_a_different_one(tmp_path, one_thread):
-    """Two fresh gvu.main runs with the same --seed write identical log.jsonl (timings aside), whatever the global RNG
-    held before (torch >= 2.13 seeds each process at random): LoRA init, prompt order and sampling are all seeded;
-    another --seed writes a different log. The model is a saved tiny UMM folder, which loads without seeding; the
-    reward gives every group non-zero advantages, so the LoRA init shows in the second step's numbers."""
+    """Two fresh gvu.main runs with the same --seed write identical log.jsonl (timings aside),
+    whatever the global RNG held before (torch >= 2.13 seeds each process at random): LoRA init,
+    prompt order and sampling are all seeded; another --seed writes a different log. The model is a
+    saved tiny UMM folder, which loads without seeding; the reward gives every group non-zero
+    advantages, so the LoRA init shows in the second step's numbers."""
     u = TinyUMM.random(seed=0, hidden=64, layers=2)
     u.decode_steps = 2
     u.save_pretrained(str(tmp_path / "m"))
@@ -702,15 +742,15 @@ def test_same_seed_gives_identical_logs_and_another_seed_a_different_one(tmp_pat
     ],
 )
 def test_bad_input_gives_one_line_error(tmp_path, content, extra, expect):
-    """Missing, empty or non-UTF-8 prompt files, G < 2, unknown words and a prompt longer than the model's positions:
-    one line, non-zero exit."""
+    """Missing, empty or non-UTF-8 prompt files, G < 2, unknown words and a prompt longer than the
+    model's positions: one line, non-zero exit."""
     pf = str(tmp_path / "missing.txt") if content is None else write(tmp_path, "p.txt", content)
     msg = run_main("--model", "tiny-random", "--prompts", pf, "--out", str(tmp_path / "o"), *extra)
     assert isinstance(msg, str) and msg.startswith("error: ") and expect in msg and "\n" not in msg
 
 
 def test_cli_error_has_no_traceback_and_unknown_flags_are_rejected(tmp_path):
-    """As a real process: a bad prompt file exits 1 with one stderr line; an unknown flag exits 2."""
+    """A real process: a bad prompt file exits 1 with one stderr line; an unknown flag exits 2."""
     r = subprocess.run(
         [
             sys.executable,

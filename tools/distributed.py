@@ -1,15 +1,14 @@
-"""Data-parallel GvU with PyTorch's own engine: torch.distributed + DistributedDataParallel, launched
-by torchrun. gvu.py uses this module only when torchrun launched it (`if ddp:`).
+"""Data-parallel GvU with PyTorch's own engine: torch.distributed + DistributedDataParallel,
+launched by torchrun. gvu.py uses this module only when torchrun launched it (`if ddp:`).
 
-    torchrun --nproc_per_node 8 gvu.py configs/xomni_paper.json --out runs/xomni     # one node, 8 GPUs
+    torchrun --nproc_per_node 8 gvu.py configs/xomni_paper.json --out runs/xomni   # 8 GPUs
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 gvu.py ...
 
 Every process (rank) holds a full replica of the frozen base and the LoRA adapter. A step's B
-prompts
-are split into contiguous slices of B/W prompts, one per rank; a group of G samples never straddles
-ranks, so each rank computes its own advantages exactly as one process would. DDP averages the LoRA
-gradients over ranks; rewards and statistics are gathered so that rank 0, the only one that writes,
-logs the whole batch.
+prompts are split into contiguous slices of B/W prompts, one per rank; a group of G samples never
+straddles ranks, so each rank computes its own advantages exactly as one process would. DDP averages
+the LoRA gradients over ranks; rewards and statistics are gathered so that rank 0, the only one that
+writes, logs the whole batch.
 """
 
 import os

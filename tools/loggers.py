@@ -1,17 +1,15 @@
-"""What a gvu.py run shows besides log.jsonl: the sample grids (save_grid: each image with its reward and the
-prompt's words shaded by their probability under the judge) and optional experiment trackers
-(--report-to none | tensorboard | wandb).
+"""What a gvu.py run shows besides log.jsonl: the sample grids (save_grid: each image with its
+reward and the prompt's words shaded by their probability under the judge) and optional experiment
+trackers (--report-to none | tensorboard | wandb).
 
 log.jsonl and the sample PNGs stay the record of a run; a tracker gets a copy of every log.jsonl
-scalar and
-every sample grid. Each backend is imported only when chosen and is not a requirement of the
-project:
+scalar and every sample grid. Each backend is imported only when chosen and is not a requirement of
+the project:
     pip install tensorboard     # then: tensorboard --logdir OUT/tensorboard
-    pip install wandb           # WANDB_MODE=offline works without network (then: wandb sync
-    OUT/wandb/offline-run-*)
+    pip install wandb           # WANDB_MODE=offline works without network,
+                                # then: wandb sync OUT/wandb/offline-run-*
 Only the main process logs: make_logger hands every other process (and --report-to none) a no-op
-stand-in, so
-the training loop calls logger.scalars / logger.image unconditionally.
+stand-in, so the training loop calls logger.scalars / logger.image unconditionally.
 """
 
 import importlib
@@ -55,7 +53,8 @@ class NoLogger:
 
 
 class TensorBoardLogger:
-    """Event files in OUT/tensorboard; on --resume, events at or after the resumed step are dropped (purge_step)."""
+    """Event files in OUT/tensorboard; on --resume, events at or after the resumed step are dropped
+    (purge_step)."""
 
     def __init__(self, out, start_step):
         from torch.utils.tensorboard import SummaryWriter
@@ -77,7 +76,7 @@ class TensorBoardLogger:
 
 
 class WandbLogger:
-    """A wandb run named after OUT, files under OUT/wandb; a resumed gvu run starts a new wandb run."""
+    """A wandb run named after OUT, files under OUT/wandb; a resumed run starts a new wandb run."""
 
     def __init__(self, out, config):
         import wandb
@@ -98,7 +97,8 @@ class WandbLogger:
 
 
 def make_logger(report_to, out, config, start_step=0, is_main=True):
-    """The tracker for this process: the real one on the main process only (torchrun: is_main = rank 0)."""
+    """The tracker for this process: the real one on the main process only (torchrun: is_main = rank
+    0)."""
     if report_to == "none" or not is_main:
         return NoLogger()
     if report_to == "tensorboard":
@@ -114,7 +114,8 @@ def token_texts(tokenizer, ids):
 
 
 def token_layout(draw, texts, token_logp, width, line=11):
-    """Word-wrap one caption into `width` px: [(x, y, text, p)] with p = exp(log p_j), the reward's own terms."""
+    """Word-wrap one caption into `width` px: [(x, y, text, p)] with p = exp(log p_j), the reward's
+    own terms."""
     boxes, x, y = [], 0, 0
     for text, logp in zip(texts, token_logp.tolist()):
         w = draw.textlength(text) + 4
@@ -126,10 +127,10 @@ def token_layout(draw, texts, token_logp, width, line=11):
 
 
 def save_grid(path, prompts, images, rewards, G, rows=4, px=96, texts=None, token_logp=None):
-    """Rows = prompts, columns = the G samples, each captioned with its reward. Given the reward's per-token
-    log-probs (N, L) and each prompt's token texts, every image also gets its prompt's tokens shaded
-    by their
-    probability under the judge (white = 1, red = 0) with the least likely one framed. Returns the grid."""
+    """Rows = prompts, columns = the G samples, each captioned with its reward. Given the reward's
+    per-token log-probs (N, L) and each prompt's token texts, every image also gets its prompt's
+    tokens shaded by their probability under the judge (white = 1, red = 0) with the least likely
+    one framed. Returns the grid."""
     rows = min(rows, len(prompts) // G)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     boxes = [

@@ -1,10 +1,8 @@
 """
 gvu.py's inputs and outputs: the prompt file and the config file read into one-line errors, the
-prompts checked
-against the loaded model (words it can spell, lengths that fit its positions), then the run
-folder: what makes a run survive kill -9, a full disk or a second process, and open_run, which
-starts a run
-in OUT or resumes the one there.
+prompts checked against the loaded model (words it can spell, lengths that fit its positions), then
+the run folder: what makes a run survive kill -9, a full disk or a second process, and open_run,
+which starts a run in OUT or resumes the one there.
 
     OUT/.lock          held (fcntl.flock) by the one process training in OUT
     OUT/config.json    the first run's settings; --resume must match them
@@ -14,12 +12,11 @@ in OUT or resumes the one there.
     OUT/samples/       sample grids
 
 Every file is written beside its final name and renamed into place (os.replace is atomic), so a kill
-at
-any moment leaves the old or the new version, never half of one. A save writes state.pt first, then
-adapter/: after a kill in between, state.pt is the newest and adapter/gvu.json names the older step
-(--resume writes the adapter again from the state). The log may run ahead of state.pt by the steps
-after the last save; --resume drops them and repeats those steps, which reproduces them exactly.
-This module does not import gvu.
+at any moment leaves the old or the new version, never half of one. A save writes state.pt first,
+then adapter/: after a kill in between, state.pt is the newest and adapter/gvu.json names the older
+step (--resume writes the adapter again from the state). The log may run ahead of state.pt by the
+steps after the last save; --resume drops them and repeats those steps, which reproduces them
+exactly. This module does not import gvu.
 """
 
 import fcntl
@@ -200,7 +197,8 @@ def config_tokens(argv, known):
 # -----------------------------------------------------------------------------
 # inputs
 def read_prompts(path):
-    """The non-blank lines of a UTF-8 text file (a leading byte-order mark is dropped) and their line numbers."""
+    """The non-blank lines of a UTF-8 text file (a leading byte-order mark is dropped) and their
+    line numbers."""
     if os.path.isdir(path):
         raise InputError(f"prompt file is a directory: {path}")
     if not os.path.isfile(path):
@@ -218,7 +216,8 @@ def read_prompts(path):
 
 
 def check_vocabulary(umm, prompts, lines=None):
-    """Every word of every prompt must be one the model can spell (else it would silently become <unk>)."""
+    """Every word of every prompt must be one the model can spell (else it would silently become
+    <unk>)."""
     for n, p in zip(lines or range(1, len(prompts) + 1), prompts):
         if bad := umm.unknown_words(p):
             raise InputError(
@@ -227,10 +226,9 @@ def check_vocabulary(umm, prompts, lines=None):
 
 
 def check_context(umm, prompts, lines, instruction, path):
-    """Every prompt must fit the LM's positions twice: in the rollout (prompt, then the image codes) and in
-    the reward pass (the image and the instruction, then the prompt). Past the limit RoPE models run
-    on,
-    slowly and out of distribution, so this refuses instead, naming the line."""
+    """Every prompt must fit the LM's positions twice: in the rollout (prompt, then the image codes)
+    and in the reward pass (the image and the instruction, then the prompt). Past the limit RoPE
+    models run on, slowly and out of distribution, so this refuses instead, naming the line."""
     limit = getattr(umm.lm.config.get_text_config(), "max_position_embeddings", None)
     if not limit:
         return
@@ -252,10 +250,10 @@ def check_context(umm, prompts, lines, instruction, path):
 
 
 def config_flags(path, cli, known):
-    """A JSON config file (gvu.Args' field names, `known`; a "_sources" key documents them and is skipped) as
-    command-line flags that go BEFORE the real ones, so argparse checks its values and the command
-    line
-    overrides it. --steps and --epochs are alternatives: the one given on the command line drops the file's other."""
+    """A JSON config file (gvu.Args' field names, `known`; a "_sources" key documents them and is
+    skipped) as command-line flags that go BEFORE the real ones, so argparse checks its values and
+    the command line overrides it. --steps and --epochs are alternatives: the one given on the
+    command line drops the file's other."""
     try:
         with open(path, encoding="utf-8") as f:
             values = json.load(f)
@@ -289,11 +287,10 @@ def check_out_folder(out):
 
 
 def check_run_folder(out, resume, config, may_change, defaults):
-    """Refuse an --out that cannot hold this run: not a writable folder, a finished or started run without
-    --resume, --resume without a run, or a resume whose settings (`config`) differ from the run's config.json
-    outside `may_change`. A flag added since the run started counts as its default there (new flags
-    default
-    to the old behaviour)."""
+    """Refuse an --out that cannot hold this run: not a writable folder, a finished or started run
+    without --resume, --resume without a run, or a resume whose settings (`config`) differ from the
+    run's config.json outside `may_change`. A flag added since the run started counts as its default
+    there (new flags default to the old behaviour)."""
     if problem := check_out_folder(out):
         raise InputError(problem)
     is_run = os.path.exists(os.path.join(out, "config.json")) or os.path.exists(
@@ -312,8 +309,8 @@ def check_run_folder(out, resume, config, may_change, defaults):
 
 
 def lock_run_folder(out):
-    """Create `out` and take its lock: one process per run folder. The lock lasts while the returned file
-    stays open (the OS drops it when the process dies, however it dies)."""
+    """Create `out` and take its lock: one process per run folder. The lock lasts while the returned
+    file stays open (the OS drops it when the process dies, however it dies)."""
     try:
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
         f = open(os.path.join(out, ".lock"), "a+")
@@ -338,8 +335,9 @@ def lock_run_folder(out):
 # -----------------------------------------------------------------------------
 # resume: the same run, a log without torn lines, an adapter that matches the state
 def check_same_run(saved, now, may_change):
-    """Refuse to resume when a setting that changes the run differs from the run's config.json: one line
-    naming each differing flag. Keys known to only one side (a flag added or removed since) are skipped."""
+    """Refuse to resume when a setting that changes the run differs from the run's config.json: one
+    line naming each differing flag. Keys known to only one side (a flag added or removed since) are
+    skipped."""
     diffs = [
         f"--{k.replace('_', '-')} {now[k]} (the run has {saved[k]})"
         for k in now
@@ -352,12 +350,14 @@ def check_same_run(saved, now, may_change):
 
 
 def load_state(path, device):
-    """torch.load of state.pt as one-line errors: a damaged file names itself instead of a traceback."""
+    """torch.load of state.pt as one-line errors: a damaged file names itself instead of a
+    traceback."""
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # truncated, empty, not a torch file: each raises a different type
+        why = str(e).splitlines()[0] if str(e) else "empty"
         raise InputError(
-            f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'empty'}); "
+            f"cannot read {path} ({type(e).__name__}: {why}); "
             "it was damaged outside gvu.py, which writes it atomically"
         ) from None
     if not isinstance(state, dict) or not {"step", "prompt_pos", "lora", "optimizer", "rng"} <= set(
@@ -368,10 +368,9 @@ def load_state(path, device):
 
 
 def trim_log(path, start):
-    """Keep the log lines of steps < start (later ones are repeated after the resume), rewritten atomically.
-    A last line cut mid-JSON by a kill is dropped with a notice; blank lines are skipped; a missing
-    log
-    starts again with a notice. Returns the notices."""
+    """Keep the log lines of steps < start (later ones are repeated after the resume), rewritten
+    atomically. A last line cut mid-JSON by a kill is dropped with a notice; blank lines are
+    skipped; a missing log starts again with a notice. Returns the notices."""
     notices = []
     if not os.path.exists(path):
         lines = []
@@ -399,10 +398,10 @@ def trim_log(path, start):
 # -----------------------------------------------------------------------------
 # the adapter: a peft folder, swapped in whole
 def save_adapter(policy, folder, info):
-    """policy.save_pretrained into folder.tmp (+ gvu.json = info: the step and the base model), then swap it
-    in: folder -> folder.old, folder.tmp -> folder, remove folder.old. A kill in the middle leaves
-    no
-    folder for a moment; state.pt still holds the same weights and --resume writes the adapter again."""
+    """policy.save_pretrained into folder.tmp (+ gvu.json = info: the step and the base model), then
+    swap it in: folder -> folder.old, folder.tmp -> folder, remove folder.old. A kill in the middle
+    leaves no folder for a moment; state.pt still holds the same weights and --resume writes the
+    adapter again."""
     tmp, old = folder + ".tmp", folder + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp)
@@ -415,7 +414,8 @@ def save_adapter(policy, folder, info):
 
 
 def base_model_id(model, seed):
-    """What identifies a base model's weights: tiny-random's seed, a local folder's real path, or a hub id."""
+    """What identifies a base model's weights: tiny-random's seed, a local folder's real path, or a
+    hub id."""
     if model == "tiny-random":
         return f"tiny-random (seed {seed})"
     return os.path.realpath(model) if os.path.exists(model) else model
@@ -432,10 +432,10 @@ def saved_note(out):
 
 
 def base_fingerprint(lm):
-    """A short hash of the base weights: 64 rows spread over the LM's first weight (its input embedding in
-    practice; never LoRA'd), rounded to bf16 so that fp32 and bf16 loads agree. The same weights
-    under another
-    path or hub id match; another base (or tiny-random with another seed) does not."""
+    """A short hash of the base weights: 64 rows spread over the LM's first weight (its input
+    embedding in practice; never LoRA'd), rounded to bf16 so that fp32 and bf16 loads agree. The
+    same weights under another path or hub id match; another base (or tiny-random with another seed)
+    does not."""
     w = next(p for n, p in lm.named_parameters() if "lora_" not in n).detach()
     rows = w[torch.linspace(0, len(w) - 1, 64).long().unique().to(w.device)]
     return hashlib.sha256(
@@ -446,12 +446,11 @@ def base_fingerprint(lm):
 # -----------------------------------------------------------------------------
 # start or resume a run: the first write to --out
 def open_run(args, policy, optimizer, scheduler, device, is_main=True):
-    """Create and lock --out (one process per run folder), then start the run (config.json, an empty log) or
-    resume it (check_args has compared the settings): the state's weights, optimizer and RNG, the
-    log cut
-    back to the state's step, an adapter that matches the state. Returns (the step to start from,
-    the lock).
-    torchrun: every rank loads the state; rank 0 alone locks and writes (the others get lock None)."""
+    """Create and lock --out (one process per run folder), then start the run (config.json, an empty
+    log) or resume it (check_args has compared the settings): the state's weights, optimizer and
+    RNG, the log cut back to the state's step, an adapter that matches the state. Returns (the step
+    to start from, the lock). torchrun: every rank loads the state; rank 0 alone locks and writes
+    (the others get lock None)."""
     lock = lock_run_folder(args.out) if is_main else None
     config, log, state_path, adapter = (
         os.path.join(args.out, f) for f in ("config.json", "log.jsonl", "state.pt", "adapter")
@@ -464,7 +463,8 @@ def open_run(args, policy, optimizer, scheduler, device, is_main=True):
                 state_path
             ):  # written by a run that held the lock before us
                 raise InputError(
-                    f"{args.out} already holds a run; pass --resume to continue it or pick another --out"
+                    f"{args.out} already holds a run; "
+                    "pass --resume to continue it or pick another --out"
                 )
             write_json(asdict(args), config)  # kept for good: every --resume is checked against it
             write_atomic(log, lambda f: None)
@@ -477,7 +477,8 @@ def open_run(args, policy, optimizer, scheduler, device, is_main=True):
             start = state["step"]
             if start > args.steps:
                 raise InputError(
-                    f"--steps {args.steps} is below the step the run in {args.out} has reached ({start})"
+                    f"--steps {args.steps} is below the step the run in {args.out} has reached "
+                    f"({start})"
                 )
             set_peft_model_state_dict(policy, state["lora"])
             optimizer.load_state_dict(state["optimizer"])
@@ -499,7 +500,8 @@ def open_run(args, policy, optimizer, scheduler, device, is_main=True):
 
 
 def adapter_info(args, policy, step):
-    """adapter/gvu.json: the step the adapter holds and the base model it was trained on (eval_geneval checks it)."""
+    """adapter/gvu.json: the step the adapter holds and the base model it was trained on
+    (eval_geneval checks it)."""
     return dict(
         step=step,
         model=args.model,
@@ -527,18 +529,20 @@ class Run:
 
     def steps(self):
         """The steps still to run, with a tqdm bar (main process only)."""
-        self.bar = tqdm(range(self.start, self.args.steps), "gvu", self.args.steps,
-                        initial=self.start, dynamic_ncols=True, disable=not self.is_main)  # fmt: skip
+        todo = range(self.start, self.args.steps)
+        self.bar = tqdm(todo, "gvu", self.args.steps, initial=self.start, disable=not self.is_main)
         return self.bar
 
     def log(self, step, out, lr, seconds, probe=None):
-        """One line of log.jsonl (gvu_step's output as numbers), one printed line, the tracker's copy."""
+        """One line of log.jsonl (gvu_step's output as numbers), one printed line, the tracker's
+        copy."""
         if not self.is_main:
             return
         r, G = out["rewards"], self.args.group_size  # (B*G,): every rank's rewards
         zero_std = (r.view(-1, G).std(1) == 0).float().mean().item()
-        row = dict(step=step, samples=len(r), reward_mean=r.mean().item(), reward_std=r.std().item(),
-                   frac_zero_std=zero_std, **out["stats"], lr=lr, seconds=seconds)  # fmt: skip
+        row = dict(step=step, samples=len(r), reward_mean=r.mean().item())
+        row.update(reward_std=r.std().item(), frac_zero_std=zero_std, **out["stats"])
+        row.update(lr=lr, seconds=seconds)
         if probe is not None:
             row["probe_reward"] = probe
         with open(self.log_path, "a") as f:
@@ -563,8 +567,8 @@ class Run:
         texts = [loggers.token_texts(tokenizer, ids) for ids in answer_ids(prompts)]
         path = os.path.join(self.args.out, "samples", f"step_{step:05d}.png")
         images, rewards = out["images"], out["rewards"][: len(out["images"])].tolist()
-        grid = loggers.save_grid(path, prompts, images, rewards, G, texts=texts,
-                                 token_logp=out["token_logp"])  # fmt: skip
+        terms = out["token_logp"]  # (B*G, L) or None
+        grid = loggers.save_grid(path, prompts, images, rewards, G, texts=texts, token_logp=terms)
         self.tracker.image("samples", grid, step)
 
     def save(self, step):
