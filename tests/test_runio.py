@@ -4,6 +4,7 @@ test names the guarantee it checks; the reference is an uninterrupted run, a han
 torch / fcntl called directly."""
 
 import fcntl
+import io
 import json
 import os
 import random
@@ -195,6 +196,60 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(
     assert_same(saved(reference), saved(out))
     # no half-swapped adapter left
     assert not [p for p in os.listdir(out) if p.startswith("adapter.")]
+
+
+def killed_inside_a_state_save(argv, nth, keep):
+    """Fork a child running gvu.main(argv) that is SIGKILLed half-way through its nth torch.save of
+    state.pt: half of the new state's bytes are written where torch.save was told to write them,
+    then the kill. Just before, the child copies state.pt (the previous save) to `keep`. Returns
+    the child's wait status."""
+    pid = os.fork()
+    if pid:
+        return os.waitpid(pid, 0)[1]
+    try:  # the child: never returns into pytest
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+        real, saves = torch.save, []
+
+        def half_then_kill(obj, f, *a, **kw):
+            name = str(getattr(f, "name", f))
+            if os.path.basename(name).startswith("state.pt"):
+                saves.append(name)
+                if len(saves) == nth:
+                    shutil.copyfile(os.path.join(os.path.dirname(name), "state.pt"), keep)
+                    data = io.BytesIO()
+                    real(obj, data)
+                    half = data.getvalue()[: len(data.getvalue()) // 2]
+                    if hasattr(f, "write"):
+                        f.write(half)
+                        f.flush()
+                    else:
+                        with open(f, "wb") as g:
+                            g.write(half)
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return real(obj, f, *a, **kw)
+
+        torch.save = half_then_kill
+        gvu.main(argv)
+        os._exit(0)
+    except SystemExit as e:
+        os._exit(3 if e.code else 0)
+    except BaseException:
+        os._exit(4)
+
+
+def test_a_kill_inside_the_save_of_state_pt_keeps_the_previous_state_resumable(
+    tmp_path, prompt_file, reference
+):
+    """SIGKILL half-way through writing the second state.pt (two steps done) leaves the first one
+    (one step done) byte for byte, and --resume from it ends with the uninterrupted run's log,
+    adapter and state, bit for bit."""
+    out, before = tmp_path / "run", tmp_path / "state_before_the_kill.pt"
+    status = killed_inside_a_state_save(common(prompt_file, out, "--steps", "4"), 2, before)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    assert (out / "state.pt").read_bytes() == before.read_bytes()
+    assert torch.load(out / "state.pt", weights_only=True)["step"] == 1
+    assert run_main(*common(prompt_file, out, "--steps", "4", "--resume")) is None
+    assert_same(saved(reference), saved(out))
 
 
 def test_resume_rewrites_an_adapter_older_than_the_state(tmp_path, prompt_file):
