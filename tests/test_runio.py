@@ -3,6 +3,7 @@ CPU only): kills at any moment, resumes, damaged files, a second process, bad fl
 test names the guarantee it checks; the reference is an uninterrupted run, a hand-made file, or
 torch / fcntl called directly."""
 
+import dataclasses
 import fcntl
 import io
 import json
@@ -18,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 import gvu
-from standins import TINY_PROMPTS, log_rows, run_main, write, write_lines
+from standins import SHIPPED, TINY_PROMPTS, log_rows, run_main, write, write_lines
 from tools import runio
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # and fork is safe
@@ -475,6 +476,67 @@ def test_resume_refuses_changed_settings_naming_each_flag_and_keeps_config(tmp_p
         is None
     )
     assert (out / "config.json").read_bytes() == config
+
+
+# Fields whose value cannot change validly on the tiny random model: the test skips them.
+CANNOT_CHANGE_ON_TINY = {
+    "decoder_text": "the tiny UMM's decoder reads no text: 'none' is its only value"
+}
+
+
+def another_value(name, old, tmp_path):
+    """A valid value of Args field `name`, other than the run's `old`, on the tiny random model."""
+    special = {
+        "prompts": lambda: str(write_lines(tmp_path / "same_lines.txt", TINY_PROMPTS[:3])),
+        "model": lambda: SHIPPED,  # the shipped tiny UMM
+        "image_size": lambda: 64,  # the tiny UMM's one size, given instead of 0 (its default)
+        "lora_targets": lambda: "q_proj",
+        "device": lambda: "cpu",
+    }
+    if name in special:
+        return special[name]()
+    field = {f.name: f for f in dataclasses.fields(gvu.Args)}[name]
+    choices = field.metadata.get("choices")
+    if choices:
+        return next(c for c in choices if c != old)
+    if isinstance(old, bool):
+        return not old
+    if isinstance(old, int):
+        return old + 1
+    if isinstance(old, float):
+        return 2 * old if old else 0.5
+    return f"{old} (changed)"
+
+
+@pytest.fixture(scope="module")
+def one_step_run(tmp_path_factory, prompt_file):
+    """A finished 1-step run that tests try to resume with other settings (each try refused)."""
+    out = tmp_path_factory.mktemp("one_step") / "run"
+    assert run_main(*common(prompt_file, out, "--steps", "1")) is None
+    return out
+
+
+# every field of gvu.Args, read when the tests are collected, so that a new flag is covered
+@pytest.mark.parametrize(
+    "name", [f.name for f in dataclasses.fields(gvu.Args) if f.name not in gvu.RESUME_MAY_CHANGE]
+)
+def test_resume_refuses_a_change_to_every_setting_outside_the_allowed_list(
+    name, one_step_run, prompt_file, tmp_path
+):
+    """--resume with any one setting outside gvu.RESUME_MAY_CHANGE changed to another valid value:
+    one line naming its flag, and the run folder untouched."""
+    if name in CANNOT_CHANGE_ON_TINY:
+        pytest.skip(CANNOT_CHANGE_ON_TINY[name])
+    out = one_step_run
+    before = {p: (out / p).read_bytes() for p in ("config.json", "state.pt", "log.jsonl")}
+    old = json.loads(before["config.json"])[name]
+    new = another_value(name, old, tmp_path)
+    flag = "--" + name.replace("_", "-")
+    msg = run_main(*common(prompt_file, out, "--steps", "2", "--resume"), flag, new)
+    assert isinstance(msg, str), f"--resume with {flag} {new} was not refused"
+    assert "\n" not in msg, msg
+    assert msg.startswith("error: ") and "--resume" in msg and f"{flag} " in msg, msg
+    assert {p: (out / p).read_bytes() for p in before} == before
 
 
 def test_resume_counts_a_flag_added_since_the_run_began_as_its_default(tmp_path, prompt_file):
