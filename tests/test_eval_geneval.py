@@ -14,7 +14,7 @@ from PIL import Image
 import eval_geneval as E
 import gvu
 from models import adapters
-from standins import TINY_PROMPTS, eval_error, meta, run_main, write_lines
+from standins import TINY_PROMPTS, eval_error, meta, read_jsonl, run_main, write_lines
 
 
 # --- crops and summaries --------------------------------------------------------------------------
@@ -420,6 +420,33 @@ def test_score_cli_writes_results_and_summaries_on_tiny_models(tmp_path, tiny_mo
     assert summary["prompts"] == 2 and summary["notes"] == [E.PROXY_NOTE]
     assert "| **overall** (mean of tag means) |" in (tmp_path / "scores" / "summary.md").read_text()
     assert "| colors | 2 |" in capsys.readouterr().out
+
+
+def test_counting_threshold_reaches_the_scorer(tmp_path, tiny_models):
+    """score --counting-threshold T: a counting prompt whose detections all score between 0.3 and
+    the default 0.9 counts none of them by default and all of them with T = 0.3, so its verdict
+    flips."""
+    det_dir, clip_dir = tiny_models
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), np.uint8))
+    scores = [d.score for d in E.GenEvalScorer(det_dir, clip_dir, "cpu").detect(image)]
+    n = len(scores)
+    assert n and all(0.3 < s < 0.9 for s in scores), scores  # the case this test is about
+    m = meta(
+        "counting",
+        [{"class": "dog", "count": n}],
+        [{"class": "dog", "count": n + 1}],
+        prompt=f"a photo of {E.NUMBER_WORDS[n]} dogs",
+    )
+    E.write_prompt_folder(tmp_path / "run", 0, m, [image])
+    md = write_lines(tmp_path / "meta.jsonl", [m])
+    verdicts = []
+    for flags in ([], ["--counting-threshold", "0.3"]):
+        out = tmp_path / f"scores{len(verdicts)}"
+        score = ["score", tmp_path / "run", "--metadata", md, "--out", out, "--device", "cpu"]
+        E.main([str(a) for a in score + ["--detector", det_dir, "--clip", clip_dir, *flags]])
+        [row] = read_jsonl(out / "results.jsonl")
+        verdicts.append((row["correct"], row["reason"]))
+    assert verdicts == [(False, f"expected dog>={n}, found 0"), (True, "")]
 
 
 @pytest.fixture(scope="module")
