@@ -492,6 +492,7 @@ def another_value(name, old, tmp_path):
         "image_size": lambda: 64,  # the tiny UMM's one size, given instead of 0 (its default)
         "lora_targets": lambda: "q_proj",
         "device": lambda: "cpu",
+        "flux": lambda: "black-forest-labs/FLUX.1-dev",  # read by X-Omni only
     }
     if name in special:
         return special[name]()
