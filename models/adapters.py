@@ -295,7 +295,7 @@ class JanusPro:
             if images is None:
                 raise ImagesRequired(
                     "input_ids hold <image_placeholder> tokens: pass images=[one PIL per row] to "
-                    "hidden_states (gvu.prompt_token_logprobs must pass its micro-batch's images)"
+                    "hidden_states (gvu.caption_token_logprobs must pass its micro-batch's images)"
                 )
             assert len(images) == len(input_ids), f"{len(images)} images for {len(input_ids)} rows"
             per_row = slots.sum(1)

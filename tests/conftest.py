@@ -1,44 +1,36 @@
-"""Shared test fixtures: the thread setting, skip marks, and the three stand-in UMMs every contract test runs on.
-
-The tiny UMM (tiny_umm.TinyUMM.random), a tiny random Janus-Pro (transformers >= 5) and a toy stand-in for X-Omni's
-remote code (loaded through trust_remote_code from a folder written here), each at toy sizes, no downloads.
-test_umm_contract.py runs the interface's contract tests once, on all three (`stand_in`)."""
+"""The fixtures the test files share: the thread setting, a hang watchdog, and the models built
+from standins.py (the tiny UMM, the shipped checkpoint, the Janus-Pro and X-Omni stand-ins).
+`stand_in` is each of the three UMMs in turn, with its own slow reward loop as the reference:
+test_umm_contract.py runs the interface's contract tests once, on all three."""
 
 import faulthandler
-import json
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
-import transformers
-from packaging.version import Version
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    JanusConfig,
-    JanusForConditionalGeneration,
-    JanusProcessor,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import eval_geneval
-import gvu
-from models.adapters import ASSISTANT, USER, JanusPro, XOmni, janus_image_processor_class
-
-needs_janus = pytest.mark.skipif(
-    Version(transformers.__version__) < Version("5"),
-    reason="the Janus adapter targets transformers >= 5 (4.x is X-Omni's stack)",
+from models.tiny_umm import TinyUMM
+from standins import (
+    PROMPTS,
+    SHIPPED,
+    build_janus,
+    geometric_means,
+    images_for,
+    janus_token_logprobs,
+    load_xomni,
+    needs_janus,
+    tiny_token_logprobs,
+    write_xomni,
+    xomni_token_logprobs,
 )
 
 
 @pytest.fixture(autouse=True)
 def watchdog():
-    """A test still running after 10 minutes (the slowest, a 2-process torchrun test, takes about a minute) has hung: every thread's stack is
-    printed and the suite exits with an error, instead of holding CI until its time limit."""
+    """A test still running after 10 minutes (the slowest, a 2-process torchrun test, takes about a
+    minute) has hung: every thread's stack is printed and the suite exits with an error, instead of
+    holding CI until its time limit."""
     faulthandler.dump_traceback_later(600, exit=True)
     yield
     faulthandler.cancel_dump_traceback_later()
@@ -46,642 +38,67 @@ def watchdog():
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Tiny tensors: one thread is far faster than two on a shared 2-core machine (spin-waiting)."""
+    """Tiny tensors: one thread is far faster than two on a shared 2-core machine (spin-waiting),
+    and runs are bit-for-bit reproducible across processes."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
 
 
-# =============================================================================================================
-# Janus-Pro: a tiny random JanusForConditionalGeneration (a 2-layer Llama, a 1-layer SigLIP on 32 px, a 64-code
-# VQ-VAE on a 4 x 4 grid, a byte-level BPE tokenizer with Janus's special tokens) and its JanusProcessor.
-BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
-SPECIALS = [
-    BOS,
-    EOS,
-    PAD,
-    USER,
-    ASSISTANT,
-    "<image_placeholder>",
-    "<begin_of_image>",
-    "<end_of_image>",
-]
-PROMPTS = [
-    "a red circle",
-    "two blue squares left of a green triangle",
-    "a large yellow square",
-]  # every model spells these
-INSTRUCTION = "Describe the image in detail."
-HIDDEN, CODES, PX = 64, 64, 32
+@pytest.fixture(scope="module")
+def umm():
+    """A tiny random UMM (2 layers of 64)."""
+    return TinyUMM.random(seed=0, hidden=64, layers=2)
 
 
-def build_tokenizer():
-    """Byte-level BPE (as DeepSeek's) trained on a few lines, BOS added by the post-processor (tools/bench.py's)."""
-    from tools import bench
+@pytest.fixture(scope="module")
+def shipped():
+    """The shipped tiny UMM (checkpoints/tiny-umm), for tests that leave it as it is."""
+    return TinyUMM.from_pretrained(SHIPPED)
 
-    return bench.janus_tokenizer(PROMPTS + [INSTRUCTION, "a photo of one circle and one square"])
 
-
-def build_janus(seed=0):
-    """A tiny random JanusForConditionalGeneration (~0.5M params) and its JanusProcessor."""
-    tok = build_tokenizer()
-    n_img = (PX // 8) ** 2
-    processor = JanusProcessor(
-        janus_image_processor_class()(
-            size={"height": PX, "width": PX}, image_mean=[0.5] * 3, image_std=[0.5] * 3
-        ),
-        tok,
-        num_image_tokens=n_img,
-        use_default_system_prompt=True,
-    )  # as the converted Janus-Pro processors
-    cfg = JanusConfig(
-        text_config=dict(
-            model_type="llama",
-            vocab_size=len(tok) + 5,
-            hidden_size=HIDDEN,
-            intermediate_size=2 * HIDDEN,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=PX,
-            patch_size=8,
-            mlp_ratio=2.0,
-            projection_dim=HIDDEN,
-            num_image_tokens=n_img,
-        ),
-        vq_config=dict(
-            embed_dim=8,
-            num_embeddings=CODES,
-            latent_channels=32,
-            base_channels=32,
-            channel_multiplier=[1, 1, 1, 1],
-            num_res_blocks=1,
-            projection_dim=HIDDEN,
-            image_token_embed_dim=HIDDEN,
-        ),
-        image_token_id=tok.convert_tokens_to_ids("<image_placeholder>"),
-    )
-    torch.manual_seed(seed)
-    model = JanusForConditionalGeneration(cfg).eval()
-    gc = model.generation_config  # as convert_janus_weights_to_hf.py sets it
-    gc.temperature, gc.guidance_scale, gc.bos_token_id = 1.0, 5.0, tok.bos_token_id
-    gc.pad_token_id = tok.convert_tokens_to_ids(PAD)
-    gc.generation_kwargs = {"boi_token_id": tok.convert_tokens_to_ids("<begin_of_image>")}
-    return JanusPro(model, processor), processor
-
-
-# =============================================================================================================
-# X-Omni: adapters.XOmni on a tiny stand-in for X-Omni/X-Omni-En's remote code, written into a folder and loaded
-# through the real AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True) path (no downloads). The
-# stand-in keeps the remote code's names, id layout and call signatures (XOmniConfig, XOmniForCausalLM with
-# XOmniModel's [hidden | image mask] stream, lm/mm embeddings, norms and heads, init_vision, set_generation_mode,
-# tokenize_image, mmdecode, detokenize_image, image_tokenizer.decode, decoder_pipe(latents, [text], ...)) at toy
-# sizes. Runs on transformers 5.x and on X-Omni's 4.52.4.
-XOMNI_CONFIG_PY = '''
-from transformers import Qwen2Config
-
-
-class XOmniConfig(Qwen2Config):
-    """X-Omni's config fields over Qwen2's (vision_config rides along in kwargs, as in the real checkpoint)."""
-    model_type = "x-omni"
-
-    def __init__(self, num_mm_adap_layers=4, num_mm_head_layers=4, mm_vocab_size=16448, image_vocab_size=16384,
-                 mm_special_tokens=("<SOM>", "<EOM>", "<IMAGE>"), **kwargs):
-        super().__init__(**kwargs)
-        self.num_mm_adap_layers, self.num_mm_head_layers = num_mm_adap_layers, num_mm_head_layers
-        self.mm_vocab_size, self.image_vocab_size = mm_vocab_size, image_vocab_size
-        self.mm_special_tokens = mm_special_tokens
-'''
-
-XOMNI_MODELING_PY = r'''
-"""A toy stand-in for X-Omni's modeling_xomni.py (+ its SigLIP-VQ tokenizer and FLUX-based decoder), for tests."""
-import os
-import re
-from types import SimpleNamespace
-
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from diffusers import ModelMixin
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from PIL import Image
-from transformers import Qwen2ForCausalLM
-from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.models.qwen2.modeling_qwen2 import (Qwen2DecoderLayer, Qwen2Model, Qwen2PreTrainedModel,
-                                                      Qwen2RMSNorm, Qwen2RotaryEmbedding)
-
-from .configuration_xomni import XOmniConfig
-
-
-# --- the SigLIP-VQ image tokenizer (modeling_siglip_tokenizer.py's names) ---------------------------------
-def create_anyres_preprocess(short_size, long_size, patch_size, min_short_size, max_aspect_ratio, **_):
-    """PIL -> (3, H, W) in [-1, 1], sides multiples of patch_size between short_size and long_size; None if too small."""
-    def transform(image):
-        image = image.convert("RGB")
-        w, h = image.size
-        if min(w, h) < min_short_size or max(w, h) / min(w, h) > max_aspect_ratio:
-            return None
-        s = max(1.0, short_size / min(w, h))
-        s = min(s, long_size / max(w, h)) if max(w, h) * s > long_size else s
-        size = [max(patch_size, round(x * s / patch_size) * patch_size) for x in (w, h)]
-        arr = np.asarray(image.resize(size, Image.BICUBIC), dtype=np.float32) / 127.5 - 1
-        return torch.from_numpy(arr).permute(2, 0, 1)
-    return transform
-
-
-class TinyViT(nn.Module):
-    """Stands in for the SigLIP ViT: one feature per 16 x 16 patch, and the patch grid."""
-    def __init__(self, width, patch=16):
-        super().__init__()
-        self.proj = nn.Conv2d(3, width, patch, stride=patch)
-
-    def forward(self, x):
-        f = self.proj(x)
-        return f.flatten(2).transpose(1, 2), tuple(f.shape[-2:]), None
-
-
-class TinyVQProjector(nn.Module):
-    """Stands in for VQConvProjector: nearest L2-normalised code (IBQ's eval path); decode via the raw codebook."""
-    def __init__(self, z_channels, codebook_size, codebook_dim):
-        super().__init__()
-        self.quant_conv = nn.Conv2d(z_channels, codebook_dim, 1)
-        self.embedding = nn.Embedding(codebook_size, codebook_dim)
-        self.post_quant_conv = nn.Conv2d(codebook_dim, z_channels, 1)
-
-    def encode(self, x, h, w):  # (B, h*w, C) -> (B, h, w)
-        z = self.quant_conv(x.transpose(1, 2).reshape(len(x), -1, h, w)).permute(0, 2, 3, 1)
-        z = F.normalize(z.reshape(1, -1, z.shape[-1]), dim=-1)
-        return torch.cdist(z, F.normalize(self.embedding.weight, dim=-1)[None])[0].argmin(-1).view(len(x), h, w)
-
-    def decode(self, tokens, bhwc):  # (B*h*w,) -> (B, C, h, w)
-        return self.post_quant_conv(self.embedding(tokens).view(bhwc).permute(0, 3, 1, 2))
-
-
-class SiglipTokenizer(nn.Module):
-    def __init__(self, siglip_name, siglip_path, projector_path, z_channels, codebook_size, codebook_dim, with_norm=True):
-        super().__init__()
-        self.vit, self.vqproj = TinyViT(z_channels), TinyVQProjector(z_channels, codebook_size, codebook_dim)
-        self.vit.load_state_dict(torch.load(siglip_path, map_location="cpu", weights_only=True))
-        self.vqproj.load_state_dict(torch.load(projector_path, map_location="cpu", weights_only=True))
-
-    def encode(self, x):
-        features, (h, w), _ = self.vit(x)
-        return self.vqproj.encode(features, h, w)
-
-    def decode(self, tokens, bhwc):
-        return self.vqproj.decode(tokens, bhwc)
-
-
-# --- the FLUX-based decoder (modeling_siglip_flux.py's names; FLUX.1-dev's component names) ------------------
-class FluxTransformer2DModelWithSigLIP(ModelMixin, ConfigMixin):
-    """Stands in for the decoder transformer: velocity from noisy pixels, SigLIP features per 16 px cell, text."""
-    @register_to_config
-    def __init__(self, siglip_channels=8, text_dim=8, hidden=8, cell=16):
-        super().__init__()
-        self.siglip_in, self.text_in, self.pooled_in = (nn.Linear(d, hidden) for d in (siglip_channels, text_dim, text_dim))
-        self.time_in = nn.Linear(1, hidden)
-        self.out = nn.Conv2d(3 + hidden, 3, 3, padding=1)
-
-    def forward(self, x, t, siglip, text, pooled):
-        n, _, H, W = x.shape
-        c = self.config.cell
-        glob = self.text_in(text).mean(1) + self.pooled_in(pooled) + self.time_in(x.new_full((n, 1), t))
-        cond = (self.siglip_in(siglip) + glob[:, None]).transpose(1, 2).reshape(n, -1, H // c, W // c)
-        return self.out(torch.cat([x, F.interpolate(cond, scale_factor=c)], 1))
-
-
-class TinyTextEncoder(ModelMixin, ConfigMixin):
-    """Stands in for FLUX's CLIP (pooled: one vector per prompt) and T5 (one vector per token) encoders."""
-    @register_to_config
-    def __init__(self, dim=8, pooled=False):
-        super().__init__()
-        self.embed = nn.Embedding(256, dim)
-
-    def forward(self, ids):
-        e = self.embed(ids)
-        return e.mean(1) if self.config.pooled else e
-
-
-class ByteTokenizer:
-    def __init__(self, length):
-        self.length = length
-
-    def __call__(self, texts):
-        return torch.tensor([(list(t.encode())[:self.length] + [0] * self.length)[:self.length] for t in texts])
-
-
-class FluxPipelineWithSigLIP:
-    """Stands in for the FluxPipeline subclass: its components, encode_prompt, and __call__(siglip latents, prompt,
-    ...) with true CFG against the negative prompt; noise from `generator` (the global RNG when None)."""
-    def __init__(self, transformer, text_encoder, text_encoder_2):
-        self.transformer, self.text_encoder, self.text_encoder_2 = transformer, text_encoder, text_encoder_2
-        self.tokenizer, self.tokenizer_2 = ByteTokenizer(4), ByteTokenizer(6)
-
-    @classmethod
-    def from_pretrained(cls, path, transformer, torch_dtype=None):
-        load = lambda sub: TinyTextEncoder.from_pretrained(os.path.join(path, sub), torch_dtype=torch_dtype)
-        return cls(transformer, load("text_encoder"), load("text_encoder_2"))
-
-    def set_progress_bar_config(self, **kwargs):
-        pass
-
-    def to(self, device):
-        for m in (self.transformer, self.text_encoder, self.text_encoder_2):
-            if m is not None:
-                m.to(device)
-        return self
-
-    def encode_prompt(self, prompt, prompt_2=None, device=None, num_images_per_prompt=1, prompt_embeds=None,
-                      pooled_prompt_embeds=None, max_sequence_length=6, lora_scale=None):
-        prompt = [prompt] if isinstance(prompt, str) else prompt
-        if pooled_prompt_embeds is None:
-            pooled_prompt_embeds = self.text_encoder(self.tokenizer(prompt).to(device))
-        if prompt_embeds is None:
-            prompt_embeds = self.text_encoder_2(self.tokenizer_2(prompt_2 or prompt).to(device))
-        return prompt_embeds, pooled_prompt_embeds, torch.zeros(prompt_embeds.shape[1], 3)
-
-    @torch.no_grad()
-    def __call__(self, siglip_latents, prompt=None, negative_prompt=None, height=None, width=None,
-                 num_inference_steps=3, guidance_scale=1.0, true_cfg_scale=1.0, true_cfg_scale_2=1.0, generator=None,
-                 prompt_embeds=None, pooled_prompt_embeds=None, negative_prompt_embeds=None,
-                 negative_pooled_prompt_embeds=None, output_type="pil"):
-        n, device = len(siglip_latents), self.transformer.device
-        text = self.encode_prompt(prompt, None, device, 1, prompt_embeds, pooled_prompt_embeds)[:2]
-        cfg = true_cfg_scale > 1 and (negative_prompt is not None or negative_prompt_embeds is not None)
-        if cfg:
-            neg = self.encode_prompt(negative_prompt, None, device, 1, negative_prompt_embeds,
-                                     negative_pooled_prompt_embeds)[:2]
-        x = torch.randn((n, 3, height, width), generator=generator).to(device, self.transformer.dtype)
-        for i in range(num_inference_steps):
-            t = 1 - i / num_inference_steps
-            v = self.transformer(x, t, siglip_latents, *text)
-            if cfg:
-                v_neg = self.transformer(x, t, siglip_latents, *neg)
-                v = v_neg + true_cfg_scale * (v - v_neg)
-            x = x - v / num_inference_steps
-        arr = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        return SimpleNamespace(images=[Image.fromarray(a) for a in arr])
-
-
-# --- the LM (modeling_xomni.py's names) ------------------------------------------------------------------------
-class XOmniDecoderLayer(Qwen2DecoderLayer):
-    """Carries [hidden | image-token mask]; the first num_mm_adap_layers and last num_mm_head_layers update image
-    positions only. Returns what the Qwen2 layer returns (a tuple in transformers 4.x, a tensor in 5.x)."""
-    def __init__(self, config, layer_idx):
-        super().__init__(config, layer_idx)
-        self.is_lm_layer = config.num_mm_adap_layers <= layer_idx < config.num_hidden_layers - config.num_mm_head_layers
-
-    def forward(self, hidden_states, **kwargs):
-        h, mask = hidden_states.chunk(2, -1)
-        out = super().forward(h, **kwargs)
-        new = out[0] if isinstance(out, tuple) else out
-        if not self.is_lm_layer:
-            new = torch.where(mask.bool(), new, h)
-        new = torch.cat([new, mask], -1)
-        return (new, *out[1:]) if isinstance(out, tuple) else new
-
-
-class XOmniModel(Qwen2Model, Qwen2PreTrainedModel):
-    model_type, config_class = "x-omni", XOmniConfig
-
-    def __init__(self, config):
-        Qwen2PreTrainedModel.__init__(self, config)  # as X-Omni's: Qwen2Model.__init__ is skipped
-        self.vocab_size = config.vocab_size
-        self.lm_embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.mm_embed_tokens = nn.Embedding(config.mm_vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([XOmniDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.lm_norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mm_norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = Qwen2RotaryEmbedding(config=config)
-        self.gradient_checkpointing = False
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.lm_embed_tokens
-
-    def embed_tokens(self, input_ids):  # ids >= vocab_size are image tokens: their own table, and the mask channel
-        is_mm = input_ids >= self.config.vocab_size
-        x = torch.where(is_mm[..., None], self.mm_embed_tokens((input_ids - self.config.vocab_size).clamp(min=0)),
-                        self.lm_embed_tokens(input_ids.masked_fill(is_mm, 0)))
-        return torch.cat([x, is_mm[..., None].to(x.dtype).expand_as(x)], -1)
-
-    def norm(self, hidden_states):
-        h, mask = hidden_states.chunk(2, -1)
-        return torch.where(mask.bool(), self.mm_norm(h), self.lm_norm(h))
-
-
-class XOmniForCausalLM(Qwen2ForCausalLM):
-    model_type, config_class = "x-omni", XOmniConfig
-    _keys_to_ignore_on_load_missing = [r"image_tokenizer\."]
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.model = XOmniModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.mm_head = nn.Linear(config.hidden_size, config.mm_vocab_size, bias=False)
-        self.generation_mode = "text"
-        self.post_init()
-
-    @property
-    def device(self):
-        return next(iter(self.parameters())).device
-
-    def init_vision(self, flux_pipe_path, **kwargs):
-        self.som_token, self.eom_token, self.img_token = self.config.mm_special_tokens[:3]
-        vc = SimpleNamespace(**self.config.vision_config)
-        self.vision_config, self.transform_config = vc, SimpleNamespace(**vc.transform)
-        self.encoder_config, self.decoder_config = SimpleNamespace(**vc.encoder), SimpleNamespace(**vc.decoder)
-        self.vision_dtype = getattr(torch, vc.dtype)
-        self.image_transform = create_anyres_preprocess(**vc.transform)
-        for key in ("siglip_path", "projector_path"):
-            setattr(self.encoder_config, key, os.path.join(self.name_or_path, getattr(self.encoder_config, key)))
-        self.image_tokenizer = SiglipTokenizer(**vars(self.encoder_config))
-        self.image_tokenizer.to(self.device, self.vision_dtype)
-        transformer = FluxTransformer2DModelWithSigLIP.from_pretrained(
-            self.name_or_path, siglip_channels=self.encoder_config.z_channels, torch_dtype=self.vision_dtype,
-            subfolder=self.decoder_config.model_path, **kwargs)
-        self.decoder_pipe = FluxPipelineWithSigLIP.from_pretrained(flux_pipe_path, transformer=transformer,
-                                                                   torch_dtype=self.vision_dtype)
-        self.decoder_pipe.set_progress_bar_config(disable=True)
-
-    def set_generation_mode(self, mode):
-        assert mode in ("text", "image"), mode
-        self.generation_mode = mode
-
-    def mmdecode(self, tokenizer, token_ids, force_text=None, **kwargs):
-        ids = torch.as_tensor(token_ids).reshape(-1).tolist()
-        doc = tokenizer.decode(ids, **kwargs).replace(tokenizer.pad_token, "").replace("<SEP>", "")
-        texts, images = [], []
-        for chunk in doc.split(self.eom_token):
-            text, _, image_str = chunk.partition(self.som_token)
-            texts.append(text)
-            if self.img_token in image_str:
-                meta, codes = image_str.split(self.img_token)
-                H, W = map(int, meta.split(" "))
-                codes = [int(k) for k in re.findall(r"<MM-Token-(\d+)>", codes)][:H * W]
-                images.append(self.detokenize_image(texts, images, codes, (H, W)))
-        return texts, images
-
-    @torch.no_grad()
-    def tokenize_image(self, image):
-        x = self.image_transform(image)
-        assert x is not None, "image too small or too elongated"
-        codes = self.image_tokenizer.encode(x[None].to(self.device, self.vision_dtype))
-        _, H, W = codes.shape
-        body = "".join(f"<MM-Token-{k}>" for k in codes.reshape(-1).tolist())
-        return f"{self.som_token}{H} {W}{self.img_token}{body}{self.eom_token}"
-
-    @torch.no_grad()
-    def detokenize_image(self, texts, images, token_ids, shape):
-        assert len(texts) == 1 and len(images) == 0, "one image per sample"
-        H, W = shape
-        tokens = torch.tensor(token_ids, device=self.device)
-        latents = self.image_tokenizer.decode(tokens, (1, H, W, self.encoder_config.codebook_dim))
-        latents = latents.reshape(*latents.shape[:2], -1).transpose(1, 2).contiguous()
-        dc, up = self.decoder_config, self.decoder_config.upscale_factor
-        return self.decoder_pipe(latents, [texts[0]], negative_prompt=[""], height=H * up, width=W * up,
-                                 num_inference_steps=dc.num_inference_steps, guidance_scale=1.0,
-                                 true_cfg_scale=dc.cfg_scale, true_cfg_scale_2=dc.cfg_scale_2).images[0]
-
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
-                num_logits_to_keep=0, **kwargs):
-        """Every id's logit, fp32: the current mode's head, the other mode's rows at the dtype's minimum."""
-        self.model.has_sliding_layers = False
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            inputs_embeds=inputs_embeds).last_hidden_state[:, -num_logits_to_keep:]
-        V, K = self.config.vocab_size, self.config.image_vocab_size
-        logits = hidden.new_full((*hidden.shape[:-1], V + self.config.mm_vocab_size), torch.finfo(hidden.dtype).min)
-        if self.generation_mode == "text":
-            logits[..., :V] = self.lm_head(hidden)
-        else:
-            logits[..., V:V + K] = self.mm_head(hidden)[..., :K]
-        return CausalLMOutputWithPast(logits=logits.float())
-'''
-
-XO_PX, XO_CODES, XO_GRID = 48, 32, 3  # 48 px images: 3 x 3 codes of 16 px, 32 image codes
-XO_PREFIX = "<SOM>3 3<IMAGE>"  # generate.py's f'<SOM>{token_h} {token_w}<IMAGE>', spelled out
-XO_CHAT = (
-    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\n"
-    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)  # Qwen2.5's
-
-
-def build_xomni_tokenizer():
-    """Byte-level BPE with Qwen's chat tokens and X-Omni's <SOM> <EOM> <IMAGE>; then <MM-Token-k> at vocab_size + k."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = PROMPTS + [INSTRUCTION, "You are a helpful assistant. system user assistant"]
-    tok.train_from_iterator(
-        corpus,
-        trainers.BpeTrainer(
-            vocab_size=300,
-            special_tokens=[
-                "<|endoftext|>",
-                "<|im_start|>",
-                "<|im_end|>",
-                "<SOM>",
-                "<EOM>",
-                "<IMAGE>",
-            ],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        ),
-    )
-    vocab_size = tok.get_vocab_size()
-    tok.add_special_tokens([f"<MM-Token-{k}>" for k in range(XO_CODES)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        chat_template=XO_CHAT,
-    )
-    return fast, vocab_size
+@pytest.fixture(scope="module")
+def janus():
+    """(adapters.JanusPro on a tiny random Janus, its JanusProcessor)."""
+    return build_janus(0)
 
 
 @pytest.fixture(scope="session")
 def xomni_dirs(tmp_path_factory):
-    """(model folder, FLUX folder): the stand-in's code, config (with auto_map) and tokenizer, random weights
-    saved by its own classes."""
-    root = tmp_path_factory.mktemp("xomni")
-    xdir, fdir = root / "xomni_tiny", root / "flux_tiny"
-    xdir.mkdir()
-    (xdir / "configuration_xomni.py").write_text(XOMNI_CONFIG_PY)
-    (xdir / "modeling_xomni.py").write_text(XOMNI_MODELING_PY)
-    tok, vocab_size = build_xomni_tokenizer()
-    tok.save_pretrained(xdir)
-    vision = dict(
-        dtype="float32",
-        transform=dict(
-            short_size=XO_PX,
-            long_size=2 * XO_PX,
-            patch_size=16,
-            min_short_size=16,
-            max_aspect_ratio=3.0,
-        ),
-        encoder=dict(
-            siglip_name="tiny",
-            siglip_path="vision/siglip.pt",
-            projector_path="vision/projector.pt",
-            z_channels=8,
-            codebook_size=XO_CODES,
-            codebook_dim=8,
-            with_norm=True,
-        ),
-        decoder=dict(
-            model_path="decoder",
-            upscale_factor=16,
-            num_inference_steps=3,
-            cfg_scale=2.0,
-            cfg_scale_2=1.0,
-        ),
-    )
-    config_json = dict(
-        model_type="x-omni",
-        architectures=["XOmniForCausalLM"],
-        auto_map={
-            "AutoConfig": "configuration_xomni.XOmniConfig",
-            "AutoModelForCausalLM": "modeling_xomni.XOmniForCausalLM",
-        },
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        num_mm_adap_layers=1,
-        num_mm_head_layers=1,
-        mm_vocab_size=XO_CODES + 4,
-        image_vocab_size=XO_CODES,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        vision_config=vision,
-    )
-    (xdir / "config.json").write_text(json.dumps(config_json))
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(
-        AutoConfig.from_pretrained(xdir, trust_remote_code=True), trust_remote_code=True
-    )
-    model.save_pretrained(xdir)
-    mod = sys.modules[type(model).__module__]  # the stand-in's own classes make its vision weights
-    (xdir / "vision").mkdir()
-    torch.save(mod.TinyViT(8).state_dict(), xdir / "vision" / "siglip.pt")
-    torch.save(mod.TinyVQProjector(8, XO_CODES, 8).state_dict(), xdir / "vision" / "projector.pt")
-    mod.FluxTransformer2DModelWithSigLIP(siglip_channels=8).save_pretrained(xdir / "decoder")
-    for sub, pooled in (
-        ("text_encoder", True),
-        ("text_encoder_2", False),
-    ):  # FLUX.1-dev's CLIP and T5 slots
-        mod.TinyTextEncoder(pooled=pooled).save_pretrained(fdir / sub)
-    return str(xdir), str(fdir)
+    """(model folder, FLUX folder) of the X-Omni stand-in."""
+    return write_xomni(tmp_path_factory.mktemp("xomni"))
 
 
-def load_xomni(xomni_dirs):
+@pytest.fixture(scope="session")
+def xomni_ref(xomni_dirs):
+    """The stand-in as X-Omni's generate.py / chat.py use it: from_pretrained + init_vision, nothing
+    dropped; and its tokenizer."""
     xdir, fdir = xomni_dirs
-    return XOmni.from_pretrained(
-        xdir, fdir, trust_remote_code=True, image_size=XO_PX, decode_batch=2
-    )
+    model = AutoModelForCausalLM.from_pretrained(xdir, trust_remote_code=True).eval()
+    model.init_vision(fdir)
+    return model, AutoTokenizer.from_pretrained(xdir, use_fast=True, trust_remote_code=True)
 
 
-# =============================================================================================================
-# The three stand-ins as one fixture, with each model's own slow reward loop as the reference
-
-
-def janus_token_logprobs(umm, processor, images, prompts):
-    """Reference: Janus's own processor (text + pixel_values) and forward, one image at a time, one full
-    uncached forward per prompt token, the conversation tokenised as one string."""
-    out = []
-    for im, p in zip(images, prompts):
-        head = f"{USER}: <image_placeholder>\n{INSTRUCTION}\n\n{ASSISTANT}:"
-        ctx = processor(text=head, images=[im]).input_ids[0]
-        enc = processor(text=f"{head} {p}{EOS}", images=[im])
-        ids = enc.input_ids[0]
-        assert ids[: len(ctx)].tolist() == ctx.tolist()
-        out.append(
-            torch.stack(
-                [
-                    F.log_softmax(
-                        umm.lm(input_ids=ids[None, :t], pixel_values=enc.pixel_values)
-                        .logits[0, -1]
-                        .double(),
-                        -1,
-                    )[ids[t]]
-                    for t in range(len(ctx), len(ids))
-                ]
-            )
-        )
-    return out
-
-
-def xomni_token_logprobs(model, tok, images, prompts):
-    """Reference: chat.py's context (tokenize_image + chat template) scored one token at a time by the stand-in's
-    own full forward: log-softmax over its whole row (in text mode every image row is at the dtype minimum)."""
-    model.set_generation_mode("text")
-    end, out = tok.convert_tokens_to_ids("<|im_end|>"), []
-    for im, p in zip(images, prompts):
-        user = [{"role": "user", "content": model.tokenize_image(im) + "\n" + INSTRUCTION}]
-        ctx = tok.apply_chat_template(user, add_generation_prompt=True, return_dict=False)
-        ids = tok.apply_chat_template(
-            user + [{"role": "assistant", "content": p}], return_dict=False
-        )
-        assert ids[: len(ctx)] == ctx
-        stop = ids.index(end, len(ctx))  # the answer, then its end of turn
-        out.append(
-            torch.stack(
-                [
-                    F.log_softmax(
-                        model(input_ids=torch.tensor([ids[:t]])).logits[0, -1].double(), -1
-                    )[ids[t]]
-                    for t in range(len(ctx), stop + 1)
-                ]
-            )
-        )
-    return out
-
-
-def geometric_means(token_logprobs):
-    """Per-token log-probs (a list of (L_i,) tensors) -> (rewards (N,) fp64, lengths)."""
-    return torch.stack([lp.mean().exp() for lp in token_logprobs]), [
-        len(lp) for lp in token_logprobs
-    ]
+@pytest.fixture(scope="module")
+def xomni(xomni_dirs):
+    """adapters.XOmni on the stand-in."""
+    return load_xomni(xomni_dirs)
 
 
 @pytest.fixture(scope="module", params=["tiny", pytest.param("janus", marks=needs_janus), "xomni"])
 def stand_in(request, one_thread):
-    """One of the three UMMs, with: build(seed) -> a fresh one (LoRA injects in place), reference(umm, images,
-    prompts) -> (rewards fp64, token counts) by the model's own per-token loop, images to judge, and where LoRA must
-    land (lora_scope: a regex every wrapped module's name matches; n_lora: how many modules)."""
+    """One of the three UMMs, with: build(seed) -> a fresh one (LoRA injects in place),
+    reference(umm, images, prompts) -> (rewards fp64, token counts) by the model's own per-token
+    loop, images to judge, and where LoRA must land (lora_scope: a regex every wrapped module's name
+    matches; n_lora: how many modules)."""
     name = request.param
     with torch.no_grad():
         if name == "tiny":
-            from tools import bench
-            from models.tiny_umm import TinyUMM
-
             build = lambda seed: TinyUMM.random(seed=seed, hidden=64, layers=2)
-
-            def reference(
-                umm, images, prompts
-            ):  # bench's baseline: the official code's per-token loop
-                lengths = [
-                    len(umm.tokenizer(p + umm.answer_suffix, add_special_tokens=False).input_ids)
-                    for p in prompts
-                ]
-                return bench.official_rewards(umm, images, prompts, INSTRUCTION), lengths
-
+            reference = lambda umm, images, prompts: geometric_means(
+                tiny_token_logprobs(umm, images, prompts)
+            )
             lora_scope, n_lora = r"^model\.layers\.\d+\.", 2 * 7
         elif name == "janus":
             processor = build_janus(0)[1]
@@ -692,22 +109,14 @@ def stand_in(request, one_thread):
             lora_scope, n_lora = r"\.language_model\.layers\.\d+\.", 2 * 7
         else:
             dirs = request.getfixturevalue("xomni_dirs")
+            model, tok = request.getfixturevalue("xomni_ref")
             build = lambda seed: load_xomni(dirs)  # the stand-in's weights live in its folder
-            model = AutoModelForCausalLM.from_pretrained(dirs[0], trust_remote_code=True).eval()
-            model.init_vision(dirs[1])  # as X-Omni's generate.py / chat.py use it, nothing dropped
-            tok = AutoTokenizer.from_pretrained(dirs[0], use_fast=True, trust_remote_code=True)
             reference = lambda umm, images, prompts: geometric_means(
                 xomni_token_logprobs(model, tok, images, prompts)
             )
             lora_scope, n_lora = r"^model\.layers\.\d+\.", 4 * 7
         umm = build(0)
-        codes = torch.randint(
-            0,
-            umm.image_vocab_size,
-            (len(PROMPTS), umm.grid[0] * umm.grid[1]),
-            generator=torch.Generator().manual_seed(0),
-        )
-        images = umm.decode_images(codes, torch.Generator().manual_seed(0))
+        images = images_for(umm, len(PROMPTS))
     return SimpleNamespace(
         name=name,
         umm=umm,
@@ -717,35 +126,3 @@ def stand_in(request, one_thread):
         lora_scope=lora_scope,
         n_lora=n_lora,
     )
-
-
-@pytest.fixture(scope="session")
-def xomni_ref(xomni_dirs):
-    """The stand-in as X-Omni's generate.py / chat.py use it: from_pretrained + init_vision, nothing dropped."""
-    xdir, fdir = xomni_dirs
-    model = AutoModelForCausalLM.from_pretrained(xdir, trust_remote_code=True).eval()
-    model.init_vision(fdir)
-    return model, AutoTokenizer.from_pretrained(xdir, use_fast=True, trust_remote_code=True)
-
-
-def run_main(*argv):
-    """gvu.main in-process on these flags (any value, str()-ed); the SystemExit message, or None if it finished."""
-    try:
-        gvu.main([str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
-    return None
-
-
-def write_jsonl(path, rows):
-    """Write dicts (or raw strings) one per line."""
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
-def run_error(argv):
-    """Run eval_geneval's CLI in-process and return its one-line error message."""
-    with pytest.raises(SystemExit) as exc:
-        eval_geneval.main(argv)
-    assert isinstance(exc.value.code, str) and "\n" not in exc.value.code
-    return exc.value.code

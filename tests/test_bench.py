@@ -1,58 +1,17 @@
-"""tools/bench.py's GPU rehearsal and memory estimate: the real-size code path on the CPU."""
+"""tools/bench.py: its GPU rehearsal and memory estimate (the real-size code path on the CPU), its
+X-Omni-shaped stand-in, and its step breakdown."""
 
-import argparse
-import copy
-import json
 import math
-import os
-import re
-import statistics
-import subprocess
-import sys
+import time
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model
 
 import gvu
-from conftest import needs_janus, run_main
 from models.tiny_umm import TinyUMM
-from tools import bench, experiments
-from world import make_tiny_umm as make
-from world import shapes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
-HERE = ROOT
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:.*deprecated and will be removed in v6"
-)  # peft's pre-v6 names
-PROMPTS = [
-    "a photo of a red circle",
-    "a photo of two squares",
-    "a photo of a blue triangle left of a large circle",
-    "a photo of a circle and a square",
-]
-
-
-@pytest.fixture(scope="module")
-def umm():
-    return TinyUMM.random(seed=0, hidden=64, layers=2)
-
-
-def images_for(umm, n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return umm.decode_images(torch.randint(0, umm.image_vocab_size, (n, 16), generator=g), g)
-
-
-def write(tmp_path, name, data):
-    p = tmp_path / name
-    p.write_bytes(data if isinstance(data, bytes) else data.encode())
-    return str(p)
-
-
-# --- tools/bench.py's GPU rehearsal and memory estimate: the real-size code path on the CPU --------------
+from standins import INSTRUCTION, context_ids, needs_janus, per_image_context_ids
+from tools import bench
 
 
 @pytest.mark.filterwarnings("ignore:.*deprecated and will be removed in v6")  # peft's pre-v6 names
@@ -69,8 +28,9 @@ def write(tmp_path, name, data):
 def test_gpu_rehearsal_runs_a_gvu_step_on_tiny_configs_of_the_real_classes(
     name, classes, one_thread
 ):
-    """bench.rehearse (what --gpu-rehearsal runs per config) on toy sizes of the same classes: one GvU step
-    with uneven micro-batches gives a finite loss, moves the LoRA weights, and reports every number."""
+    """bench.rehearse (what --gpu-rehearsal runs per config) on toy sizes of the same classes: one
+    GvU step with uneven micro-batches gives a finite loss, moves the LoRA weights, and reports
+    every number."""
     r = bench.rehearse(name, device="cpu", steps=1, prompts=2, group_size=2, micro_batch=3, lr=1e-2)
     assert (
         r["lora_changed"]
@@ -83,16 +43,16 @@ def test_gpu_rehearsal_runs_a_gvu_step_on_tiny_configs_of_the_real_classes(
         min(r["lm_params"], r["weights_gib"], r["peak_gib"], r["s_per_step"]) > 0
         and len(r["step_seconds"]) == 1
     )
-    umm = bench.build_umm(
-        bench.SPECS[name], "meta", torch.float32
-    )  # the estimate's LoRA arithmetic == peft's count
+    # the estimate's LoRA arithmetic == peft's count
+    umm = bench.build_umm(bench.SPECS[name], "meta", torch.float32)
     assert bench.lora_param_count(umm.lm, umm.lora_targets, r=8) == r["lora_params"] > 0
     line = bench.format_result(r)
     assert name in line and "peak RSS" in line and "s/step" in line
 
 
 def test_gpu_rehearsal_skips_cleanly_without_cuda(monkeypatch, capsys):
-    """`python -m tools.bench --gpu-rehearsal` without CUDA prints one 'skipped' line, builds nothing, exits 0."""
+    """`python -m tools.bench --gpu-rehearsal` without CUDA prints one 'skipped' line, builds
+    nothing, exits 0."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     built = []
     monkeypatch.setattr(bench, "rehearse", lambda *a, **k: built.append(a))
@@ -103,19 +63,62 @@ def test_gpu_rehearsal_skips_cleanly_without_cuda(monkeypatch, capsys):
 
 @needs_janus
 def test_estimate_counts_the_real_parameters_and_prints_a_peak(capsys):
-    """--estimate builds the real sizes on the meta device: the X-Omni stand-in's LM equals a hand count of
-    Qwen2.5-7B + 16384 code rows, FLUX.1-dev is its 12B, Janus-Pro-7B matches its 14.84 GB bf16 checkpoint."""
+    """--estimate builds the real sizes on the meta device: the X-Omni stand-in's LM equals a hand
+    count of Qwen2.5-7B + 16384 code rows, FLUX.1-dev is its 12B, Janus-Pro-7B matches its 14.84 GB
+    bf16 checkpoint."""
     bench.main(["--estimate", "--configs", "janus7b"])
     out = capsys.readouterr().out
     assert "peak = static + largest phase" in out and "fits an 80 GB card" in out
     e = bench.estimate("xomni7b")["params"]
     D, I, kv, V, L = 3584, 18944, 4 * 128, 152064 + 16384, 28
-    layer = (
-        (D * D + D) + 2 * (D * kv + kv) + D * D + 3 * D * I + 2 * D
-    )  # q, k, v (with bias), o, MLP, 2 norms
+    # q, k, v (with bias), o, MLP, 2 norms
+    layer = (D * D + D) + 2 * (D * kv + kv) + D * D + 3 * D * I + 2 * D
     assert e["lm"] == L * layer + 2 * V * D + D  # + untied embedding and head, final norm
     assert 11.8e9 < e["flux"] < 12.0e9
     janus7b = bench.estimate("janus7b")["params"]["lm"]
-    assert (
-        abs(2 * janus7b - 14.84e9) / 14.84e9 < 0.005
-    )  # pytorch_model-0000{1,2}-of-00002.bin: 9.99 + 4.85 GB
+    # pytorch_model-0000{1,2}-of-00002.bin: 9.99 + 4.85 GB
+    assert abs(2 * janus7b - 14.84e9) / 14.84e9 < 0.005
+
+
+def test_batched_tokenisation_gives_the_per_image_context_tokens_bench_xomni_standin():
+    """bench's X-Omni-shaped stand-in (SigLIP tower + nearest code) tokenises a batch as it does one
+    image at a time."""
+    umm = bench.build_umm(bench.SPECS["tiny-xomni"], "cpu", torch.float32, decode_steps=1)
+    images = umm.decode_images(torch.randint(0, 64, (5, 16)), torch.Generator().manual_seed(1))
+    assert context_ids(umm, umm.caption_prompts(images, INSTRUCTION)) == per_image_context_ids(
+        umm, images
+    )
+
+
+def test_bench_step_breakdown_times_every_phase_of_real_steps_for_both_reward_inputs():
+    """tools/bench.py's breakdown drives gvu.add_lora and gvu_step as the trainer does (it once
+    broke when they gained a return value): per reward input, one row per timed step, every phase
+    booked, codes steps never decode."""
+    res = bench.step_breakdown("tiny-random", steps=1, batch_prompts=1, group_size=2)
+    assert set(res) == {"pixels", "codes"}
+    for reward_input, t in res.items():
+        assert {"rollout", "reward", "reference", "update", "step"} <= set(t) and all(
+            len(v) == 1 for v in t.values()
+        )
+        assert (t["step"] > 0).all() and (t["update"] > 0).all()
+    # codes: the phase is booked, nothing decodes
+    assert (res["codes"]["decode"] < 0.01 * res["pixels"]["decode"]).all()
+
+
+# --- the step's timing hook -----------------------------------------------------------------------
+def test_step_timings_cover_the_step_wall_time():
+    """gvu_step's timing hook (stopwatch) books every phase once, and the phases add up to the wall
+    time of the call (the little left over is the code between the laps)."""
+    umm = TinyUMM.random(seed=0, hidden=64, layers=2)
+    torch.manual_seed(0)
+    policy, opt, _ = gvu.add_lora(umm, gvu.Args())
+    args = gvu.Args(batch_prompts=2, group_size=4)
+    gvu.gvu_step(umm, policy, opt, ["a red circle", "two squares"], 0, args)  # warm-up
+    t = {}
+    start = time.perf_counter()
+    gvu.gvu_step(umm, policy, opt, ["a red circle", "two squares"], 1, args, lap=bench.stopwatch(t))
+    wall = time.perf_counter() - start
+    assert list(t) == ["rollout", "decode", "reward", "reference", "update"] and all(
+        v > 0 for v in t.values()
+    )
+    assert 0.9 * wall <= sum(t.values()) <= wall

@@ -52,7 +52,7 @@ def pixel_mean_rewards(umm, images, prompts, args):
 
 @pytest.fixture
 def reserve(monkeypatch):
-    """The sampler's reserve, fixed: step 0's two further batches are PROMPTS[2:], then two flat ones."""
+    """The sampler's reserve, fixed: step 0's further batches are PROMPTS[2:], then a flat one."""
     batches = [PROMPTS[2:], [PROMPTS[0], PROMPTS[2]]]
     monkeypatch.setattr(experiments, "reserve_batches", lambda prompts, step, n, args: batches)
     monkeypatch.setattr(experiments.runio, "read_prompts", lambda path: (PROMPTS, [1, 2, 3, 4]))

@@ -1,70 +1,36 @@
-"""The tiny-UMM recipe (world/make_tiny_umm.py) and the where probe (tools/experiments.py)."""
+"""The tiny-UMM recipe (world/make_tiny_umm.py): the training batches and loss, its warm-ups, the
+understanding and draw probes, the semantic inits, the train CLI, and the shipped bases it made."""
 
 import argparse
-import copy
 import json
-import math
 import os
 import re
-import statistics
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 
-import gvu
-from conftest import needs_janus, run_main
 from models.tiny_umm import TinyUMM
-from tools import bench, experiments
+from standins import ROOT, SHIPPED
 from world import make_tiny_umm as make
 from world import shapes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
-HERE = ROOT
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:.*deprecated and will be removed in v6"
-)  # peft's pre-v6 names
-PROMPTS = [
-    "a photo of a red circle",
-    "a photo of two squares",
-    "a photo of a blue triangle left of a large circle",
-    "a photo of a circle and a square",
-]
-
-
-@pytest.fixture(scope="module")
-def umm():
-    return TinyUMM.random(seed=0, hidden=64, layers=2)
-
-
-def images_for(umm, n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return umm.decode_images(torch.randint(0, umm.image_vocab_size, (n, 16), generator=g), g)
-
-
-def write(tmp_path, name, data):
-    p = tmp_path / name
-    p.write_bytes(data if isinstance(data, bytes) else data.encode())
-    return str(p)
+# peft's pre-v6 names
+pytestmark = pytest.mark.filterwarnings("ignore:.*deprecated and will be removed in v6")
 
 
 def test_lm_batch_t2i_sees_train_lines_only_while_captions_span_every_tag():
     """make_tiny_umm.lm_batch: T2I sequences come from the train lines alone; I2T captions are drawn
     from every tag's whole space (so mostly texts that are not train lines)."""
-    umm = TinyUMM.random(
-        seed=0, hidden=64, layers=2, num_codes=len(make.KINDS)
-    )  # a code per cell kind
+    # a code per cell kind
+    umm = TinyUMM.random(seed=0, hidden=64, layers=2, num_codes=len(make.KINDS))
     space = make.caption_space()
-    read = lambda f: make.read_jsonl(os.path.join(HERE, f))
+    read = lambda f: make.read_jsonl(os.path.join(ROOT, f))
     train, evals = read("prompts/train.jsonl"), [m for f in make.EVAL_FILES for m in read(f)]
     assert {m["tag"] for m in train + evals} <= {tag for _, tag in space}
-    assert all(
-        shapes.make_line(m["tag"], m["include"]) == m for m in train + evals
-    )  # in their tag's phrasing
+    # in their tag's phrasing
+    assert all(shapes.make_line(m["tag"], m["include"]) == m for m in train + evals)
     seqs, i2t = make.lm_batch(
         umm, train[:1], space, np.random.default_rng(0), batch=48, n_t2i=8, with_distractor=False
     )
@@ -80,12 +46,13 @@ def test_lm_batch_t2i_sees_train_lines_only_while_captions_span_every_tag():
 
 
 def test_understanding_scores_regions_against_the_swap_that_only_the_image_rules_out():
-    """Region lines always name an opposite pair, so a one-region distractor names a pair no caption has
-    (language rejects it). regions_swapped keeps the pair opposite, and the oracle rejects it on every scene."""
+    """Region lines always name an opposite pair, so a one-region distractor names a pair no caption
+    has (language rejects it). regions_swapped keeps the pair opposite, and the oracle rejects it on
+    every scene."""
     rng = np.random.default_rng(0)
     lines = [
         m
-        for m in make.read_jsonl(os.path.join(HERE, "prompts/shapes_geneval_plus.jsonl"))
+        for m in make.read_jsonl(os.path.join(ROOT, "prompts/shapes_geneval_plus.jsonl"))
         if sum("region" in r for r in m["include"]) == 2
     ]
     assert (
@@ -106,8 +73,9 @@ def test_understanding_scores_regions_against_the_swap_that_only_the_image_rules
 
 
 def test_understanding_scores_colours_against_their_rotation_that_only_binding_rules_out():
-    """colours_rotated moves each named colour one object on: the same colours and the same shapes are named, so a
-    judge reading a bag of colours cannot reject it, but the oracle rejects it on every scene of the line."""
+    """colours_rotated moves each named colour one object on: the same colours and the same shapes
+    are named, so a judge reading a bag of colours cannot reject it, but the oracle rejects it on
+    every scene of the line."""
     rng, seen = np.random.default_rng(0), 0
     circle = {"class": "circle", "count": 1, "color": "red"}
     assert make.colours_rotated({"tag": "colors", "include": [circle]}) is None
@@ -115,7 +83,7 @@ def test_understanding_scores_colours_against_their_rotation_that_only_binding_r
         make.colours_rotated({"tag": "color_attr", "include": [circle, dict(circle, color="blue")]})
         is None
     )
-    for m in make.read_jsonl(os.path.join(HERE, "prompts/shapes_geneval_plus.jsonl"))[:120]:
+    for m in make.read_jsonl(os.path.join(ROOT, "prompts/shapes_geneval_plus.jsonl"))[:120]:
         rotated = make.colours_rotated(m)
         if rotated is None:
             continue
@@ -130,12 +98,12 @@ def test_understanding_scores_colours_against_their_rotation_that_only_binding_r
 
 
 def test_binding_views_change_only_the_colours_or_drop_one_object_of_one_jittered_scene():
-    """binding_views: the line's scene, its colours rotated, one object short, all with the same jitter; the
-    oracle accepts the first only, and the rotated view has the same objects in the same places."""
+    """binding_views: the line's scene, its colours rotated, one object short, all with the same
+    jitter; the oracle accepts the first only, and the rotated view has the same objects in the same
+    places."""
     rng, seen = np.random.default_rng(0), 0
-    for m in [
-        m for f in make.EVAL_FILES for m in make.read_jsonl(f)
-    ]:  # 2-4 objects, counted groups, regions
+    # 2-4 objects, counted groups, regions
+    for m in [m for f in make.EVAL_FILES for m in make.read_jsonl(f)]:
         scene, line = shapes.sample_scene(m, rng), make.colours_rotated(m)
         if line is None:
             continue
@@ -144,29 +112,20 @@ def test_binding_views_change_only_the_colours_or_drop_one_object_of_one_jittere
         assert [shapes.judge(d, m)[0] for d in (own, rotated, short)] == [True, False, False]
         where = lambda dets: sorted((d.shape, d.size, d.box) for d in dets)
         assert where(own) == where(rotated) and len(short) == len(own) - 1 == len(scene) - 1
-        assert {d.color for d in own} == {
-            d.color for d in rotated
-        }  # the same colours, on other objects
+        # the same colours, on other objects
+        assert {d.color for d in own} == {d.color for d in rotated}
     assert seen >= 150
 
 
 def test_understanding_pairs_each_swap_with_its_own_reward(capsys, monkeypatch, one_thread):
-    """understand scores the region swap and the colour rotation as the last prompts of a line's batch: each kind's
-    verdict must read its own. With the rotation made the true caption itself, its verdict is never a win (a tie),
-    while the region swap, read from the same batches, still wins sometimes."""
-    import argparse
-
+    """understand scores the region swap and the colour rotation as the last prompts of a line's
+    batch: each kind's verdict must read its own. With the rotation made the true caption itself,
+    its verdict is never a win (a tie), while the region swap, read from the same batches, still
+    wins sometimes."""
     rotated = make.colours_rotated
     monkeypatch.setattr(make, "colours_rotated", lambda meta: meta if rotated(meta) else None)
     make.understand(
-        argparse.Namespace(
-            model=os.path.join(HERE, "checkpoints/tiny-umm"),
-            adapter="",
-            n=60,
-            seed=3,
-            threads=1,
-            paired=False,
-        )
+        argparse.Namespace(model=SHIPPED, adapter="", n=60, seed=3, threads=1, paired=False)
     )
     out = capsys.readouterr().out
     regions = float(re.search(r"regions, both swapped (\S+)", out).group(1))
@@ -177,20 +136,18 @@ def test_understanding_pairs_each_swap_with_its_own_reward(capsys, monkeypatch, 
 def test_paired_understanding_reads_the_same_comparisons_with_the_adapter_off(
     tmp_path, capsys, one_thread
 ):
-    """understand --paired: its base column is exactly `understand` without the adapter, its adapter column
-    `understand` with it, and the printed lost / gained counts are the two columns' disagreements."""
-    import argparse
-
-    folder = os.path.join(HERE, "checkpoints/tiny-umm")
+    """understand --paired: its base column is exactly `understand` without the adapter, its adapter
+    column `understand` with it, and the printed lost / gained counts are the two columns'
+    disagreements."""
+    folder = SHIPPED
     lm = TinyUMM.from_pretrained(folder).lm
     torch.manual_seed(0)  # peft's lora_A init (torch >= 2.13 seeds each process at random)
     policy = get_peft_model(lm, LoraConfig(r=4, lora_alpha=16, target_modules=TinyUMM.lora_targets))
     with torch.no_grad():
         for name, p in policy.named_parameters():
             if "lora_B" in name:
-                p.normal_(
-                    0, 0.05, generator=torch.Generator().manual_seed(len(name))
-                )  # a LoRA that moves the judge
+                # a LoRA that moves the judge
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
     policy.save_pretrained(tmp_path / "adapter")
     run = lambda adapter, paired: make.understand(
         argparse.Namespace(model=folder, adapter=adapter, n=12, seed=3, threads=1, paired=paired)
@@ -219,61 +176,6 @@ def test_paired_understanding_reads_the_same_comparisons_with_the_adapter_off(
     ) == (-5.0, 0.4)
 
 
-def test_cell_embedding_adds_each_codes_row_plus_column_and_leaves_words_alone():
-    """tools/experiments.py where --cell-embedding: code j of every image gets row(j // 4) + col(j % 4), scaled to the
-    asked norm; words (the instruction, the caption) and the hook's removal leave embeddings as they were."""
-    umm = TinyUMM.random(seed=0, hidden=64, layers=2)
-    codes = torch.randint(
-        0, umm.image_vocab_size, (2, 16), generator=torch.Generator().manual_seed(0)
-    )
-    text = (
-        umm.caption_prompt_text(umm.codes_to_text(codes[0]), "describe")
-        + umm.codes_to_text(codes[1])
-        + " a circle"
-    )
-    ids = torch.tensor([umm.tokenizer(text, add_special_tokens=False).input_ids])
-    embed = umm.lm.get_input_embeddings()
-    before = embed(ids).detach()
-    handle = experiments.add_cell_embedding(umm, scale=2.0)
-    added = (embed(ids).detach() - before)[0]
-    handle.remove()
-    assert torch.equal(embed(ids), before)
-    is_code = ids[0] >= umm.image_offset
-    assert is_code.sum() == 32 and added[~is_code].abs().max() == 0
-    cells = added[is_code].reshape(2, 4, 4, -1)  # (image, row, col, D)
-    torch.testing.assert_close(cells[0], cells[1])  # the same cell in either image
-    row0, col0 = cells[0, :, :1] - cells[0, :1, :1], cells[0, :1, :] - cells[0, :1, :1]
-    torch.testing.assert_close(
-        cells[0], cells[0, :1, :1] + row0 + col0
-    )  # additive: row part + column part
-    assert 1.5 < cells[0].norm(dim=-1).mean() < 2.5 and (cells[0, 0, 0] - cells[0, 1, 2]).norm() > 1
-
-
-def test_where_fine_tunes_a_copy_and_prints_how_often_the_named_half_wins(capsys, one_thread):
-    """tools/experiments.py where on the shipped checkpoint: one step, two scenes; nothing is written next to it."""
-    folder = os.path.join(HERE, "checkpoints/tiny-umm")
-    listing = sorted(os.listdir(folder))
-    experiments.main(
-        [
-            "where",
-            "--model",
-            folder,
-            "--steps",
-            "1",
-            "--batch",
-            "2",
-            "--scenes",
-            "2",
-            "--cell-embedding",
-            "1",
-        ]
-    )
-    out = capsys.readouterr().out
-    assert "where step    0" in out and sorted(os.listdir(folder)) == listing
-    alone, among = map(float, re.search(r"named ([\d.]+) alone, ([\d.]+) among", out).groups())
-    assert 0 < alone < 1 and 0 < among < 1
-
-
 @pytest.mark.parametrize(
     "init, rows",
     [
@@ -282,9 +184,9 @@ def test_where_fine_tunes_a_copy_and_prints_how_often_the_named_half_wins(capsys
     ],
 )
 def test_semantic_inits_start_each_code_as_its_words_and_leave_the_rest_alone(init, rows):
-    """make_tiny_umm --semantic-codes (input embeddings) and --semantic-head (output rows): code k's row =
-    (shape + colour + size word rows) / sqrt 3 of the same matrix, computed here from the word rows; the empty code,
-    the unused codes, every text row and the other matrix keep their init."""
+    """make_tiny_umm --semantic-codes (input embeddings) and --semantic-head (output rows): code k's
+    row = (shape + colour + size word rows) / sqrt 3 of the same matrix, computed here from the word
+    rows; the empty code, the unused codes, every text row and the other matrix keep their init."""
     umm = TinyUMM.random(seed=0, hidden=64, layers=2, num_codes=len(make.KINDS) + 3)
     other = {
         "semantic_code_init": umm.lm.lm_head.weight,
@@ -309,8 +211,9 @@ def test_semantic_inits_start_each_code_as_its_words_and_leave_the_rest_alone(in
 
 
 def test_draw_reads_the_named_shape_and_colour_off_the_full_lm_logits(tmp_path, capsys):
-    """make_tiny_umm draw: for one colours line, its two numbers equal the ones computed here from the LM's full-
-    vocabulary logits (HF forward, image slice, softmax) after the prompt and the empty cells before the object."""
+    """make_tiny_umm draw: for one colours line, its two numbers equal the ones computed here from
+    the LM's full- vocabulary logits (HF forward, image slice, softmax) after the prompt and the
+    empty cells before the object."""
     umm = TinyUMM.random(seed=0, hidden=64, layers=2, num_codes=len(make.KINDS))
     umm.save_pretrained(tmp_path / "m")
     meta = {
@@ -357,9 +260,10 @@ def test_draw_reads_the_named_shape_and_colour_off_the_full_lm_logits(tmp_path, 
 def test_lm_loss_weighs_each_empty_cell_target_by_empty_weight_and_every_other_target_by_one(
     empty_weight,
 ):
-    """make_tiny_umm.lm_loss on one T2I and one I2T sequence: per sequence, the sum of weight x log-prob and the sum
-    of weights, recomputed here token by token from the HF model's full logits (each target over its own mode's
-    slice of the vocabulary), with weight empty_weight on the empty code (code 0) and 1 elsewhere."""
+    """make_tiny_umm.lm_loss on one T2I and one I2T sequence: per sequence, the sum of weight x
+    log-prob and the sum of weights, recomputed here token by token from the HF model's full logits
+    (each target over its own mode's slice of the vocabulary), with weight empty_weight on the empty
+    code (code 0) and 1 elsewhere."""
     umm = TinyUMM.random(seed=0, hidden=64, layers=2, num_codes=len(make.KINDS))
     rng = np.random.default_rng(0)
     meta = {
@@ -401,9 +305,9 @@ def test_lm_loss_weighs_each_empty_cell_target_by_empty_weight_and_every_other_t
 def test_warm_ups_last_their_share_of_the_steps_then_the_loss_is_plain_nll_over_every_line(
     monkeypatch,
 ):
-    """train_lm --empty-weight 0.05 --empty-until 0.5 --colour-first 0.25 over 4 steps: lm_loss gets 0.05 on steps
-    0-1 and 1 after; T2I draws only the one-object lines that name a colour on step 0 (not color_attr's two) and
-    every line after."""
+    """train_lm --empty-weight 0.05 --empty-until 0.5 --colour-first 0.25 over 4 steps: lm_loss gets
+    0.05 on steps 0-1 and 1 after; T2I draws only the one-object lines that name a colour on step 0
+    (not color_attr's two) and every line after."""
     seen, lines = [], []
 
     def spy(umm, seqs, empty_weight=1.0):
@@ -418,7 +322,7 @@ def test_warm_ups_last_their_share_of_the_steps_then_the_loss_is_plain_nll_over_
     monkeypatch.setattr(make, "lm_loss", spy)
     monkeypatch.setattr(make, "lm_batch", batch_spy)
     umm = TinyUMM.random(seed=0, hidden=32, layers=1, num_codes=len(make.KINDS))
-    metas = make.read_jsonl(os.path.join(HERE, "prompts/train.jsonl"))
+    metas = make.read_jsonl(os.path.join(ROOT, "prompts/train.jsonl"))
     metas = [m for m in metas if m["tag"] == "colors"][:2] + [
         m for m in metas if m["tag"] == "color_attr"
     ][:3]
@@ -451,11 +355,11 @@ def test_warm_ups_last_their_share_of_the_steps_then_the_loss_is_plain_nll_over_
 def test_after_the_colour_curriculum_the_kept_shares_of_t2i_stay_on_their_lines(
     monkeypatch, colour_share, pair_share, later_tags
 ):
-    """train_lm --colour-first 0.25 --colour-share S --pair-share P, 2 T2I sequences a step over 8 steps: step 0's
-    T2I prompts are all one-object colour lines; after it every line is offered (S = P = 0: color_attr's 3 of 5 come
-    back), S = 1 keeps every T2I prompt on the one-object colour lines and P = 1 on the two-colour lines
-    (color_attr's). Read off the sequences' own tokens."""
-    metas = make.read_jsonl(os.path.join(HERE, "prompts/train.jsonl"))
+    """train_lm --colour-first 0.25 --colour-share S --pair-share P, 2 T2I sequences a step over 8
+    steps: step 0's T2I prompts are all one-object colour lines; after it every line is offered (S =
+    P = 0: color_attr's 3 of 5 come back), S = 1 keeps every T2I prompt on the one-object colour
+    lines and P = 1 on the two-colour lines (color_attr's). Read off the sequences' own tokens."""
+    metas = make.read_jsonl(os.path.join(ROOT, "prompts/train.jsonl"))
     metas = [m for m in metas if m["tag"] == "colors"][:2] + [
         m for m in metas if m["tag"] == "color_attr"
     ][:3]
@@ -495,18 +399,18 @@ def test_after_the_colour_curriculum_the_kept_shares_of_t2i_stay_on_their_lines(
 
 
 def test_a_draw_probe_inside_train_lm_logs_draw_rates_and_leaves_the_run_unchanged(capsys):
-    """train_lm --draw-every 2 over 3 steps: the same weights as without the probe (its own rng, train mode restored),
-    and a probe line after steps 0 and 2; draw_rates of the trained LM is what the last line says."""
-    metas = make.read_jsonl(os.path.join(HERE, "prompts/train.jsonl"))
+    """train_lm --draw-every 2 over 3 steps: the same weights as without the probe (its own rng,
+    train mode restored), and a probe line after steps 0 and 2; draw_rates of the trained LM is what
+    the last line says."""
+    metas = make.read_jsonl(os.path.join(ROOT, "prompts/train.jsonl"))
     metas = [m for m in metas if m["tag"] == "colors"][:3] + [
         m for m in metas if m["tag"] == "two_object"
     ][:2]
     trained = []
     for every in (0, 2):
         umm = TinyUMM.random(seed=0, hidden=32, layers=1, num_codes=len(make.KINDS))
-        for layer in (
-            umm.lm.model.layers
-        ):  # dropout: a probe that left eval mode on would change the next steps
+        # dropout: a probe that left eval mode on would change the next steps
+        for layer in umm.lm.model.layers:
             layer.self_attn.attention_dropout = 0.5
         make.train_lm(
             umm,
@@ -530,13 +434,14 @@ def test_a_draw_probe_inside_train_lm_logs_draw_rates_and_leaves_the_run_unchang
 
 
 def test_binding_rates_read_each_objects_own_cell_of_the_teacher_forced_scene():
-    """binding_rates against a loop that feeds the LM only the codes before each object's cell (no look-ahead) and
-    reads its next-code distribution there: the same own-colour and other-named-colour probabilities."""
+    """binding_rates against a loop that feeds the LM only the codes before each object's cell (no
+    look-ahead) and reads its next-code distribution there: the same own-colour and
+    other-named-colour probabilities."""
     from world import shapes
 
     metas = [
         m
-        for m in make.read_jsonl(os.path.join(HERE, "prompts/train.jsonl"))
+        for m in make.read_jsonl(os.path.join(ROOT, "prompts/train.jsonl"))
         if m["tag"] == "color_attr"
     ][:3]
     umm = TinyUMM.random(seed=0, hidden=32, layers=1, num_codes=len(make.KINDS))
@@ -570,7 +475,8 @@ def test_binding_rates_read_each_objects_own_cell_of_the_teacher_forced_scene():
 def test_make_tiny_umm_train_refuses_bad_flags_and_a_non_empty_out_before_writing_anything(
     tmp_path, capsys
 ):
-    """One error line naming every bad flag, exit 2, nothing created; a folder that holds anything is never a target."""
+    """One error line naming every bad flag, exit 2, nothing created; a folder that holds anything
+    is never a target."""
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "lm").mkdir()
     for argv, words in [
@@ -620,17 +526,17 @@ def test_make_tiny_umm_train_refuses_bad_flags_and_a_non_empty_out_before_writin
             and "Traceback" not in "".join(err)
         )
     assert sorted(os.listdir(tmp_path)) == ["full"]
-    make.check_train_args(
-        p, p.parse_args(["train", "--out", str(tmp_path / "new")])
-    )  # good flags pass
+    # good flags pass
+    make.check_train_args(p, p.parse_args(["train", "--out", str(tmp_path / "new")]))
 
 
 def test_shipped_bases_share_one_vision_stage_differ_in_the_lm_and_fit_in_20_mb():
-    """checkpoints/tiny-umm and tiny-umm-weak: the same image tokenizer and decoder tensor for tensor (the weak
-    base is trained --vision-from the normal one, so only its LM differs), and all weights under 20 MB."""
+    """checkpoints/tiny-umm and tiny-umm-weak: the same image tokenizer and decoder tensor for
+    tensor (the weak base is trained --vision-from the normal one, so only its LM differs), and all
+    weights under 20 MB."""
     from safetensors.torch import load_file
 
-    root = os.path.join(HERE, "checkpoints")
+    root = os.path.join(ROOT, "checkpoints")
     normal, weak = (os.path.join(root, name) for name in ("tiny-umm", "tiny-umm-weak"))
     for part in (
         "image_tokenizer/diffusion_pytorch_model.safetensors",
@@ -647,8 +553,8 @@ def test_shipped_bases_share_one_vision_stage_differ_in_the_lm_and_fit_in_20_mb(
 
 
 def test_train_lm_from_a_folder_trains_only_its_lm_further(tmp_path):
-    """train --lm-from X: starts from X's LM, tokenizer, decoder and decode steps, trains the LM only, and records
-    where it began."""
+    """train --lm-from X: starts from X's LM, tokenizer, decoder and decode steps, trains the LM
+    only, and records where it began."""
     from safetensors.torch import load_file
 
     start, out = tmp_path / "start", tmp_path / "next"
@@ -694,12 +600,13 @@ def test_train_lm_from_a_folder_trains_only_its_lm_further(tmp_path):
 
 
 def test_make_tiny_umm_train_defaults_are_the_shipped_default_base_recipe():
-    """`world/make_tiny_umm.py train --out checkpoints/tiny-umm --seed 0 --threads 1` is the default base's recipe: every
-    setting its train_args.json records, except where it was written and where its vision stage came from, is the
-    parser's default (and the weak base's differ, so the check can fail)."""
+    """`world/make_tiny_umm.py train --out checkpoints/tiny-umm --seed 0 --threads 1` is the default
+    base's recipe: every setting its train_args.json records, except where it was written and where
+    its vision stage came from, is the parser's default (and the weak base's differ, so the check
+    can fail)."""
     defaults = vars(make.parser().parse_args(["train", "--out", "X", "--threads", "1"]))
     for name, differs in (("tiny-umm", False), ("tiny-umm-weak", True)):
-        with open(os.path.join(HERE, "checkpoints", name, "train_args.json")) as f:
+        with open(os.path.join(ROOT, "checkpoints", name, "train_args.json")) as f:
             recorded = json.load(f)
         keys = set(recorded) - {"out", "vision_from"}
         assert keys <= set(defaults)

@@ -12,10 +12,10 @@ import os
 import numpy as np
 import pytest
 
+from standins import ROOT
 from world import geneval_rules as R
 from world import shapes as S
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 EVAL_FILES = ("shapes_geneval.jsonl", "shapes_geneval_plus.jsonl")
 
 # -----------------------------------------------------------------------------
@@ -40,7 +40,8 @@ def tokens(prompt):
 
 def true_box(o):
     """Exact pixel box (x0, y0, x1, y1), exclusive ends, of an un-jittered object: the bbox of the
-    pixels that differ from the background in a render of the object alone (no detector involved)."""
+    pixels that differ from the background in a render of the object alone (no detector
+    involved)."""
     ys, xs = np.nonzero(np.any(np.asarray(S.render([o])) != S.BACKGROUND, axis=-1))
     return (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
 
@@ -341,7 +342,8 @@ def test_eval_prompts_never_in_train(prompt_sets):
 
 
 def test_dev_split_is_distinct_training_lines(prompt_sets):
-    """prompts/shapes_dev.jsonl (the tuning split) holds distinct lines of train.jsonl, so no eval prompt."""
+    """prompts/shapes_dev.jsonl (the tuning split) holds distinct lines of train.jsonl, so no eval
+    prompt."""
     train = {json.dumps(m, sort_keys=True) for m in prompt_sets[0]}
     with open(os.path.join(ROOT, "prompts", "shapes_dev.jsonl")) as f:
         dev = [json.dumps(json.loads(line), sort_keys=True) for line in f]
@@ -376,6 +378,7 @@ def test_prompt_sets_follow_geneval_tag_counts(prompt_sets):
         "position": pairs * 4,
         "color_attr": pairs * cpairs,
     }
+    # GenEval's evaluation_metadata.jsonl
     geneval_want = {
         "single_object": 80,
         "two_object": 99,
@@ -383,7 +386,7 @@ def test_prompt_sets_follow_geneval_tag_counts(prompt_sets):
         "colors": 94,
         "position": 100,
         "color_attr": 100,
-    }  # GenEval's evaluation_metadata.jsonl
+    }
     want = {
         t: n if t == "single_object" else min(geneval_want[t], 3 * geneval_space[t] // 4)
         for t in geneval_space
@@ -400,16 +403,16 @@ def test_prompt_sets_follow_geneval_tag_counts(prompt_sets):
     assert {t: v for t, v in got.items() if t != "counting"} == {
         t: v for t, v in want.items() if t != "counting"
     }
-    # counting: each plural occurs in only 3 lines, so the keep-every-word-trainable rule binds below 18
+    # counting: each plural occurs in only 3 lines, so the keep-every-word-trainable rule binds
+    # below 18
     assert 2 * geneval_space["counting"] // 3 <= got["counting"] <= want["counting"]
     assert Counter(m["tag"] for m in plus) == {t: 40 for t in S.GENEVAL_PLUS_TAGS} | {
         "counting": 3 * (n * 4) // 4
     }
     for metas in (geneval, plus):
         assert len({m["prompt"] for m in metas}) == len(metas)  # no repeats in eval
-    n_keys = (
-        len(S.GENEVAL_TAGS) - 1 + len(S.GENEVAL_PLUS_TAGS) + len(S.TRAIN_ONLY_TAGS)
-    )  # single_object: eval only
+    # single_object: eval only
+    n_keys = len(S.GENEVAL_TAGS) - 1 + len(S.GENEVAL_PLUS_TAGS) + len(S.TRAIN_ONLY_TAGS)
     assert len(train) == S.TRAIN_PER_TAG * n_keys
     train_words = {w for m in train for w in tokens(m["prompt"])}
     assert {w for m in geneval + plus for w in tokens(m["prompt"])} <= train_words

@@ -1,55 +1,15 @@
-"""The tiny UMM (models/tiny_umm.py): save/load, its image format, and the shipped checkpoint's understanding."""
+"""The tiny UMM (models/tiny_umm.py): save/load, its image format, its batched image tokenisation,
+and the shipped checkpoint's understanding."""
 
-import argparse
-import copy
-import json
-import math
 import os
-import re
-import statistics
-import subprocess
-import sys
 
 import numpy as np
-import pytest
 import torch
-import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model
 
 import gvu
-from conftest import needs_janus, run_main
 from models.tiny_umm import TinyUMM
-from tools import bench, experiments
-from world import make_tiny_umm as make
+from standins import INSTRUCTION, context_ids, images_for, per_image_context_ids, rendered
 from world import shapes
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
-HERE = ROOT
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:.*deprecated and will be removed in v6"
-)  # peft's pre-v6 names
-PROMPTS = [
-    "a photo of a red circle",
-    "a photo of two squares",
-    "a photo of a blue triangle left of a large circle",
-    "a photo of a circle and a square",
-]
-
-
-@pytest.fixture(scope="module")
-def umm():
-    return TinyUMM.random(seed=0, hidden=64, layers=2)
-
-
-def images_for(umm, n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return umm.decode_images(torch.randint(0, umm.image_vocab_size, (n, 16), generator=g), g)
-
-
-def write(tmp_path, name, data):
-    p = tmp_path / name
-    p.write_bytes(data if isinstance(data, bytes) else data.encode())
-    return str(p)
 
 
 def test_tiny_umm_round_trips_through_save_pretrained(tmp_path, umm):
@@ -92,9 +52,22 @@ def test_tokenize_image_follows_x_omni_format(umm):
     assert umm.tokenizer.convert_tokens_to_ids(f"<MM-Token-{k}>") == umm.image_offset + k
 
 
-def test_shipped_tiny_umm_prefers_the_true_caption_of_a_render():
-    """The shipped checkpoint's intrinsic reward ranks each render's true caption above a one-word change."""
-    umm = TinyUMM.from_pretrained(os.path.join(HERE, "checkpoints", "tiny-umm"))
+def test_batched_tokenisation_gives_the_per_image_context_tokens_tiny_umm(shipped):
+    """caption_prompts (one image-tokenizer call for the batch) tokenises to the same ids as
+    caption_prompt per image."""
+    images, _ = rendered(12)
+    images += shipped.decode_images(
+        torch.randint(0, shipped.image_vocab_size, (4, 16)), torch.Generator().manual_seed(0)
+    )
+    assert context_ids(
+        shipped, shipped.caption_prompts(images, INSTRUCTION)
+    ) == per_image_context_ids(shipped, images)
+
+
+def test_shipped_tiny_umm_prefers_the_true_caption_of_a_render(shipped):
+    """The shipped checkpoint's intrinsic reward ranks each render's true caption above a one-word
+    change."""
+    umm = shipped
     scenes = [
         [shapes.Obj("circle", "red", "large", 1, 1)],
         [
@@ -107,8 +80,6 @@ def test_shipped_tiny_umm_prefers_the_true_caption_of_a_render():
     images = [shapes.render(s) for s in scenes]
     with torch.no_grad():
         r = gvu.intrinsic_reward(
-            *gvu.caption_token_logprobs(
-                umm, images * 2, true + wrong, "Describe the image in detail."
-            )
+            *gvu.caption_token_logprobs(umm, images * 2, true + wrong, INSTRUCTION)
         )
     assert (r[:2] > r[2:]).all(), r

@@ -1,6 +1,7 @@
-"""The UMM interface's contract, written once and checked on every model: the tiny UMM, the Janus-Pro stand-in and
-the X-Omni stand-in (conftest.stand_in). Each test compares gvu's batched, KV-cached code paths against the model's
-own slow ones (unbatched per-token forwards), or checks where LoRA lands and what one update moves."""
+"""The UMM interface's contract, written once and checked on every model: the tiny UMM, the
+Janus-Pro stand-in and the X-Omni stand-in (conftest.stand_in). Each test compares gvu's batched,
+KV-cached code paths against the model's own slow ones (unbatched per-token forwards), or checks
+where LoRA lands and what one update moves."""
 
 import re
 
@@ -8,18 +9,17 @@ import pytest
 import torch
 
 import gvu
-from conftest import INSTRUCTION, PROMPTS
+from standins import INSTRUCTION, PROMPTS
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:.*deprecated and will be removed in v6"
-)  # peft's pre-v6 names
+# peft's pre-v6 names
+pytestmark = pytest.mark.filterwarnings("ignore:.*deprecated and will be removed in v6")
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
 @torch.no_grad()
 def test_rollout_old_logprobs_equal_teacher_forced_logprobs(stand_in, cfg_scale):
-    """The KV-cached, left-padded, (CFG-)sampled rollout's old log-probs equal the teacher-forced conditional ones
-    (untruncated, same temperature), so the first ratio is 1."""
+    """The KV-cached, left-padded, (CFG-)sampled rollout's old log-probs equal the teacher-forced
+    conditional ones (untruncated, same temperature), so the first ratio is 1."""
     umm = stand_in.umm
     ro = gvu.rollout(
         umm,
@@ -45,8 +45,9 @@ def test_rollout_old_logprobs_equal_teacher_forced_logprobs(stand_in, cfg_scale)
 
 @torch.no_grad()
 def test_reward_pass_equals_the_per_token_reference_loop(stand_in):
-    """gvu's teacher-forced reward pass, at any micro-batch (uneven ones included), equals the model's own loop of
-    one uncached forward per prompt token (+ end of turn), and counts the same number of tokens."""
+    """gvu's teacher-forced reward pass, at any micro-batch (uneven ones included), equals the
+    model's own loop of one uncached forward per prompt token (+ end of turn), and counts the same
+    number of tokens."""
     umm, images = stand_in.umm, stand_in.images
     want, lengths = stand_in.reference(umm, images, PROMPTS)
     for micro_batch in (64, 2, 1):
@@ -60,8 +61,9 @@ def test_reward_pass_equals_the_per_token_reference_loop(stand_in):
 
 
 def test_lora_lands_in_the_lm_blocks_and_one_update_moves_only_lora(stand_in):
-    """gvu.add_lora wraps the 7 linear layers of every LM block and nothing else; with checkpointing on the first
-    ratio is 1, and one grpo_loss backward + AdamW step changes LoRA weights only (B included)."""
+    """gvu.add_lora wraps the 7 linear layers of every LM block and nothing else; with checkpointing
+    on the first ratio is 1, and one grpo_loss backward + AdamW step changes LoRA weights only (B
+    included)."""
     umm = stand_in.build(1)
     policy, opt, _ = gvu.add_lora(umm, gvu.Args(lora_r=4, lora_alpha=16, lr=1e-2))
     wrapped = {n.rsplit(".lora_", 1)[0] for n, _ in umm.lm.named_modules() if ".lora_A" in n}
@@ -87,8 +89,9 @@ def test_lora_lands_in_the_lm_blocks_and_one_update_moves_only_lora(stand_in):
 
 
 def test_lora_targets_narrows_lora_to_the_named_layers_of_the_lm_blocks(stand_in):
-    """--lora-targets q_proj,v_proj wraps exactly those two of the 7 layers in every LM block: the model's own
-    targets still decide the scope (a vision tower's q_proj stays out), the flag only picks among them."""
+    """--lora-targets q_proj,v_proj wraps exactly those two of the 7 layers in every LM block: the
+    model's own targets still decide the scope (a vision tower's q_proj stays out), the flag only
+    picks among them."""
     umm = stand_in.build(2)
     gvu.add_lora(umm, gvu.Args(lora_r=4, lora_alpha=16, lora_targets="q_proj,v_proj"))
     wrapped = {n.rsplit(".lora_", 1)[0] for n, _ in umm.lm.named_modules() if ".lora_A" in n}
@@ -99,8 +102,9 @@ def test_lora_targets_narrows_lora_to_the_named_layers_of_the_lm_blocks(stand_in
 
 
 def test_lora_targets_skip_a_module_outside_the_scope_whose_name_ends_like_one_inside():
-    """A vision tower at vision.model.layers.0.self_attn.q_proj ends with the LM's model.layers.0.self_attn.q_proj:
-    --lora-targets q_proj must still wrap the LM's only (peft matches a list of names by suffix, so it gets a regex)."""
+    """A vision tower at vision.model.layers.0.self_attn.q_proj ends with the LM's
+    model.layers.0.self_attn.q_proj: --lora-targets q_proj must still wrap the LM's only (peft
+    matches a list of names by suffix, so it gets a regex)."""
     from types import SimpleNamespace
     from peft import LoraConfig, get_peft_model
 
@@ -119,9 +123,8 @@ def test_lora_targets_skip_a_module_outside_the_scope_whose_name_ends_like_one_i
     lm.model, lm.vision = stack(), torch.nn.Module()
     lm.vision.model = stack()
     umm = SimpleNamespace(lm=lm, lora_targets=r"model\.layers\.\d+\.self_attn\.(q|v)_proj")
-    get_peft_model(
-        lm, LoraConfig(r=2, target_modules=gvu.lora_modules(umm, "q_proj, "))
-    )  # spaces, a trailing comma
+    # spaces, a trailing comma
+    get_peft_model(lm, LoraConfig(r=2, target_modules=gvu.lora_modules(umm, "q_proj, ")))
     assert {n.rsplit(".lora_", 1)[0] for n, _ in lm.named_modules() if ".lora_A" in n} == {
         "model.layers.0.self_attn.q_proj"
     }

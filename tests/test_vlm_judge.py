@@ -1,6 +1,6 @@
-"""Tests for tools/vlm_judge.py (GenEval++ with a VLM judge): the official checklist wording, answer parsing,
-retries, the openai: path against a local OpenAI-compatible server, and the hf: path on a tiny random
-Llava built in-process. No network, nothing downloaded."""
+"""Tests for tools/vlm_judge.py (GenEval++ with a VLM judge): the official checklist wording, answer
+parsing, retries, the openai: path against a local OpenAI-compatible server, and the hf: path on a
+tiny random Llava built in-process. No network, nothing downloaded."""
 
 import base64
 import io
@@ -12,10 +12,11 @@ import pytest
 from PIL import Image
 
 import eval_geneval as E
-from conftest import run_error, write_jsonl
+from standins import eval_error, write_lines
 from tools import vlm_judge as V
 
-# One line of each of GenEval++'s 7 tags, as in its metadata file (plurals and "on the above" included).
+# One line of each of GenEval++'s 7 tags, as in its metadata file (plurals and "on the above"
+# included).
 GENEVAL_PP = [
     {
         "tag": "color_attr",
@@ -75,7 +76,8 @@ GENEVAL_PP = [
     },
 ]
 
-# Hand-written from the official script's metadata_to_explanation (matrix0721/GvU, evaluation/evaluation_geneval_plus.py).
+# Hand-written from the official script's metadata_to_explanation (matrix0721/GvU,
+# evaluation/evaluation_geneval_plus.py).
 EXPECTED_CHECKLISTS = {
     "color_attr": "This image should contain:\n"
     "- brown-colored 1 bus present in the image.\n"
@@ -119,32 +121,29 @@ def image_folder(tmp_path, metas, per_prompt=2):
     return tmp_path / "run"
 
 
-# --------------------------------------------------------------------------- checklist and prompt (pure)
+# ---------------------------------------------------------------------- checklist and prompt (pure)
 
 
 def test_checklist_matches_the_official_wording_for_each_geneval_pp_tag(tmp_path):
-    """Every line of a GenEval++-format metadata file (one per tag) gives the hand-written official checklist."""
+    """Every line of a GenEval++-format metadata file (one per tag) gives the hand-written official
+    checklist."""
     assert {m["tag"] for m in GENEVAL_PP} == set(E.GENEVAL_PP_TAGS) | {"color_attr", "counting"}
-    metas = E.read_metadata(
-        write_jsonl(tmp_path / "pp.jsonl", GENEVAL_PP)
-    )  # valid GenEval++ metadata
+    # valid GenEval++ metadata
+    metas = E.read_metadata(write_lines(tmp_path / "pp.jsonl", GENEVAL_PP))
     for m in metas:
         assert V.checklist(m) == EXPECTED_CHECKLISTS[m["tag"]], m["tag"]
     assert V.user_text(metas[-1]) == (
         "Instruction:\nA photo of six clocks\n\nExpectation checklist:\n"
         + EXPECTED_CHECKLISTS["counting"]
     )
-    both = {
-        "class": "dog",
-        "count": 2,
-        "color": "red",
-        "size": "larger",
-    }  # colour before size, as the official order
+    # colour before size, as the official order
+    both = {"class": "dog", "count": 2, "color": "red", "size": "larger"}
     assert V.describe_include(both) == "red-colored larger 2 dogs present in the image"
 
 
 def test_messages_are_system_prompt_then_text_then_jpeg():
-    """The request is the fixed system prompt, then the checklist text and a base64 JPEG of the image."""
+    """The request is the fixed system prompt, then the checklist text and a base64 JPEG of the
+    image."""
     image = Image.new("RGB", (40, 30), "red")
     system, user = V.build_messages(GENEVAL_PP[0], image)
     assert system == {"role": "system", "content": V.SYSTEM_PROMPT}
@@ -192,7 +191,8 @@ def test_verdict_is_read_from_fenced_unfenced_and_chatty_answers(answer, verdict
     [
         "The image looks right to me.",  # no JSON at all
         '{"correct": 1, "reason": "unterminated}',  # broken JSON
-        '{"correct": 1} and then {"correct": 0}',  # two objects: greedy match is not JSON (as official)
+        # two objects: greedy match is not JSON (as official)
+        '{"correct": 1} and then {"correct": 0}',
         '{"reason": "forgot the verdict"}',  # no "correct"
         '{"correct": "yes", "reason": "string verdict"}',  # not 0/1
         '{"correct": 2, "reason": "out of range"}',
@@ -205,7 +205,8 @@ def test_malformed_answers_raise_value_error(answer):
 
 
 def test_judge_retries_with_backoff_and_gives_up_with_minus_one():
-    """Unusable answers are retried up to 6 calls in all, waiting backoff * 2**k; then correct = -1."""
+    """Unusable answers are retried up to 6 calls in all, waiting backoff * 2**k; then
+    correct = -1."""
     answers, sleeps = iter(["no json", '{"correct": 0, "reason": "no cat"}']), []
     assert V.judge(lambda m: next(answers), [], backoff=1.0, sleep=sleeps.append) == (0, "no cat")
     assert sleeps == [1.0]
@@ -220,11 +221,12 @@ def test_judge_retries_with_backoff_and_gives_up_with_minus_one():
     assert reason == "not evaluated after 6 attempt(s); last: call failed: HTTP 503"
 
 
-# --------------------------------------------------------------------------- openai: path, local server
+# ----------------------------------------------------------------------- openai: path, local server
 
 
 class FakeOpenAI(BaseHTTPRequestHandler):
-    """POST /v1/chat/completions: record the request, answer with the next scripted (status, content)."""
+    """POST /v1/chat/completions: record the request, answer with the next scripted (status,
+    content)."""
 
     script, requests = [], []
 
@@ -265,7 +267,8 @@ class FakeOpenAI(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_openai(monkeypatch):
-    """A chat-completions server on 127.0.0.1 in a thread; the openai client is pointed at it by env vars."""
+    """A chat-completions server on 127.0.0.1 in a thread; the openai client is pointed at it by env
+    vars."""
     pytest.importorskip(
         "openai",
         reason="the openai: judge path needs the optional openai package (pip install openai)",
@@ -285,7 +288,8 @@ def fake_openai(monkeypatch):
 def test_openai_judge_end_to_end_sends_the_protocol_and_keeps_unevaluated_out(
     tmp_path, fake_openai, capsys
 ):
-    """score --scorer vlm --judge openai:M: protocol in every request; retries; -1 rows reported, not scored."""
+    """score --scorer vlm --judge openai:M: protocol in every request; retries; -1 rows reported,
+    not scored."""
     metas = [GENEVAL_PP[-1], GENEVAL_PP[0]]  # counting, color_attr; 2 images each
     run = image_folder(tmp_path, metas)
     fake_openai.script = [
@@ -340,9 +344,8 @@ def test_openai_judge_end_to_end_sends_the_protocol_and_keeps_unevaluated_out(
             )
         )
     )
-    assert (
-        max(abs(a - b) for a, b in zip(first.convert("RGB").getpixel((20, 15)), (255, 0, 0))) < 8
-    )  # image 1 is red
+    # image 1 is red
+    assert max(abs(a - b) for a, b in zip(first.convert("RGB").getpixel((20, 15)), (255, 0, 0))) < 8
     rows = [
         json.loads(line) for line in (tmp_path / "s" / "results.jsonl").read_text().splitlines()
     ]
@@ -350,7 +353,8 @@ def test_openai_judge_end_to_end_sends_the_protocol_and_keeps_unevaluated_out(
     assert [r["reason"] for r in rows[:2]] == ["six clocks", "seven clocks"]
     assert (
         rows[2]["reason"]
-        == "not evaluated after 6 attempt(s); last: unusable answer (no JSON object in the answer): 'no json'"
+        == "not evaluated after 6 attempt(s); last: unusable answer (no JSON object in the "
+        "answer): 'no json'"
     )
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert summary["tags"]["counting"] == {"images": 2, "accuracy": 0.5, "unevaluated": 0}
@@ -372,42 +376,44 @@ def test_openai_judge_end_to_end_sends_the_protocol_and_keeps_unevaluated_out(
 def test_openai_judge_stops_on_rejected_credentials_and_missing_key(
     tmp_path, fake_openai, monkeypatch
 ):
-    """A 401 from the endpoint, or no OPENAI_API_KEY, is a one-line error, not 6 retries per image."""
+    """A 401 from the endpoint, or no OPENAI_API_KEY, is a one-line error, not 6 retries per
+    image."""
     run = image_folder(tmp_path, [GENEVAL_PP[-1]], per_prompt=1)
     fake_openai.script = [(401, "Incorrect API key provided")]
-    msg = run_error(["score", str(run), "--scorer", "vlm", "--judge", "openai:judge-model"])
+    msg = eval_error(["score", str(run), "--scorer", "vlm", "--judge", "openai:judge-model"])
     assert "Incorrect API key provided" in msg and len(fake_openai.requests) == 1
     monkeypatch.delenv("OPENAI_API_KEY")
-    assert "cannot create the OpenAI client" in run_error(["score", str(run), "--scorer", "vlm"])
+    assert "cannot create the OpenAI client" in eval_error(["score", str(run), "--scorer", "vlm"])
 
 
 def test_bad_judge_and_missing_openai_package_are_one_line_errors(tmp_path, monkeypatch):
-    """--judge must be openai:MODEL or hf:MODEL; without the openai package the error names pip install openai."""
+    """--judge must be openai:MODEL or hf:MODEL; without the openai package the error names pip
+    install openai."""
     run = image_folder(tmp_path, [GENEVAL_PP[-1]], per_prompt=1)
-    assert "bad --judge 'gpt-4.1'" in run_error(
+    assert "bad --judge 'gpt-4.1'" in eval_error(
         ["score", str(run), "--scorer", "vlm", "--judge", "gpt-4.1"]
     )
-    assert "bad --judge 'hf:'" in run_error(
+    assert "bad --judge 'hf:'" in eval_error(
         ["score", str(run), "--scorer", "vlm", "--judge", "hf:"]
     )
-    monkeypatch.setitem(
-        __import__("sys").modules, "openai", None
-    )  # `import openai` now raises ImportError
-    assert "pip install openai" in run_error(
+    # `import openai` now raises ImportError
+    monkeypatch.setitem(__import__("sys").modules, "openai", None)
+    assert "pip install openai" in eval_error(
         ["score", str(run), "--scorer", "vlm", "--judge", "openai:m"]
     )
-    assert "cannot load the judge" in run_error(
+    assert "cannot load the judge" in eval_error(
         ["score", str(run), "--scorer", "vlm", "--judge", f"hf:{tmp_path / 'no-such-model'}"]
     )
 
 
-# --------------------------------------------------------------------------- hf: path, tiny random Llava
+# ---------------------------------------------------------------------- hf: path, tiny random Llava
 
 
 @pytest.fixture(scope="module")
 def tiny_vlm(tmp_path_factory):
-    """A tiny random Llava (CLIP vision tower + Qwen2 text model) with a word-level tokenizer, saved to a folder.
-    (Qwen2-VL's processor cannot be built without torchvision in transformers 5, so Llava stands in.)"""
+    """A tiny random Llava (CLIP vision tower + Qwen2 text model) with a word-level tokenizer, saved
+    to a folder. (Qwen2-VL's processor cannot be built without torchvision in transformers 5, so
+    Llava stands in.)"""
     import torch
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import (
@@ -424,6 +430,7 @@ def tiny_vlm(tmp_path_factory):
     except ImportError:  # transformers 4.x
         from transformers import CLIPImageProcessor as ImageProcessor
     folder = tmp_path_factory.mktemp("tiny-llava")
+    # no braces
     words = [
         "<unk>",
         "the",
@@ -436,7 +443,7 @@ def tiny_vlm(tmp_path_factory):
         "system",
         "user",
         "assistant",
-    ]  # no braces
+    ]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens(
@@ -447,7 +454,8 @@ def tiny_vlm(tmp_path_factory):
     )
     template = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
-        "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+        "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+        "<|im_end|>\n"
         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     tokenizer = PreTrainedTokenizerFast(
@@ -502,7 +510,8 @@ def tiny_vlm(tmp_path_factory):
 
 
 def test_hf_judge_sees_the_messages_and_unparseable_answers_become_minus_one(tmp_path, tiny_vlm):
-    """hf:MODEL renders system prompt + checklist + image through the chat template; random text -> -1."""
+    """hf:MODEL renders system prompt + checklist + image through the chat template; random
+    text -> -1."""
     from transformers import AutoProcessor
 
     messages = V.build_messages(GENEVAL_PP[-1], Image.new("RGB", (40, 30), "red"))
@@ -528,9 +537,8 @@ def test_hf_judge_sees_the_messages_and_unparseable_answers_become_minus_one(tmp
     prefix = (
         "not evaluated after 1 attempt(s); last: unusable answer (no JSON object in the answer): '"
     )
-    assert all(
-        r["reason"].startswith(prefix) and len(r["reason"]) > len(prefix) + 1 for r in rows
-    )  # it said something
+    # it said something
+    assert all(r["reason"].startswith(prefix) and len(r["reason"]) > len(prefix) + 1 for r in rows)
     summary = json.loads((run / "summary.json").read_text())
     assert (
         summary["unevaluated"] == 2

@@ -519,7 +519,7 @@ def building(device, dtype):
 # --- Janus-Pro: transformers' JanusForConditionalGeneration behind adapters.JanusPro ----------
 def janus_tokenizer(texts=None):
     """A small byte-level BPE with Janus's special tokens, trained on `texts` (default: PROMPTS and
-    the instruction); test_adapters.py uses it too. Only the MODEL has the real 102400-row
+    the instruction). Only the MODEL has the real 102400-row
     vocabulary; prompts tokenise into more pieces than with DeepSeek's BPE."""
     from models.adapters import ASSISTANT, PAD_TOKEN, USER
 

@@ -303,7 +303,7 @@ def colour_pair(meta):
 
 def t2i_sequence(umm, prompt, objs):
     """t2i_prompt(prompt) + the codes of the scene `objs`: exactly the sequence gvu.rollout
-    samples and gvu.token_logprobs scores. Returns (ids, where the codes start)."""
+    samples and gvu.image_token_logprobs scores. Returns (ids, where the codes start)."""
     prefix = umm.tokenizer(umm.t2i_prompt(prompt), add_special_tokens=False).input_ids
     return prefix + [umm.image_offset + k for k in scene_codes(objs)], len(prefix)
 

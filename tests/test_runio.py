@@ -1,8 +1,11 @@
-"""Robustness of gvu.py and eval_geneval.py on the tiny random model, CPU only: kills at any moment, resumes,
-damaged files, a second process, bad flags. Each test names the guarantee it checks; the reference is an
-uninterrupted run, a hand-made file, or torch / fcntl called directly."""
+"""The run folder's guarantees (tools/runio.py, driven through gvu.main on the tiny random model,
+CPU only): kills at any moment, resumes, damaged files, a second process, bad flags and files. Each
+test names the guarantee it checks; the reference is an uninterrupted run, a hand-made file, or
+torch / fcntl called directly."""
 
+import dataclasses
 import fcntl
+import io
 import json
 import os
 import random
@@ -15,26 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import eval_geneval as E
 import gvu
-from conftest import run_main
+from standins import SHIPPED, TINY_PROMPTS, log_rows, run_main, write, write_lines
 from tools import runio
 
-PROMPTS = ["a photo of a red circle", "a photo of two squares", "a photo of a blue triangle"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One CPU thread: runs are bit-for-bit reproducible across processes, and fork is safe."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def write(path, data):
-    path.write_bytes(data if isinstance(data, bytes) else data.encode())
-    return str(path)
+pytestmark = pytest.mark.usefixtures("one_thread")  # and fork is safe
 
 
 def common(pf, out, *extra):
@@ -57,18 +45,12 @@ def common(pf, out, *extra):
     ]
 
 
-def log_rows(out):
-    """The log without its timings (the only thing a resume may change)."""
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in f]
-
-
 def saved(out):
     """Everything a run leaves that must be reproducible: log, adapter tensors + gvu.json, state."""
     with open(os.path.join(out, "adapter", "gvu.json")) as f:
         info = json.load(f)
     return dict(
-        log=log_rows(out),
+        log=log_rows(out, "seconds"),
         adapter=load_file(os.path.join(out, "adapter", "adapter_model.safetensors")),
         info=info,
         state=torch.load(os.path.join(out, "state.pt"), weights_only=True),
@@ -103,7 +85,7 @@ def nonfinite(obj):
 
 @pytest.fixture(scope="module")
 def prompt_file(tmp_path_factory):
-    return write(tmp_path_factory.mktemp("p") / "p.txt", "\n".join(PROMPTS) + "\n")
+    return str(write_lines(tmp_path_factory.mktemp("p") / "p.txt", TINY_PROMPTS[:3]))
 
 
 @pytest.fixture(scope="module")
@@ -122,19 +104,15 @@ def short_run(pf, tmp_path, steps):
 
 
 # --- kills at any moment (defects 2, 5) --------------------------------------------------------
-OPS = [
-    (os, "replace"),
-    (os, "rename"),
-    (shutil, "rmtree"),
-    (torch, "save"),
-    (json, "dumps"),
-]  # every save's steps
+# every save's steps
+OPS = [(os, "replace"), (os, "rename"), (shutil, "rmtree"), (torch, "save"), (json, "dumps")]
 
 
 def run_killed(argv, op, k, side, delay, record):
-    """Fork a child running gvu.main(argv) that SIGKILLs itself just `side` ("before" / "after") its k-th call
-    of file operation `op` (one of OPS: inside every save, rename and log write) or after `delay` seconds,
-    whichever comes first, noting where in `record`. Returns the child's wait status."""
+    """Fork a child running gvu.main(argv) that SIGKILLs itself just `side` ("before" / "after") its
+    k-th call of file operation `op` (one of OPS: inside every save, rename and log write) or after
+    `delay` seconds, whichever comes first, noting where in `record`. Returns the child's wait
+    status."""
     pid = os.fork()
     if pid:
         return os.waitpid(pid, 0)[1]
@@ -173,14 +151,15 @@ def run_killed(argv, op, k, side, delay, record):
 def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(
     tmp_path, prompt_file, reference
 ):
-    """Killed with SIGKILL before and after each kind of file operation (inside saves, renames, log writes; at
-    a random occurrence) and at random times, with a random --save-every, and resumed each time: the run
-    ends with the log, adapter and state of the uninterrupted run, bit for bit."""
+    """Killed with SIGKILL before and after each kind of file operation (inside saves, renames, log
+    writes; at a random occurrence) and at random times, with a random --save-every, and resumed
+    each time: the run ends with the log, adapter and state of the uninterrupted run, bit for
+    bit."""
     out, rng, record = tmp_path / "run", random.Random(0), tmp_path / "kills.txt"
-    plan = [
-        (op, side, 1, 9) for _, op in OPS for side in ("before", "after")
-    ]  # each op's first call, timer late
+    # each op's first call, timer late
+    plan = [(op, side, 1, 9) for _, op in OPS for side in ("before", "after")]
     rng.shuffle(plan)
+    # then any call, or a random time
     plan += [
         (
             rng.choice(OPS)[1],
@@ -189,7 +168,7 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(
             rng.uniform(0.5, 4),
         )
         for _ in range(5)
-    ]  # then any call, or a random time
+    ]
     for attempt, (op, side, k, delay) in enumerate(plan + [("save", "never", 0, 600)]):
         argv = common(
             prompt_file,
@@ -207,9 +186,8 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(
             )
             if side == "never":
                 break
-            shutil.rmtree(
-                out
-            )  # finished before its kill: start over, so that every planned kill is tried
+            # finished before its kill: start over, so that every planned kill is tried
+            shutil.rmtree(out)
             continue
         assert os.WTERMSIG(status) == signal.SIGKILL
     kills = record.read_text().splitlines()
@@ -217,22 +195,74 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(
         f"{side} {op}" for _, op in OPS for side in ("before", "after")
     }, kills
     assert_same(saved(reference), saved(out))
-    assert not [
-        p for p in os.listdir(out) if p.startswith("adapter.")
-    ]  # no half-swapped adapter left
+    # no half-swapped adapter left
+    assert not [p for p in os.listdir(out) if p.startswith("adapter.")]
+
+
+def killed_inside_a_state_save(argv, nth, keep):
+    """Fork a child running gvu.main(argv) that is SIGKILLed half-way through its nth torch.save of
+    state.pt: half of the new state's bytes are written where torch.save was told to write them,
+    then the kill. Just before, the child copies state.pt (the previous save) to `keep`. Returns
+    the child's wait status."""
+    pid = os.fork()
+    if pid:
+        return os.waitpid(pid, 0)[1]
+    try:  # the child: never returns into pytest
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+        real, saves = torch.save, []
+
+        def half_then_kill(obj, f, *a, **kw):
+            name = str(getattr(f, "name", f))
+            if os.path.basename(name).startswith("state.pt"):
+                saves.append(name)
+                if len(saves) == nth:
+                    shutil.copyfile(os.path.join(os.path.dirname(name), "state.pt"), keep)
+                    data = io.BytesIO()
+                    real(obj, data)
+                    half = data.getvalue()[: len(data.getvalue()) // 2]
+                    if hasattr(f, "write"):
+                        f.write(half)
+                        f.flush()
+                    else:
+                        with open(f, "wb") as g:
+                            g.write(half)
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return real(obj, f, *a, **kw)
+
+        torch.save = half_then_kill
+        gvu.main(argv)
+        os._exit(0)
+    except SystemExit as e:
+        os._exit(3 if e.code else 0)
+    except BaseException:
+        os._exit(4)
+
+
+def test_a_kill_inside_the_save_of_state_pt_keeps_the_previous_state_resumable(
+    tmp_path, prompt_file, reference
+):
+    """SIGKILL half-way through writing the second state.pt (two steps done) leaves the first one
+    (one step done) byte for byte, and --resume from it ends with the uninterrupted run's log,
+    adapter and state, bit for bit."""
+    out, before = tmp_path / "run", tmp_path / "state_before_the_kill.pt"
+    status = killed_inside_a_state_save(common(prompt_file, out, "--steps", "4"), 2, before)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    assert (out / "state.pt").read_bytes() == before.read_bytes()
+    assert torch.load(out / "state.pt", weights_only=True)["step"] == 1
+    assert run_main(*common(prompt_file, out, "--steps", "4", "--resume")) is None
+    assert_same(saved(reference), saved(out))
 
 
 def test_resume_rewrites_an_adapter_older_than_the_state(tmp_path, prompt_file):
-    """A kill between writing state.pt and swapping in adapter/ (stale or missing adapter): --resume writes
-    the adapter again from the state, so both hold the same step and weights."""
+    """A kill between writing state.pt and swapping in adapter/ (stale or missing adapter): --resume
+    writes the adapter again from the state, so both hold the same step and weights."""
     out = short_run(prompt_file, tmp_path, 1)
     old = tmp_path / "adapter_step1"
     shutil.copytree(out / "adapter", old)
     assert run_main(*common(prompt_file, out, "--steps", "2", "--resume")) is None
     shutil.rmtree(out / "adapter")
-    shutil.copytree(
-        old, out / "adapter"
-    )  # as if killed after state.pt (step 2) but before the adapter swap
+    # as if killed after state.pt (step 2) but before the adapter swap
+    shutil.copytree(old, out / "adapter")
     assert run_main(*common(prompt_file, out, "--steps", "2", "--resume")) is None
     state = torch.load(out / "state.pt", weights_only=True)
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
@@ -249,10 +279,11 @@ def test_resume_rewrites_an_adapter_older_than_the_state(tmp_path, prompt_file):
 
 # --- 1. non-finite updates --------------------------------------------------------------------
 def test_non_finite_gradient_is_not_applied_and_nothing_non_finite_is_saved(tmp_path, prompt_file):
-    """The issue's --lr 1e6 run (B=2, G=2) has a NaN gradient at step 1: one-line error naming the intact saved
-    step, and state.pt and adapter/ hold step 1's finite weights. --resume stops the same way (not in sampling).
-    The issue ran on the v1 world's prompts/train.txt; its steps 0-1 drew these four lines, kept here in the order
-    that puts them in the same batches (the v2 train.txt draws other lines, on which step 1 happens to stay finite)."""
+    """The issue's --lr 1e6 run (B=2, G=2) has a NaN gradient at step 1: one-line error naming the
+    intact saved step, and state.pt and adapter/ hold step 1's finite weights. --resume stops the
+    same way (not in sampling). The issue ran on the v1 world's prompts/train.txt; its steps 0-1
+    drew these four lines, kept here in the order that puts them in the same batches (the v2
+    train.txt draws other lines, on which step 1 happens to stay finite)."""
     issue_prompts = write(
         tmp_path / "issue.txt",
         "\n".join(
@@ -288,7 +319,8 @@ def test_non_finite_gradient_is_not_applied_and_nothing_non_finite_is_saved(tmp_
 
 
 def test_non_finite_loss_is_not_applied(tmp_path, prompt_file, monkeypatch):
-    """A NaN loss stops the run before backward/step: the saved state is unchanged, byte for byte."""
+    """A NaN loss stops the run before backward/step: the saved state is unchanged, byte for
+    byte."""
     out = short_run(prompt_file, tmp_path, 1)
     before = (out / "state.pt").read_bytes()
     real = gvu.grpo_loss
@@ -299,8 +331,8 @@ def test_non_finite_loss_is_not_applied(tmp_path, prompt_file, monkeypatch):
 
 
 def test_non_finite_weights_are_never_saved(tmp_path, prompt_file, monkeypatch):
-    """An update that leaves an inf in the LoRA weights (finite loss and gradient) is caught before the save:
-    state.pt keeps the previous step."""
+    """An update that leaves an inf in the LoRA weights (finite loss and gradient) is caught before
+    the save: state.pt keeps the previous step."""
     out = short_run(prompt_file, tmp_path, 1)
     real_step = torch.optim.AdamW.step
 
@@ -320,7 +352,8 @@ def test_non_finite_weights_are_never_saved(tmp_path, prompt_file, monkeypatch):
 def test_full_disk_during_a_save_is_one_line_and_keeps_the_saved_state(
     tmp_path, prompt_file, monkeypatch
 ):
-    """ENOSPC while writing state.pt: one line naming the intact saved step; state.pt unchanged byte for byte."""
+    """ENOSPC while writing state.pt: one line naming the intact saved step; state.pt unchanged byte
+    for byte."""
     out = short_run(prompt_file, tmp_path, 1)
     before = (out / "state.pt").read_bytes()
 
@@ -334,17 +367,6 @@ def test_full_disk_during_a_save_is_one_line_and_keeps_the_saved_state(
         == f"error: [Errno 28] No space left on device; the saved state in {out} (step 1) is intact"
     )
     assert (out / "state.pt").read_bytes() == before
-
-
-def test_sampling_with_non_finite_logits_is_a_training_error_not_a_crash():
-    """NaN logits stop the rollout with gvu.TrainingError instead of torch.multinomial's RuntimeError."""
-    from models.tiny_umm import TinyUMM
-
-    umm = TinyUMM.random(0, hidden=32, layers=1)
-    with torch.no_grad():
-        umm.lm.lm_head.weight[umm.image_offset] = float("nan")
-    with pytest.raises(gvu.TrainingError, match="not finite while sampling"):
-        gvu.rollout(umm, ["a photo of a red circle"], 2)
 
 
 # --- 2. the log on resume ---------------------------------------------------------------------
@@ -362,12 +384,11 @@ def test_sampling_with_non_finite_logits_is_a_training_error_not_a_crash():
 def test_resume_survives_a_torn_blank_or_missing_log(
     tmp_path, prompt_file, reference, capsys, damage, notice
 ):
-    """A last line cut mid-JSON is dropped with a one-line notice, blank lines are skipped, a missing log
-    restarts at the saved step; the steps after it equal the uninterrupted run's."""
+    """A last line cut mid-JSON is dropped with a one-line notice, blank lines are skipped, a
+    missing log restarts at the saved step; the steps after it equal the uninterrupted run's."""
     out = short_run(prompt_file, tmp_path, 2)
-    with open(
-        out / "log.jsonl", "a"
-    ) as f:  # step 2 logged after the last save (step 2), then killed
+    # step 2 logged after the last save (step 2), then killed
+    with open(out / "log.jsonl", "a") as f:
         f.write(json.dumps({"step": 2, "reward_mean": -1}) + "\n")
     damage(out / "log.jsonl")
     capsys.readouterr()
@@ -378,12 +399,13 @@ def test_resume_survives_a_torn_blank_or_missing_log(
         or f"notice: {out / 'log.jsonl'}" in err
         and notice in err
     )
-    want = log_rows(reference)
-    assert log_rows(out) == (want[2:] if notice == "is missing" else want)
+    want = log_rows(reference, "seconds")
+    assert log_rows(out, "seconds") == (want[2:] if notice == "is missing" else want)
 
 
 def test_resume_refuses_a_log_damaged_in_the_middle(tmp_path, prompt_file):
-    """A broken line that is not the last one cannot come from a kill: one-line error, log untouched."""
+    """A broken line that is not the last one cannot come from a kill: one-line error, log
+    untouched."""
     out = short_run(prompt_file, tmp_path, 2)
     log = out / "log.jsonl"
     log.write_text("{oops\n" + log.read_text())
@@ -394,12 +416,11 @@ def test_resume_refuses_a_log_damaged_in_the_middle(tmp_path, prompt_file):
 
 
 def test_log_rewrite_goes_through_a_temp_file(tmp_path, prompt_file, monkeypatch):
-    """A kill in the middle of the resume's log rewrite (simulated: writing the second row fails) leaves the
-    old log whole."""
+    """A kill in the middle of the resume's log rewrite (simulated: writing the second row fails)
+    leaves the old log whole."""
     out = short_run(prompt_file, tmp_path, 2)
-    with open(
-        out / "log.jsonl", "a"
-    ) as f:  # a step logged after the last save: the rewrite drops it
+    # a step logged after the last save: the rewrite drops it
+    with open(out / "log.jsonl", "a") as f:
         f.write(json.dumps({"step": 2, "reward_mean": -1}) + "\n")
     before = (out / "log.jsonl").read_bytes()
     real = json.dumps
@@ -417,8 +438,8 @@ def test_log_rewrite_goes_through_a_temp_file(tmp_path, prompt_file, monkeypatch
 
 # --- 3. resume checks the run -----------------------------------------------------------------
 def test_resume_refuses_changed_settings_naming_each_flag_and_keeps_config(tmp_path, prompt_file):
-    """--resume with another --lr, --seed, --group-size and --batch-prompts: one line naming each, config.json
-    unchanged; --steps / --save-every / --sample-every may change."""
+    """--resume with another --lr, --seed, --group-size and --batch-prompts: one line naming each,
+    config.json unchanged; --steps / --save-every / --sample-every may change."""
     out = short_run(prompt_file, tmp_path, 1)
     config = (out / "config.json").read_bytes()
     argv = common(prompt_file, out, "--steps", "2", "--resume") + [
@@ -433,8 +454,9 @@ def test_resume_refuses_changed_settings_naming_each_flag_and_keeps_config(tmp_p
     ]
     msg = run_main(*argv)
     assert msg == (
-        "error: --resume: --batch-prompts 2 (the run has 1), --group-size 3 (the run has 2), --lr 0.001 "
-        "(the run has 0.0005), --seed 1 (the run has 0); pass the run's values, or start a new --out"
+        "error: --resume: --batch-prompts 2 (the run has 1), --group-size 3 (the run has 2), "
+        "--lr 0.001 (the run has 0.0005), --seed 1 (the run has 0); pass the run's values, or "
+        "start a new --out"
     )
     assert (out / "config.json").read_bytes() == config
     assert (
@@ -456,9 +478,71 @@ def test_resume_refuses_changed_settings_naming_each_flag_and_keeps_config(tmp_p
     assert (out / "config.json").read_bytes() == config
 
 
+# Fields whose value cannot change validly on the tiny random model: the test skips them.
+CANNOT_CHANGE_ON_TINY = {
+    "decoder_text": "the tiny UMM's decoder reads no text: 'none' is its only value"
+}
+
+
+def another_value(name, old, tmp_path):
+    """A valid value of Args field `name`, other than the run's `old`, on the tiny random model."""
+    special = {
+        "prompts": lambda: str(write_lines(tmp_path / "same_lines.txt", TINY_PROMPTS[:3])),
+        "model": lambda: SHIPPED,  # the shipped tiny UMM
+        "image_size": lambda: 64,  # the tiny UMM's one size, given instead of 0 (its default)
+        "lora_targets": lambda: "q_proj",
+        "device": lambda: "cpu",
+        "flux": lambda: "black-forest-labs/FLUX.1-dev",  # read by X-Omni only
+    }
+    if name in special:
+        return special[name]()
+    field = {f.name: f for f in dataclasses.fields(gvu.Args)}[name]
+    choices = field.metadata.get("choices")
+    if choices:
+        return next(c for c in choices if c != old)
+    if isinstance(old, bool):
+        return not old
+    if isinstance(old, int):
+        return old + 1
+    if isinstance(old, float):
+        return 2 * old if old else 0.5
+    return f"{old} (changed)"
+
+
+@pytest.fixture(scope="module")
+def one_step_run(tmp_path_factory, prompt_file):
+    """A finished 1-step run that tests try to resume with other settings (each try refused)."""
+    out = tmp_path_factory.mktemp("one_step") / "run"
+    assert run_main(*common(prompt_file, out, "--steps", "1")) is None
+    return out
+
+
+# every field of gvu.Args, read when the tests are collected, so that a new flag is covered
+@pytest.mark.parametrize(
+    "name", [f.name for f in dataclasses.fields(gvu.Args) if f.name not in gvu.RESUME_MAY_CHANGE]
+)
+def test_resume_refuses_a_change_to_every_setting_outside_the_allowed_list(
+    name, one_step_run, prompt_file, tmp_path
+):
+    """--resume with any one setting outside gvu.RESUME_MAY_CHANGE changed to another valid value:
+    one line naming its flag, and the run folder untouched."""
+    if name in CANNOT_CHANGE_ON_TINY:
+        pytest.skip(CANNOT_CHANGE_ON_TINY[name])
+    out = one_step_run
+    before = {p: (out / p).read_bytes() for p in ("config.json", "state.pt", "log.jsonl")}
+    old = json.loads(before["config.json"])[name]
+    new = another_value(name, old, tmp_path)
+    flag = "--" + name.replace("_", "-")
+    msg = run_main(*common(prompt_file, out, "--steps", "2", "--resume"), flag, new)
+    assert isinstance(msg, str), f"--resume with {flag} {new} was not refused"
+    assert "\n" not in msg, msg
+    assert msg.startswith("error: ") and "--resume" in msg and f"{flag} " in msg, msg
+    assert {p: (out / p).read_bytes() for p in before} == before
+
+
 def test_resume_counts_a_flag_added_since_the_run_began_as_its_default(tmp_path, prompt_file):
-    """A run whose config.json predates --lora-targets resumes with the default, and refuses another value in
-    one line (not a traceback from the optimizer state of another set of LoRA layers)."""
+    """A run whose config.json predates --lora-targets resumes with the default, and refuses another
+    value in one line (not a traceback from the optimizer state of another set of LoRA layers)."""
     out = short_run(prompt_file, tmp_path, 1)
     config = json.loads((out / "config.json").read_text())
     del config["lora_targets"]
@@ -468,7 +552,8 @@ def test_resume_counts_a_flag_added_since_the_run_began_as_its_default(tmp_path,
     )
     assert (
         msg
-        == "error: --resume: --lora-targets q_proj (the run has ); pass the run's values, or start a new --out"
+        == "error: --resume: --lora-targets q_proj (the run has ); pass the run's values, or start "
+        "a new --out"
     )
     assert run_main(*common(prompt_file, out, "--steps", "2", "--resume")) is None
 
@@ -484,7 +569,8 @@ def test_resume_refuses_another_model(tmp_path, prompt_file):
 
 # --- 4. one run per folder --------------------------------------------------------------------
 def test_a_second_process_on_the_same_out_is_refused(tmp_path, prompt_file):
-    """While another process holds OUT/.lock (flock), a run there is a one-line error and writes nothing."""
+    """While another process holds OUT/.lock (flock), a run there is a one-line error and writes
+    nothing."""
     out = tmp_path / "run"
     out.mkdir()
     with open(out / ".lock", "w") as holder:
@@ -495,116 +581,11 @@ def test_a_second_process_on_the_same_out_is_refused(tmp_path, prompt_file):
         and "\n" not in msg
     )
     assert sorted(os.listdir(out)) == [".lock", "samples"]
-    assert (
-        run_main(*common(prompt_file, out, "--steps", "1")) is None
-    )  # the lock dies with its holder
+    # the lock dies with its holder
+    assert run_main(*common(prompt_file, out, "--steps", "1")) is None
 
 
-# --- 6. eval_geneval generate ------------------------------------------------------------------
-def eval_error(argv):
-    with pytest.raises(SystemExit) as e:
-        E.main(argv)
-    assert (
-        isinstance(e.value.code, str)
-        and e.value.code.startswith("error: ")
-        and "\n" not in e.value.code
-    )
-    return e.value.code
-
-
-@pytest.fixture(scope="module")
-def metadata(tmp_path_factory):
-    path = tmp_path_factory.mktemp("meta") / "m.jsonl"
-    path.write_text(
-        "".join(
-            json.dumps(
-                {
-                    "tag": "colors",
-                    "include": [{"class": "circle", "count": 1, "color": c}],
-                    "prompt": f"a photo of a {c} circle",
-                }
-            )
-            + "\n"
-            for c in ("red", "blue")
-        )
-    )
-    return str(path)
-
-
-def test_generate_refuses_a_non_empty_out_and_overwrite_replaces_it(tmp_path, metadata):
-    """Images of an earlier generate never mix with new ones: a non-empty --out is refused; --overwrite
-    replaces it whole (3 images per prompt, then 1: exactly 1 left); other files are never cleared."""
-    gen = ["generate", "--metadata", metadata, "--out", str(tmp_path / "gen"), "--any-class"]
-    E.main(gen + ["--n", "3"])
-    assert "is not empty" in eval_error(gen + ["--n", "1"])
-    E.main(gen + ["--n", "1", "--overwrite"])
-    assert [sorted(os.listdir(tmp_path / "gen" / d / "samples")) for d in ("00000", "00001")] == [
-        ["0000.png"]
-    ] * 2
-    (tmp_path / "gen" / "notes.txt").write_text("mine")
-    assert "also holds notes.txt" in eval_error(gen + ["--n", "1", "--overwrite"])
-    assert (tmp_path / "gen" / "notes.txt").read_text() == "mine"
-
-
-def test_generate_refuses_an_adapter_trained_on_another_base(
-    tmp_path, prompt_file, metadata, monkeypatch
-):
-    """An adapter trained on tiny-random seed 0 is refused for seed 1 (same path, other weights) and for the
-    shipped tiny UMM; a missing local --adapter is one line with no hub lookup."""
-    out = short_run(prompt_file, tmp_path, 1)
-    gen = [
-        "generate",
-        "--metadata",
-        metadata,
-        "--n",
-        "1",
-        "--any-class",
-        "--adapter",
-        str(out / "adapter"),
-    ]
-    msg = eval_error(gen + ["--out", str(tmp_path / "g1"), "--seed", "1"])
-    assert (
-        msg
-        == f"error: --adapter {out / 'adapter'} was trained on tiny-random (seed 0) (its gvu.json), "
-        "not on --model tiny-random with --seed 1"
-    )
-    assert "was trained on tiny-random (seed 0)" in eval_error(
-        gen + ["--out", str(tmp_path / "g2"), "--model", "checkpoints/tiny-umm"]
-    )
-    E.main(gen + ["--out", str(tmp_path / "g3")])  # the right base loads
-    monkeypatch.setattr(
-        E.PeftModel, "from_pretrained", lambda *a, **k: pytest.fail("looked up the hub")
-    )
-    monkeypatch.chdir(tmp_path)
-    assert (
-        eval_error(gen[:-1] + ["runs/adapter", "--out", "g4"])
-        == "error: --adapter runs/adapter: no such folder"
-    )
-    assert not os.path.exists(tmp_path / "g4")
-
-
-# --- 7. score keeps the last results when it fails ----------------------------------------------
-def test_failed_score_keeps_the_previous_results_and_summaries(tmp_path, metadata, monkeypatch):
-    """score writes results.jsonl and the summaries beside their names and renames them at the end: a score
-    that fails half-way leaves the previous three files byte for byte."""
-    gen = tmp_path / "gen"
-    E.main(["generate", "--metadata", metadata, "--out", str(gen), "--any-class", "--n", "2"])
-    E.main(["score", str(gen), "--scorer", "shapes"])
-    before = {n: (gen / n).read_bytes() for n in ("results.jsonl", "summary.json", "summary.md")}
-    calls = []
-
-    def failing(path):
-        calls.append(path)
-        if len(calls) == 3:
-            raise E.GenEvalError(f"cannot read image {path}")
-        return E.Image.open(path).convert("RGB")
-
-    monkeypatch.setattr(E, "load_image", failing)
-    assert "cannot read image" in eval_error(["score", str(gen), "--scorer", "shapes"])
-    assert {n: (gen / n).read_bytes() for n in before} == before
-
-
-# --- 8, 9. bad or nonsense flags: one line, before anything is created -----------------------------
+# --- 8, 9. bad or nonsense flags: one line, before anything is created ----------------------------
 BAD_FLAGS = [
     (["--lr", "-1"], "--lr must be > 0"),
     (["--lr", "nan"], "--lr must be > 0"),
@@ -640,7 +621,8 @@ BAD_FLAGS = [
 
 @pytest.mark.parametrize("flags, expect", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
 def test_bad_flag_is_one_line_before_anything_is_created(tmp_path, prompt_file, flags, expect):
-    """Each out-of-range or unusable flag: one line naming it, non-zero exit, and --out never created."""
+    """Each out-of-range or unusable flag: one line naming it, non-zero exit, and --out never
+    created."""
     out = tmp_path / "run"
     msg = run_main(*common(prompt_file, out, "--steps", "1", *flags))
     assert isinstance(msg, str) and msg.startswith("error: ") and expect in msg and "\n" not in msg
@@ -671,7 +653,8 @@ def test_cuda_without_cuda_is_one_line(tmp_path, prompt_file):
     ],
 )
 def test_bad_path_or_file_is_one_line(tmp_path, prompt_file, case):
-    """Unusable --out, an over-long prompt (names its line), a directory as --prompts, a damaged state.pt."""
+    """Unusable --out, an over-long prompt (names its line), a directory as --prompts, a damaged
+    state.pt."""
     out, pf = tmp_path / "run", prompt_file
     if case == "out is a file":
         out.write_text("x")
@@ -679,9 +662,8 @@ def test_bad_path_or_file_is_one_line(tmp_path, prompt_file, case):
     elif case == "out under a file":
         (tmp_path / "f").write_text("x")
         out, expect = tmp_path / "f" / "run", "is a file, not a folder"
-    elif (
-        case == "out not writable"
-    ):  # /proc refuses new folders even to root (os.access cannot tell root that)
+    # /proc refuses new folders even to root (os.access cannot tell root that)
+    elif case == "out not writable":
         out, expect = "/proc/gvu-run", "/proc"
     elif case == "prompt of 10k words":
         pf = write(tmp_path / "long.txt", "a red circle\n\n" + "circle " * 10_000 + "\n")
