@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import DynamicCache, get_scheduler
 
-from models import InputError, enable_checkpointing, load_umm, lora_modules, pick_device, use_bf16
+from models import enable_checkpointing, load_umm, lora_modules, pick_device, use_bf16
 from tools import runio
 from tools.runio import RESUME_MAY_CHANGE, TrainingError, prompt_batch
 
@@ -65,7 +65,7 @@ class Args:
     trust_remote_code: bool = arg(False, "run the model repository's own code (X-Omni needs it)")
     flux: str = arg("", "X-Omni only: path or hub id of the FLUX.1-dev decoder weights")
     out: str = arg("runs/gvu", "output folder: config, log, adapter, state, samples")
-    steps: int = arg(200, "training steps, one rollout each")
+    steps: int = arg(200, "training steps; raised on --resume, the lr schedule stretches to it")
     epochs: float = arg(0.0, "> 0: train ceil(epochs * n_prompts / B) steps instead of --steps")
     batch_prompts: int = arg(8, "B: prompts per step")
     group_size: int = arg(8, "G: images sampled per prompt (>= 2)")
@@ -301,10 +301,6 @@ def grpo_loss(logp, old_logp, ref_logp, adv, clip_eps=0.2, beta=0.03):
 PROBE_STEP = 1_000_002  # the probe's seeds: a step no run reaches
 
 
-def is_sample_step(step, args):
-    return step % args.sample_every == 0 or step == args.steps - 1  # decode and draw a grid
-
-
 def seed_for(seed, step, rank=0, stream=0):
     """Every sampling stream's seed, from (run seed, step, torchrun rank, stream). A CPU generator
     keeps a seed's low 32 bits only, so rank and stream move them by large odd multipliers."""
@@ -343,7 +339,8 @@ def gvu_step(umm, policy, opt, batch, step, args, reward_fn=None, sampler=None, 
     G, mb, lap = args.group_size, args.micro_batch, lap or (lambda phase: None)
     sampler, reward_fn = sampler or sample_and_reward, reward_fn or intrinsic_rewards
     rank = ddp.rank if ddp else 0  # torchrun: each rank samples its own stream
-    out = sampler(umm, policy, batch, step, args, reward_fn, is_sample_step(step, args), lap, rank)
+    decode = runio.is_sample_step(step, args)  # --reward-input codes decodes for the grids only
+    out = sampler(umm, policy, batch, step, args, reward_fn, decode, lap, rank)
     ro, rewards = out["rollout"], out["rewards"]  # (B*G, ...), (B*G,)
     adv = group_advantages(rewards, G)  # (B*G,); a group never straddles ranks
     if ddp:
@@ -424,9 +421,10 @@ def train(args, reward_fn=intrinsic_rewards, sampler=sample_and_reward):
             out = gvu_step(umm, policy, optimizer, batch, step, args, reward_fn, sampler, ddp=ddp)
         scheduler.step()
         run.log(step, out, lr, time.time() - t0, probe)  # log.jsonl, a printed line, the tracker
-        if is_sample_step(step, args):  # the grid shades each prompt token by its probability
-            eot = args.score_end_of_turn
-            run.sample_grid(step, out, umm.tokenizer, partial(answer_ids, umm, end_of_turn=eot))
+        eot = (
+            args.score_end_of_turn
+        )  # on sample steps, a grid: each prompt token by its probability
+        run.sample_grid(step, out, umm.tokenizer, partial(answer_ids, umm, end_of_turn=eot))
         if (step + 1) % args.save_every == 0 or step == args.steps - 1:
             run.save(step + 1)  # state.pt, then adapter/
     run.close()
@@ -443,7 +441,7 @@ def main(argv=None, reward_fn=intrinsic_rewards, sampler=sample_and_reward):
     args = parse_args(argv)
     try:
         return train(args, reward_fn, sampler)
-    except (InputError, TrainingError, OSError) as e:  # OSError: a full disk, a read-only folder
+    except runio.FAILURES as e:  # bad input, a NaN, a full disk, out of memory, Ctrl-C: one line
         msg = runio.error_line(e, args.out)
     sys.exit(msg)  # outside the except: the traceback, and the run folder's lock, are released
 

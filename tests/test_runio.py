@@ -3,6 +3,7 @@ CPU only): kills at any moment, resumes, damaged files, a second process, bad fl
 test names the guarantee it checks; the reference is an uninterrupted run, a hand-made file, or
 torch / fcntl called directly."""
 
+import contextlib
 import dataclasses
 import fcntl
 import io
@@ -106,6 +107,7 @@ def short_run(pf, tmp_path, steps):
 # --- kills at any moment (defects 2, 5) --------------------------------------------------------
 # every save's steps
 OPS = [(os, "replace"), (os, "rename"), (shutil, "rmtree"), (torch, "save"), (json, "dumps")]
+OPS += [(runio, "exchange")]  # the adapter's swap (Linux: one atomic exchange)
 
 
 def run_killed(argv, op, k, side, delay, record):
@@ -169,7 +171,9 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(
         )
         for _ in range(5)
     ]
-    for attempt, (op, side, k, delay) in enumerate(plan + [("save", "never", 0, 600)]):
+    todo, retried, attempt = plan + [("save", "never", 0, 600)], set(), -1
+    while todo:
+        (op, side, k, delay), attempt = todo.pop(0), attempt + 1
         argv = common(
             prompt_file,
             out,
@@ -186,8 +190,12 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(
             )
             if side == "never":
                 break
-            # finished before its kill: start over, so that every planned kill is tried
+            # finished before its kill (a resumed run renames no folder): start over, and try
+            # this kill once more on the fresh run, so that every planned kill is tried
             shutil.rmtree(out)
+            if (op, side, k) not in retried:
+                retried.add((op, side, k))
+                todo.insert(0, (op, side, k, delay))
             continue
         assert os.WTERMSIG(status) == signal.SIGKILL
     kills = record.read_text().splitlines()
@@ -431,9 +439,8 @@ def test_log_rewrite_goes_through_a_temp_file(tmp_path, prompt_file, monkeypatch
         return real(obj, *a, **k)
 
     monkeypatch.setattr(runio.json, "dumps", dies_on_row_1)
-    with pytest.raises(KeyboardInterrupt):
-        gvu.main(common(prompt_file, out, "--steps", "3", "--resume"))
-    assert (out / "log.jsonl").read_bytes() == before
+    assert run_main(*common(prompt_file, out, "--steps", "3", "--resume")).startswith("interrupted")
+    assert (out / "log.jsonl").read_bytes() == before and not (out / "log.jsonl.tmp").exists()
 
 
 # --- 3. resume checks the run -----------------------------------------------------------------
@@ -597,13 +604,16 @@ BAD_FLAGS = [
     (["--min-p", "2"], "--min-p must be in [0, 1)"),
     (["--lora-r", "0"], "--lora-r must be >= 1"),
     (["--lora-alpha", "0"], "--lora-alpha must be >= 1"),
-    (["--temperature", "0"], "--temperature must be >= 0.1"),
-    (["--temperature", "1e-9"], "--temperature must be >= 0.1"),
-    (["--temperature", "-1"], "--temperature must be >= 0.1"),
+    (["--temperature", "0"], "--temperature must be in [0.1, 100]"),
+    (["--temperature", "1e-9"], "--temperature must be in [0.1, 100]"),
+    (["--temperature", "-1"], "--temperature must be in [0.1, 100]"),
+    (["--temperature", "1e30"], "--temperature must be in [0.1, 100]"),
+    (["--cfg-scale", "1e30"], "--cfg-scale must be in [1, 100]"),
+    (["--out", ""], "--out must be a folder name"),
     (["--clip-eps", "-0.2"], "--clip-eps must be in (0, 1)"),
     (["--beta", "-1"], "--beta must be >= 0"),
     (["--max-grad-norm", "0"], "--max-grad-norm must be > 0"),
-    (["--cfg-scale", "-2"], "--cfg-scale must be >= 1"),
+    (["--cfg-scale", "-2"], "--cfg-scale must be in [1, 100]"),
     (["--top-k", "-1"], "--top-k must be >= 0"),
     (["--seed", "-1"], "--seed must be in [0, 2**32)"),
     (["--steps", "0"], "--steps must be >= 1"),
@@ -685,7 +695,7 @@ def test_bad_path_or_file_is_one_line(tmp_path, prompt_file, case):
 def test_non_utf8_error_gives_the_true_byte_offset_past_8kb(tmp_path):
     """A bad byte at offset 10 000 (beyond any read buffer) is reported at 10 000."""
     path = write(tmp_path / "p.txt", b"a red circle\n" * 769 + b"abc\xff\n")  # 13 * 769 = 9997, + 3
-    with pytest.raises(gvu.InputError, match=r"\(byte 10000\)"):
+    with pytest.raises(runio.InputError, match=r"\(byte 10000\)"):
         runio.read_prompts(path)
 
 
@@ -693,3 +703,200 @@ def test_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path):
     """A file saved with a UTF-8 BOM reads as the same prompts, the same line numbers."""
     path = write(tmp_path / "p.txt", "\ufeffa red circle\n\ntwo squares\r\n".encode())
     assert runio.read_prompts(path) == (["a red circle", "two squares"], [1, 3])
+
+
+# --- nothing silent: changed data, a longer run, the adapter swap, one-line failures ------------
+def test_resume_refuses_a_prompt_file_edited_in_place_and_accepts_it_under_another_path(
+    tmp_path, prompt_file
+):
+    """config.json records the prompt file's content: the same file under another path (a copy,
+    ./ in front) resumes; the same path with its lines reversed is refused in one line."""
+    pf = write_lines(tmp_path / "p.txt", TINY_PROMPTS[:3])
+    out = short_run(str(pf), tmp_path, 1)
+    moved = write_lines(tmp_path / "moved.txt", TINY_PROMPTS[:3])
+    assert run_main(*common(str(moved), out, "--steps", "2", "--resume")) is None
+    write_lines(pf, TINY_PROMPTS[:3][::-1])
+    msg = run_main(*common(str(pf), out, "--steps", "3", "--resume"))
+    assert msg == (
+        "error: --resume: the prompts has changed since the run started; "
+        "pass the run's values, or start a new --out"
+    )
+
+
+def test_resume_refuses_a_config_file_edited_in_place(tmp_path, prompt_file):
+    """A run started from a config file records its content; the same file edited (a value that
+    --resume may change, so only the fingerprint can tell) is refused on --resume."""
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"model": "tiny-random", "save_every": 1}))
+    out = tmp_path / "run"
+    flags = ["--prompts", prompt_file, "--out", out, "--batch-prompts", 1, "--group-size", 2]
+    assert run_main(config, *flags, "--steps", 1) is None
+    config.write_text(json.dumps({"model": "tiny-random", "save_every": 2}))
+    msg = run_main(config, *flags, "--steps", 2, "--resume")
+    assert msg.startswith("error: --resume: the config file has changed since the run started")
+
+
+def test_a_longer_steps_on_resume_follows_an_uninterrupted_run_of_that_length(
+    tmp_path, prompt_file
+):
+    """A 3-step linear-decay run resumed with --steps 6 trains steps 3-5 at the lr of an
+    uninterrupted 6-step run (not at 0, then a jump)."""
+    flags = ["--lr-schedule", "linear", "--lr", "1e-3"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert run_main(*common(prompt_file, full, "--steps", 6, *flags)) is None
+    assert run_main(*common(prompt_file, cut, "--steps", 3, *flags)) is None
+    assert run_main(*common(prompt_file, cut, "--steps", 6, "--resume", *flags)) is None
+    want = [r["lr"] for r in log_rows(full)]
+    assert want == pytest.approx([1e-3 * (6 - s) / 6 for s in range(6)], rel=1e-9)
+    assert [r["lr"] for r in log_rows(cut)][3:] == want[3:]
+
+
+@pytest.mark.parametrize("when", ["before the swap", "after the swap"])
+def test_a_kill_at_the_adapter_swap_leaves_a_whole_adapter_in_its_folder(
+    tmp_path, prompt_file, monkeypatch, when
+):
+    """Whatever moment a kill lands on, OUT/adapter holds a whole adapter after the first save:
+    the old one if the kill comes before the swap, the new one after it (Linux: one atomic
+    exchange of the two folders)."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    if not runio.exchange(str(tmp_path / "a"), str(tmp_path / "b")):
+        pytest.skip("no atomic exchange of folders here (renameat2 on Linux)")
+    out = short_run(prompt_file, tmp_path, 1)
+    real, calls = runio.exchange, []
+
+    def killed(a, b):  # the resume first writes step 1's adapter again, then step 2 saves
+        calls.append(b)
+        if len(calls) < 2:
+            return real(a, b)
+        if when == "after the swap":
+            assert real(a, b)
+        raise KeyboardInterrupt  # the kill
+
+    monkeypatch.setattr(runio, "exchange", killed)
+    msg = run_main(*common(prompt_file, out, "--steps", "2", "--resume"))
+    assert msg.startswith("interrupted: the saved state in")
+    info = json.loads((out / "adapter" / "gvu.json").read_text())
+    assert info["step"] == (1 if when == "before the swap" else 2)
+    assert load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "content, expect",
+    [
+        ("[1, 2]", "not a JSON object"),
+        ("{", "config file"),
+        ("", "config file"),
+        ('{"stepz": 2}', "unknown keys stepz"),
+        ('{"instruction": null}', "instruction must be a number, text or bool"),
+        ('{"steps": 2.7}', "argument --steps: invalid int value: '2.7'"),
+        ('{"lr": true}', "argument --lr: invalid float value: 'True'"),
+    ],
+)
+def test_a_bad_config_file_is_one_line_naming_the_key(tmp_path, prompt_file, content, expect):
+    """Config-file errors are one line naming the problem (no argparse usage block), exit 2."""
+    config = tmp_path / "c.json"
+    config.write_text(content)
+    err = io.StringIO()
+    with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(err):
+        gvu.main([str(config), "--prompts", prompt_file, "--out", str(tmp_path / "run")])
+    assert e.value.code == 2 and expect in err.getvalue() and err.getvalue().count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_epochs_past_the_bound_is_one_line(tmp_path, prompt_file):
+    """--epochs 1e30 (steps past any run) is refused in one line before anything is created."""
+    out = tmp_path / "run"
+    flags = ["--model", "tiny-random", "--prompts", prompt_file, "--out", out, "--epochs", "1e30"]
+    assert run_main(*flags) == "error: --epochs must be in [0, 1000] (0 = --steps) (got 1e+30)"
+    assert not out.exists()
+
+
+def test_a_type_error_on_the_command_line_is_one_line(tmp_path, prompt_file):
+    """--steps abc: argparse's one message, no usage block, exit 2."""
+    err = io.StringIO()
+    with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(err):
+        gvu.main(["--steps", "abc", "--prompts", prompt_file])
+    assert e.value.code == 2 and err.getvalue().count("\n") == 1 and "--steps" in err.getvalue()
+
+
+@pytest.mark.parametrize(
+    "failure, expect",
+    [
+        (KeyboardInterrupt(), "interrupted: the saved state in {out} (step 1) is intact; continue"),
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory"), "error: out of memory"),
+        (torch.OutOfMemoryError("CUDA out of memory"), "error: out of memory"),
+    ],
+)
+def test_ctrl_c_and_out_of_memory_are_one_line_naming_the_saved_step(
+    tmp_path, prompt_file, monkeypatch, failure, expect
+):
+    """Ctrl-C or running out of memory mid-run: one line saying what is saved, no traceback."""
+    out = short_run(prompt_file, tmp_path, 1)
+
+    def fail(*a, **k):
+        raise failure
+
+    monkeypatch.setattr(gvu, "gvu_step", fail)
+    msg = run_main(*common(prompt_file, out, "--steps", "2", "--resume"))
+    assert msg.startswith(expect.format(out=out)) and "\n" not in msg
+
+
+def test_any_other_runtime_error_keeps_its_traceback(tmp_path, prompt_file, monkeypatch):
+    """A RuntimeError that is not out of memory is a bug: it is raised, not hidden in a line."""
+
+    def fail(*a, **k):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(gvu, "gvu_step", fail)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        gvu.main(common(prompt_file, tmp_path / "run", "--steps", "1"))
+
+
+@pytest.mark.parametrize("where", ["state.pt", "adapter"])
+def test_a_full_disk_inside_torch_or_safetensors_is_one_line_and_leaves_no_tmp(
+    tmp_path, prompt_file, monkeypatch, where
+):
+    """torch.save and safetensors report a full disk as their own errors: one line naming the
+    intact saved step, state.pt unchanged, no .tmp left behind."""
+    from safetensors import SafetensorError
+
+    out = short_run(prompt_file, tmp_path, 1)
+    before = (out / "state.pt").read_bytes()
+    if where == "state.pt":
+
+        def full(obj, f, *a, **k):
+            f.write(b"partial")
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+        monkeypatch.setattr(runio.torch, "save", full)
+    else:
+
+        def full(self, *a, **k):
+            raise SafetensorError("Error while serializing: IoError(StorageFull)")
+
+        import peft
+
+        monkeypatch.setattr(peft.PeftModel, "save_pretrained", full)
+    msg = run_main(*common(prompt_file, out, "--steps", "2", "--resume"))
+    assert msg.startswith("error: cannot write") and msg.endswith("(step 1) is intact")
+    assert "\n" not in msg and not any(p.name.endswith(".tmp") for p in out.iterdir())
+    if where == "state.pt":
+        assert (out / "state.pt").read_bytes() == before
+
+
+def test_instruction_words_and_length_are_checked_and_named(tmp_path, prompt_file):
+    """--instruction with a word the model cannot spell, or too long to leave room for any prompt:
+    one line naming --instruction (not line 1 of the prompt file), nothing created."""
+    out = tmp_path / "run"
+    msg = run_main(*common(prompt_file, out, "--instruction", "Describe the zorblax."))
+    assert msg.startswith("error: --instruction has words the model does not know: zorblax")
+    long = " ".join(["circle"] * 5000)
+    msg = run_main(*common(prompt_file, out, "--instruction", long))
+    assert msg.startswith("error: --instruction is too long") and not out.exists()
+
+
+def test_invisible_characters_are_escaped_in_messages(tmp_path):
+    """A zero-width space or an escape character in an unknown word is shown escaped."""
+    pf = write(tmp_path / "p.txt", "a red circle\nzero\u200bwidth \x1b[31mred\n")
+    msg = run_main(*common(pf, tmp_path / "run"))
+    assert "\\u200b" in msg and "\\x1b" in msg and "\u200b" not in msg and "\x1b" not in msg

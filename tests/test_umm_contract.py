@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import gvu
+from models import InputError
 from standins import INSTRUCTION, PROMPTS
 
 # peft's pre-v6 names
@@ -128,7 +129,5 @@ def test_lora_targets_skip_a_module_outside_the_scope_whose_name_ends_like_one_i
     assert {n.rsplit(".lora_", 1)[0] for n, _ in lm.named_modules() if ".lora_A" in n} == {
         "model.layers.0.self_attn.q_proj"
     }
-    with pytest.raises(
-        gvu.InputError, match=r"no LoRA layer named ',' \(its layers: q_proj, v_proj\)"
-    ):
+    with pytest.raises(InputError, match=r"no LoRA layer named ',' \(its layers: q_proj, v_proj\)"):
         gvu.lora_modules(umm, ",")

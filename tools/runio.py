@@ -19,6 +19,7 @@ steps after the last save; --resume drops them and repeats those steps, which re
 exactly. This module does not import gvu.
 """
 
+import ctypes
 import fcntl
 import hashlib
 import json
@@ -26,10 +27,12 @@ import math
 import os
 import shutil
 import sys
+import warnings
 from dataclasses import asdict, fields
 
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError
 from PIL import Image
 from tqdm import tqdm
 from transformers import HfArgumentParser
@@ -39,10 +42,15 @@ from tools import loggers
 
 
 def write_atomic(path, write, mode="w"):
-    """write(f) into path.tmp, then rename it over path."""
-    with open(path + ".tmp", mode) as f:
-        write(f)
-    os.replace(path + ".tmp", path)
+    """write(f) into path.tmp, then rename it over path; a failed write leaves no path.tmp."""
+    try:
+        with open(path + ".tmp", mode) as f:
+            write(f)
+        os.replace(path + ".tmp", path)
+    except BaseException:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise
 
 
 def write_json(obj, path):
@@ -50,7 +58,11 @@ def write_json(obj, path):
 
 
 def atomic_save(obj, path):
-    write_atomic(path, lambda f: torch.save(obj, f), "wb")
+    """torch.save, atomically; torch reports a full disk as a RuntimeError: here an OSError."""
+    try:
+        write_atomic(path, lambda f: torch.save(obj, f), "wb")
+    except RuntimeError as e:
+        raise OSError(f"cannot write {path}: {e}") from None
 
 
 def read_json(path):
@@ -73,8 +85,9 @@ def all_finite(obj):
 
 
 # what gvu.py's --resume may change; every other setting must match the run's config.json
+# (the prompt file may move: its content must match, compared by fingerprint)
 RESUME_MAY_CHANGE = {"steps", "epochs", "resume", "out", "save_every", "sample_every"}
-RESUME_MAY_CHANGE |= {"probe_every", "report_to"}
+RESUME_MAY_CHANGE |= {"probe_every", "report_to", "prompts"}
 
 
 class TrainingError(Exception):
@@ -87,8 +100,9 @@ def settings_rules(args):
     """(flag, valid?, what it must be) for every numeric setting of gvu.Args."""
     fin = math.isfinite
     return [
+        ("out", bool(args.out.strip()), "a folder name"),
         ("steps", args.steps >= 1, ">= 1"),
-        ("epochs", fin(args.epochs) and args.epochs >= 0, ">= 0 (0 = use --steps)"),
+        ("epochs", fin(args.epochs) and 0 <= args.epochs <= 1000, "in [0, 1000] (0 = --steps)"),
         ("batch_prompts", args.batch_prompts >= 1, ">= 1"),
         ("group_size", args.group_size >= 2, ">= 2: advantages compare samples within a group"),
         ("lr", fin(args.lr) and args.lr > 0, "> 0"),
@@ -99,14 +113,11 @@ def settings_rules(args):
         ("lora_r", args.lora_r >= 1, ">= 1"),
         ("lora_alpha", args.lora_alpha >= 1, ">= 1"),
         ("max_grad_norm", fin(args.max_grad_norm) and args.max_grad_norm > 0, "> 0"),
-        (
-            "temperature",
-            fin(args.temperature) and args.temperature >= 0.1,
-            ">= 0.1: colder, a group's samples are copies and every advantage is 0",
-        ),
+        # colder, a group's samples are copies and every advantage is 0
+        ("temperature", fin(args.temperature) and 0.1 <= args.temperature <= 100, "in [0.1, 100]"),
         ("top_k", args.top_k >= 0, ">= 0"),
         ("min_p", fin(args.min_p) and 0 <= args.min_p < 1, "in [0, 1)"),
-        ("cfg_scale", fin(args.cfg_scale) and args.cfg_scale >= 1, ">= 1 (1 = off)"),
+        ("cfg_scale", fin(args.cfg_scale) and 1 <= args.cfg_scale <= 100, "in [1, 100] (1 = off)"),
         ("micro_batch", args.micro_batch >= 1, ">= 1"),
         ("image_size", args.image_size >= 0, ">= 0 (0 = the model's default)"),
         ("save_every", args.save_every >= 1, ">= 1"),
@@ -129,21 +140,55 @@ def check_args(args, may_change, defaults):
         raise InputError("; ".join(bad))
     pick_device(args.device)  # an unavailable device is an InputError
     loggers.require(args.report_to)  # a missing tensorboard / wandb package
-    check_run_folder(args.out, args.resume, asdict(args), may_change, defaults)
     prompts, lines = read_prompts(args.prompts)
+    check_run_folder(args.out, args.resume, run_config(args), may_change, defaults)
     if args.epochs > 0:  # whole passes over the prompts (the official run: 4 x 50,000 / 8 steps)
         args.steps = math.ceil(args.epochs * len(prompts) / args.batch_prompts)
     return prompts, lines
 
 
+def run_config(args):
+    """What config.json records: the settings, and content fingerprints of the prompt file and of
+    the config file if one was given (so that --resume notices a file edited in place, and accepts
+    the same file under another path)."""
+    config_file = getattr(args, "config_file", None)  # set by parse_args
+    files = dict(prompts_sha256=file_sha256(args.prompts), config_file_sha256=None)
+    if config_file:
+        files["config_file_sha256"] = file_sha256(config_file)
+    return {**asdict(args), **files}
+
+
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+# what gvu.py's main reports in one line (runio.error_line); any other exception is a bug
+FAILURES = (InputError, TrainingError, OSError, MemoryError, RuntimeError, KeyboardInterrupt)
+
+
 def error_line(e, out):
     """The one line gvu.py exits with: the error, and for a failed run what survives of it.
+    A RuntimeError that is not out of memory is a bug: raised again, with its traceback.
     torchrun: rank 0 says it, every other rank exits with status 1."""
+    oom = isinstance(e, MemoryError) or "out of memory" in str(e) or "allocate memory" in str(e)
+    if isinstance(e, RuntimeError) and not oom:
+        raise e
     if os.environ.get("RANK", "0") != "0":
         return 1
     if isinstance(e, InputError):
-        return f"error: {e}"
-    return f"error: {(str(e) or type(e).__name__).splitlines()[0]}; {saved_note(out)}"
+        return f"error: {shown(e)}"
+    if isinstance(e, KeyboardInterrupt):
+        return f"interrupted: {saved_note(out)}; continue with --resume"
+    if oom:
+        return f"error: out of memory (lower --micro-batch or --group-size); {saved_note(out)}"
+    return f"error: {shown(str(e) or type(e).__name__).splitlines()[0]}; {saved_note(out)}"
+
+
+def shown(text):
+    """text for a one-line message: invisible and control characters escaped (\\u200b, \\x1b)."""
+    return "".join(c if c.isprintable() or c == "\n" else c.encode("unicode_escape").decode()
+                   for c in str(text))  # fmt: skip
 
 
 def check_against_model(umm, args, prompts, lines):
@@ -152,6 +197,9 @@ def check_against_model(umm, args, prompts, lines):
         raise InputError(
             f"--top-k must be <= the model's {umm.image_vocab_size} image codes (got {args.top_k})"
         )
+    if bad := umm.unknown_words(args.instruction):
+        words = ", ".join(shown(w) for w in sorted(set(bad)))
+        raise InputError(f"--instruction has words the model does not know: {words}")
     check_vocabulary(umm, prompts, lines)
     check_context(umm, prompts, lines, args.instruction, args.prompts)
     if args.reward_input == "codes" and not umm.understands_codes:
@@ -165,6 +213,9 @@ def parse_args(Args, argv, doc):
     """gvu.py's command line into Args (transformers' HfArgumentParser), flags optionally after a
     config file. Bad flags are argparse's error; --steps beside --epochs is refused."""
     parser = HfArgumentParser(Args, description=doc.split("\n\n")[0].strip())
+    # one line, not argparse's usage block: "gvu.py: error: argument --steps: invalid int value"
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {shown(message)}\n")
+    config_file = argv[0] if argv and not argv[0].startswith("-") else None
     try:
         tokens = config_tokens(list(argv), [f.name for f in fields(Args)])
     except InputError as e:
@@ -174,7 +225,13 @@ def parse_args(Args, argv, doc):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.epochs > 0 and any(t == "--steps" or t.startswith("--steps=") for t in tokens):
         parser.error("give --steps or --epochs, not both")
+    args.config_file = config_file  # not a setting: run_config records its content's fingerprint
     return args
+
+
+def is_sample_step(step, args):
+    """Steps that draw a sample grid (and so decode their images with --reward-input codes)."""
+    return step % args.sample_every == 0 or step == args.steps - 1
 
 
 def prompt_batch(prompts, step, B, seed):
@@ -220,9 +277,8 @@ def check_vocabulary(umm, prompts, lines=None):
     <unk>)."""
     for n, p in zip(lines or range(1, len(prompts) + 1), prompts):
         if bad := umm.unknown_words(p):
-            raise InputError(
-                f"line {n} has words the model does not know: {', '.join(sorted(set(bad)))} ({p!r})"
-            )
+            words = ", ".join(shown(w) for w in sorted(set(bad)))
+            raise InputError(f"line {n} has words the model does not know: {words} ({p!r})")
 
 
 def check_context(umm, prompts, lines, instruction, path):
@@ -233,14 +289,17 @@ def check_context(umm, prompts, lines, instruction, path):
     if not limit:
         return
     tok, (h, w) = umm.tokenizer, umm.grid
-    blank = Image.new(
-        "RGB", (16 * w, 16 * h)
-    )  # the caption context's length does not depend on the pixels
+    # the caption context's length does not depend on the pixels
+    blank = Image.new("RGB", (16 * w, 16 * h))
     ctx = len(tok(umm.caption_prompt(blank, instruction), add_special_tokens=False).input_ids)
     gen = tok([umm.t2i_prompt(p) for p in prompts]).input_ids
-    ans = tok(
-        [umm.answer_prefix + p + umm.answer_suffix for p in prompts], add_special_tokens=False
-    ).input_ids
+    answers = [umm.answer_prefix + p + umm.answer_suffix for p in prompts]
+    ans = tok(answers, add_special_tokens=False).input_ids
+    if ctx + min(map(len, ans)) > limit:  # no prompt fits beside the image and the instruction
+        raise InputError(
+            f"--instruction is too long: with the image it takes {ctx} of the model's {limit} "
+            "positions, and no prompt fits after it"
+        )
     for n, g, a in zip(lines, gen, ans):
         if (need := max(len(g) + h * w, ctx + len(a))) > limit:
             raise InputError(
@@ -263,7 +322,9 @@ def config_flags(path, cli, known):
         raise InputError(f"config file {path}: not a JSON object")
     values.pop("_sources", None)
     if unknown := sorted(set(values) - set(known)):
-        raise InputError(f"config file {path}: unknown keys {', '.join(unknown)}")
+        raise InputError(f"config file {path}: unknown keys {', '.join(map(shown, unknown))}")
+    if nulls := sorted(k for k, v in values.items() if v is None or isinstance(v, (list, dict))):
+        raise InputError(f"config file {path}: {', '.join(nulls)} must be a number, text or bool")
     for flag, other in (("steps", "epochs"), ("epochs", "steps")):
         if any(a == f"--{flag}" or a.startswith(f"--{flag}=") for a in cli):
             values.pop(other, None)
@@ -338,10 +399,12 @@ def check_same_run(saved, now, may_change):
     """Refuse to resume when a setting that changes the run differs from the run's config.json: one
     line naming each differing flag. Keys known to only one side (a flag added or removed since) are
     skipped."""
+    changed = [k for k in now if k in saved and k not in may_change and now[k] != saved[k]]
     diffs = [
-        f"--{k.replace('_', '-')} {now[k]} (the run has {saved[k]})"
-        for k in now
-        if k in saved and k not in may_change and now[k] != saved[k]
+        f"the {k.removesuffix('_sha256').replace('_', ' ')} has changed since the run started"
+        if k.endswith("_sha256")
+        else f"--{k.replace('_', '-')} {now[k]} (the run has {saved[k]})"
+        for k in changed
     ]
     if diffs:
         raise InputError(
@@ -360,9 +423,8 @@ def load_state(path, device):
             f"cannot read {path} ({type(e).__name__}: {why}); "
             "it was damaged outside gvu.py, which writes it atomically"
         ) from None
-    if not isinstance(state, dict) or not {"step", "prompt_pos", "lora", "optimizer", "rng"} <= set(
-        state
-    ):
+    keys = {"step", "prompt_pos", "lora", "optimizer", "rng"}
+    if not isinstance(state, dict) or not keys <= set(state):
         raise InputError(f"{path} is not a gvu.py state (missing keys)")
     return state
 
@@ -398,19 +460,38 @@ def trim_log(path, start):
 # -----------------------------------------------------------------------------
 # the adapter: a peft folder, swapped in whole
 def save_adapter(policy, folder, info):
-    """policy.save_pretrained into folder.tmp (+ gvu.json = info: the step and the base model), then
-    swap it in: folder -> folder.old, folder.tmp -> folder, remove folder.old. A kill in the middle
-    leaves no folder for a moment; state.pt still holds the same weights and --resume writes the
-    adapter again."""
+    """policy.save_pretrained into folder.tmp (+ gvu.json = info: the step and the base model),
+    then swap it in. On Linux the swap is one atomic exchange of the two folders, so after the
+    first save `folder` always holds a whole adapter, the old one or the new one. Where that is not
+    available: folder -> folder.old, folder.tmp -> folder, and a kill between the two renames
+    leaves folder.old and folder.tmp (whole) and no folder until --resume writes it again."""
     tmp, old = folder + ".tmp", folder + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp)
-    write_json(info, os.path.join(tmp, "gvu.json"))
+    try:  # safetensors reports a full disk as its own error: here an OSError
+        policy.save_pretrained(tmp)
+        write_json(info, os.path.join(tmp, "gvu.json"))
+    except (OSError, RuntimeError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"cannot write {tmp}: {e}") from None
+    if os.path.exists(folder) and exchange(tmp, folder):
+        shutil.rmtree(tmp)  # the old adapter, swapped out
+        return
     if os.path.exists(folder):
         shutil.rmtree(old, ignore_errors=True)
         os.rename(folder, old)
     os.rename(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def exchange(a, b):
+    """Swap two paths in one atomic step: Linux's renameat2(RENAME_EXCHANGE). False where the OS,
+    the C library or the file system cannot (nothing is changed then)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def base_model_id(model, seed):
@@ -459,19 +540,16 @@ def open_run(args, policy, optimizer, scheduler, device, is_main=True):
         if not args.resume:
             if not is_main:
                 return 0, None
-            if os.path.exists(config) or os.path.exists(
-                state_path
-            ):  # written by a run that held the lock before us
+            # written by a run that held the lock before us
+            if os.path.exists(config) or os.path.exists(state_path):
                 raise InputError(
                     f"{args.out} already holds a run; "
                     "pass --resume to continue it or pick another --out"
                 )
-            write_json(asdict(args), config)  # kept for good: every --resume is checked against it
+            write_json(run_config(args), config)  # kept for good: --resume is checked against it
             write_atomic(log, lambda f: None)
             return 0, lock
-        start = (
-            0  # no state.pt: killed before its first save, so the run starts again from its seed
-        )
+        start = 0  # no state.pt: killed before its first save; the run starts again from its seed
         if os.path.exists(state_path):
             state = load_state(state_path, device)
             start = state["step"]
@@ -483,20 +561,31 @@ def open_run(args, policy, optimizer, scheduler, device, is_main=True):
             set_peft_model_state_dict(policy, state["lora"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            continue_schedule(scheduler)
             torch.set_rng_state(state["rng"].cpu())
-            if is_main:
-                save_adapter(
-                    policy, adapter, adapter_info(args, policy, start)
-                )  # a kill may have cut the last save
-        for notice in (
-            trim_log(log, start) if is_main else []
-        ):  # steps logged after the last save are run again
+            if is_main:  # a kill may have cut the last save
+                save_adapter(policy, adapter, adapter_info(args, policy, start))
+        # steps logged after the last save are run again
+        for notice in trim_log(log, start) if is_main else []:
             print(f"notice: {notice}", file=sys.stderr)
         return start, lock
     except BaseException:
         if lock is not None:
             lock.close()
         raise
+
+
+def continue_schedule(scheduler):
+    """Set the lr of the step the resumed run starts at by this run's schedule. The schedule's
+    length is --steps as given now, so a run resumed with a larger --steps follows, from here on,
+    the lr of an uninterrupted run of that length. (The same --steps: nothing changes.)"""
+    step, lambdas = scheduler.last_epoch, scheduler.lr_lambdas  # transformers' LambdaLR
+    if [b * f(step) for b, f in zip(scheduler.base_lrs, lambdas)] == scheduler.get_last_lr():
+        return
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": intended
+        warnings.simplefilter("ignore")
+        scheduler.last_epoch -= 1
+        scheduler.step()
 
 
 def adapter_info(args, policy, step):
@@ -522,9 +611,8 @@ class Run:
         self.start, self.lock = open_run(args, policy, optimizer, scheduler, device, is_main)
         self.log_path = os.path.join(args.out, "log.jsonl")
         # the tracker: a no-op unless --report-to and the main process
-        self.tracker = loggers.make_logger(
-            args.report_to, args.out, asdict(args), self.start, is_main
-        )
+        config = asdict(args)
+        self.tracker = loggers.make_logger(args.report_to, args.out, config, self.start, is_main)
         self.bar = None
 
     def steps(self):
@@ -557,10 +645,10 @@ class Run:
         self.tracker.scalars(row, step)
 
     def sample_grid(self, step, out, tokenizer, answer_ids):
-        """samples/step_NNNNN.png (loggers.save_grid): rows = prompts, columns = the G samples, each
-        with its reward and its prompt's tokens shaded by their probability under the judge.
+        """On sample steps, samples/step_NNNNN.png (loggers.save_grid): rows = prompts, columns =
+        the G samples, each with its reward and its prompt's tokens shaded by their probability.
         answer_ids(prompts): the scored tokens' ids (gvu.answer_ids). torchrun: rank 0's groups."""
-        if not self.is_main:
+        if not self.is_main or not is_sample_step(step, self.args):
             return
         G = self.args.group_size
         prompts = [p for p in out["batch"] for _ in range(G)]
@@ -587,12 +675,12 @@ class Run:
             raise TrainingError(
                 f"the weights are not finite after step {step - 1}; nothing was saved from it"
             )
-        atomic_save(state, os.path.join(self.args.out, "state.pt"))
-        save_adapter(
-            self.policy,
+        adapter, info = (
             os.path.join(self.args.out, "adapter"),
             adapter_info(self.args, self.policy, step),
         )
+        atomic_save(state, os.path.join(self.args.out, "state.pt"))
+        save_adapter(self.policy, adapter, info)
 
     def close(self):
         self.tracker.close()
