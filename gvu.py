@@ -100,7 +100,7 @@ class Args:
     dtype: str = arg("auto", "auto: bf16 autocast on CUDA", "auto", "float32", "bfloat16")
 
 
-# -----------------------------------------------------------------------------
+# ==== ALGORITHM: the model it reads, the policy, rollout, reward, advantage, loss, the step =====
 # the UMM interface: what gvu.py reads off a model. models/tiny_umm.py is the reference
 # implementation; models/adapters.py wraps Janus-Pro and X-Omni behind it
 class UMM(Protocol):
@@ -125,7 +125,7 @@ class UMM(Protocol):
     def unknown_words(self, text): ...  # words the tokenizer cannot spell
 
 
-# ==== ALGORITHM: the policy, rollout, reward, advantage, loss, and the step that joins them ====
+# -----------------------------------------------------------------------------
 # 0. the policy: LoRA on the LM, trained; the reference policy is the same LM, LoRA off
 def add_lora(umm, args):
     """The policy: LoRA on the LM's linear layers (in place; pi_ref is the same model with the
