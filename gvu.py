@@ -171,9 +171,8 @@ def rollout(umm, prompts, G, temperature=1.0, top_k=0, min_p=0.0, cfg_scale=1.0,
     cfg = cfg_scale != 1.0
     if cfg:  # R = 2*B*G rows: the conditional ones, then the model's own unconditional prompts
         texts += [umm.uncond_prompt(p) for p in prompts for _ in range(G)]
-    enc = umm.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt").to(
-        umm.lm.device
-    )
+    enc = umm.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
+    enc = enc.to(umm.lm.device)
     ids, mask, cache = enc.input_ids, enc.attention_mask, DynamicCache()
     pos, codes, old_logp = left_pad_positions(mask), [], []
     for _ in range(umm.grid[0] * umm.grid[1]):  # N_img codes, row-major
@@ -408,12 +407,10 @@ def train(args, reward_fn=intrinsic_rewards, sampler=sample_and_reward):
     for step in run.steps():  # from 0, or from the saved step on --resume; tqdm's bar
         probe = None
         if args.probe_every and step % args.probe_every == 0:  # before this step's update:
-            batch = prompt_batch(prompts, 0, args.batch_prompts, args.seed)  # fixed prompts and
+            first = prompt_batch(prompts, 0, args.batch_prompts, args.seed)  # fixed prompts and
             with autocast:  # seeds, so that its curve shows learning that the step reward hides
-                out = sample_and_reward(
-                    umm, policy, batch, PROBE_STEP, args, reward_fn, False, None
-                )
-            probe = out["rewards"].mean().item()
+                r = sample_and_reward(umm, policy, first, PROBE_STEP, args, reward_fn, False, None)
+            probe = r["rewards"].mean().item()
         t0, lr = time.time(), scheduler.get_last_lr()[0]  # the lr of this step's updates
         batch = prompt_batch(prompts, step, args.batch_prompts, args.seed)  # (B,)
         batch = ddp.local_slice(batch) if ddp else batch  # torchrun: this rank's B/W prompts
@@ -421,9 +418,7 @@ def train(args, reward_fn=intrinsic_rewards, sampler=sample_and_reward):
             out = gvu_step(umm, policy, optimizer, batch, step, args, reward_fn, sampler, ddp=ddp)
         scheduler.step()
         run.log(step, out, lr, time.time() - t0, probe)  # log.jsonl, a printed line, the tracker
-        eot = (
-            args.score_end_of_turn
-        )  # on sample steps, a grid: each prompt token by its probability
+        eot = args.score_end_of_turn  # on sample steps, a grid of each prompt token's probability
         run.sample_grid(step, out, umm.tokenizer, partial(answer_ids, umm, end_of_turn=eot))
         if (step + 1) % args.save_every == 0 or step == args.steps - 1:
             run.save(step + 1)  # state.pt, then adapter/
