@@ -19,8 +19,9 @@ import transformers
 from packaging.version import Version
 from transformers import GenerationConfig
 
+import eval_geneval
 import gvu
-from conftest import run_main
+from conftest import run_error, run_main, write_jsonl
 from models import sampler_settings
 from models.tiny_umm import TinyUMM
 
@@ -61,6 +62,18 @@ def asked(generation_config=True, **flags):
 
 def sources(record):
     return {k: v["source"] for k, v in record.items() if "source" in v}
+
+
+def spy_on_rollout(monkeypatch):
+    """The sampler of every gvu.rollout call from now on, in a list that fills as they happen."""
+    calls, real = [], gvu.rollout
+
+    def spy(umm, prompts, G, temperature, top_k, min_p, cfg_scale, generator, top_p):
+        calls.append(dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p))
+        return real(umm, prompts, G, temperature, top_k, min_p, cfg_scale, generator, top_p)
+
+    monkeypatch.setattr(gvu, "rollout", spy)
+    return calls
 
 
 # --- the rule: which values come from the checkpoint ------------------------------------------
@@ -161,13 +174,7 @@ def test_a_run_samples_with_the_checkpoints_values_records_them_and_resumes(
     the flags asked for (so --resume matches them), OUT/sampler.json and the printed line give each
     value with its source, and the file's repetition penalty is a warning. Without
     --generation-config the same flags sample as asked."""
-    folder, calls, real = model_folder(tmp_path, SAVED), [], gvu.rollout
-
-    def spy(umm, prompts, G, temperature, top_k, min_p, cfg_scale, generator, top_p):
-        calls.append(dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p))
-        return real(umm, prompts, G, temperature, top_k, min_p, cfg_scale, generator, top_p)
-
-    monkeypatch.setattr(gvu, "rollout", spy)
+    folder, calls = model_folder(tmp_path, SAVED), spy_on_rollout(monkeypatch)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
 
@@ -204,6 +211,35 @@ def test_a_run_samples_with_the_checkpoints_values_records_them_and_resumes(
     record = run("b", "--steps", 1)
     assert calls[-1] == dict(temperature=1.0, top_k=50, top_p=1.0, min_p=0.03)
     assert set(sources(record).values()) == {FLAG} and "generation_config" not in record
+
+
+def test_eval_generate_samples_as_the_trainer_does(tmp_path, monkeypatch, one_thread):
+    """eval_geneval.py generate with the same flags and --generation-config samples with the
+    checkpoint's values too, and leaves OUT/sampler.json beside the images; --top-p 0 is refused
+    in one line."""
+    folder, calls = model_folder(tmp_path, SAVED), spy_on_rollout(monkeypatch)
+    meta = dict(tag="colors", include=[{"class": "circle", "count": 1, "color": "red"}])
+    meta["prompt"] = PROMPTS[0]
+    argv = ["generate", "--model", str(folder), "--n", "2", "--any-class", "--top-k", "50"]
+    argv += ["--min-p", "0.03", "--metadata", str(write_jsonl(tmp_path / "m.jsonl", [meta]))]
+    eval_geneval.main(argv + ["--out", str(tmp_path / "gen"), "--generation-config"])
+    assert calls == [dict(temperature=0.8, top_k=20, top_p=0.9, min_p=0.03)]
+    record = json.loads((tmp_path / "gen" / "sampler.json").read_text())
+    assert sources(record) == dict(
+        temperature=FILE, top_k=FILE, top_p=FILE, min_p=FLAG, cfg_scale=FLAG
+    )
+    error = run_error(argv + ["--out", str(tmp_path / "bad"), "--top-p", "0"])
+    assert error == "error: --top-p must be in (0, 1] (1 = off) (got 0.0)"
+
+
+@pytest.mark.parametrize("top_p", ["0", "1.5", "nan"])
+def test_top_p_outside_0_1_is_refused_before_anything_loads(tmp_path, top_p):
+    """--top-p must be in (0, 1]: one line from the rules table, nothing written."""
+    out = tmp_path / "run"
+    flags = ["--steps", 1, "--batch-prompts", 1, "--group-size", 2, "--probe-every", 0]
+    msg = run_main("--model", "tiny-random", *flags, "--top-p", top_p, "--out", out)
+    assert msg == f"error: --top-p must be in (0, 1] (1 = off) (got {float(top_p)})"
+    assert not out.exists()
 
 
 # --- sampling_probs' top-p --------------------------------------------------------------------
