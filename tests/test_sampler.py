@@ -242,6 +242,15 @@ def test_top_p_outside_0_1_is_refused_before_anything_loads(tmp_path, top_p):
     assert not out.exists()
 
 
+def test_a_checkpoint_value_gvu_cannot_sample_with_is_refused_before_anything_is_written(tmp_path):
+    """A generation_config.json whose temperature is 0 (transformers' warper refuses it too) stops
+    gvu.py --generation-config in one line naming the file's setting, before --out exists."""
+    folder, out = model_folder(tmp_path, dict(SAVED, temperature=0.0)), tmp_path / "run"
+    msg = run_main("--model", folder, "--generation-config", "--out", out)
+    assert msg.startswith("error: --generation-config: the model's generation_config.json sets ")
+    assert "temperature = 0.0" in msg and "\n" not in msg and not out.exists()
+
+
 # --- sampling_probs' top-p --------------------------------------------------------------------
 def numpy_sampler(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     """transformers' warpers written out in float64: temperature, top-k, then top-p on the

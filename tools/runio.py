@@ -188,6 +188,7 @@ def check_against_model(umm, args, prompts, lines):
         raise InputError(
             f"--top-k must be <= the model's {umm.image_vocab_size} image codes (got {args.top_k})"
         )
+    sampler_settings(umm.lm, args)  # --generation-config: a checkpoint value it cannot sample with
     check_vocabulary(umm, prompts, lines)
     check_context(umm, prompts, lines, args.instruction, args.prompts)
     if args.reward_input == "codes" and not umm.understands_codes:
