@@ -194,7 +194,7 @@ def rollout(umm, prompts, G, temperature=1, top_k=0, min_p=0, cfg_scale=1, gener
         mask = torch.cat([mask, mask.new_ones(len(ids), 1)], 1)
         pos = pos[:, -1:] + 1
     codes, old_logp = torch.cat(codes, 1), torch.cat(old_logp, 1)  # (B*G, N_img) each
-    ids, attn = enc.input_ids[: len(codes)], enc.attention_mask[: len(codes)]  # the B*G cond rows
+    ids, attn = enc.input_ids[: len(codes)], enc.attention_mask[: len(codes)]  # B*G conditional
     return dict(codes=codes, old_logp=old_logp, prefix_ids=ids, prefix_mask=attn)
 
 
@@ -248,7 +248,7 @@ def caption_token_logprobs(umm, images, prompts, instruction, micro_batch=64, en
 @torch.no_grad()
 def intrinsic_rewards(umm, images, prompts, args):
     """The default reward_fn: rewards (N,) and their per-token terms (N, L), which the sample grids
-    shade. A fork swaps in any `reward_fn(umm, images, prompts, args) -> (N,) rewards` (or both)."""
+    shade. A fork swaps in any `reward_fn(umm, images, prompts, args) -> (N,) rewards` (+ terms)."""
     flags = (args.instruction, args.micro_batch, args.score_end_of_turn)
     token_logp, mask = caption_token_logprobs(umm, images, prompts, *flags)
     return intrinsic_reward(token_logp, mask), token_logp, mask
