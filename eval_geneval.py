@@ -786,12 +786,17 @@ def load_model(args):
     return umm
 
 
-def sample_groups(umm, metas, n, args):
+def sample_groups(umm, metas, n, args, out=None):
     """Yield (index, meta, images) with n images per prompt, batched; seeds depend only on the
-    batch index, so a base and a trained model are compared on the same noise."""
+    batch index, so a base and a trained model are compared on the same noise. The sampler is
+    gvu.py's (runio.sampler_args: with --generation-config the checkpoint's values where the flags
+    leave transformers' defaults), printed, and recorded in OUT/sampler.json when `out` is given."""
     prompts = [m["prompt"] for m in metas]
+    if not 0 < args.top_p <= 1:  # (gvu.py: runio.settings_rules)
+        raise GenEvalError(f"--top-p must be in (0, 1] (1 = off) (got {args.top_p})")
     try:
         runio.check_vocabulary(umm, prompts)
+        args = runio.sampler_args(umm.lm, args, out)
     except InputError as e:
         raise GenEvalError(str(e)) from None
     device = umm.lm.device.type
@@ -809,9 +814,8 @@ def sample_groups(umm, metas, n, args):
         gen = torch.Generator(umm.lm.device).manual_seed(seed)
         batch = prompts[b : b + args.batch]
         with autocast:
-            ro = gvu.rollout(
-                umm, batch, n, args.temperature, args.top_k, args.min_p, args.cfg_scale, gen
-            )
+            sampling = (args.temperature, args.top_k, args.min_p, args.cfg_scale, gen, args.top_p)
+            ro = gvu.rollout(umm, batch, n, *sampling)
             images = umm.decode_images(
                 ro["codes"],
                 gen if gen.device.type == "cpu" else torch.Generator().manual_seed(seed),
@@ -821,7 +825,8 @@ def sample_groups(umm, metas, n, args):
             yield b + k, meta, images[k * n : (k + 1) * n]
 
 
-OUTPUT_NAMES = re.compile(r"\d+|results\.jsonl|summary\.(json|md)")  # what generate and score write
+# what generate and score write
+OUTPUT_NAMES = re.compile(r"\d+|sampler\.json|results\.jsonl|summary\.(json|md)")
 
 
 def check_generate_out(out, overwrite):
@@ -850,7 +855,8 @@ def cmd_generate(args) -> None:
     umm = load_model(args)
     out, tmp = Path(args.out), Path(str(Path(args.out)) + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    for index, meta, images in sample_groups(umm, metas, args.n, args):
+    tmp.mkdir(parents=True)
+    for index, meta, images in sample_groups(umm, metas, args.n, args, out=tmp):
         write_prompt_folder(tmp, index, meta, images)
     if out.exists():
         shutil.rmtree(out)  # checked above: empty, or --overwrite of generate/score output only
@@ -1005,9 +1011,16 @@ def add_model_flags(q, n_flag: str, n_default: int, n_help: str) -> None:
     q.add_argument("--batch", type=int, default=8, help="prompts per sampling batch")
     q.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     q.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
+    q.add_argument("--top-p", type=float, default=1.0, help="top-p sampling (1 = off)")
     q.add_argument("--min-p", type=float, default=0.0, help="min-p sampling (0 = off)")
     q.add_argument(
         "--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = off)"
+    )
+    q.add_argument(
+        "--generation-config",
+        action="store_true",
+        help="as gvu.py: sampler values at transformers' defaults yield to the checkpoint's "
+        "generation_config.json, as generate does (the official evaluation samples with generate)",
     )
 
 

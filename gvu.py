@@ -13,7 +13,7 @@ Given only text prompts, every step:
 
 CPU, the shipped tiny UMM, no downloads:  python gvu.py --prompts prompts/train.txt
 CPU smoke test on random weights:         python gvu.py --model tiny-random --steps 3 --out runs/s
-GPU, X-Omni as in the paper:              python gvu.py configs/xomni_paper.json --flux PATH
+GPU, X-Omni as the official run:          python gvu.py configs/xomni_paper.json --flux PATH
 GPU, Janus-Pro:                           python gvu.py configs/janus_pro_7b.json --out runs/j7b
 Many GPUs, data parallel:                 torchrun --nproc_per_node 8 gvu.py configs/...json
 
@@ -21,15 +21,16 @@ Departures from the paper and the official code (matrix0721/GvU), evidence in re
  1. Reward: one batched teacher-forced forward (official: a forward per prompt token). Same values.
  2. The end-of-turn token is scored after T_L (else extra objects cost nothing); configs: off.
  3. Policy log-probs over image positions and codes only (official: full-vocabulary fp32 logits).
- 4. Ratio and KL use the untruncated tempered policy; top-k, min-p, CFG only shape the sampling.
+ 4. Ratio and KL use the untruncated tempered policy; top-k, top-p, min-p, CFG only shape sampling.
  5. The ratio is per image token, as in the official code; the paper writes one per sequence.
  6. The advantage's eps = 1e-4 is the official code's; the paper's formula has none.
  7. No LoRA on lm_head; the official code wraps it too, but no gradient reaches it there.
- 8. The defaults are the tiny CPU run; the paper's X-Omni run is configs/xomni_paper.json.
+ 8. The defaults are the tiny CPU run; the official X-Omni run is configs/xomni_paper.json.
  9. The judge is the policy, as the official code ends up doing (--reward-model frozen: LoRA off).
 10. X-Omni's decoder gets no text (official: the T2I prompt, which is --decoder-text prompt).
 11. Optional: --reward-input codes, the judge reads the sampled codes without decoding them.
-
+12. GenEval++ judge: 6 single-request tries; unjudged images are left out, missing ones stop it.
+13. Sampling is gvu's own loop: a generation_config.json's penalties etc. are warned of, unused.
 """
 
 import math
@@ -81,8 +82,10 @@ class Args:
     max_grad_norm: float = arg(1.0, "clip the LoRA gradient to this norm")
     temperature: float = arg(1.0, "sampling temperature (also used in the ratio)")
     top_k: int = arg(0, "sample from the k most likely codes only (0 = off)")
+    top_p: float = arg(1.0, "keep the fewest likeliest codes whose mass reaches top_p (1 = off)")
     min_p: float = arg(0.0, "drop codes below min_p * the top probability (0 = off)")
     cfg_scale: float = arg(1.0, "classifier-free guidance scale for sampling (1 = off)")
+    generation_config: bool = arg(False, "as generate: sampler defaults yield to the checkpoint's")
     micro_batch: int = arg(64, "sequences per forward / backward (the memory knob)")
     reward_model: str = arg("policy", "who judges: the policy or the base", "policy", "frozen")
     instruction: str = arg("Describe the image in detail.", "instruction before the prompt")
@@ -128,9 +131,8 @@ class UMM(Protocol):
 # -----------------------------------------------------------------------------
 # 0. the policy: LoRA on the LM, trained; the reference policy is the same LM, LoRA off
 def add_lora(umm, args):
-    """The policy: LoRA on the LM's linear layers (in place; pi_ref is the same model with the
-    adapter disabled), gradient checkpointing, AdamW (no weight decay, as the official run) and
-    transformers' lr schedule over args.steps."""
+    """The policy: LoRA on the LM's linear layers, in place (pi_ref: the same model, adapter off);
+    gradient checkpointing; AdamW (weight decay 0, as the official run); lr schedule over steps."""
     umm.lm.requires_grad_(False)
     targets = lora_modules(umm, args.lora_targets)
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=targets)
@@ -149,20 +151,23 @@ def left_pad_positions(mask):
     return (mask.cumsum(-1) - 1).clamp(min=0)  # position ids that skip the left padding
 
 
-def sampling_probs(cond, uncond=None, cfg_scale=1.0, temperature=1.0, top_k=0, min_p=0.0):
-    """What the sampler draws from: CFG-guided logits, temperature, then top-k and min-p.
-    cond, uncond: (N, K) logits -> (N, K) probabilities (unnormalised after truncation)."""
+def sampling_probs(cond, uncond=None, cfg_scale=1, temperature=1, top_k=0, min_p=0, top_p=1):
+    """What the sampler draws from: CFG-guided logits, then transformers' order: temperature, top-k,
+    top-p, min-p. cond, uncond: (N, K) logits -> (N, K) probabilities (unnormalised once cut)."""
     guided = cond if uncond is None else uncond + cfg_scale * (cond - uncond)
     probs = F.softmax(guided / temperature, -1)  # (N, K)
-    if top_k > 0:
+    if 0 < top_k < probs.shape[-1]:  # (a top_k past the vocabulary keeps it all, as transformers)
         probs = probs.masked_fill(probs < probs.topk(top_k, -1).values[:, -1:], 0)
+    if top_p < 1:  # keep the fewest likeliest codes whose mass reaches top_p; the top one always
+        p, order = probs.sort(-1, descending=True)  # (N, K); cumsum - p: the likelier codes' mass
+        probs = probs.scatter(-1, order, p * (p.cumsum(-1) - p < top_p * p.sum(-1, keepdim=True)))
     if min_p > 0:
         probs = probs.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, 0)
     return probs
 
 
 @torch.no_grad()
-def rollout(umm, prompts, G, temperature=1.0, top_k=0, min_p=0.0, cfg_scale=1.0, generator=None):
+def rollout(umm, prompts, G, temperature=1, top_k=0, min_p=0, cfg_scale=1, generator=None, top_p=1):
     """Sample G code sequences per prompt. Returns codes (B*G, N_img), their log-probs under the
     untruncated policy as the sampler saw them, and the tokenised prefixes for the training pass."""
     umm.lm.eval()  # eval mode: gradient checkpointing is off, so the KV cache stays on
@@ -181,7 +186,7 @@ def rollout(umm, prompts, G, temperature=1.0, top_k=0, min_p=0.0, cfg_scale=1.0,
         if not torch.isfinite(logits).all():  # multinomial would crash (CUDA: a device assert)
             raise TrainingError("the policy's image logits are not finite while sampling")
         cond, uncond = logits.chunk(2) if cfg else (logits, None)  # (B*G, K) each
-        probs = sampling_probs(cond, uncond, cfg_scale, temperature, top_k, min_p)
+        probs = sampling_probs(cond, uncond, cfg_scale, temperature, top_k, min_p, top_p)
         code = torch.multinomial(probs, 1, generator=generator)  # (B*G, 1)
         codes.append(code)
         # the ratio uses the untruncated conditional policy (departure 4)
@@ -189,19 +194,17 @@ def rollout(umm, prompts, G, temperature=1.0, top_k=0, min_p=0.0, cfg_scale=1.0,
         ids = (code + umm.image_offset).repeat(2 if cfg else 1, 1)  # (R, 1): the next input
         mask = torch.cat([mask, mask.new_ones(len(ids), 1)], 1)
         pos = pos[:, -1:] + 1
-    n = len(codes[0])  # B*G: the conditional rows' prefixes
     codes, old_logp = torch.cat(codes, 1), torch.cat(old_logp, 1)  # (B*G, N_img) each
-    ids, attn = enc.input_ids[:n], enc.attention_mask[:n]
+    ids, attn = enc.input_ids[: len(codes)], enc.attention_mask[: len(codes)]  # B*G conditional
     return dict(codes=codes, old_logp=old_logp, prefix_ids=ids, prefix_mask=attn)
 
 
 # -----------------------------------------------------------------------------
 # 2. token-level intrinsic reward: the geometric mean of the prompt's token probabilities
 def intrinsic_reward(token_logp, mask):
-    """R = (prod_j p_j)^(1/L) = exp(mean_j log p_j), in fp32. token_logp, mask: (N, L);
-    positions where mask is 0 are ignored whatever token_logp holds there."""
+    """R = (prod_j p_j)^(1/L) = exp(mean_j log p_j), in fp32. token_logp, mask: (N, L); positions
+    where mask is 0 are ignored whatever token_logp holds there (masked_fill: -inf * 0 is NaN)."""
     token_logp, mask = token_logp.float(), mask.float()
-    # masked_fill, not `* mask`: -inf * 0 is NaN
     return torch.exp(token_logp.masked_fill(mask == 0, 0.0).sum(1) / mask.sum(1))  # (N,)
 
 
@@ -245,9 +248,8 @@ def caption_token_logprobs(umm, images, prompts, instruction, micro_batch=64, en
 
 @torch.no_grad()
 def intrinsic_rewards(umm, images, prompts, args):
-    """The default reward_fn: each image's reward for its prompt (N,), and the per-token terms it
-    is made of (N, L), which the sample grids shade word by word. A fork swaps in any
-    `reward_fn(umm, images, prompts, args) -> (N,) rewards` (the terms are optional)."""
+    """The default reward_fn: rewards (N,) and their per-token terms (N, L), which the sample grids
+    shade. A fork swaps in any `reward_fn(umm, images, prompts, args) -> (N,) rewards` (+ terms)."""
     flags = (args.instruction, args.micro_batch, args.score_end_of_turn)
     token_logp, mask = caption_token_logprobs(umm, images, prompts, *flags)
     return intrinsic_reward(token_logp, mask), token_logp, mask
@@ -308,13 +310,13 @@ def seed_for(seed, step, rank=0, stream=0):
 
 @torch.no_grad()
 def sample_and_reward(umm, policy, batch, step, args, reward_fn, decode, lap, rank=0, stream=0):
-    """Steps 1-2 on B prompts: G samples each (seeded by seed_for), then the judge's rewards.
-    Returns a dict: batch, rollout, images (None with --reward-input codes unless decode),
-    rewards (B*G,) and the reward's per-token terms (B*G, L) if it hands them back."""
+    """Steps 1-2 on B prompts: G samples each (seeded by seed_for), then the judge's rewards, in a
+    dict: batch, rollout, images (None: --reward-input codes, no decode), rewards, token_logp."""
     lap, seed = lap or (lambda phase: None), seed_for(args.seed, step, rank, stream)
     judge = policy.disable_adapter if args.reward_model == "frozen" else nullcontext
     G, gen = args.group_size, torch.Generator(umm.lm.device).manual_seed(seed)
-    ro = rollout(umm, batch, G, args.temperature, args.top_k, args.min_p, args.cfg_scale, gen)
+    sampling = (args.temperature, args.top_k, args.min_p, args.cfg_scale, gen, args.top_p)
+    ro = rollout(umm, batch, G, *sampling)
     lap("rollout")
     group_prompts = [p for p in batch for _ in range(G)]  # (B*G,)
     pixels = args.reward_input == "pixels"  # the paper's path: decode, then re-tokenise
@@ -330,11 +332,11 @@ def sample_and_reward(umm, policy, batch, step, args, reward_fn, decode, lap, ra
 
 
 def gvu_step(umm, policy, opt, batch, step, args, reward_fn=None, sampler=None, lap=None, ddp=None):
-    """One GvU step on B prompts, in micro-batches (under the caller's autocast). The fork
-    points: `reward_fn` (default intrinsic_rewards), `sampler` (default sample_and_reward;
-    tools/experiments.py attaches dynamic sampling) and `lap(phase)`, a timing hook that
-    tools/bench.py sets. torchrun: `batch` is this rank's slice, `ddp` a tools/distributed.DDP.
-    Returns the sampler's dict plus `stats`; its rewards are every rank's (B*G,)."""
+    """One GvU step on B prompts, in micro-batches, under the caller's autocast. Fork points:
+    `reward_fn` (default intrinsic_rewards), `sampler` (default sample_and_reward; dynamic sampling
+    in tools/experiments.py), `lap(phase)` (tools/bench.py's timing hook). torchrun: `batch` is this
+    rank's slice, `ddp` a tools/distributed.DDP. Returns the sampler's dict (its rewards: every
+    rank's, (B*G,)) plus `stats`."""
     G, mb, lap = args.group_size, args.micro_batch, lap or (lambda phase: None)
     sampler, reward_fn = sampler or sample_and_reward, reward_fn or intrinsic_rewards
     rank = ddp.rank if ddp else 0  # torchrun: each rank samples its own stream
@@ -346,8 +348,7 @@ def gvu_step(umm, policy, opt, batch, step, args, reward_fn=None, sampler=None, 
         rewards = out["rewards"] = ddp.gather(rewards.float())  # every rank's, in batch order
     if not torch.isfinite(rewards).all():  # (every rank sees every reward: all stop together)
         raise TrainingError(f"non-finite reward at step {step}")
-    N = len(adv)
-    chunks = [slice(s, s + mb) for s in range(0, N, mb)]
+    N, chunks = len(adv), [slice(s, s + mb) for s in range(0, len(adv), mb)]
     seqs = lambda sl: (ro["prefix_ids"][sl], ro["prefix_mask"][sl], ro["codes"][sl])
     with torch.no_grad(), policy.disable_adapter():  # pi_ref: the same weights, adapter off
         ref = [image_token_logprobs(umm, *seqs(sl), args.temperature) for sl in chunks]
@@ -403,6 +404,7 @@ def train(args, reward_fn=intrinsic_rewards, sampler=sample_and_reward):
     if ddp:
         ddp.wrap(partial(image_token_logprobs, umm), policy)
     run = runio.Run(args, policy, optimizer, scheduler, device, is_main=not ddp or ddp.rank == 0)
+    args = runio.sampler_args(umm.lm, args, args.out, run.is_main)  # and OUT/sampler.json says it
 
     for step in run.steps():  # from 0, or from the saved step on --resume; tqdm's bar
         probe = None

@@ -4,7 +4,8 @@ tiny_umm.py   TinyUMM: a tiny UMM of X-Omni's shape from stock parts (Qwen2 LM, 
               diffusers decoder); the reference implementation of the interface, the default --model
 adapters.py   JanusPro (transformers' Janus) and XOmni (X-Omni's remote code); `load_umm`, which
               picks the class for --model (trust_remote_code only when asked for); the device and
-              dtype choice; `lora_modules` (the layers that get LoRA) and `enable_checkpointing`
+              dtype choice; `lora_modules` (the layers that get LoRA) and `enable_checkpointing`;
+              `sampler_settings` (the sampler a run uses, with --generation-config the checkpoint's)
 """
 
 import warnings
@@ -15,6 +16,7 @@ from models.adapters import (
     load_umm,
     lora_modules,
     pick_device,
+    sampler_settings,
     use_bf16,
 )
 
@@ -25,5 +27,6 @@ __all__ = [
     "load_umm",
     "lora_modules",
     "pick_device",
+    "sampler_settings",
     "use_bf16",
 ]

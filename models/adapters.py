@@ -792,3 +792,61 @@ def enable_checkpointing(lm):
     (transformers 5 renamed the method)."""
     enable = getattr(lm, "activation_checkpointing_enable", None)
     (enable or lm.gradient_checkpointing_enable)({"use_reentrant": False})
+
+
+# -----------------------------------------------------------------------------
+# the sampler: gvu's flags, or, with --generation-config, transformers' generate's rule for them
+# transformers 4.5x's GenerationConfig() values of the sampling settings gvu has (min_p: None, i.e.
+# off). The official code pins transformers 4.51.3; transformers 5 leaves them all None
+GENERATE_DEFAULTS = dict(temperature=1.0, top_k=50, top_p=1.0, min_p=0.0)
+# what such a generation_config.json could also set, that generate applies and gvu's sampler does
+# not (with their 4.5x defaults): reported, never applied
+NOT_SAMPLED = dict(repetition_penalty=1.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
+NOT_SAMPLED |= dict(no_repeat_ngram_size=0)
+FLAG, DEFAULT, CHECKPOINT = "flag/config", "transformers' default", "generation_config.json"
+VALID = dict(
+    temperature=lambda v: v > 0,
+    top_k=lambda v: isinstance(v, int) and v >= 0,
+    top_p=lambda v: 0 < v <= 1,
+    min_p=lambda v: 0 <= v < 1,
+)
+
+
+def sampler_settings(lm, args):
+    """The sampler a run uses: ({temperature, top_k, top_p, min_p: value}, a record of every
+    value with its source). `args`: anything with those attributes, cfg_scale and
+    generation_config (gvu.Args, eval_geneval's flags).
+
+    generation_config off: args' values (source "flag/config"). On: transformers 4.50-4.5x's rule
+    for a GenerationConfig handed to generate, as the official trainer hands it one
+    (GenerationMixin._prepare_generation_config): a value equal to transformers' default gives way
+    to the model's own generation_config (lm.generation_config, which from_pretrained reads from the
+    checkpoint's generation_config.json) where that holds another value, and only if the file was
+    saved with transformers >= 4.50. A default left standing is "transformers' default". The
+    official code sets guidance_scale itself, so cfg_scale is never taken from the file."""
+    from packaging.version import Version
+
+    config = getattr(lm, "generation_config", None) if args.generation_config else None
+    saved = getattr(config, "transformers_version", None)
+    applies = saved is not None and Version(Version(saved).base_version) >= Version("4.50.0")
+    theirs = lambda key: getattr(config, key, None) if applies else None
+    values, record = {}, {}
+    for key, default in GENERATE_DEFAULTS.items():
+        value, source = getattr(args, key), FLAG
+        if args.generation_config and value == default:  # left at transformers' default
+            source = DEFAULT
+            if theirs(key) not in (None, default):
+                value, source = theirs(key), CHECKPOINT
+        if source == CHECKPOINT and not VALID[key](value):
+            raise InputError(
+                f"--generation-config: the model's generation_config.json sets {key} = {value!r}, "
+                "which gvu's sampler cannot use; set --" + key.replace("_", "-") + " instead"
+            )
+        values[key], record[key] = value, dict(value=value, source=source)
+    record["cfg_scale"] = dict(value=args.cfg_scale, source=FLAG)
+    if args.generation_config:
+        ignored = {k: theirs(k) for k, d in NOT_SAMPLED.items() if theirs(k) not in (None, d)}
+        record["generation_config"] = dict(
+            transformers_version=saved, applies=applies, not_sampled=ignored
+        )
+    return values, record

@@ -63,6 +63,9 @@ def test_xomni_paper_config_is_the_official_run():
         "policy",
         1,
     )
+    # the trainer's GenerationConfig leaves top_k at transformers' default 50, top_p at 1.0, and
+    # generate lets the checkpoint's generation_config.json replace such defaults
+    assert (a.top_k, a.top_p, a.generation_config) == (50, 1.0, True)
     assert math.ceil(a.epochs * 50_000 / a.batch_prompts) == 25_000
 
 
@@ -124,6 +127,8 @@ def test_xomni_paper_config_drives_one_step_on_the_xomni_stand_in(
         4,
         "--probe-every",
         0,
+        "--top-k",
+        16,  # the stand-in has 32 image codes
         "--out",
         out,
     )

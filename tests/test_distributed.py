@@ -25,7 +25,7 @@ REAL_ROLLOUT = gvu.rollout
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=ROOT)
 
 
-def fixed_rollout(umm, prompts, G, temperature, top_k, min_p, cfg_scale, generator):
+def fixed_rollout(umm, prompts, G, temperature, top_k, min_p, cfg_scale, generator, top_p=1.0):
     """The real rollout, each prompt's G samples seeded by the prompt itself: the same codes however
     the batch is split over ranks (the real one seeds by (seed, step, rank))."""
     parts = [
@@ -38,6 +38,7 @@ def fixed_rollout(umm, prompts, G, temperature, top_k, min_p, cfg_scale, generat
             min_p,
             cfg_scale,
             torch.Generator().manual_seed(zlib.crc32(p.encode())),
+            top_p,
         )
         for p in prompts
     ]
@@ -229,6 +230,7 @@ def test_torchrun_run_logs_the_whole_batch_once_and_resumes_to_its_own_log(tmp_p
         "adapter",
         "config.json",
         "log.jsonl",
+        "sampler.json",
         "samples",
         "state.pt",
     ]

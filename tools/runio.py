@@ -7,6 +7,7 @@ which starts a run in OUT or resumes the one there.
     OUT/.lock          held (fcntl.flock) by the one process training in OUT
     OUT/config.json    the first run's settings; --resume must match them
     OUT/log.jsonl      one JSON line per finished step, appended
+    OUT/sampler.json   the sampler the run uses, each value with its source (written at each start)
     OUT/state.pt       resumable state (LoRA, optimizer, RNG, step): the source of truth
     OUT/adapter/       the LoRA as a peft folder, + gvu.json saying which step it holds
     OUT/samples/       sample grids
@@ -19,6 +20,7 @@ steps after the last save; --resume drops them and repeats those steps, which re
 exactly. This module does not import gvu.
 """
 
+import copy
 import ctypes
 import fcntl
 import hashlib
@@ -37,7 +39,7 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
-from models.adapters import InputError, pick_device
+from models.adapters import InputError, pick_device, sampler_settings
 from tools import loggers
 
 
@@ -116,6 +118,7 @@ def settings_rules(args):
         # colder, a group's samples are copies and every advantage is 0
         ("temperature", fin(args.temperature) and 0.1 <= args.temperature <= 100, "in [0.1, 100]"),
         ("top_k", args.top_k >= 0, ">= 0"),
+        ("top_p", fin(args.top_p) and 0 < args.top_p <= 1, "in (0, 1] (1 = off)"),
         ("min_p", fin(args.min_p) and 0 <= args.min_p < 1, "in [0, 1)"),
         ("cfg_scale", fin(args.cfg_scale) and 1 <= args.cfg_scale <= 100, "in [1, 100] (1 = off)"),
         ("micro_batch", args.micro_batch >= 1, ">= 1"),
@@ -167,6 +170,36 @@ def file_sha256(path):
 FAILURES = (InputError, TrainingError, OSError, MemoryError, RuntimeError, KeyboardInterrupt)
 
 
+def sampler_args(lm, args, out=None, is_main=True):
+    """A copy of args with the sampler a run uses (models.sampler_settings: args' values, or with
+    --generation-config the checkpoint's where args leave transformers' defaults), and a record of
+    it: one printed line, a warning for each setting of the checkpoint's generation_config.json
+    that generate applies and gvu does not, and OUT/sampler.json (a notice when a resumed run's
+    differs). torchrun: rank 0 alone says it. config.json keeps the requested values."""
+    values, record = sampler_settings(lm, args)
+    args = copy.copy(args)  # a gvu.Args or an argparse.Namespace
+    vars(args).update(values)
+    if not is_main:
+        return args
+
+    def said(r):  # "temperature 1.0 (flag/config), top_k 50 (transformers' default), ..."
+        return ", ".join(f"{k} {v['value']} ({v['source']})" for k, v in r.items() if "source" in v)
+
+    print(f"sampler: {said(record)}")
+    for key, value in record.get("generation_config", {}).get("not_sampled", {}).items():
+        print(
+            f"warning: the model's generation_config.json sets {key} = {value}, which "
+            "transformers' generate applies and gvu's sampler does not",
+            file=sys.stderr,
+        )
+    path = out and os.path.join(out, "sampler.json")
+    if path and os.path.exists(path) and (old := read_json(path)) != record:
+        print(f"notice: {path} held another sampler ({said(old)}); replaced", file=sys.stderr)
+    if path:
+        write_json(record, path)
+    return args
+
+
 def error_line(e, out):
     """The one line gvu.py exits with: the error, and for a failed run what survives of it.
     A RuntimeError that is not out of memory is a bug: raised again, with its traceback.
@@ -200,6 +233,7 @@ def check_against_model(umm, args, prompts, lines):
     if bad := umm.unknown_words(args.instruction):
         words = ", ".join(shown(w) for w in sorted(set(bad)))
         raise InputError(f"--instruction has words the model does not know: {words}")
+    sampler_settings(umm.lm, args)  # --generation-config: a checkpoint value it cannot sample with
     check_vocabulary(umm, prompts, lines)
     check_context(umm, prompts, lines, args.instruction, args.prompts)
     if args.reward_input == "codes" and not umm.understands_codes:

@@ -16,8 +16,12 @@ theirs):
 Where we differ, on purpose: images the judge could not evaluate are left out of the accuracies and
 reported as a separate share (the official script counts them as wrong); an answer whose "correct"
 is not 0/1 is retried (the official script would count it as wrong); failed attempts wait
-RETRY_BACKOFF_S * 2**k seconds (the official script retries at once); authentication /
-unknown-model errors stop the run instead of marking every image -1.
+RETRY_BACKOFF_S * 2**k seconds (the official script retries at once); every attempt is one request
+(the OpenAI client's own retries are off, REQUEST_TIMEOUT_S a request; the official script keeps the
+client's default retries, so its 6 attempts can send up to 18 requests); authentication /
+unknown-model errors stop the run instead of marking every image -1; a prompt folder without images
+stops `eval_geneval.py score` before it starts (the official script counts a missing image wrong).
+gvu.py's docstring lists these as departure 12, docs/reproduce_paper.md gives the evidence.
 
 Backends (`--judge`):
   openai:MODEL  any OpenAI-compatible chat-completions endpoint, through the `openai` client
