@@ -33,12 +33,15 @@ import re
 import shutil
 import sys
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from peft import PeftModel
+from safetensors import SafetensorError, safe_open
 from PIL import Image, ImageOps
 from tqdm import tqdm
 from transformers import (
@@ -232,25 +235,27 @@ def validate_meta(meta, where: str, classes=GENEVAL_CLASSES) -> dict:
     return meta
 
 
-def read_metadata(path, classes=GENEVAL_CLASSES) -> list[dict]:
-    """Read a GenEval metadata .jsonl file (one dict per line), validating every line."""
-    path = Path(path)
-    if not path.is_file():
-        raise GenEvalError(f"metadata file not found: {path}")
+def numbered_metadata(path, classes=GENEVAL_CLASSES) -> tuple[list[dict], list[int]]:
+    """The metadata dicts of a GenEval .jsonl file and their line numbers, every line validated.
+    The file is read as gvu.py reads its prompts (runio.read_prompts): UTF-8, a leading byte-order
+    mark dropped, blank lines skipped, no prompts an error."""
     try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise GenEvalError(f"cannot read metadata {path}: {e}") from None
+        lines, numbers = runio.read_prompts(str(path))
+    except InputError as e:
+        raise GenEvalError(str(e)) from None
     metas = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for lineno, line in zip(numbers, lines):
         try:
             meta = json.loads(line)
         except json.JSONDecodeError as e:
             raise GenEvalError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
         metas.append(validate_meta(meta, f"{path}:{lineno}", classes))
-    return metas
+    return metas, numbers
+
+
+def read_metadata(path, classes=GENEVAL_CLASSES) -> list[dict]:
+    """Read a GenEval metadata .jsonl file (one dict per line), validating every line."""
+    return numbered_metadata(path, classes)[0]
 
 
 def write_prompt_folder(out, index: int, meta: dict, images) -> Path:
@@ -698,57 +703,62 @@ def generate_prompts(n: int, seed: int, exclude: set[str] = frozenset()) -> list
 # ------------------------------------------------------------------------ generate (the model side)
 
 
-def check_adapter_path(adapter):
-    """--adapter is a local folder that gvu.py wrote (its --out/adapter). Checked here, before
-    peft, which would take a missing path for a hub id and try the network."""
+GVU_JSON = "gvu.json"  # gvu.py writes it into every adapter: the step and the base model
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", GVU_JSON)
+
+
+def check_adapter_folder(adapter):
+    """--adapter is a folder gvu.py wrote (its --out/adapter): peft's config and weights, and the
+    gvu.json that names the base model. Checked before the model loads, and before peft, which
+    would take a missing path for a hub id and try the network."""
     if not os.path.isdir(adapter):
         raise GenEvalError(f"--adapter {adapter}: no such folder")
-    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-        raise GenEvalError(
-            f"--adapter {adapter}: not a peft adapter folder (no adapter_config.json)"
-        )
+    for name in ADAPTER_FILES:
+        if not os.path.isfile(os.path.join(adapter, name)):
+            raise GenEvalError(f"--adapter {adapter}: no {name} (not an adapter gvu.py wrote)")
+    read_adapter_json(adapter, "adapter_config.json")
+    adapter_info(adapter)
+    weights = os.path.join(adapter, "adapter_model.safetensors")
+    try:
+        with safe_open(weights, "pt"):  # parses the header: empty or truncated files fail here
+            pass
+    except (OSError, SafetensorError) as e:
+        raise GenEvalError(f"--adapter {adapter}: cannot read {weights} ({e})") from None
 
 
-def adapter_base(adapter):
-    """(what the adapter says it was trained on, where that comes from), or (None, None). gvu.py
-    writes gvu.json into the adapter; older runs have gvu's config.json next to it; else peft's
-    own record."""
-    info_path = os.path.join(adapter, "gvu.json")
-    config = os.path.join(adapter, os.pardir, "config.json")
-    if os.path.isfile(info_path):
-        info = json.loads(Path(info_path).read_text())
-        return info.get("base_model"), "its gvu.json"
-    if os.path.isfile(config) and {"model", "seed"} <= set(
-        cfg := json.loads(Path(config).read_text())
-    ):
-        return runio.base_model_id(cfg["model"], cfg["seed"]), "the run's config.json"
-    base = json.loads(Path(adapter, "adapter_config.json").read_text()).get(
-        "base_model_name_or_path"
-    )
-    if base and os.path.isfile(os.path.join(base, os.pardir, "tiny_umm.json")):
-        base = os.path.dirname(os.path.normpath(base))  # peft records the tiny UMM's lm/ subfolder
-    return (runio.base_model_id(base, None), "adapter_config.json") if base else (None, None)
+def read_adapter_json(adapter, name) -> dict:
+    """A JSON object of the adapter folder, or one line naming the adapter and the file."""
+    try:
+        obj = runio.read_json(os.path.join(adapter, name))
+    except InputError as e:
+        raise GenEvalError(f"--adapter {adapter}: {e}") from None
+    if not isinstance(obj, dict):
+        raise GenEvalError(f"--adapter {adapter}: {name} is not a JSON object")
+    return obj
+
+
+def adapter_info(adapter) -> dict:
+    """The adapter's gvu.json (runio.adapter_info): the base model it was trained on, and the
+    fingerprint of that model's weights."""
+    info = read_adapter_json(adapter, GVU_JSON)
+    if not isinstance(info.get("base_model"), str):
+        raise GenEvalError(f"--adapter {adapter}: {GVU_JSON} does not name its base_model")
+    if not isinstance(info.get("base_fingerprint", ""), str):
+        raise GenEvalError(f"--adapter {adapter}: {GVU_JSON}'s base_fingerprint is not a string")
+    return info
 
 
 def check_adapter_base(umm, args):
     """Refuse an adapter trained on another base model: by the weights' fingerprint when gvu.json
     has one (robust to a changed model path or hub id), else by the recorded base model's name."""
-    info_path = os.path.join(args.adapter, "gvu.json")
-    info = json.loads(Path(info_path).read_text()) if os.path.isfile(info_path) else {}
-    base, source = adapter_base(args.adapter)
+    info = adapter_info(args.adapter)
     if "base_fingerprint" in info:
         same = info["base_fingerprint"] == runio.base_fingerprint(umm.lm)
-    elif base is None:
-        print(
-            f"warning: --adapter {args.adapter} does not say which base model it was trained on",
-            file=sys.stderr,
-        )
-        return
     else:
-        same = base == runio.base_model_id(args.model, args.seed)
+        same = info["base_model"] == runio.base_model_id(args.model, args.seed)
     if not same:
         raise GenEvalError(
-            f"--adapter {args.adapter} was trained on {base} ({source}), "
+            f"--adapter {args.adapter} was trained on {info['base_model']} (its {GVU_JSON}), "
             f"not on --model {args.model}"
             + (f" with --seed {args.seed}" if args.model == "tiny-random" else "")
         )
@@ -758,7 +768,7 @@ def load_model(args):
     """Any model gvu.py trains (+ an optional peft adapter saved by gvu.py), in eval mode, in the
     precision the trainer uses (--dtype)."""
     if args.adapter:
-        check_adapter_path(args.adapter)
+        check_adapter_folder(args.adapter)
     try:
         device = pick_device(args.device or "auto")
         umm = load_umm(
@@ -828,8 +838,8 @@ def check_generate_out(out, overwrite):
     """generate never mixes its images with an earlier run's: a non-empty --out needs
     --overwrite, which clears only what generate and score write there."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise GenEvalError(f"--out {out} is a file, not a folder")
+    if problem := runio.check_out_folder(str(out)):  # not a folder, or not writable
+        raise GenEvalError(problem)
     names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if names and not overwrite:
         raise GenEvalError(
@@ -842,16 +852,39 @@ def check_generate_out(out, overwrite):
         )
 
 
+def as_gvu_args(args):
+    """generate's flags over gvu.Args' defaults (its instruction, its reward input): what gvu.py's
+    checks in runio read."""
+    return SimpleNamespace(**(asdict(gvu.Args()) | vars(args) | {"prompts": args.metadata}))
+
+
+def generate_rules(args):
+    """(flag, valid?, what it must be) for generate's numbers: gvu.py's rules for the flags the two
+    share (runio.settings_rules, written once there), then generate's own."""
+    shared = [r for r in runio.settings_rules(as_gvu_args(args)) if r[0] in vars(args)]
+    return shared + [("n", args.n >= 1, ">= 1"), ("batch", args.batch >= 1, ">= 1")]
+
+
 def cmd_generate(args) -> None:
     """generate: n images per metadata line into GenEval's folder layout, written beside --out
     and renamed into place at the end (an interrupted generate leaves no half-filled --out)."""
-    metas = read_metadata(args.metadata, classes=None if args.any_class else GENEVAL_CLASSES)
+    check_rules(generate_rules(args), args)
+    classes = None if args.any_class else GENEVAL_CLASSES
+    metas, lines = numbered_metadata(args.metadata, classes)
     check_generate_out(args.out, args.overwrite)
     umm = load_model(args)
+    try:  # gvu.py's checks on the loaded model: --top-k, the prompts' words and lengths
+        runio.check_against_model(umm, as_gvu_args(args), [m["prompt"] for m in metas], lines)
+    except InputError as e:
+        raise GenEvalError(str(e)) from None
     out, tmp = Path(args.out), Path(str(Path(args.out)) + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    for index, meta, images in sample_groups(umm, metas, args.n, args):
-        write_prompt_folder(tmp, index, meta, images)
+    try:
+        for index, meta, images in sample_groups(umm, metas, args.n, args):
+            write_prompt_folder(tmp, index, meta, images)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed generate leaves nothing behind
+        raise
     if out.exists():
         shutil.rmtree(out)  # checked above: empty, or --overwrite of generate/score output only
     tmp.rename(out)
@@ -861,16 +894,29 @@ def cmd_generate(args) -> None:
 # --------------------------------------------------------------------------- CLI
 
 
+def score_rules(args):
+    """(flag, valid?, what it must be) for score's numbers."""
+    unit = "in [0, 1]"
+    return [
+        ("threshold", 0 <= args.threshold <= 1, unit),  # false for nan
+        ("counting_threshold", 0 <= args.counting_threshold <= 1, unit),
+        ("max_objects", args.max_objects >= 1, ">= 1"),
+    ]
+
+
 def cmd_score(args) -> None:
     """score: run a scorer over a folder, write results.jsonl, summary.md, summary.json."""
+    check_rules(score_rules(args), args)
     classes = scorer_classes(args.scorer)
     metadata = read_metadata(args.metadata, classes) if args.metadata else None
     # validate everything before loading models
     samples = list(iter_samples(args.folder, metadata, classes))
     for _, _, path in samples:
         check_image(path)
-    scorer = make_scorer(args)
     out = Path(args.out or args.folder)
+    if problem := runio.check_out_folder(str(out)):
+        raise GenEvalError(problem)
+    scorer = make_scorer(args)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     # renamed at the end: a failed score keeps the last results
@@ -908,6 +954,9 @@ def cmd_compare(args) -> None:
     """compare: per-tag accuracies of a base and one or more trained runs; with results.jsonl
     beside every summary (score's output folders), the mean ± std across runs and a 95% bootstrap
     interval over prompts."""
+    check_rules(
+        [("bootstrap", args.bootstrap >= 1, ">= 1"), ("seed", args.seed >= 0, ">= 0")], args
+    )
     prompt_acc = [load_prompt_accuracy(p) for p in [args.base] + args.runs]
     if all(a is not None for a in prompt_acc):
         print(compare_runs_table(prompt_acc[0], prompt_acc[1:], args.bootstrap, args.seed))
@@ -921,6 +970,7 @@ def cmd_compare(args) -> None:
 
 def cmd_prompts(args) -> None:
     """prompts: write <out>.txt and <out>.jsonl of GenEval-style training prompts."""
+    check_rules([("n", args.n >= 1, ">= 1")], args)
     exclude = {m["prompt"].lower() for path in args.exclude for m in read_metadata(path)}
     metas = generate_prompts(args.n, args.seed, exclude)
     out = Path(args.out)
@@ -1011,9 +1061,29 @@ def add_model_flags(q, n_flag: str, n_default: int, n_help: str) -> None:
     )
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors (a bad type or choice, a missing flag) are one line naming the flag,
+    not the usage block; its subcommands' parsers are of this class too."""
+
+    def error(self, message):
+        sys.exit(f"error: {message} (see {self.prog} --help)")
+
+
+def check_rules(rules, args) -> None:
+    """Refuse bad numbers before anything is loaded or written: one line naming every bad flag (the
+    wording of gvu.py's runio.check_args). rules: (flag, valid?, what it must be)."""
+    bad = [
+        f"--{flag.replace('_', '-')} must be {what} (got {getattr(args, flag)})"
+        for flag, ok, what in rules
+        if not ok
+    ]
+    if bad:
+        raise GenEvalError("; ".join(bad))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse CLI."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     gn = sub.add_parser(
         "generate", help="sample images for a metadata file into GenEval's folder layout"
@@ -1092,6 +1162,8 @@ def main(argv=None) -> int:
         args.func(args)
     except (GenEvalError, InputError, gvu.TrainingError, vlm_judge.JudgeError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a full disk, a read-only folder, ...: the file and the reason
+        sys.exit(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}")
     return 0
 
 
