@@ -8,10 +8,11 @@ This file re-implements that pipeline with Hugging Face models:
 
     OUT/<00000>/metadata.jsonl      one line: the prompt's metadata dict
     OUT/<00000>/samples/<0000>.png  the generated images for that prompt
+    OUT/generate.json               generate's record: prompts, images per prompt, image size
 
 Subcommands (figures and experiments built on these live in tools/experiments.py):
     generate         sample N images per prompt from a gvu.py model (+ adapter) into that layout
-    score FOLDER     detect, apply the rules, write results.jsonl + summary.{md,json}
+    score FOLDER     check the folder; detect, apply the rules, write results.jsonl + summary.*
     compare B R...   a base vs trained runs per tag: mean ± std across runs, 95% bootstrap interval
     prompts          GenEval-style training prompts over the 80 COCO classes
 
@@ -32,6 +33,7 @@ import random
 import re
 import shutil
 import sys
+import uuid
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -268,52 +270,134 @@ def write_prompt_folder(out, index: int, meta: dict, images) -> Path:
     return folder
 
 
+GENERATE_RECORD = "generate.json"  # generate's record of what it wrote, beside the prompt folders
+SAMPLE_NAME = re.compile(r"\d+\.png")  # samples/<0000>.png (GenEval's own generate: <00000>.png)
+
+
+def read_json(path):
+    """A JSON file, or one line naming it (runio.read_json's rule) as a GenEvalError."""
+    try:
+        return runio.read_json(path)
+    except InputError as e:
+        raise GenEvalError(str(e)) from None
+
+
+def read_generate_record(folder) -> dict | None:
+    """generate.json: how many prompts generate wrote, how many images per prompt, their size
+    [width, height]. None for a folder made by another tool (GenEval's own generate)."""
+    path = Path(folder) / GENERATE_RECORD
+    if not path.exists():
+        return None
+    record = read_json(path)
+    get = record.get if isinstance(record, dict) else lambda k: None
+    counts, size = [get("prompts"), get("images_per_prompt")], get("image_size")
+    if not (
+        all(type(v) is int and v >= 1 for v in counts) and type(size) is list and len(size) == 2
+    ):
+        raise GenEvalError(
+            f"{path}: not generate's record (prompts, images_per_prompt, image_size)"
+        )
+    return record
+
+
+def check_names(found, expected, where: str, why: str) -> None:
+    """The entries of a folder must be exactly `expected`: else one line naming the first one
+    missing or the first one extra, and why it is expected."""
+    if missing := [n for n in expected if n not in found]:
+        raise GenEvalError(f"{where}: {missing[0]} is missing ({why})")
+    if extra := sorted(set(found) - set(expected)):
+        raise GenEvalError(f"{where}: {extra[0]} is extra ({why})")
+
+
+def expected_samples(first: Path, record: dict | None) -> tuple[list[str], str]:
+    """The image names every samples/ folder must hold, and why: generate's record, else those of
+    the first prompt folder (numbered 0, 1, ... with no gap)."""
+    if record:
+        n = record["images_per_prompt"]
+        return [f"{j:04d}.png" for j in range(n)], f"generate wrote {n} images per prompt"
+    names = sorted(
+        (n for n in listdir(first / "samples") if SAMPLE_NAME.fullmatch(n)),
+        key=lambda n: int(n[:-4]),
+    )
+    if not names:
+        raise GenEvalError(f"no samples/<0000>.png images in {first}")
+    if (gap := next((j for j, n in enumerate(names) if int(n[:-4]) != j), None)) is not None:
+        raise GenEvalError(f"{first / 'samples'}: image {gap} is missing (numbered 0, 1, ...)")
+    return names, f"{first.name}/samples holds {len(names)} images"
+
+
+def listdir(folder) -> list[str]:
+    """The names in a folder; none if it does not exist."""
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
 def iter_samples(
     folder, metadata: list[dict] | None = None, classes=GENEVAL_CLASSES
 ) -> Iterator[tuple[int, dict, Path]]:
     """Yield (prompt index, metadata, image path) for every sample of a GenEval folder.
 
-    If `metadata` is given, the folder must hold exactly one prompt dir per entry,
-    with matching prompts.  Everything is validated before the first yield.
-    """
+    The folder holds prompt folders 00000, 00001, ..., none missing and none extra: as many as the
+    metadata file's prompts (if given) and generate.json's (if there). Each holds one metadata line
+    (equal to the metadata file's, if given) and the same images samples/<0000>.png, as many as
+    generate.json says, and nothing else. Everything is validated before the first yield."""
     folder = Path(folder)
     if not folder.is_dir():
         raise GenEvalError(f"image folder not found: {folder}")
-    prompt_dirs = sorted(
-        (p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)
-    )
-    if not prompt_dirs:
+    record = read_generate_record(folder)
+    found = [n for n in listdir(folder) if n.isdigit() and (folder / n).is_dir()]
+    if not found:
         raise GenEvalError(f"no prompt folders (00000, 00001, ...) in {folder}")
-    if metadata is not None and len(metadata) != len(prompt_dirs):
-        raise GenEvalError(
-            f"{folder} has {len(prompt_dirs)} prompt folders but the metadata "
-            f"file has {len(metadata)} prompts"
-        )
+    counts = {
+        "the metadata file": None if metadata is None else len(metadata),
+        GENERATE_RECORD: record["prompts"] if record else None,
+    }
+    for source, n in counts.items():
+        if n is not None:
+            names = [f"{k:05d}" for k in range(n)]
+            check_names(found, names, str(folder), f"{source} has {n} prompts")
+    prompt_dirs = [folder / f"{k:05d}" for k in range(len(found))]
+    check_names(found, [p.name for p in prompt_dirs], str(folder), "numbered 00000, 00001, ...")
+    names, why = expected_samples(prompt_dirs[0], record)
     items = []
     for k, pdir in enumerate(prompt_dirs):
         metas = read_metadata(pdir / "metadata.jsonl", classes)
         if len(metas) != 1:
             raise GenEvalError(f"{pdir / 'metadata.jsonl'}: expected 1 line, found {len(metas)}")
-        if metadata is not None and metadata[k]["prompt"] != metas[0]["prompt"]:
-            raise GenEvalError(
-                f"{pdir}: prompt {metas[0]['prompt']!r} differs from metadata "
-                f"line {k + 1} ({metadata[k]['prompt']!r})"
+        if metadata is not None and metadata[k] != metas[0]:
+            key = next(
+                k2 for k2 in metadata[k] | metas[0] if metadata[k].get(k2) != metas[0].get(k2)
             )
-        samples = sorted(
-            p for p in (pdir / "samples").glob("*.png") if re.fullmatch(r"\d+\.png", p.name)
-        )
-        if not samples:
-            raise GenEvalError(f"no samples/<0000>.png images in {pdir}")
-        items += [(int(pdir.name), metas[0], s) for s in samples]
+            raise GenEvalError(
+                f"{pdir}: its {key} {metas[0].get(key)!r} differs from prompt {k + 1} of the "
+                f"metadata file ({metadata[k].get(key)!r})"
+            )
+        check_names(listdir(pdir / "samples"), names, str(pdir / "samples"), why)
+        items += [(k, metas[0], pdir / "samples" / n) for n in names]
     yield from items
 
 
-def check_image(path) -> None:
-    """Cheap header check (no decoding) so unreadable files fail before models load."""
-    try:
-        Image.open(path).close()  # opening parses the header only
-    except OSError as e:
-        raise GenEvalError(f"cannot read image {path}: {e}") from None
+def check_images(samples, size=None) -> None:
+    """Every image decodes whole, is RGB, and has the size generate wrote (else the first image's):
+    what the scorers read, checked before any model loads."""
+    first = None
+    for _, _, path in samples:
+        try:
+            with Image.open(path) as im:
+                im.load()  # decodes it: a truncated file fails here, not half-way through a score
+                mode, got = im.mode, im.size
+        except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+            raise GenEvalError(f"cannot read image {path}: {e}") from None
+        if mode != "RGB":
+            raise GenEvalError(
+                f"{path} is a {mode} image; the scorers read RGB, as generate writes"
+            )
+        if size is None:
+            size, first = got, path
+        if got != tuple(size):
+            source = f"the size of {first}" if first else "the size generate wrote"
+            raise GenEvalError(
+                f"{path} is {got[0]}x{got[1]} pixels, not {size[0]}x{size[1]} ({source})"
+            )
 
 
 def load_image(path) -> Image.Image:
@@ -831,7 +915,10 @@ def sample_groups(umm, metas, n, args):
             yield b + k, meta, images[k * n : (k + 1) * n]
 
 
-OUTPUT_NAMES = re.compile(r"\d+|results\.jsonl|summary\.(json|md)")  # what generate and score write
+# what generate and score write: prompt folders, generate's record, score's outputs (publish_scores)
+OUTPUT_NAMES = re.compile(
+    r"\d+|generate\.json|(results\.jsonl|summary\.(json|md)|\.score)(\.link)?|\.score-\w+"
+)
 
 
 def check_generate_out(out, overwrite):
@@ -867,7 +954,8 @@ def generate_rules(args):
 
 def cmd_generate(args) -> None:
     """generate: n images per metadata line into GenEval's folder layout, written beside --out
-    and renamed into place at the end (an interrupted generate leaves no half-filled --out)."""
+    and renamed into place at the end (an interrupted generate leaves no half-filled --out), with
+    generate.json: what score checks the folder against."""
     check_rules(generate_rules(args), args)
     classes = None if args.any_class else GENEVAL_CLASSES
     metas, lines = numbered_metadata(args.metadata, classes)
@@ -882,6 +970,9 @@ def cmd_generate(args) -> None:
     try:
         for index, meta, images in sample_groups(umm, metas, args.n, args):
             write_prompt_folder(tmp, index, meta, images)
+        settings = {k: v for k, v in vars(args).items() if k != "func"}
+        record = dict(prompts=len(metas), images_per_prompt=args.n, image_size=list(images[0].size))
+        (tmp / GENERATE_RECORD).write_text(json.dumps(record | {"settings": settings}, indent=2))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed generate leaves nothing behind
         raise
@@ -889,6 +980,54 @@ def cmd_generate(args) -> None:
         shutil.rmtree(out)  # checked above: empty, or --overwrite of generate/score output only
     tmp.rename(out)
     print(f"wrote {len(metas)} prompts x {args.n} images to {args.out}")
+
+
+# ------------------------------------------------------------- score's outputs: swapped in as one
+
+
+SCORE_OUTPUTS = ("results.jsonl", "summary.json", "summary.md")
+
+
+def publish_scores(out: Path, texts: dict[str, str]) -> None:
+    """Swap score's three outputs into OUT as one unit. Each name is a link to .score/<name>, and
+    .score a link to the folder .score-<id> that holds one score's three files: a new score writes
+    a new folder, then one os.replace of .score swaps all three, so a kill at any moment leaves the
+    old three or the new three, never a mix. Folders a killed score left are removed here."""
+    current = out / ".score"
+    if any(not (out / n).is_symlink() and (out / n).exists() for n in SCORE_OUTPUTS):
+        # plain files (an older score's): move them behind .score first, unchanged
+        swap_in(out, {n: (out / n).read_bytes() for n in SCORE_OUTPUTS if (out / n).exists()})
+    for name in SCORE_OUTPUTS:
+        path, link = out / name, f".score/{name}"
+        if not (path.is_symlink() and os.readlink(path) == link):
+            replace_with_link(path, link)  # the same content as before, now through .score
+    swap_in(out, {n: t.encode() for n, t in texts.items()})
+    for stale in out.glob(".score-*"):
+        if stale.name != os.readlink(current):
+            shutil.rmtree(stale)
+    for name in SCORE_OUTPUTS + (".score",):
+        (out / f"{name}.link").unlink(missing_ok=True)
+
+
+def swap_in(out: Path, files: dict[str, bytes]) -> None:
+    """Write files into a new folder .score-<id>, then point OUT/.score at it (one os.replace)."""
+    new = out / f".score-{uuid.uuid4().hex[:8]}"
+    new.mkdir()
+    try:
+        for name, data in files.items():
+            (new / name).write_bytes(data)
+        replace_with_link(out / ".score", new.name)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+
+
+def replace_with_link(path: Path, target: str) -> None:
+    """Make path a symbolic link to target, atomically (a link beside it, renamed over it)."""
+    tmp = path.with_name(path.name + ".link")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -905,25 +1044,24 @@ def score_rules(args):
 
 
 def cmd_score(args) -> None:
-    """score: run a scorer over a folder, write results.jsonl, summary.md, summary.json."""
+    """score: run a scorer over a folder, write results.jsonl, summary.md, summary.json. The
+    folder and every image are checked before a model loads; nothing is written until every image
+    is scored, then the three files are swapped in as one (publish_scores)."""
     check_rules(score_rules(args), args)
     classes = scorer_classes(args.scorer)
     metadata = read_metadata(args.metadata, classes) if args.metadata else None
-    # validate everything before loading models
     samples = list(iter_samples(args.folder, metadata, classes))
-    for _, _, path in samples:
-        check_image(path)
+    record = read_generate_record(args.folder)
+    check_images(samples, record and record["image_size"])
     out = Path(args.out or args.folder)
     if problem := runio.check_out_folder(str(out)):
         raise GenEvalError(problem)
     scorer = make_scorer(args)
-    out.mkdir(parents=True, exist_ok=True)
     results = []
-    # renamed at the end: a failed score keeps the last results
-    with open(out / "results.jsonl.tmp", "w") as f:
-        for index, meta, path in samples:
-            correct, reason = scorer(load_image(path), meta)
-            row = {
+    for index, meta, path in samples:
+        correct, reason = scorer(load_image(path), meta)
+        results.append(
+            {
                 "index": index,
                 "sample": path.stem,
                 "tag": meta["tag"],
@@ -931,8 +1069,7 @@ def cmd_score(args) -> None:
                 "correct": -1 if correct == -1 else bool(correct),  # -1: judge gave up
                 "reason": reason,
             }
-            f.write(json.dumps(row) + "\n")
-            results.append(row)
+        )
     summary = summarize(results) | {"scorer": args.scorer}
     if args.scorer == "geneval" and any(
         "region" in r or "size" in r for _, m, _ in samples for r in m["include"]
@@ -943,10 +1080,13 @@ def cmd_score(args) -> None:
             "judge": scorer.spec,
             "notes": [scorer.note(summary.get("unevaluated", 0), len(results))],
         }
-    (out / "summary.json.tmp").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "summary.md.tmp").write_text(format_table(summary) + "\n")
-    for name in ("results.jsonl", "summary.json", "summary.md"):
-        os.replace(out / f"{name}.tmp", out / name)
+    out.mkdir(parents=True, exist_ok=True)
+    texts = {
+        "results.jsonl": "".join(json.dumps(row) + "\n" for row in results),
+        "summary.json": json.dumps(summary, indent=2) + "\n",
+        "summary.md": format_table(summary) + "\n",
+    }
+    publish_scores(out, texts)
     print(format_table(summary))
 
 

@@ -74,7 +74,7 @@ def test_folder_roundtrip_and_cli_errors_exit_with_one_line(tmp_path):
     ]
     assert "image folder not found" in eval_error(["score", str(tmp_path / "missing")])
     two = write_lines(tmp_path / "two.jsonl", metas * 2)
-    assert "1 prompt folders but the metadata file has 2" in eval_error(
+    assert "00001 is missing (the metadata file has 2 prompts)" in eval_error(
         ["score", str(tmp_path / "run"), "--metadata", str(two)]
     )
     (tmp_path / "run" / "00000" / "samples" / "0001.png").write_text("not a png")

@@ -1,11 +1,14 @@
 """eval_geneval.py's refusals, each one line and a non-zero exit before anything is written:
 generate's flags (gvu.py's rules for the flags the two share), its checks on the loaded model,
-adapter and metadata files, a full disk or a read-only --out."""
+adapter and metadata files, a full disk or a read-only --out; score's checks of the image folder,
+and its three outputs swapped in as one unit."""
 
 import errno
 import json
 import os
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -19,6 +22,7 @@ CIRCLES = [
     meta("colors", [{"class": "circle", "count": 1, "color": c}], prompt=f"a photo of a {c} circle")
     for c in ("red", "blue")
 ]
+OUTPUTS = ("results.jsonl", "summary.json", "summary.md")
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +39,7 @@ def generate_argv(metadata, out, *flags):
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory, metadata):
-    """A folder generate wrote: 2 prompts x 2 images of 64x64."""
+    """A folder generate wrote: 2 prompts x 2 images of 64x64, and its generate.json."""
     out = tmp_path_factory.mktemp("gen") / "gen"
     E.main(generate_argv(metadata, out))
     return out
@@ -230,6 +234,19 @@ def test_generate_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, metada
     assert msg.endswith(f"0000.png: {os.strerror(errno.ENOSPC)}") and nothing_at(tmp_path / "gen")
 
 
+def test_score_on_a_full_disk_is_one_line_and_keeps_the_previous_outputs(
+    tmp_path, generated, monkeypatch
+):
+    """Outputs that cannot be written: one line; the previous score's files are as they were and
+    nothing new is left in the folder."""
+    run = copy(generated, tmp_path / "run")
+    E.main(["score", str(run), "--scorer", "shapes"])
+    before = snapshot(run)
+    monkeypatch.setattr(Path, "write_bytes", no_space)
+    assert eval_error(["score", str(run), "--scorer", "shapes"]).endswith(os.strerror(errno.ENOSPC))
+    assert snapshot(run) == before
+
+
 @pytest.mark.parametrize("command", ["generate", "score"])
 def test_a_read_only_out_is_refused_before_the_model_loads(
     tmp_path, generated, metadata, command, monkeypatch
@@ -245,3 +262,166 @@ def test_a_read_only_out_is_refused_before_the_model_loads(
     else:
         argv = ["score", str(run), "--scorer", "shapes", "--out", str(tmp_path / "ro")]
     assert "is not writable" in eval_error(argv)
+
+
+# --- score: the folder it reads -------------------------------------------------------------------
+def snapshot(folder):
+    """Every file under a folder (links as their targets) and its bytes."""
+    return {
+        str(p.relative_to(folder)): os.readlink(p) if p.is_symlink() else p.read_bytes()
+        for p in sorted(Path(folder).rglob("*"))
+        if p.is_symlink() or p.is_file()
+    }
+
+
+def save_image(size, mode="RGB"):
+    return lambda run: Image.new(mode, size).save(run / "00001" / "samples" / "0000.png")
+
+
+FOLDER_DAMAGE = {
+    "a deleted image": (lambda r: (r / "00001/samples/0001.png").unlink(), "0001.png is missing"),
+    "an extra image": (
+        lambda r: shutil.copy(r / "00001/samples/0000.png", r / "00001/samples/0002.png"),
+        "0002.png is extra",
+    ),
+    "an extra file": (lambda r: (r / "00001/samples/notes.txt").write_text("hi"), "notes.txt is"),
+    "an extra prompt folder": (lambda r: copy(r / "00001", r / "00002"), "00002 is extra"),
+    "a missing prompt folder": (lambda r: shutil.rmtree(r / "00001"), "00001 is missing"),
+    "a 1x1 image": (save_image((1, 1)), "is 1x1 pixels, not 64x64"),
+    "a 3000x3000 image": (save_image((3000, 3000)), "is 3000x3000 pixels, not 64x64"),
+    "a grayscale image": (save_image((64, 64), "L"), "is a L image"),
+    "an RGBA image": (save_image((64, 64), "RGBA"), "is a RGBA image"),
+    "a truncated image": (lambda r: truncate(r / "00001/samples/0000.png"), "cannot read image"),
+}
+
+
+@pytest.mark.parametrize("layout", ["generate's", "GenEval's"])
+@pytest.mark.parametrize("case", FOLDER_DAMAGE)
+def test_score_refuses_a_damaged_folder_before_loading_and_writes_nothing(
+    tmp_path, generated, metadata, case, layout, monkeypatch
+):
+    """Missing or extra prompt folders, images or files, an image that is not RGB, not the size
+    generate wrote or not the size of the first image: one line before any model loads, and the
+    folder (the last score's outputs included) is left byte for byte, with no temporary file. In
+    generate's layout its generate.json says what to expect; in GenEval's (none), --metadata and
+    the first prompt folder do."""
+    run = copy(generated, tmp_path / "run")
+    argv = ["score", str(run), "--scorer", "shapes"]
+    if layout == "GenEval's":
+        (run / "generate.json").unlink(missing_ok=True)
+        argv += ["--metadata", metadata]
+    E.main(argv)
+    damage, says = FOLDER_DAMAGE[case]
+    damage(run)
+    before = snapshot(run)
+    monkeypatch.setattr(E, "make_scorer", lambda args: pytest.fail("loaded the scorer"))
+    assert says in eval_error(argv) and snapshot(run) == before
+
+
+def resize_all(run, size=(32, 32)):
+    for path in run.glob("*/samples/*.png"):
+        Image.open(path).convert("RGB").resize(size).save(path)
+
+
+@pytest.mark.parametrize(
+    "damage, says",
+    [
+        (resize_all, "is 32x32 pixels, not 64x64 (the size generate wrote)"),
+        (lambda r: (r / "generate.json").write_text("{"), "cannot read"),
+        (lambda r: (r / "generate.json").write_text('{"prompts": 2}'), "not generate's record"),
+    ],
+)
+def test_score_reads_the_image_size_from_generate_json(tmp_path, generated, damage, says):
+    """Images all of one size, but not the size generate wrote, are refused; so is a damaged
+    generate.json."""
+    run = copy(generated, tmp_path / "run")
+    damage(run)
+    assert says in eval_error(["score", str(run), "--scorer", "shapes"])
+
+
+# --- score: its three outputs are one unit --------------------------------------------------------
+class Killed(BaseException):
+    """kill -9 at one write: nothing after it runs (not even an `except Exception`)."""
+
+
+WRITES = [(os, "replace"), (os, "symlink"), (shutil, "rmtree")]
+WRITES += [(Path, n) for n in ("write_bytes", "write_text", "mkdir", "unlink", "rename")]
+
+
+def kill_at(monkeypatch, k):
+    """Make the k-th file-system write (counting from 0) and every later one raise Killed, as if
+    the process died there (no clean-up runs); returns the list of writes tried, for counting."""
+    made = []
+    for owner, name in WRITES:
+
+        def write(*a, real=getattr(owner, name), name=name, **kw):
+            made.append(name)
+            if k >= 0 and len(made) > k:
+                raise Killed
+            return real(*a, **kw)
+
+        monkeypatch.setattr(owner, name, write)
+    return made
+
+
+def score_as(run, verdict, monkeypatch):
+    """score with a stand-in scorer that says `verdict` for every image."""
+    monkeypatch.setattr(E, "make_scorer", lambda args: lambda image, meta: (verdict, "stand-in"))
+    E.main(["score", str(run), "--scorer", "shapes"])
+
+
+def outputs(run):
+    return tuple((run / n).read_bytes() if (run / n).exists() else None for n in OUTPUTS)
+
+
+def make_plain(run):
+    """score's outputs as plain files, as an older eval_geneval.py wrote them."""
+    for name in OUTPUTS:
+        data = (run / name).read_bytes()
+        (run / name).unlink()
+        (run / name).write_bytes(data)
+    for extra in run.glob(".score*"):
+        extra.unlink() if extra.is_symlink() else shutil.rmtree(extra)
+
+
+@pytest.mark.parametrize("start", ["a score's outputs", "an older score's plain files"])
+def test_a_score_killed_at_any_write_leaves_the_old_or_the_new_outputs(
+    tmp_path, generated, monkeypatch, start
+):
+    """Killed at each of its file-system writes in turn, score leaves the three files of the score
+    before it or its own three, never a mix; the next score then writes its own and leaves no
+    temporary file."""
+    old_run = copy(generated, tmp_path / "old")
+    score_as(old_run, False, monkeypatch)
+    if start != "a score's outputs":
+        make_plain(old_run)
+    old = outputs(old_run)
+    copy(old_run, tmp_path / "new")
+    with monkeypatch.context() as m:
+        writes = kill_at(m, -1)
+        score_as(tmp_path / "new", True, m)
+    new = outputs(tmp_path / "new")
+    assert all(a != b for a, b in zip(old, new)) and len(writes) >= 3
+    for k in range(len(writes)):
+        run = copy(old_run, tmp_path / f"killed{k}")
+        with monkeypatch.context() as m:
+            kill_at(m, k)
+            with pytest.raises(Killed):
+                score_as(run, True, m)
+        assert outputs(run) in (old, new), f"killed at write {k} ({writes[k]})"
+        score_as(run, True, monkeypatch)
+        assert outputs(run) == new and names(run) == names(tmp_path / "new")
+
+
+def names(folder):
+    """What a folder holds, score's output folder .score-<id> as one name whatever its id."""
+    return sorted(re.sub(r"^\.score-\w+$", ".score-<id>", n) for n in os.listdir(folder))
+
+
+def test_generate_overwrite_clears_a_scored_folder(tmp_path, generated, metadata):
+    """--overwrite replaces a folder score has written into (its links and .score folder are
+    generate/score output), and the new folder has no scores."""
+    run = copy(generated, tmp_path / "run")
+    E.main(["score", str(run), "--scorer", "shapes"])
+    E.main(generate_argv(metadata, run, "--overwrite"))
+    assert names(run) == ["00000", "00001", "generate.json"]
