@@ -13,7 +13,8 @@ This file re-implements that pipeline with Hugging Face models:
 Subcommands (figures and experiments built on these live in tools/experiments.py):
     generate         sample N images per prompt from a gvu.py model (+ adapter) into that layout
     score FOLDER     check the folder; detect, apply the rules, write results.jsonl + summary.*
-    compare B R...   a base vs trained runs per tag: mean ± std across runs, 95% bootstrap interval
+    compare B R...   a base vs trained runs (paired: the same prompts) per tag: mean ± std across
+                     runs, 95% bootstrap interval
     prompts          GenEval-style training prompts over the 80 COCO classes
 
 The rules (`select_detections`, `relative_position`, `evaluate`, ...) are pure
@@ -599,50 +600,134 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines + [f"\nNote: {n}" for n in summary.get("notes", [])])
 
 
+def finite(v) -> bool:
+    """A JSON number, not nan or infinite."""
+    return type(v) in (int, float) and math.isfinite(v)
+
+
 def load_summary(path) -> dict:
-    """Read summary.json from a file or a score output folder."""
+    """Read summary.json from a file or a score output folder; one line if it is not score's."""
     path = Path(path)
     path = path / "summary.json" if path.is_dir() else path
     if not path.is_file():
         raise GenEvalError(f"no summary.json at {path}")
-    return json.loads(path.read_text())
+    s = read_json(path)
+    tags = s.get("tags") if isinstance(s, dict) else None
+    ok = isinstance(tags, dict) and all(
+        isinstance(t, dict) and type(t.get("images")) is int and finite(t.get("accuracy"))
+        for t in tags.values()
+    )
+    if not (ok and finite(s.get("overall")) and finite(s.get("prompts_any_correct"))):
+        raise GenEvalError(f"{path}: not score's summary (tags with images and accuracy, overall)")
+    return s
+
+
+def check_paired_summaries(a: dict, b: dict, names) -> None:
+    """Summaries alone name no prompts: two runs must at least hold the same tags, each with the
+    same number of images."""
+    for tag in sorted(set(a["tags"]) | set(b["tags"])):
+        images = [s["tags"][tag]["images"] if tag in s["tags"] else None for s in (a, b)]
+        if images[0] != images[1]:
+            show = lambda n: "missing" if n is None else f"{n} images"  # noqa: E731
+            raise GenEvalError(
+                f"compare: the runs are not paired: tag {tag}: {show(images[0])} in {names[0]}, "
+                f"{show(images[1])} in {names[1]}"
+            )
 
 
 def compare_table(a: dict, b: dict) -> str:
-    """Markdown table: per-tag accuracy of run A (base) vs run B (trained), with deltas."""
-
-    def cell(s, tag):
-        return s["tags"][tag]["accuracy"] if tag in s["tags"] else None
-
-    rows = [(t, cell(a, t), cell(b, t)) for t in sorted(set(a["tags"]) | set(b["tags"]))]
+    """Markdown table: per-tag accuracy of run A (base) vs run B (trained), with deltas. The two
+    hold the same tags (check_paired_summaries)."""
+    rows = [(t, a["tags"][t]["accuracy"], b["tags"][t]["accuracy"]) for t in sorted(a["tags"])]
     rows += [
         ("**overall**", a["overall"], b["overall"]),
         ("prompts with >=1 correct", a["prompts_any_correct"], b["prompts_any_correct"]),
     ]
-    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     lines = ["| tag | base (A) | trained (B) | delta |", "|---|---:|---:|---:|"]
-    return "\n".join(
-        lines
-        + [
-            f"| {t} | {fmt(x)} | {fmt(y)} | {'-' if x is None or y is None else f'{y - x:+.4f}'} |"
-            for t, x, y in rows
-        ]
-    )
+    return "\n".join(lines + [f"| {t} | {x:.4f} | {y:.4f} | {y - x:+.4f} |" for t, x, y in rows])
 
 
-def load_prompt_accuracy(path) -> dict[str, dict[int, float]] | None:
-    """Per tag, each prompt's share of correct images, from the results.jsonl beside a summary
-    (None if absent)."""
+def load_results(path) -> list[dict] | None:
+    """The rows of the results.jsonl beside a summary (None if absent), each one checked."""
     path = Path(path)
     results = (path if path.is_dir() else path.parent) / "results.jsonl"
     if not results.is_file():
         return None
+    try:
+        lines = results.read_text().splitlines()
+    except UnicodeDecodeError as e:
+        raise GenEvalError(f"{results} is not UTF-8 (byte {e.start})") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError as e:
+            raise GenEvalError(f"{results} line {n} is not JSON ({e.msg})") from None
+        if row is None:
+            continue
+        types = {"index": int, "tag": str, "prompt": str}
+        ok = isinstance(row, dict) and all(type(row.get(k)) is t for k, t in types.items())
+        if not (ok and row.get("correct") in (True, False, vlm_judge.UNEVALUATED)):
+            raise GenEvalError(
+                f"{results} line {n} is not a score row (index, tag, prompt, correct)"
+            )
+        rows.append(row)
+    if not rows:
+        raise GenEvalError(f"{results} has no rows")
+    return rows
+
+
+def run_prompts(rows, name) -> dict[int, tuple[str, str, int]]:
+    """{prompt index: (tag, prompt, images)} of one run's results."""
+    prompts = {}
+    for r in rows:
+        tag, prompt, images = prompts.get(r["index"], (r["tag"], r["prompt"], 0))
+        if (tag, prompt) != (r["tag"], r["prompt"]):
+            raise GenEvalError(f"{name}: prompt {r['index']} has two texts or tags in its results")
+        prompts[r["index"]] = (tag, prompt, images + 1)
+    return prompts
+
+
+def check_paired(names, runs) -> None:
+    """compare pairs prompt i of every run with prompt i of the base: every run must hold the same
+    prompts (index, text and tag), each with the same number of images. Else the first difference,
+    in one line."""
+    show = lambda p: "missing" if p is None else f"{p[1]!r} ({p[0]}, {p[2]} images)"  # noqa: E731
+    base = run_prompts(runs[0], names[0])
+    for name, rows in zip(names[1:], runs[1:]):
+        run = run_prompts(rows, name)
+        diff = next((i for i in sorted(base | run) if base.get(i) != run.get(i)), None)
+        if diff is not None:
+            raise GenEvalError(
+                f"compare: the runs are not paired: prompt {diff}: {show(base.get(diff))} in "
+                f"{names[0]}, {show(run.get(diff))} in {name}"
+            )
+
+
+def prompt_accuracy(rows) -> dict[str, dict[int, float]]:
+    """Per tag, each prompt's share of correct images. Images a VLM judge gave up on (-1) are left
+    out, as in summarize; a prompt with none left has no accuracy."""
     images: dict[str, dict[int, list[bool]]] = {}
-    for line in results.read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
+    for r in rows:
+        if r["correct"] != vlm_judge.UNEVALUATED:
             images.setdefault(r["tag"], {}).setdefault(r["index"], []).append(bool(r["correct"]))
     return {t: {i: float(np.mean(v)) for i, v in ps.items()} for t, ps in images.items()}
+
+
+def paired_accuracy(runs) -> list[dict[str, dict[int, float]]]:
+    """prompt_accuracy of every run (paired runs), on the prompts that have an accuracy in every
+    run: the others (a judge gave up on all their images somewhere) are named on stderr."""
+    accs = [prompt_accuracy(rows) for rows in runs]
+    tags = set().union(*accs)
+    keep = {t: set.intersection(*(set(a.get(t, {})) for a in accs)) for t in tags}
+    if dropped := sorted(set().union(*(set(a.get(t, {})) - keep[t] for a in accs for t in tags))):
+        print(
+            f"note: left out prompts {dropped}: a judge evaluated none of their images in some run",
+            file=sys.stderr,
+        )
+    if not any(keep.values()):
+        raise GenEvalError("compare: no prompt has an evaluated image in every run")
+    return [{t: {i: a[t][i] for i in sorted(keep[t])} for t in tags if keep[t]} for a in accs]
 
 
 def bootstrap_deltas(base: dict, runs: list[dict], n_boot=2000, seed=0) -> dict[str, np.ndarray]:
@@ -1091,17 +1176,22 @@ def cmd_score(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    """compare: per-tag accuracies of a base and one or more trained runs; with results.jsonl
-    beside every summary (score's output folders), the mean ± std across runs and a 95% bootstrap
-    interval over prompts."""
+    """compare: per-tag accuracies of a base and one or more trained runs, which must be paired
+    (the same prompts, with as many images each); with results.jsonl beside every summary (score's
+    output folders), the mean ± std across runs and a 95% bootstrap interval over prompts."""
     check_rules(
         [("bootstrap", args.bootstrap >= 1, ">= 1"), ("seed", args.seed >= 0, ">= 0")], args
     )
-    prompt_acc = [load_prompt_accuracy(p) for p in [args.base] + args.runs]
-    if all(a is not None for a in prompt_acc):
-        print(compare_runs_table(prompt_acc[0], prompt_acc[1:], args.bootstrap, args.seed))
+    names = [args.base] + args.runs
+    runs = [load_results(p) for p in names]
+    if all(rows is not None for rows in runs):
+        check_paired(names, runs)
+        accs = paired_accuracy(runs)
+        print(compare_runs_table(accs[0], accs[1:], args.bootstrap, args.seed))
     elif len(args.runs) == 1:  # summaries alone: no per-prompt data, so no interval
-        print(compare_table(load_summary(args.base), load_summary(args.runs[0])))
+        summaries = [load_summary(p) for p in names]
+        check_paired_summaries(*summaries, names)
+        print(compare_table(*summaries))
     else:
         raise GenEvalError(
             "comparing several runs needs each run's results.jsonl (score's output folder)"

@@ -1,7 +1,7 @@
 """eval_geneval.py's refusals, each one line and a non-zero exit before anything is written:
 generate's flags (gvu.py's rules for the flags the two share), its checks on the loaded model,
 adapter and metadata files, a full disk or a read-only --out; score's checks of the image folder,
-and its three outputs swapped in as one unit."""
+and its three outputs swapped in as one unit; compare's pairing of runs and its input files."""
 
 import errno
 import json
@@ -425,3 +425,132 @@ def test_generate_overwrite_clears_a_scored_folder(tmp_path, generated, metadata
     E.main(["score", str(run), "--scorer", "shapes"])
     E.main(generate_argv(metadata, run, "--overwrite"))
     assert names(run) == ["00000", "00001", "generate.json"]
+
+
+# --- compare: paired runs only --------------------------------------------------------------------
+def results(folder, prompts):
+    """A score output folder: prompts = [(index, tag, prompt, [correct per image])]."""
+    rows = [
+        dict(index=i, sample=f"{k:04d}", tag=t, prompt=p, correct=c, reason="")
+        for i, t, p, cs in prompts
+        for k, c in enumerate(cs)
+    ]
+    folder.mkdir(parents=True)
+    write_lines(folder / "results.jsonl", rows)
+    return str(folder)
+
+
+BASE = [(0, "colors", "a red car", [True, False]), (1, "counting", "two cars", [False, False])]
+UNPAIRED = {
+    "another text, same tag": (
+        [BASE[0], (1, "counting", "three cars", [True, True])],
+        "prompt 1: 'two cars' (counting, 2 images) in BASE, "
+        "'three cars' (counting, 2 images) in RUN",
+    ),
+    "another tag, same text": (
+        [BASE[0], (1, "colors", "two cars", [True, True])],
+        "prompt 1: 'two cars' (counting, 2 images) in BASE, 'two cars' (colors, 2 images) in RUN",
+    ),
+    "fewer prompts (a tag dropped)": (
+        [BASE[1]],
+        "prompt 0: 'a red car' (colors, 2 images) in BASE, missing in RUN",
+    ),
+    "no prompt index in common": (
+        [(2, "colors", "a red car", [True, True]), (3, "counting", "two cars", [True, True])],
+        "prompt 0: 'a red car' (colors, 2 images) in BASE, missing in RUN",
+    ),
+    "fewer images": (
+        [BASE[0], (1, "counting", "two cars", [True])],
+        "prompt 1: 'two cars' (counting, 2 images) in BASE, 'two cars' (counting, 1 images) in RUN",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", UNPAIRED)
+@pytest.mark.parametrize("position", [1, 2])
+def test_compare_refuses_runs_that_are_not_paired(tmp_path, case, position, capsys):
+    """Runs must hold the base's prompts (index, text, tag) with as many images each, or compare
+    names the first difference in one line and prints no table (and so no nan); as the first run
+    or a later one."""
+    base = results(tmp_path / "base", BASE)
+    run, says = UNPAIRED[case]
+    runs = [results(tmp_path / "same", BASE)] * (position - 1) + [results(tmp_path / "run", run)]
+    msg = eval_error(["compare", base, *runs])
+    assert msg == "error: compare: the runs are not paired: " + says.replace("BASE", base).replace(
+        "RUN", runs[-1]
+    )
+    assert capsys.readouterr().out == ""
+
+
+def test_compare_refuses_summaries_without_the_same_tags_and_images(tmp_path):
+    """Without results.jsonl, two summaries must hold the same tags with as many images: a tag
+    missing from one is an error, not a row of dashes."""
+    summary = lambda tags: dict(tags=tags, overall=0.5, prompts_any_correct=0.5)  # noqa: E731
+    a = write(tmp_path / "a.json", json.dumps(summary({"colors": dict(images=4, accuracy=0.5)})))
+    b = write(tmp_path / "b.json", json.dumps(summary({})))
+    c = write(tmp_path / "c.json", json.dumps(summary({"colors": dict(images=2, accuracy=0.5)})))
+    assert eval_error(["compare", a, b]).endswith(f"tag colors: 4 images in {a}, missing in {b}")
+    assert eval_error(["compare", a, c]).endswith(f"tag colors: 4 images in {a}, 2 images in {c}")
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("", "has no rows"),
+        ("{\n", "line 1 is not JSON"),
+        (json.dumps(dict(index=0, tag="colors", correct=True)) + "\n", "is not a score row"),
+        (json.dumps(dict(index=0, tag="colors", prompt="p", correct="yes")), "is not a score row"),
+    ],
+)
+def test_compare_refuses_a_bad_results_file_in_one_line(tmp_path, text, says):
+    """An empty results.jsonl, a line that is not JSON or not a row score writes: one line naming
+    the file."""
+    base = results(tmp_path / "base", BASE)
+    (tmp_path / "run").mkdir()
+    write(tmp_path / "run" / "results.jsonl", text)
+    assert says in eval_error(["compare", base, str(tmp_path / "run")])
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("{", "cannot read"),
+        ("[]", "not score's summary"),
+        ('{"tags": {}}', "not score's summary"),
+        (
+            '{"tags": {"colors": {"images": 2, "accuracy": NaN}}, "overall": 0, '
+            '"prompts_any_correct": 0}',
+            "not score's summary",
+        ),
+    ],
+)
+def test_compare_refuses_a_bad_summary_in_one_line(tmp_path, text, says):
+    """A summary.json that is not JSON, or not a summary score writes (tags, finite accuracies,
+    overall): one line naming it."""
+    good = dict(tags={"colors": dict(images=2, accuracy=0.5)}, overall=0.5, prompts_any_correct=1)
+    a = write(tmp_path / "a.json", json.dumps(good))
+    b = write(tmp_path / "b.json", text)
+    assert says in eval_error(["compare", a, b]) and b in eval_error(["compare", a, b])
+
+
+@pytest.mark.parametrize("flags", [["--bootstrap", 0], ["--bootstrap", -1], ["--seed", -1]])
+def test_compare_refuses_a_bad_bootstrap_setting(tmp_path, flags):
+    """--bootstrap < 1 and a negative --seed: one line naming the flag."""
+    base = results(tmp_path / "base", BASE)
+    msg = eval_error(["compare", base, base, *map(str, flags)])
+    assert msg.startswith(f"error: {flags[0]} must be >= ")
+
+
+def test_compare_leaves_out_images_the_judge_gave_up_on(tmp_path, capsys):
+    """Rows with correct = -1 (a VLM judge gave up) count as neither right nor wrong, as in
+    summarize; a prompt with no judged image in some run is left out of every run, and named."""
+    base = results(
+        tmp_path / "base", [(0, "colors", "a", [False, -1]), (1, "colors", "b", [-1, -1])]
+    )
+    run = results(
+        tmp_path / "run", [(0, "colors", "a", [True, True]), (1, "colors", "b", [True, True])]
+    )
+    E.main(["compare", base, run, "--bootstrap", "10"])
+    out = capsys.readouterr()
+    assert "| colors | 1 | 0.0000 | 1.0000 ± 0.0000 | +1.0000 |" in out.out
+    assert "left out prompts [1]" in out.err
