@@ -8,11 +8,13 @@ This file re-implements that pipeline with Hugging Face models:
 
     OUT/<00000>/metadata.jsonl      one line: the prompt's metadata dict
     OUT/<00000>/samples/<0000>.png  the generated images for that prompt
+    OUT/generate.json               generate's record: prompts, images per prompt, image size
 
 Subcommands (figures and experiments built on these live in tools/experiments.py):
     generate         sample N images per prompt from a gvu.py model (+ adapter) into that layout
-    score FOLDER     detect, apply the rules, write results.jsonl + summary.{md,json}
-    compare B R...   a base vs trained runs per tag: mean ± std across runs, 95% bootstrap interval
+    score FOLDER     check the folder; detect, apply the rules, write results.jsonl + summary.*
+    compare B R...   a base vs trained runs (paired: the same prompts) per tag: mean ± std across
+                     runs, 95% bootstrap interval
     prompts          GenEval-style training prompts over the 80 COCO classes
 
 The rules (`select_detections`, `relative_position`, `evaluate`, ...) are pure
@@ -32,13 +34,17 @@ import random
 import re
 import shutil
 import sys
+import uuid
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from peft import PeftModel
+from safetensors import SafetensorError, safe_open
 from PIL import Image, ImageOps
 from tqdm import tqdm
 from transformers import (
@@ -232,25 +238,27 @@ def validate_meta(meta, where: str, classes=GENEVAL_CLASSES) -> dict:
     return meta
 
 
-def read_metadata(path, classes=GENEVAL_CLASSES) -> list[dict]:
-    """Read a GenEval metadata .jsonl file (one dict per line), validating every line."""
-    path = Path(path)
-    if not path.is_file():
-        raise GenEvalError(f"metadata file not found: {path}")
+def numbered_metadata(path, classes=GENEVAL_CLASSES) -> tuple[list[dict], list[int]]:
+    """The metadata dicts of a GenEval .jsonl file and their line numbers, every line validated.
+    The file is read as gvu.py reads its prompts (runio.read_prompts): UTF-8, a leading byte-order
+    mark dropped, blank lines skipped, no prompts an error."""
     try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise GenEvalError(f"cannot read metadata {path}: {e}") from None
+        lines, numbers = runio.read_prompts(str(path))
+    except InputError as e:
+        raise GenEvalError(str(e)) from None
     metas = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for lineno, line in zip(numbers, lines):
         try:
             meta = json.loads(line)
         except json.JSONDecodeError as e:
             raise GenEvalError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
         metas.append(validate_meta(meta, f"{path}:{lineno}", classes))
-    return metas
+    return metas, numbers
+
+
+def read_metadata(path, classes=GENEVAL_CLASSES) -> list[dict]:
+    """Read a GenEval metadata .jsonl file (one dict per line), validating every line."""
+    return numbered_metadata(path, classes)[0]
 
 
 def write_prompt_folder(out, index: int, meta: dict, images) -> Path:
@@ -263,52 +271,134 @@ def write_prompt_folder(out, index: int, meta: dict, images) -> Path:
     return folder
 
 
+GENERATE_RECORD = "generate.json"  # generate's record of what it wrote, beside the prompt folders
+SAMPLE_NAME = re.compile(r"\d+\.png")  # samples/<0000>.png (GenEval's own generate: <00000>.png)
+
+
+def read_json(path):
+    """A JSON file, or one line naming it (runio.read_json's rule) as a GenEvalError."""
+    try:
+        return runio.read_json(path)
+    except InputError as e:
+        raise GenEvalError(str(e)) from None
+
+
+def read_generate_record(folder) -> dict | None:
+    """generate.json: how many prompts generate wrote, how many images per prompt, their size
+    [width, height]. None for a folder made by another tool (GenEval's own generate)."""
+    path = Path(folder) / GENERATE_RECORD
+    if not path.exists():
+        return None
+    record = read_json(path)
+    get = record.get if isinstance(record, dict) else lambda k: None
+    counts, size = [get("prompts"), get("images_per_prompt")], get("image_size")
+    if not (
+        all(type(v) is int and v >= 1 for v in counts) and type(size) is list and len(size) == 2
+    ):
+        raise GenEvalError(
+            f"{path}: not generate's record (prompts, images_per_prompt, image_size)"
+        )
+    return record
+
+
+def check_names(found, expected, where: str, why: str) -> None:
+    """The entries of a folder must be exactly `expected`: else one line naming the first one
+    missing or the first one extra, and why it is expected."""
+    if missing := [n for n in expected if n not in found]:
+        raise GenEvalError(f"{where}: {missing[0]} is missing ({why})")
+    if extra := sorted(set(found) - set(expected)):
+        raise GenEvalError(f"{where}: {extra[0]} is extra ({why})")
+
+
+def expected_samples(first: Path, record: dict | None) -> tuple[list[str], str]:
+    """The image names every samples/ folder must hold, and why: generate's record, else those of
+    the first prompt folder (numbered 0, 1, ... with no gap)."""
+    if record:
+        n = record["images_per_prompt"]
+        return [f"{j:04d}.png" for j in range(n)], f"generate wrote {n} images per prompt"
+    names = sorted(
+        (n for n in listdir(first / "samples") if SAMPLE_NAME.fullmatch(n)),
+        key=lambda n: int(n[:-4]),
+    )
+    if not names:
+        raise GenEvalError(f"no samples/<0000>.png images in {first}")
+    if (gap := next((j for j, n in enumerate(names) if int(n[:-4]) != j), None)) is not None:
+        raise GenEvalError(f"{first / 'samples'}: image {gap} is missing (numbered 0, 1, ...)")
+    return names, f"{first.name}/samples holds {len(names)} images"
+
+
+def listdir(folder) -> list[str]:
+    """The names in a folder; none if it does not exist."""
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
 def iter_samples(
     folder, metadata: list[dict] | None = None, classes=GENEVAL_CLASSES
 ) -> Iterator[tuple[int, dict, Path]]:
     """Yield (prompt index, metadata, image path) for every sample of a GenEval folder.
 
-    If `metadata` is given, the folder must hold exactly one prompt dir per entry,
-    with matching prompts.  Everything is validated before the first yield.
-    """
+    The folder holds prompt folders 00000, 00001, ..., none missing and none extra: as many as the
+    metadata file's prompts (if given) and generate.json's (if there). Each holds one metadata line
+    (equal to the metadata file's, if given) and the same images samples/<0000>.png, as many as
+    generate.json says, and nothing else. Everything is validated before the first yield."""
     folder = Path(folder)
     if not folder.is_dir():
         raise GenEvalError(f"image folder not found: {folder}")
-    prompt_dirs = sorted(
-        (p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)
-    )
-    if not prompt_dirs:
+    record = read_generate_record(folder)
+    found = [n for n in listdir(folder) if n.isdigit() and (folder / n).is_dir()]
+    if not found:
         raise GenEvalError(f"no prompt folders (00000, 00001, ...) in {folder}")
-    if metadata is not None and len(metadata) != len(prompt_dirs):
-        raise GenEvalError(
-            f"{folder} has {len(prompt_dirs)} prompt folders but the metadata "
-            f"file has {len(metadata)} prompts"
-        )
+    counts = {
+        "the metadata file": None if metadata is None else len(metadata),
+        GENERATE_RECORD: record["prompts"] if record else None,
+    }
+    for source, n in counts.items():
+        if n is not None:
+            names = [f"{k:05d}" for k in range(n)]
+            check_names(found, names, str(folder), f"{source} has {n} prompts")
+    prompt_dirs = [folder / f"{k:05d}" for k in range(len(found))]
+    check_names(found, [p.name for p in prompt_dirs], str(folder), "numbered 00000, 00001, ...")
+    names, why = expected_samples(prompt_dirs[0], record)
     items = []
     for k, pdir in enumerate(prompt_dirs):
         metas = read_metadata(pdir / "metadata.jsonl", classes)
         if len(metas) != 1:
             raise GenEvalError(f"{pdir / 'metadata.jsonl'}: expected 1 line, found {len(metas)}")
-        if metadata is not None and metadata[k]["prompt"] != metas[0]["prompt"]:
-            raise GenEvalError(
-                f"{pdir}: prompt {metas[0]['prompt']!r} differs from metadata "
-                f"line {k + 1} ({metadata[k]['prompt']!r})"
+        if metadata is not None and metadata[k] != metas[0]:
+            key = next(
+                k2 for k2 in metadata[k] | metas[0] if metadata[k].get(k2) != metas[0].get(k2)
             )
-        samples = sorted(
-            p for p in (pdir / "samples").glob("*.png") if re.fullmatch(r"\d+\.png", p.name)
-        )
-        if not samples:
-            raise GenEvalError(f"no samples/<0000>.png images in {pdir}")
-        items += [(int(pdir.name), metas[0], s) for s in samples]
+            raise GenEvalError(
+                f"{pdir}: its {key} {metas[0].get(key)!r} differs from prompt {k + 1} of the "
+                f"metadata file ({metadata[k].get(key)!r})"
+            )
+        check_names(listdir(pdir / "samples"), names, str(pdir / "samples"), why)
+        items += [(k, metas[0], pdir / "samples" / n) for n in names]
     yield from items
 
 
-def check_image(path) -> None:
-    """Cheap header check (no decoding) so unreadable files fail before models load."""
-    try:
-        Image.open(path).close()  # opening parses the header only
-    except OSError as e:
-        raise GenEvalError(f"cannot read image {path}: {e}") from None
+def check_images(samples, size=None) -> None:
+    """Every image decodes whole, is RGB, and has the size generate wrote (else the first image's):
+    what the scorers read, checked before any model loads."""
+    first = None
+    for _, _, path in samples:
+        try:
+            with Image.open(path) as im:
+                im.load()  # decodes it: a truncated file fails here, not half-way through a score
+                mode, got = im.mode, im.size
+        except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+            raise GenEvalError(f"cannot read image {path}: {e}") from None
+        if mode != "RGB":
+            raise GenEvalError(
+                f"{path} is a {mode} image; the scorers read RGB, as generate writes"
+            )
+        if size is None:
+            size, first = got, path
+        if got != tuple(size):
+            source = f"the size of {first}" if first else "the size generate wrote"
+            raise GenEvalError(
+                f"{path} is {got[0]}x{got[1]} pixels, not {size[0]}x{size[1]} ({source})"
+            )
 
 
 def load_image(path) -> Image.Image:
@@ -510,50 +600,134 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines + [f"\nNote: {n}" for n in summary.get("notes", [])])
 
 
+def finite(v) -> bool:
+    """A JSON number, not nan or infinite."""
+    return type(v) in (int, float) and math.isfinite(v)
+
+
 def load_summary(path) -> dict:
-    """Read summary.json from a file or a score output folder."""
+    """Read summary.json from a file or a score output folder; one line if it is not score's."""
     path = Path(path)
     path = path / "summary.json" if path.is_dir() else path
     if not path.is_file():
         raise GenEvalError(f"no summary.json at {path}")
-    return json.loads(path.read_text())
+    s = read_json(path)
+    tags = s.get("tags") if isinstance(s, dict) else None
+    ok = isinstance(tags, dict) and all(
+        isinstance(t, dict) and type(t.get("images")) is int and finite(t.get("accuracy"))
+        for t in tags.values()
+    )
+    if not (ok and finite(s.get("overall")) and finite(s.get("prompts_any_correct"))):
+        raise GenEvalError(f"{path}: not score's summary (tags with images and accuracy, overall)")
+    return s
+
+
+def check_paired_summaries(a: dict, b: dict, names) -> None:
+    """Summaries alone name no prompts: two runs must at least hold the same tags, each with the
+    same number of images."""
+    for tag in sorted(set(a["tags"]) | set(b["tags"])):
+        images = [s["tags"][tag]["images"] if tag in s["tags"] else None for s in (a, b)]
+        if images[0] != images[1]:
+            show = lambda n: "missing" if n is None else f"{n} images"  # noqa: E731
+            raise GenEvalError(
+                f"compare: the runs are not paired: tag {tag}: {show(images[0])} in {names[0]}, "
+                f"{show(images[1])} in {names[1]}"
+            )
 
 
 def compare_table(a: dict, b: dict) -> str:
-    """Markdown table: per-tag accuracy of run A (base) vs run B (trained), with deltas."""
-
-    def cell(s, tag):
-        return s["tags"][tag]["accuracy"] if tag in s["tags"] else None
-
-    rows = [(t, cell(a, t), cell(b, t)) for t in sorted(set(a["tags"]) | set(b["tags"]))]
+    """Markdown table: per-tag accuracy of run A (base) vs run B (trained), with deltas. The two
+    hold the same tags (check_paired_summaries)."""
+    rows = [(t, a["tags"][t]["accuracy"], b["tags"][t]["accuracy"]) for t in sorted(a["tags"])]
     rows += [
         ("**overall**", a["overall"], b["overall"]),
         ("prompts with >=1 correct", a["prompts_any_correct"], b["prompts_any_correct"]),
     ]
-    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     lines = ["| tag | base (A) | trained (B) | delta |", "|---|---:|---:|---:|"]
-    return "\n".join(
-        lines
-        + [
-            f"| {t} | {fmt(x)} | {fmt(y)} | {'-' if x is None or y is None else f'{y - x:+.4f}'} |"
-            for t, x, y in rows
-        ]
-    )
+    return "\n".join(lines + [f"| {t} | {x:.4f} | {y:.4f} | {y - x:+.4f} |" for t, x, y in rows])
 
 
-def load_prompt_accuracy(path) -> dict[str, dict[int, float]] | None:
-    """Per tag, each prompt's share of correct images, from the results.jsonl beside a summary
-    (None if absent)."""
+def load_results(path) -> list[dict] | None:
+    """The rows of the results.jsonl beside a summary (None if absent), each one checked."""
     path = Path(path)
     results = (path if path.is_dir() else path.parent) / "results.jsonl"
     if not results.is_file():
         return None
+    try:
+        lines = results.read_text().splitlines()
+    except UnicodeDecodeError as e:
+        raise GenEvalError(f"{results} is not UTF-8 (byte {e.start})") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError as e:
+            raise GenEvalError(f"{results} line {n} is not JSON ({e.msg})") from None
+        if row is None:
+            continue
+        types = {"index": int, "tag": str, "prompt": str}
+        ok = isinstance(row, dict) and all(type(row.get(k)) is t for k, t in types.items())
+        if not (ok and row.get("correct") in (True, False, vlm_judge.UNEVALUATED)):
+            raise GenEvalError(
+                f"{results} line {n} is not a score row (index, tag, prompt, correct)"
+            )
+        rows.append(row)
+    if not rows:
+        raise GenEvalError(f"{results} has no rows")
+    return rows
+
+
+def run_prompts(rows, name) -> dict[int, tuple[str, str, int]]:
+    """{prompt index: (tag, prompt, images)} of one run's results."""
+    prompts = {}
+    for r in rows:
+        tag, prompt, images = prompts.get(r["index"], (r["tag"], r["prompt"], 0))
+        if (tag, prompt) != (r["tag"], r["prompt"]):
+            raise GenEvalError(f"{name}: prompt {r['index']} has two texts or tags in its results")
+        prompts[r["index"]] = (tag, prompt, images + 1)
+    return prompts
+
+
+def check_paired(names, runs) -> None:
+    """compare pairs prompt i of every run with prompt i of the base: every run must hold the same
+    prompts (index, text and tag), each with the same number of images. Else the first difference,
+    in one line."""
+    show = lambda p: "missing" if p is None else f"{p[1]!r} ({p[0]}, {p[2]} images)"  # noqa: E731
+    base = run_prompts(runs[0], names[0])
+    for name, rows in zip(names[1:], runs[1:]):
+        run = run_prompts(rows, name)
+        diff = next((i for i in sorted(base | run) if base.get(i) != run.get(i)), None)
+        if diff is not None:
+            raise GenEvalError(
+                f"compare: the runs are not paired: prompt {diff}: {show(base.get(diff))} in "
+                f"{names[0]}, {show(run.get(diff))} in {name}"
+            )
+
+
+def prompt_accuracy(rows) -> dict[str, dict[int, float]]:
+    """Per tag, each prompt's share of correct images. Images a VLM judge gave up on (-1) are left
+    out, as in summarize; a prompt with none left has no accuracy."""
     images: dict[str, dict[int, list[bool]]] = {}
-    for line in results.read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
+    for r in rows:
+        if r["correct"] != vlm_judge.UNEVALUATED:
             images.setdefault(r["tag"], {}).setdefault(r["index"], []).append(bool(r["correct"]))
     return {t: {i: float(np.mean(v)) for i, v in ps.items()} for t, ps in images.items()}
+
+
+def paired_accuracy(runs) -> list[dict[str, dict[int, float]]]:
+    """prompt_accuracy of every run (paired runs), on the prompts that have an accuracy in every
+    run: the others (a judge gave up on all their images somewhere) are named on stderr."""
+    accs = [prompt_accuracy(rows) for rows in runs]
+    tags = set().union(*accs)
+    keep = {t: set.intersection(*(set(a.get(t, {})) for a in accs)) for t in tags}
+    if dropped := sorted(set().union(*(set(a.get(t, {})) - keep[t] for a in accs for t in tags))):
+        print(
+            f"note: left out prompts {dropped}: a judge evaluated none of their images in some run",
+            file=sys.stderr,
+        )
+    if not any(keep.values()):
+        raise GenEvalError("compare: no prompt has an evaluated image in every run")
+    return [{t: {i: a[t][i] for i in sorted(keep[t])} for t in tags if keep[t]} for a in accs]
 
 
 def bootstrap_deltas(base: dict, runs: list[dict], n_boot=2000, seed=0) -> dict[str, np.ndarray]:
@@ -698,57 +872,62 @@ def generate_prompts(n: int, seed: int, exclude: set[str] = frozenset()) -> list
 # ------------------------------------------------------------------------ generate (the model side)
 
 
-def check_adapter_path(adapter):
-    """--adapter is a local folder that gvu.py wrote (its --out/adapter). Checked here, before
-    peft, which would take a missing path for a hub id and try the network."""
+GVU_JSON = "gvu.json"  # gvu.py writes it into every adapter: the step and the base model
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", GVU_JSON)
+
+
+def check_adapter_folder(adapter):
+    """--adapter is a folder gvu.py wrote (its --out/adapter): peft's config and weights, and the
+    gvu.json that names the base model. Checked before the model loads, and before peft, which
+    would take a missing path for a hub id and try the network."""
     if not os.path.isdir(adapter):
         raise GenEvalError(f"--adapter {adapter}: no such folder")
-    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-        raise GenEvalError(
-            f"--adapter {adapter}: not a peft adapter folder (no adapter_config.json)"
-        )
+    for name in ADAPTER_FILES:
+        if not os.path.isfile(os.path.join(adapter, name)):
+            raise GenEvalError(f"--adapter {adapter}: no {name} (not an adapter gvu.py wrote)")
+    read_adapter_json(adapter, "adapter_config.json")
+    adapter_info(adapter)
+    weights = os.path.join(adapter, "adapter_model.safetensors")
+    try:
+        with safe_open(weights, "pt"):  # parses the header: empty or truncated files fail here
+            pass
+    except (OSError, SafetensorError) as e:
+        raise GenEvalError(f"--adapter {adapter}: cannot read {weights} ({e})") from None
 
 
-def adapter_base(adapter):
-    """(what the adapter says it was trained on, where that comes from), or (None, None). gvu.py
-    writes gvu.json into the adapter; older runs have gvu's config.json next to it; else peft's
-    own record."""
-    info_path = os.path.join(adapter, "gvu.json")
-    config = os.path.join(adapter, os.pardir, "config.json")
-    if os.path.isfile(info_path):
-        info = json.loads(Path(info_path).read_text())
-        return info.get("base_model"), "its gvu.json"
-    if os.path.isfile(config) and {"model", "seed"} <= set(
-        cfg := json.loads(Path(config).read_text())
-    ):
-        return runio.base_model_id(cfg["model"], cfg["seed"]), "the run's config.json"
-    base = json.loads(Path(adapter, "adapter_config.json").read_text()).get(
-        "base_model_name_or_path"
-    )
-    if base and os.path.isfile(os.path.join(base, os.pardir, "tiny_umm.json")):
-        base = os.path.dirname(os.path.normpath(base))  # peft records the tiny UMM's lm/ subfolder
-    return (runio.base_model_id(base, None), "adapter_config.json") if base else (None, None)
+def read_adapter_json(adapter, name) -> dict:
+    """A JSON object of the adapter folder, or one line naming the adapter and the file."""
+    try:
+        obj = runio.read_json(os.path.join(adapter, name))
+    except InputError as e:
+        raise GenEvalError(f"--adapter {adapter}: {e}") from None
+    if not isinstance(obj, dict):
+        raise GenEvalError(f"--adapter {adapter}: {name} is not a JSON object")
+    return obj
+
+
+def adapter_info(adapter) -> dict:
+    """The adapter's gvu.json (runio.adapter_info): the base model it was trained on, and the
+    fingerprint of that model's weights."""
+    info = read_adapter_json(adapter, GVU_JSON)
+    if not isinstance(info.get("base_model"), str):
+        raise GenEvalError(f"--adapter {adapter}: {GVU_JSON} does not name its base_model")
+    if not isinstance(info.get("base_fingerprint", ""), str):
+        raise GenEvalError(f"--adapter {adapter}: {GVU_JSON}'s base_fingerprint is not a string")
+    return info
 
 
 def check_adapter_base(umm, args):
     """Refuse an adapter trained on another base model: by the weights' fingerprint when gvu.json
     has one (robust to a changed model path or hub id), else by the recorded base model's name."""
-    info_path = os.path.join(args.adapter, "gvu.json")
-    info = json.loads(Path(info_path).read_text()) if os.path.isfile(info_path) else {}
-    base, source = adapter_base(args.adapter)
+    info = adapter_info(args.adapter)
     if "base_fingerprint" in info:
         same = info["base_fingerprint"] == runio.base_fingerprint(umm.lm)
-    elif base is None:
-        print(
-            f"warning: --adapter {args.adapter} does not say which base model it was trained on",
-            file=sys.stderr,
-        )
-        return
     else:
-        same = base == runio.base_model_id(args.model, args.seed)
+        same = info["base_model"] == runio.base_model_id(args.model, args.seed)
     if not same:
         raise GenEvalError(
-            f"--adapter {args.adapter} was trained on {base} ({source}), "
+            f"--adapter {args.adapter} was trained on {info['base_model']} (its {GVU_JSON}), "
             f"not on --model {args.model}"
             + (f" with --seed {args.seed}" if args.model == "tiny-random" else "")
         )
@@ -758,7 +937,7 @@ def load_model(args):
     """Any model gvu.py trains (+ an optional peft adapter saved by gvu.py), in eval mode, in the
     precision the trainer uses (--dtype)."""
     if args.adapter:
-        check_adapter_path(args.adapter)
+        check_adapter_folder(args.adapter)
     try:
         device = pick_device(args.device or "auto")
         umm = load_umm(
@@ -825,16 +1004,20 @@ def sample_groups(umm, metas, n, args, out=None):
             yield b + k, meta, images[k * n : (k + 1) * n]
 
 
-# what generate and score write
-OUTPUT_NAMES = re.compile(r"\d+|sampler\.json|results\.jsonl|summary\.(json|md)")
+# what generate and score write: prompt folders, generate's record and sampler, score's outputs
+# (publish_scores)
+OUTPUT_NAMES = re.compile(
+    r"\d+|generate\.json|sampler\.json|(results\.jsonl|summary\.(json|md)|\.score)(\.link)?"
+    r"|\.score-\w+"
+)
 
 
 def check_generate_out(out, overwrite):
     """generate never mixes its images with an earlier run's: a non-empty --out needs
     --overwrite, which clears only what generate and score write there."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise GenEvalError(f"--out {out} is a file, not a folder")
+    if problem := runio.check_out_folder(str(out)):  # not a folder, or not writable
+        raise GenEvalError(problem)
     names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if names and not overwrite:
         raise GenEvalError(
@@ -847,43 +1030,130 @@ def check_generate_out(out, overwrite):
         )
 
 
+def as_gvu_args(args):
+    """generate's flags over gvu.Args' defaults (its instruction, its reward input): what gvu.py's
+    checks in runio read."""
+    return SimpleNamespace(**(asdict(gvu.Args()) | vars(args) | {"prompts": args.metadata}))
+
+
+def generate_rules(args):
+    """(flag, valid?, what it must be) for generate's numbers: gvu.py's rules for the flags the two
+    share (runio.settings_rules, written once there), then generate's own."""
+    shared = [r for r in runio.settings_rules(as_gvu_args(args)) if r[0] in vars(args)]
+    return shared + [("n", args.n >= 1, ">= 1"), ("batch", args.batch >= 1, ">= 1")]
+
+
 def cmd_generate(args) -> None:
     """generate: n images per metadata line into GenEval's folder layout, written beside --out
-    and renamed into place at the end (an interrupted generate leaves no half-filled --out)."""
-    metas = read_metadata(args.metadata, classes=None if args.any_class else GENEVAL_CLASSES)
+    and renamed into place at the end (an interrupted generate leaves no half-filled --out), with
+    generate.json: what score checks the folder against."""
+    check_rules(generate_rules(args), args)
+    classes = None if args.any_class else GENEVAL_CLASSES
+    metas, lines = numbered_metadata(args.metadata, classes)
     check_generate_out(args.out, args.overwrite)
     umm = load_model(args)
+    try:  # gvu.py's checks on the loaded model: --top-k, the prompts' words and lengths
+        runio.check_against_model(umm, as_gvu_args(args), [m["prompt"] for m in metas], lines)
+    except InputError as e:
+        raise GenEvalError(str(e)) from None
     out, tmp = Path(args.out), Path(str(Path(args.out)) + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for index, meta, images in sample_groups(umm, metas, args.n, args, out=tmp):
-        write_prompt_folder(tmp, index, meta, images)
+    try:
+        tmp.mkdir(parents=True)
+        for index, meta, images in sample_groups(umm, metas, args.n, args, out=tmp):
+            write_prompt_folder(tmp, index, meta, images)
+        settings = {k: v for k, v in vars(args).items() if k != "func"}
+        record = dict(prompts=len(metas), images_per_prompt=args.n, image_size=list(images[0].size))
+        (tmp / GENERATE_RECORD).write_text(json.dumps(record | {"settings": settings}, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed generate leaves nothing behind
+        raise
     if out.exists():
         shutil.rmtree(out)  # checked above: empty, or --overwrite of generate/score output only
     tmp.rename(out)
     print(f"wrote {len(metas)} prompts x {args.n} images to {args.out}")
 
 
+# ------------------------------------------------------------- score's outputs: swapped in as one
+
+
+SCORE_OUTPUTS = ("results.jsonl", "summary.json", "summary.md")
+
+
+def publish_scores(out: Path, texts: dict[str, str]) -> None:
+    """Swap score's three outputs into OUT as one unit. Each name is a link to .score/<name>, and
+    .score a link to the folder .score-<id> that holds one score's three files: a new score writes
+    a new folder, then one os.replace of .score swaps all three, so a kill at any moment leaves the
+    old three or the new three, never a mix. Folders a killed score left are removed here."""
+    current = out / ".score"
+    if any(not (out / n).is_symlink() and (out / n).exists() for n in SCORE_OUTPUTS):
+        # plain files (an older score's): move them behind .score first, unchanged
+        swap_in(out, {n: (out / n).read_bytes() for n in SCORE_OUTPUTS if (out / n).exists()})
+    for name in SCORE_OUTPUTS:
+        path, link = out / name, f".score/{name}"
+        if not (path.is_symlink() and os.readlink(path) == link):
+            replace_with_link(path, link)  # the same content as before, now through .score
+    swap_in(out, {n: t.encode() for n, t in texts.items()})
+    for stale in out.glob(".score-*"):
+        if stale.name != os.readlink(current):
+            shutil.rmtree(stale)
+    for name in SCORE_OUTPUTS + (".score",):
+        (out / f"{name}.link").unlink(missing_ok=True)
+
+
+def swap_in(out: Path, files: dict[str, bytes]) -> None:
+    """Write files into a new folder .score-<id>, then point OUT/.score at it (one os.replace)."""
+    new = out / f".score-{uuid.uuid4().hex[:8]}"
+    new.mkdir()
+    try:
+        for name, data in files.items():
+            (new / name).write_bytes(data)
+        replace_with_link(out / ".score", new.name)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+
+
+def replace_with_link(path: Path, target: str) -> None:
+    """Make path a symbolic link to target, atomically (a link beside it, renamed over it)."""
+    tmp = path.with_name(path.name + ".link")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, path)
+
+
 # --------------------------------------------------------------------------- CLI
 
 
+def score_rules(args):
+    """(flag, valid?, what it must be) for score's numbers."""
+    unit = "in [0, 1]"
+    return [
+        ("threshold", 0 <= args.threshold <= 1, unit),  # false for nan
+        ("counting_threshold", 0 <= args.counting_threshold <= 1, unit),
+        ("max_objects", args.max_objects >= 1, ">= 1"),
+    ]
+
+
 def cmd_score(args) -> None:
-    """score: run a scorer over a folder, write results.jsonl, summary.md, summary.json."""
+    """score: run a scorer over a folder, write results.jsonl, summary.md, summary.json. The
+    folder and every image are checked before a model loads; nothing is written until every image
+    is scored, then the three files are swapped in as one (publish_scores)."""
+    check_rules(score_rules(args), args)
     classes = scorer_classes(args.scorer)
     metadata = read_metadata(args.metadata, classes) if args.metadata else None
-    # validate everything before loading models
     samples = list(iter_samples(args.folder, metadata, classes))
-    for _, _, path in samples:
-        check_image(path)
-    scorer = make_scorer(args)
+    record = read_generate_record(args.folder)
+    check_images(samples, record and record["image_size"])
     out = Path(args.out or args.folder)
-    out.mkdir(parents=True, exist_ok=True)
+    if problem := runio.check_out_folder(str(out)):
+        raise GenEvalError(problem)
+    scorer = make_scorer(args)
     results = []
-    # renamed at the end: a failed score keeps the last results
-    with open(out / "results.jsonl.tmp", "w") as f:
-        for index, meta, path in samples:
-            correct, reason = scorer(load_image(path), meta)
-            row = {
+    for index, meta, path in samples:
+        correct, reason = scorer(load_image(path), meta)
+        results.append(
+            {
                 "index": index,
                 "sample": path.stem,
                 "tag": meta["tag"],
@@ -891,8 +1161,7 @@ def cmd_score(args) -> None:
                 "correct": -1 if correct == -1 else bool(correct),  # -1: judge gave up
                 "reason": reason,
             }
-            f.write(json.dumps(row) + "\n")
-            results.append(row)
+        )
     summary = summarize(results) | {"scorer": args.scorer}
     if args.scorer == "geneval" and any(
         "region" in r or "size" in r for _, m, _ in samples for r in m["include"]
@@ -903,22 +1172,33 @@ def cmd_score(args) -> None:
             "judge": scorer.spec,
             "notes": [scorer.note(summary.get("unevaluated", 0), len(results))],
         }
-    (out / "summary.json.tmp").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "summary.md.tmp").write_text(format_table(summary) + "\n")
-    for name in ("results.jsonl", "summary.json", "summary.md"):
-        os.replace(out / f"{name}.tmp", out / name)
+    out.mkdir(parents=True, exist_ok=True)
+    texts = {
+        "results.jsonl": "".join(json.dumps(row) + "\n" for row in results),
+        "summary.json": json.dumps(summary, indent=2) + "\n",
+        "summary.md": format_table(summary) + "\n",
+    }
+    publish_scores(out, texts)
     print(format_table(summary))
 
 
 def cmd_compare(args) -> None:
-    """compare: per-tag accuracies of a base and one or more trained runs; with results.jsonl
-    beside every summary (score's output folders), the mean ± std across runs and a 95% bootstrap
-    interval over prompts."""
-    prompt_acc = [load_prompt_accuracy(p) for p in [args.base] + args.runs]
-    if all(a is not None for a in prompt_acc):
-        print(compare_runs_table(prompt_acc[0], prompt_acc[1:], args.bootstrap, args.seed))
+    """compare: per-tag accuracies of a base and one or more trained runs, which must be paired
+    (the same prompts, with as many images each); with results.jsonl beside every summary (score's
+    output folders), the mean ± std across runs and a 95% bootstrap interval over prompts."""
+    check_rules(
+        [("bootstrap", args.bootstrap >= 1, ">= 1"), ("seed", args.seed >= 0, ">= 0")], args
+    )
+    names = [args.base] + args.runs
+    runs = [load_results(p) for p in names]
+    if all(rows is not None for rows in runs):
+        check_paired(names, runs)
+        accs = paired_accuracy(runs)
+        print(compare_runs_table(accs[0], accs[1:], args.bootstrap, args.seed))
     elif len(args.runs) == 1:  # summaries alone: no per-prompt data, so no interval
-        print(compare_table(load_summary(args.base), load_summary(args.runs[0])))
+        summaries = [load_summary(p) for p in names]
+        check_paired_summaries(*summaries, names)
+        print(compare_table(*summaries))
     else:
         raise GenEvalError(
             "comparing several runs needs each run's results.jsonl (score's output folder)"
@@ -927,6 +1207,7 @@ def cmd_compare(args) -> None:
 
 def cmd_prompts(args) -> None:
     """prompts: write <out>.txt and <out>.jsonl of GenEval-style training prompts."""
+    check_rules([("n", args.n >= 1, ">= 1")], args)
     exclude = {m["prompt"].lower() for path in args.exclude for m in read_metadata(path)}
     metas = generate_prompts(args.n, args.seed, exclude)
     out = Path(args.out)
@@ -1024,9 +1305,29 @@ def add_model_flags(q, n_flag: str, n_default: int, n_help: str) -> None:
     )
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors (a bad type or choice, a missing flag) are one line naming the flag,
+    not the usage block; its subcommands' parsers are of this class too."""
+
+    def error(self, message):
+        sys.exit(f"error: {message} (see {self.prog} --help)")
+
+
+def check_rules(rules, args) -> None:
+    """Refuse bad numbers before anything is loaded or written: one line naming every bad flag (the
+    wording of gvu.py's runio.check_args). rules: (flag, valid?, what it must be)."""
+    bad = [
+        f"--{flag.replace('_', '-')} must be {what} (got {getattr(args, flag)})"
+        for flag, ok, what in rules
+        if not ok
+    ]
+    if bad:
+        raise GenEvalError("; ".join(bad))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse CLI."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     gn = sub.add_parser(
         "generate", help="sample images for a metadata file into GenEval's folder layout"
@@ -1105,6 +1406,8 @@ def main(argv=None) -> int:
         args.func(args)
     except (GenEvalError, InputError, gvu.TrainingError, vlm_judge.JudgeError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a full disk, a read-only folder, ...: the file and the reason
+        sys.exit(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}")
     return 0
 
 

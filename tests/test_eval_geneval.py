@@ -74,7 +74,7 @@ def test_folder_roundtrip_and_cli_errors_exit_with_one_line(tmp_path):
     ]
     assert "image folder not found" in eval_error(["score", str(tmp_path / "missing")])
     two = write_lines(tmp_path / "two.jsonl", metas * 2)
-    assert "1 prompt folders but the metadata file has 2" in eval_error(
+    assert "00001 is missing (the metadata file has 2 prompts)" in eval_error(
         ["score", str(tmp_path / "run"), "--metadata", str(two)]
     )
     (tmp_path / "run" / "00000" / "samples" / "0001.png").write_text("not a png")
@@ -89,7 +89,10 @@ def test_folder_roundtrip_and_cli_errors_exit_with_one_line(tmp_path):
 def test_compare_prints_per_tag_deltas(tmp_path, capsys):
     """compare shows base, trained and delta per tag, from files or score folders."""
     a = {
-        "tags": {"counting": {"images": 4, "accuracy": 0.25}},
+        "tags": {
+            "counting": {"images": 4, "accuracy": 0.25},
+            "colors": {"images": 4, "accuracy": 0.5},
+        },
         "overall": 0.25,
         "prompts_any_correct": 0.5,
     }
@@ -107,7 +110,8 @@ def test_compare_prints_per_tag_deltas(tmp_path, capsys):
     E.main(["compare", str(tmp_path / "a.json"), str(tmp_path / "b")])
     out = capsys.readouterr().out
     assert (
-        "| counting | 0.2500 | 0.7500 | +0.5000 |" in out and "| colors | - | 1.0000 | - |" in out
+        "| counting | 0.2500 | 0.7500 | +0.5000 |" in out
+        and "| colors | 0.5000 | 1.0000 | +0.5000 |" in out
     )
 
 
