@@ -424,7 +424,7 @@ def test_generate_overwrite_clears_a_scored_folder(tmp_path, generated, metadata
     run = copy(generated, tmp_path / "run")
     E.main(["score", str(run), "--scorer", "shapes"])
     E.main(generate_argv(metadata, run, "--overwrite"))
-    assert names(run) == ["00000", "00001", "generate.json"]
+    assert names(run) == ["00000", "00001", "generate.json", "sampler.json"]
 
 
 # --- compare: paired runs only --------------------------------------------------------------------

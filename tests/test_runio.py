@@ -500,6 +500,7 @@ def another_value(name, old, tmp_path):
         "lora_targets": lambda: "q_proj",
         "device": lambda: "cpu",
         "flux": lambda: "black-forest-labs/FLUX.1-dev",  # read by X-Omni only
+        "top_p": lambda: 0.5,  # in (0, 1]: its default 1 doubled is not
     }
     if name in special:
         return special[name]()

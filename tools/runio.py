@@ -329,7 +329,7 @@ def check_context(umm, prompts, lines, instruction, path):
     gen = tok([umm.t2i_prompt(p) for p in prompts]).input_ids
     answers = [umm.answer_prefix + p + umm.answer_suffix for p in prompts]
     ans = tok(answers, add_special_tokens=False).input_ids
-    if ctx + min(map(len, ans)) > limit:  # no prompt fits beside the image and the instruction
+    if ctx >= limit:  # the image and the instruction leave no room for a single answer token
         raise InputError(
             f"--instruction is too long: with the image it takes {ctx} of the model's {limit} "
             "positions, and no prompt fits after it"
