@@ -17,7 +17,14 @@ import pytest
 import torch
 import transformers
 from packaging.version import Version
-from transformers import GenerationConfig
+from transformers import (
+    GenerationConfig,
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 import eval_geneval
 import gvu
@@ -138,8 +145,8 @@ def test_the_rule_is_transformers_4_generates_own(tmp_path, version):
 # --- the codes: the rollout draws what transformers' warpers draw ------------------------------
 def test_rollout_draws_the_codes_transformers_warpers_draw(tmp_path, one_thread):
     """The rollout with the checkpoint's sampler (temperature 0.8, top-k 20, top-p 0.9, min-p 0.03)
-    picks, step by step, the codes that transformers' own LogitsProcessorList for that
-    GenerationConfig (model._get_logits_processor: temperature, top-k, top-p, min-p) and
+    picks, step by step, the codes that transformers' own warpers (temperature, top-k, top-p, min-p,
+    in generate's order: on transformers 5 the list generate builds is checked to be that) and
     torch.multinomial pick from the same logits with the same seed; the untruncated policy picks
     others, so the cut matters."""
     umm = TinyUMM.from_pretrained(model_folder(tmp_path, SAVED))
@@ -150,10 +157,18 @@ def test_rollout_draws_the_codes_transformers_warpers_draw(tmp_path, one_thread)
     flags = (s["temperature"], s["top_k"], s["min_p"], 1.0, torch.Generator().manual_seed(7))
     codes = gvu.rollout(umm, PROMPTS, 4, *flags, s["top_p"])["codes"]  # (12, N_img)
 
-    processors = umm.lm._get_logits_processor(GenerationConfig(do_sample=True, **values))
-    names = [type(p).__name__ for p in processors]
-    assert names == [f"{n}LogitsWarper" for n in ("Temperature", "TopK", "TopP", "MinP")]
     ids = torch.zeros(len(codes), 1, dtype=torch.long)  # (the warpers do not read the ids)
+    t, k, p, m = (values[key] for key in ("temperature", "top_k", "top_p", "min_p"))
+    warpers = [
+        TemperatureLogitsWarper(t),
+        TopKLogitsWarper(k),
+        TopPLogitsWarper(p),
+        MinPLogitsWarper(m),
+    ]
+    processors = LogitsProcessorList(warpers)  # transformers' own warpers, in generate's order
+    if Version(transformers.__version__) >= Version("5"):  # 4.x's builder wants generate's state
+        built = umm.lm._get_logits_processor(GenerationConfig(do_sample=True, **values))
+        assert [type(w) for w in built] == [type(w) for w in warpers]
     gen, plain_gen = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     want, plain, kept = [], [], []
     for step_logits in seen:  # (12, K) each
