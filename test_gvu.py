@@ -446,8 +446,8 @@ def test_codes_rewards_are_the_caption_logprobs_of_the_rollouts_own_codes(monkey
     torch.testing.assert_close(out["rewards"], want, atol=1e-6, rtol=0)
     from_pixels = torch.exp((pixels[0] * pixels[1]).sum(1) / pixels[1].sum(1))
     assert (from_pixels - want).abs().max() > 1e-4
-    adv = [(r - statistics.mean(g)) / (statistics.stdev(g) + 1e-4) for g in want.view(2, 3).tolist()
-           for r in g]  # fmt: skip
+    groups = want.view(2, 3).tolist()
+    adv = [(r - statistics.mean(g)) / (statistics.stdev(g) + 1e-4) for g in groups for r in g]
     assert losses[0][0][3].tolist() == pytest.approx(adv, rel=1e-4, abs=1e-4)
 
 

@@ -220,8 +220,8 @@ def error_line(e, out):
 
 def shown(text):
     """text for a one-line message: invisible and control characters escaped (\\u200b, \\x1b)."""
-    return "".join(c if c.isprintable() or c == "\n" else c.encode("unicode_escape").decode()
-                   for c in str(text))  # fmt: skip
+    escaped = lambda c: c if c.isprintable() or c == "\n" else c.encode("unicode_escape").decode()
+    return "".join(map(escaped, str(text)))
 
 
 def check_against_model(umm, args, prompts, lines):
