@@ -749,7 +749,7 @@ def bootstrap_deltas(base: dict, runs: list[dict], n_boot=2000, seed=0) -> dict[
 def compare_runs_table(base: dict, runs: list[dict], n_boot=2000, seed=0) -> str:
     """Markdown: per tag and overall, the base, the trained runs' mean ± std across runs (seeds),
     the mean delta and its 95% bootstrap interval over prompts.
-    base, runs: load_prompt_accuracy() dicts."""
+    base, runs: prompt_accuracy() dicts."""
     draws = bootstrap_deltas(base, runs, n_boot, seed)
     # a tag's accuracy: the mean over its prompts
     acc = lambda d, tag: float(np.mean(list(d[tag].values())))

@@ -65,7 +65,7 @@ class Args:
     model: str = arg("checkpoints/tiny-umm", "tiny UMM folder, 'tiny-random', Janus / X-Omni id")
     trust_remote_code: bool = arg(False, "run the model repository's own code (X-Omni needs it)")
     flux: str = arg("", "X-Omni only: path or hub id of the FLUX.1-dev decoder weights")
-    out: str = arg("runs/gvu", "output folder: config, log, adapter, state, samples")
+    out: str = arg("runs/gvu", "output folder: config, log, state, adapter, samples, sampler")
     steps: int = arg(200, "training steps; raised on --resume, the lr schedule stretches to it")
     epochs: float = arg(0.0, "> 0: train ceil(epochs * n_prompts / B) steps instead of --steps")
     batch_prompts: int = arg(8, "B: prompts per step")
@@ -99,7 +99,7 @@ class Args:
     report_to: str = arg("none", "also log to a tracker", "none", "tensorboard", "wandb")
     resume: bool = arg(False, "continue the run in --out from its state.pt")
     seed: int = arg(0, "seeds the LoRA init, the prompt order and every step's sampling")
-    device: str = arg("auto", "auto | cuda | mps | cpu")
+    device: str = arg("auto", "auto | cuda | cuda:N | mps | cpu")
     dtype: str = arg("auto", "auto: bf16 autocast on CUDA", "auto", "float32", "bfloat16")
 
 
@@ -146,7 +146,7 @@ def add_lora(umm, args):
 
 
 # -----------------------------------------------------------------------------
-# 1. rollout: B prompts x G samples, one batched KV-cached pass, then the frozen decoder
+# 1. rollout: B prompts x G samples, one batched KV-cached pass (sample_and_reward decodes)
 def left_pad_positions(mask):
     return (mask.cumsum(-1) - 1).clamp(min=0)  # position ids that skip the left padding
 
@@ -189,7 +189,7 @@ def rollout(umm, prompts, G, temperature=1, top_k=0, min_p=0, cfg_scale=1, gener
         probs = sampling_probs(cond, uncond, cfg_scale, temperature, top_k, min_p, top_p)
         code = torch.multinomial(probs, 1, generator=generator)  # (B*G, 1)
         codes.append(code)
-        # the ratio uses the untruncated conditional policy (departure 4)
+        # as the sampler saw it, untruncated (departure 4); gvu_step recomputes pi_old itself
         old_logp.append(F.log_softmax(cond / temperature, -1).gather(-1, code))
         ids = (code + umm.image_offset).repeat(2 if cfg else 1, 1)  # (R, 1): the next input
         mask = torch.cat([mask, mask.new_ones(len(ids), 1)], 1)

@@ -686,7 +686,7 @@ def use_bf16(dtype, device):
     """--dtype -> bf16 or not. 'auto': bf16 (real weights loaded in bf16, bf16 autocast) on a CUDA
     GPU that has it, fp32 elsewhere; the trainer and the evaluation both decide by this rule."""
     return dtype == "bfloat16" or (
-        dtype == "auto" and device == "cuda" and torch.cuda.is_bf16_supported()
+        dtype == "auto" and torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
     )
 
 

@@ -20,11 +20,11 @@ moment hits both:
 
 And the memory plan for real models (second half of this file):
 
-  4. --gpu-rehearsal: builds RANDOMLY INITIALISED models at the real sizes on CUDA (nothing is
+  5. --gpu-rehearsal: builds RANDOMLY INITIALISED models at the real sizes on CUDA (nothing is
      downloaded) and runs a few gvu.gvu_step calls, the trainer's own step (bf16, gradient
      checkpointing, LoRA r=8 / alpha=32, micro-batches), printing peak CUDA memory and seconds per
      step;
-  5. --estimate: the same sizes as arithmetic (parameters, KV cache, activations), on the CPU.
+  6. --estimate: the same sizes as arithmetic (parameters, KV cache, activations), on the CPU.
 
     # janus1b, janus7b, xomni7b; skips without CUDA
     python -m tools.bench --gpu-rehearsal

@@ -85,8 +85,8 @@ class DDP:
         """Leave the group. DDP holds the group, so it goes first. Then every rank waits at a
         barrier, with the GIL released, while gloo's workers free what they hold: the group's
         destructor joins them while holding the GIL, and a worker that frees a collective's last
-        reference needs the GIL (a rank that tore down right after its last collective hung about
-        one launch in 7 under load). The barrier's handle is kept until the group is gone."""
+        reference needs the GIL, so a rank that tears down right after its last collective can
+        hang for good. The barrier's handle is kept until the group is gone."""
         self.module = None
         done = dist.barrier(async_op=True)
         done.wait()

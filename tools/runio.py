@@ -90,6 +90,7 @@ def all_finite(obj):
 # (the prompt file may move: its content must match, compared by fingerprint)
 RESUME_MAY_CHANGE = {"steps", "epochs", "resume", "out", "save_every", "sample_every"}
 RESUME_MAY_CHANGE |= {"probe_every", "report_to", "prompts"}
+RESUME_MAY_CHANGE |= {"micro_batch"}  # the same update in other chunks: rounding only (tested)
 
 
 class TrainingError(Exception):
@@ -247,6 +248,9 @@ def parse_args(Args, argv, doc):
     """gvu.py's command line into Args (transformers' HfArgumentParser), flags optionally after a
     config file. Bad flags are argparse's error; --steps beside --epochs is refused."""
     parser = HfArgumentParser(Args, description=doc.split("\n\n")[0].strip())
+    for action in parser._actions:  # HfArgumentParser gives --no_x the help of --x
+        if action.option_strings[0].startswith("--no_"):
+            action.help = f"turn {action.option_strings[0].replace('--no_', '--', 1)} off"
     # one line, not argparse's usage block: "gvu.py: error: argument --steps: invalid int value"
     parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {shown(message)}\n")
     config_file = argv[0] if argv and not argv[0].startswith("-") else None
@@ -457,7 +461,7 @@ def load_state(path, device):
             f"cannot read {path} ({type(e).__name__}: {why}); "
             "it was damaged outside gvu.py, which writes it atomically"
         ) from None
-    keys = {"step", "prompt_pos", "lora", "optimizer", "rng"}
+    keys = {"step", "prompt_pos", "lora", "optimizer", "scheduler", "rng"}
     if not isinstance(state, dict) or not keys <= set(state):
         raise InputError(f"{path} is not a gvu.py state (missing keys)")
     return state
