@@ -1316,13 +1316,8 @@ class OneLineParser(argparse.ArgumentParser):
 def check_rules(rules, args) -> None:
     """Refuse bad numbers before anything is loaded or written: one line naming every bad flag (the
     wording of gvu.py's runio.check_args). rules: (flag, valid?, what it must be)."""
-    bad = [
-        f"--{flag.replace('_', '-')} must be {what} (got {getattr(args, flag)})"
-        for flag, ok, what in rules
-        if not ok
-    ]
-    if bad:
-        raise GenEvalError("; ".join(bad))
+    if bad := runio.broken_rules(rules, args):
+        raise GenEvalError(bad)
 
 
 def build_parser() -> argparse.ArgumentParser:

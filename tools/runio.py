@@ -131,17 +131,20 @@ def settings_rules(args):
     ]
 
 
+def broken_rules(rules, args):
+    """One line naming every rule (flag, valid?, what it must be) that args break; "" if none."""
+    line = lambda flag, what: (
+        f"--{flag.replace('_', '-')} must be {what} (got {getattr(args, flag)})"
+    )
+    return "; ".join(line(flag, what) for flag, ok, what in rules if not ok)
+
+
 def check_args(args, may_change, defaults):
     """Refuse bad input before anything is loaded or written: one line naming every bad flag, then
     the device, the tracker's package, the run folder (new, or resumed with the same settings) and
     the prompt file. Returns the prompts and their line numbers."""
-    bad = [
-        f"--{flag.replace('_', '-')} must be {what} (got {getattr(args, flag)})"
-        for flag, ok, what in settings_rules(args)
-        if not ok
-    ]
-    if bad:
-        raise InputError("; ".join(bad))
+    if bad := broken_rules(settings_rules(args), args):
+        raise InputError(bad)
     pick_device(args.device)  # an unavailable device is an InputError
     loggers.require(args.report_to)  # a missing tensorboard / wandb package
     prompts, lines = read_prompts(args.prompts)
