@@ -716,9 +716,12 @@ def dynamic_sampler(n_batches):
     batches run out, so B stays fixed. Logs `rollout_batches`. torchrun: each rank refills its own
     B/W groups from its slice of the reserve, with its own sampling streams."""
 
+    read = {}  # the prompt file, read once (the reserve is a stream over all its prompts)
+
     def sample(umm, policy, batch, step, args, reward_fn, decode=True, lap=None, rank=0):
-        prompts = runio.read_prompts(args.prompts)[0]
-        reserve = reserve_batches(prompts, step, n_batches, args)
+        if args.prompts not in read:
+            read[args.prompts] = runio.read_prompts(args.prompts)[0]
+        reserve = reserve_batches(read[args.prompts], step, n_batches, args)
         if torch.distributed.is_initialized():  # this rank's slice of each reserve batch
             n = len(batch)
             reserve = [b[rank * n : (rank + 1) * n] for b in reserve]
