@@ -19,9 +19,6 @@ import gvu
 from models.tiny_umm import TinyUMM
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:.*deprecated and will be removed in v6"
-)  # peft's pre-v6 names
 PROMPTS = [
     "a photo of a red circle",
     "a photo of two squares",

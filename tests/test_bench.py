@@ -14,7 +14,6 @@ from standins import INSTRUCTION, context_ids, needs_janus, per_image_context_id
 from tools import bench
 
 
-@pytest.mark.filterwarnings("ignore:.*deprecated and will be removed in v6")  # peft's pre-v6 names
 @pytest.mark.parametrize(
     "name, classes",
     [

@@ -18,7 +18,6 @@ CONFIGS = {
     for name in ("xomni_paper.json", "janus_pro_1b.json", "janus_pro_7b.json")
 }
 # peft's pre-v6 names
-pytestmark = pytest.mark.filterwarnings("ignore:.*deprecated and will be removed in v6")
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

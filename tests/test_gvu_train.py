@@ -22,11 +22,8 @@ from standins import (
     write_lines,
 )
 
-# peft's pre-v6 names warn (filtered); tiny tensors run on one thread
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*deprecated and will be removed in v6"),
-    pytest.mark.usefixtures("one_thread"),
-]
+# tiny tensors run on one thread
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- the decode-free reward (--reward-input codes) ------------------------------------------------

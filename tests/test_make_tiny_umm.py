@@ -17,7 +17,6 @@ from world import make_tiny_umm as make
 from world import shapes
 
 # peft's pre-v6 names
-pytestmark = pytest.mark.filterwarnings("ignore:.*deprecated and will be removed in v6")
 
 
 def test_lm_batch_t2i_sees_train_lines_only_while_captions_span_every_tag():

@@ -47,7 +47,6 @@ SAVED = dict(
 # the sampler configs/xomni_paper.json asks for: the official trainer's GenerationConfig
 OFFICIAL = dict(temperature=1.0, top_k=50, top_p=1.0, min_p=0.03, cfg_scale=1.0)
 FILE, DEFAULT, FLAG = "generation_config.json", "transformers' default", "flag/config"
-pytestmark = pytest.mark.filterwarnings("ignore:.*deprecated and will be removed in v6")
 
 
 def model_folder(tmp_path, generation_config):

@@ -13,7 +13,6 @@ from models import InputError
 from standins import INSTRUCTION, PROMPTS
 
 # peft's pre-v6 names
-pytestmark = pytest.mark.filterwarnings("ignore:.*deprecated and will be removed in v6")
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
